@@ -1,0 +1,3 @@
+from capsearch.cli import main
+
+raise SystemExit(main())

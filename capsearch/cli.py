@@ -1,0 +1,74 @@
+"""The `capsearch` command line: one subcommand module per stage under `capsearch/commands/`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from capsearch.errors import UserError
+
+# Each module defines `register(subparsers)`, adding its subcommand(s) with `set_defaults(func=...)`.
+COMMAND_MODULES = [
+    "capsearch.commands.data",
+    "capsearch.commands.pretrain",
+    "capsearch.commands.models",
+    "capsearch.commands.methods",
+    "capsearch.commands.train",
+    "capsearch.commands.eval",
+    "capsearch.commands.search",
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are a single line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the parser with every available subcommand."""
+    parser = _Parser(
+        prog="capsearch",
+        description="Search which parts of a text-to-image diffusion model to fine-tune so that it "
+        "learns chest X-rays without memorising its training images.",
+    )
+    parser.add_argument("--version", action="version", version="capsearch 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # stage not built yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; user errors print one line and return 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        result = args.func(args)
+    except UserError as exc:
+        sys.stderr.write(f"capsearch: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("capsearch: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

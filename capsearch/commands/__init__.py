@@ -1,0 +1,1 @@
+"""CLI subcommands, one module per stage; heavy imports happen inside the handlers."""

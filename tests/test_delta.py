@@ -1,0 +1,212 @@
+"""Delta checkpoints, merged export loaded by stock diffusers, and LoRA export in diffusers' format."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from capsearch import __version__
+from capsearch.delta import (
+    DELTA_FILE,
+    LORA_FILE,
+    SPEC_FILE,
+    export_lora,
+    load_delta,
+    merge,
+    save_delta,
+)
+from capsearch.errors import UserError
+from capsearch.methods import apply_methods, get_method, method_names, optimizer_groups
+from capsearch.models_config import TINY_UNET_CONFIG, build_tiny_unet
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    # The test machine's two cores are shared; one intra-op thread avoids oversubscription stalls.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    size, channels = TINY_UNET_CONFIG["sample_size"], TINY_UNET_CONFIG["in_channels"]
+    x = torch.randn(2, channels, size, size, generator=g)
+    ehs = torch.randn(2, 77, TINY_UNET_CONFIG["cross_attention_dim"], generator=g)
+    return x, torch.tensor([3, 400]), ehs
+
+
+def run(unet: torch.nn.Module, inputs) -> torch.Tensor:
+    x, t, ehs = inputs
+    with torch.no_grad():
+        return unet(x, t, encoder_hidden_states=ehs).sample
+
+
+def trained(spec, inputs, steps: int = 2) -> torch.nn.Module:
+    """A tiny UNet with the spec applied and a few AdamW steps taken (so deltas are non-trivial)."""
+    unet = build_tiny_unet()
+    if not apply_methods(unet, spec):
+        return unet.eval()
+    x, t, ehs = inputs
+    opt = torch.optim.AdamW(optimizer_groups(unet, 1e-2, lr_1d=5e-2))
+    for _ in range(steps):
+        loss = (unet(x, t, encoder_hidden_states=ehs).sample - 1.0).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return unet.eval()
+
+
+def example_spec(name: str) -> dict:
+    units = get_method(name).example_units
+    return {"method": name, "units": units if isinstance(units, str) else list(units)}
+
+
+MIXED = [
+    {"method": "svdiff", "units": "*:conv"},
+    # shares resnet conv2 with svdiff: γ must fold into the shifted weight
+    {"method": "difffit", "units": "down_blocks", "gamma_on": ["attn1", "attn2", "ff", "resnet"]},
+    {"method": "lora", "units": "up_blocks.*:self_attn", "rank": 2, "alpha": 6},
+    {"method": "bitfit", "units": "up_blocks"},  # biases of LoRA-wrapped layers too
+    {"method": "oft", "units": "mid_block:cross_attn", "block_size": 16},
+    {"method": "lokr", "units": "up_blocks:ff"},
+]
+CASES = {name: example_spec(name) for name in method_names()} | {"mixed": MIXED}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_delta_round_trip_and_merged_export(case: str, inputs, tmp_path: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    unet = trained(CASES[case], inputs)
+    adapted = run(unet, inputs)
+    save_delta(unet, tmp_path / "delta", base_model="tiny:random")
+
+    meta = json.loads((tmp_path / "delta" / SPEC_FILE).read_text())
+    assert meta["capsearch_version"] == __version__ and meta["base_model"] == "tiny:random"
+    assert [e["method"] for e in meta["methods"]] == [
+        e["method"] for e in (CASES[case] if isinstance(CASES[case], list) else [CASES[case]])
+    ]
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "delta" / DELTA_FILE, "pt") as f:
+        saved = set(f.keys())
+    assert saved == {n for n, p in unet.named_parameters() if p.requires_grad}
+
+    loaded = load_delta(build_tiny_unet().eval(), tmp_path / "delta")
+    assert torch.equal(run(loaded, inputs), adapted)
+
+    merged = merge(loaded)
+    assert type(merged) is UNet2DConditionModel
+    merged.save_pretrained(tmp_path / "merged")
+    stock = UNet2DConditionModel.from_pretrained(tmp_path / "merged").eval()
+    assert (run(stock, inputs) - adapted).abs().max().item() <= 1e-5
+
+
+def test_delta_is_small_for_peft_methods(inputs, tmp_path: Path) -> None:
+    unet = trained({"method": "svdiff"}, inputs, steps=1)
+    save_delta(unet, tmp_path)
+    full_bytes = 4 * sum(p.numel() for p in build_tiny_unet().parameters())
+    delta_bytes = (tmp_path / DELTA_FILE).stat().st_size
+    shifts = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    assert 4 * shifts <= delta_bytes < 4 * shifts + 64_000  # the δ vectors plus a header
+    assert delta_bytes < full_bytes / 20
+
+
+def test_merge_folds_everything_in_place(inputs) -> None:
+    unet = trained(MIXED, inputs, steps=1)
+    adapted = run(unet, inputs)
+    merged = merge(unet)
+    assert merged is unet
+    assert not any(
+        hasattr(m, "difffit_gamma") or hasattr(m, "parametrizations") for m in unet.modules()
+    )
+    assert not any(m._forward_hooks for m in unet.modules())
+    assert set(unet.state_dict()) == set(build_tiny_unet().state_dict())
+    assert (run(unet, inputs) - adapted).abs().max().item() <= 1e-5
+
+
+# ---- errors ------------------------------------------------------------------------------------------
+
+
+def test_save_needs_applied_methods(tmp_path: Path) -> None:
+    with pytest.raises(UserError):
+        save_delta(build_tiny_unet(), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "damage", ["no_folder", "no_spec", "bad_json", "no_tensors", "wrong_tensors"]
+)
+def test_load_refuses_damaged_deltas(damage: str, inputs, tmp_path: Path) -> None:
+    unet = trained({"method": "bitfit", "units": "mid_block"}, inputs, steps=1)
+    folder = tmp_path / "delta"
+    save_delta(unet, folder)
+    if damage == "no_folder":
+        folder = tmp_path / "missing"
+    elif damage == "no_spec":
+        (folder / SPEC_FILE).unlink()
+    elif damage == "bad_json":
+        (folder / SPEC_FILE).write_text("{not json")
+    elif damage == "no_tensors":
+        (folder / DELTA_FILE).unlink()
+    else:
+        meta = json.loads((folder / SPEC_FILE).read_text())
+        meta["methods"][0]["units"] = "up_blocks"  # spec no longer matches the tensors
+        (folder / SPEC_FILE).write_text(json.dumps(meta))
+    with pytest.raises(UserError):
+        load_delta(build_tiny_unet(), folder)
+
+
+def test_load_refuses_another_architecture(inputs, tmp_path: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    save_delta(trained({"method": "norm", "units": "mid_block"}, inputs, steps=1), tmp_path)
+    other = dict(TINY_UNET_CONFIG, cross_attention_dim=2 * TINY_UNET_CONFIG["cross_attention_dim"])
+    with torch.device("meta"):
+        different = UNet2DConditionModel(**other)
+    with pytest.raises(UserError, match="cross_attention_dim"):
+        load_delta(different, tmp_path)
+
+
+# ---- LoRA export ---------------------------------------------------------------------------------------
+
+
+def test_lora_export_round_trips_through_diffusers(inputs, tmp_path: Path) -> None:
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    spec = [
+        {"method": "lora", "units": "*:*_attn", "rank": 4, "alpha": 8},  # α ≠ r: scale must survive
+        {"method": "lora", "units": "down_blocks.1:conv", "rank": 2},  # a second rank, on convs
+    ]
+    unet = trained(spec, inputs)
+    adapted = run(unet, inputs)
+    export_lora(unet, tmp_path)
+    assert (tmp_path / LORA_FILE).is_file()
+
+    # the two calls pipe.load_lora_weights makes for a UNet
+    state_dict, network_alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(tmp_path))
+    assert state_dict and all(k.startswith("unet.") for k in state_dict)
+    assert all(".lora_A.weight" in k or ".lora_B.weight" in k for k in state_dict)
+    fresh = build_tiny_unet().eval()
+    StableDiffusionLoraLoaderMixin.load_lora_into_unet(state_dict, network_alphas, unet=fresh)
+    assert (run(fresh, inputs) - adapted).abs().max().item() <= 1e-5
+
+
+def test_lora_export_refuses_other_methods(inputs, tmp_path: Path) -> None:
+    unet = trained(
+        [{"method": "lora", "units": "mid_block"}, {"method": "svdiff", "units": "up_blocks"}],
+        inputs,
+        1,
+    )
+    with pytest.raises(UserError, match="svdiff"):
+        export_lora(unet, tmp_path)
+    bare = build_tiny_unet()
+    apply_methods(bare, {"method": "bitfit"})
+    with pytest.raises(UserError):
+        export_lora(bare, tmp_path)

@@ -1,0 +1,425 @@
+"""Invariants of every registered PEFT method on the tiny UNet, mixed trials, optimizer groups, CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import pytest
+import torch
+
+from capsearch.errors import UserError
+from capsearch.methods import (
+    MethodConfig,
+    applied_spec,
+    apply_methods,
+    count_trainable,
+    get_method,
+    make_config,
+    method_names,
+    optimizer_groups,
+)
+from capsearch.models_config import TINY_UNET_CONFIG, build_tiny_unet
+from capsearch.units import Unit, select_units
+
+METHODS = method_names()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    # The test machine's two cores are shared; one intra-op thread avoids oversubscription stalls.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    size, channels = TINY_UNET_CONFIG["sample_size"], TINY_UNET_CONFIG["in_channels"]
+    x = torch.randn(2, channels, size, size, generator=g)
+    ehs = torch.randn(2, 77, TINY_UNET_CONFIG["cross_attention_dim"], generator=g)
+    return x, torch.tensor([10, 700]), ehs
+
+
+def run(unet: torch.nn.Module, inputs) -> torch.Tensor:
+    x, t, ehs = inputs
+    with torch.no_grad():
+        return unet(x, t, encoder_hidden_states=ehs).sample
+
+
+@pytest.fixture(scope="module")
+def base_output(inputs) -> torch.Tensor:
+    return run(build_tiny_unet().eval(), inputs)
+
+
+def example_spec(name: str) -> dict:
+    units = get_method(name).example_units
+    return {"method": name, "units": units if isinstance(units, str) else list(units)}
+
+
+def adam_step(unet: torch.nn.Module, inputs, lr: float = 1e-2) -> None:
+    x, t, ehs = inputs
+    opt = torch.optim.AdamW(optimizer_groups(unet, lr, weight_decay=0.01))
+    loss = (unet(x, t, encoder_hidden_states=ehs).sample - 1.0).pow(2).mean()
+    loss.backward()
+    opt.step()
+
+
+# ---- analytic trainable counts, from the base layers' shapes --------------------------------------
+
+
+def _modules(base: torch.nn.Module, units: Sequence[Unit]) -> list[tuple[str, torch.nn.Module]]:
+    names = dict.fromkeys(m for u in units for m in u.modules)
+    return [(n, base.get_submodule(n)) for n in names]
+
+
+def _fan(module: torch.nn.Module) -> tuple[int, int, int]:
+    """(out, in, kernel area) of a Linear or Conv2d."""
+    if isinstance(module, torch.nn.Conv2d):
+        kh, kw = module.kernel_size
+        return module.out_channels, module.in_channels, kh * kw
+    return module.out_features, module.in_features, 1
+
+
+def _adaptable(base, units):
+    return [
+        m for _, m in _modules(base, units) if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+    ]
+
+
+def _is_norm(m: torch.nn.Module) -> bool:
+    return isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+
+
+def _factorization(d: int) -> tuple[int, int]:
+    """d = m·n with m ≤ n and m the largest divisor not above √d (LoKr's default split)."""
+    m = max(k for k in range(1, int(d**0.5) + 1) if d % k == 0)
+    return m, d // m
+
+
+def count_lokr(base, units, cfg) -> int:
+    total = 0
+    for m in _adaptable(base, units):
+        out, fan_in, area = _fan(m)
+        (a, b), (c, d) = _factorization(out), _factorization(fan_in)
+        total += a * c  # W1 kept whole (decompose_both off)
+        full_w2 = cfg.rank >= max(b, d) / 2
+        total += b * d * area if full_w2 else cfg.rank * (b + d * area)
+    return total
+
+
+def count_difffit(base, units, cfg) -> int:
+    gammas = 0
+    for name, m in _modules(base, units):
+        branch = (
+            ("attn1" in cfg.gamma_on and name.endswith("attn1.to_out.0"))
+            or ("attn2" in cfg.gamma_on and name.endswith("attn2.to_out.0"))
+            or ("ff" in cfg.gamma_on and name.endswith("ff.net.2"))
+            or ("resnet" in cfg.gamma_on and ".resnets." in name and name.endswith("conv2"))
+        )
+        if branch:
+            gammas += 1 if cfg.gamma_shape == "scalar" else _fan(m)[0]
+    rest = 0
+    for _, m in _modules(base, units):
+        if _is_norm(m) and cfg.train_norm:
+            rest += m.weight.numel() + m.bias.numel()
+        elif cfg.train_bias and getattr(m, "bias", None) is not None:
+            rest += m.bias.numel()
+    return gammas + rest
+
+
+def count_attention(base, units, cfg) -> int:
+    kinds = {"both": ("self_attn", "cross_attn"), "self": ("self_attn",), "cross": ("cross_attn",)}
+    ends = ("to_q", "to_k", "to_v") + (() if cfg.qkv_only else ("to_out.0",))
+    chosen = [u for u in units if u.kind in kinds[cfg.which]]
+    return sum(
+        p.numel() for n, m in _modules(base, chosen) if n.endswith(ends) for p in m.parameters()
+    )
+
+
+ANALYTIC: dict[str, Callable[[torch.nn.Module, Sequence[Unit], MethodConfig], int]] = {
+    "freeze": lambda base, units, cfg: 0,
+    "full": lambda base, units, cfg: sum(u.numel for u in units),
+    "attention": count_attention,
+    "bitfit": lambda base, units, cfg: sum(
+        m.bias.numel() for _, m in _modules(base, units) if getattr(m, "bias", None) is not None
+    ),
+    "norm": lambda base, units, cfg: sum(
+        p.numel() for _, m in _modules(base, units) if _is_norm(m) for p in m.parameters()
+    ),
+    "difffit": count_difffit,
+    # SV-DIFF: one shift per singular value, min(m, n) for an m × n (conv: out × in·kh·kw) weight
+    "svdiff": lambda base, units, cfg: sum(
+        min(_fan(m)[0], _fan(m)[1] * _fan(m)[2]) for m in _adaptable(base, units)
+    ),
+    # LoRA: A is r × in·k·k, B is out × r
+    "lora": lambda base, units, cfg: sum(
+        cfg.rank * (_fan(m)[1] * _fan(m)[2] + _fan(m)[0]) for m in _adaptable(base, units)
+    ),
+    # LoHa: two such pairs
+    "loha": lambda base, units, cfg: sum(
+        2 * cfg.rank * (_fan(m)[1] * _fan(m)[2] + _fan(m)[0]) for m in _adaptable(base, units)
+    ),
+    "lokr": count_lokr,
+    # OFT: in/b blocks of b(b-1)/2 skew-symmetric entries, on Linear and 1×1 convs that split evenly
+    "oft": lambda base, units, cfg: sum(
+        _fan(m)[1] // cfg.block_size * cfg.block_size * (cfg.block_size - 1) // 2
+        for m in _adaptable(base, units)
+        if _fan(m)[2] == 1 and _fan(m)[1] % cfg.block_size == 0
+    ),
+}
+
+
+# ---- invariants, parametrised over the registry -----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_starts_at_the_base_output(name: str, inputs, base_output) -> None:
+    unet = build_tiny_unet().eval()
+    apply_methods(unet, example_spec(name))
+    assert (run(unet, inputs) - base_output).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_step_changes_only_trainable_tensors(name: str, inputs) -> None:
+    unet = build_tiny_unet()
+    names = apply_methods(unet, example_spec(name))
+    assert names == [n for n, p in unet.named_parameters() if p.requires_grad]
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    assert set(names) <= set(before)
+    if names:
+        adam_step(unet, inputs)
+    after = unet.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed <= set(names)
+    assert bool(changed) == bool(names)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_trainable_count_is_analytic(name: str) -> None:
+    if name not in ANALYTIC:
+        pytest.fail(f"add an analytic trainable count for method {name!r} to ANALYTIC")
+    base = build_tiny_unet()
+    spec = example_spec(name)
+    units = select_units(base, spec["units"])
+    expected = ANALYTIC[name](base, units, make_config(get_method(name), {}))
+    unet = build_tiny_unet()
+    apply_methods(unet, spec)
+    assert count_trainable(unet) == expected
+    assert name == "freeze" or expected > 0  # every example selection trains something on tiny
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_empty_selection_is_freeze(name: str, inputs, base_output) -> None:
+    unet = build_tiny_unet().eval()
+    keys = set(unet.state_dict())
+    assert apply_methods(unet, {"method": name, "units": []}) == []
+    assert count_trainable(unet) == 0
+    assert set(unet.state_dict()) == keys
+    assert torch.equal(run(unet, inputs), base_output)
+
+
+@pytest.mark.parametrize(
+    "spec, name",
+    [
+        ({"method": "attention", "which": "cross", "qkv_only": True}, "attention"),
+        ({"method": "attention", "which": "self"}, "attention"),
+        ({"method": "difffit", "gamma_on": ["attn1", "ff", "resnet"], "units": "*"}, "difffit"),
+        ({"method": "difffit", "gamma_shape": "scalar", "train_bias": False}, "difffit"),
+        ({"method": "lora", "rank": 2, "alpha": 8, "units": ["*:conv", "*:proj"]}, "lora"),
+        ({"method": "loha", "rank": 3, "units": "down_blocks.1"}, "loha"),
+        ({"method": "lokr", "rank": 8, "units": "*:ff"}, "lokr"),
+        ({"method": "oft", "block_size": 16, "units": "*"}, "oft"),
+        ({"method": "svdiff", "units": "*:conv"}, "svdiff"),
+    ],
+)
+def test_hyper_parameter_variants(spec: dict, name: str, inputs, base_output) -> None:
+    base = build_tiny_unet()
+    hyper = {k: v for k, v in spec.items() if k not in ("method", "units")}
+    cfg = make_config(get_method(name), hyper)
+    expected = ANALYTIC[name](base, select_units(base, spec.get("units", "*")), cfg)
+    unet = build_tiny_unet().eval()
+    apply_methods(unet, spec)
+    assert count_trainable(unet) == expected > 0
+    assert (run(unet, inputs) - base_output).abs().max().item() <= 1e-5
+
+
+def test_oft_leaves_out_kxk_convs() -> None:
+    unet = build_tiny_unet()
+    names = apply_methods(unet, {"method": "oft", "units": "*:conv"})
+    adapted = {n.split(".oft_R.")[0] for n in names}
+    assert adapted and all(
+        unet.get_submodule(n).get_base_layer().kernel_size == (1, 1) for n in adapted
+    )
+
+
+# ---- mixed trials -------------------------------------------------------------------------------------
+
+
+def test_mixed_entries_add_up(inputs, base_output) -> None:
+    spec = [
+        {"method": "svdiff", "units": "down_blocks"},
+        {"method": "difffit", "units": "mid_block"},
+        {"method": "lora", "units": "up_blocks.*:*_attn", "rank": 2},
+        {"method": "lora", "units": "up_blocks.*:ff", "rank": 8},
+        {"method": "norm", "units": "up_blocks"},
+    ]
+    separate = 0
+    for entry in spec:
+        unet = build_tiny_unet()
+        apply_methods(unet, entry)
+        separate += count_trainable(unet)
+    unet = build_tiny_unet().eval()
+    names = apply_methods(unet, spec)
+    assert count_trainable(unet) == separate
+    assert len(names) == len(set(names))
+    assert (run(unet, inputs) - base_output).abs().max().item() <= 1e-5
+    recorded = applied_spec(unet)
+    assert [e["method"] for e in recorded] == [e["method"] for e in spec]
+    assert recorded[2]["rank"] == 2 and recorded[2]["alpha"] == 4.0  # defaults filled in
+
+
+def test_every_lora_entry_stays_active(inputs, base_output) -> None:
+    unet = build_tiny_unet().eval()
+    apply_methods(
+        unet,
+        [
+            {"method": "lora", "units": "down_blocks:*_attn"},
+            {"method": "lora", "units": "up_blocks:ff"},
+        ],
+    )
+    first = [
+        m for n, m in unet.named_modules() if n.startswith("down_blocks") and hasattr(m, "lora_B")
+    ]
+    assert first
+    with torch.no_grad():
+        for module in first:
+            for layer in module.lora_B.values():
+                layer.weight.normal_()
+    assert (run(unet, inputs) - base_output).abs().max().item() > 1e-3
+
+
+def test_in_place_training_survives_adapter_injection() -> None:
+    unet = build_tiny_unet()
+    apply_methods(unet, [{"method": "bitfit"}, {"method": "lora", "units": "*:*_attn"}])
+    bitfit_only = build_tiny_unet()
+    apply_methods(bitfit_only, {"method": "bitfit"})
+    lora_only = build_tiny_unet()
+    apply_methods(lora_only, {"method": "lora", "units": "*:*_attn"})
+    assert count_trainable(unet) == count_trainable(bitfit_only) + count_trainable(lora_only)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        [
+            {"method": "svdiff", "units": "mid_block"},
+            {"method": "lora", "units": "mid_block:*_attn"},
+        ],
+        [{"method": "full", "units": "*"}, {"method": "svdiff", "units": "up_blocks.1:conv"}],
+        [{"method": "difffit", "units": "*"}, {"method": "lora", "units": "mid_block:self_attn"}],
+        [{"method": "lora", "units": "mid_block"}, {"method": "loha", "units": "mid_block:ff"}],
+        [{"method": "svdiff", "units": "conv_in"}, {"method": "svdiff", "units": "*:conv"}],
+    ],
+)
+def test_incompatible_entries_are_refused(spec: list) -> None:
+    with pytest.raises(UserError) as err:
+        apply_methods(build_tiny_unet(), spec)
+    assert spec[0]["method"] in str(err.value) and spec[1]["method"] in str(err.value)
+
+
+def test_compatible_sharing_is_allowed() -> None:
+    unet = build_tiny_unet()
+    apply_methods(
+        unet,
+        [
+            {"method": "svdiff", "units": "*:conv"},
+            {"method": "difffit", "units": "*", "gamma_on": ["attn1", "attn2", "ff", "resnet"]},
+            {"method": "full", "units": "mid_block:ff"},
+            {"method": "attention", "units": "mid_block"},
+        ],
+    )
+    assert count_trainable(unet) > 0
+
+
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ({"method": "dora"}, "dora"),
+        ({"method": "lora", "rnak": 4}, "rnak"),
+        ({"method": "lora", "rank": "four"}, "lora.rank"),
+        ({"method": "lora", "rank": 0}, "lora.rank"),
+        ({"method": "attention", "which": "all"}, "attention.which"),
+        ({"method": "difffit", "gamma_on": ["attn3"]}, "attn3"),
+        ({"units": "*"}, "method"),
+        ({"method": "bitfit", "units": "up_blocks.9"}, "up_blocks.9"),
+    ],
+)
+def test_bad_specs_name_the_problem(spec: dict, fragment: str) -> None:
+    with pytest.raises(UserError) as err:
+        apply_methods(build_tiny_unet(), spec)
+    assert fragment in str(err.value)
+
+
+def test_bad_spec_leaves_the_unet_untouched() -> None:
+    unet = build_tiny_unet()
+    with pytest.raises(UserError):
+        apply_methods(unet, [{"method": "bitfit"}, {"method": "lora", "rnak": 2}])
+    assert applied_spec(unet) is None
+    assert all(p.requires_grad for p in unet.parameters())
+
+
+def test_applying_twice_is_refused() -> None:
+    unet = build_tiny_unet()
+    apply_methods(unet, {"method": "bitfit"})
+    with pytest.raises(UserError):
+        apply_methods(unet, {"method": "norm"})
+
+
+def test_counts_on_sd15_shapes_are_analytic() -> None:
+    """Every method on all of SD v1.5's units, on the meta device (shapes only, no memory)."""
+    from diffusers import UNet2DConditionModel
+
+    from capsearch.models_config import SD15_UNET_CONFIG
+
+    def sd15() -> torch.nn.Module:
+        with torch.device("meta"):
+            return UNet2DConditionModel(**SD15_UNET_CONFIG)
+
+    base = sd15()
+    units = select_units(base, "*")
+    for name in METHODS:
+        unet = sd15()
+        apply_methods(unet, {"method": name})
+        cfg = make_config(get_method(name), {})
+        assert count_trainable(unet) == ANALYTIC[name](base, units, cfg), name
+
+
+# ---- optimizer groups ------------------------------------------------------------------------------
+
+
+def test_optimizer_groups_split_one_dimensional_parameters() -> None:
+    unet = build_tiny_unet()
+    apply_methods(
+        unet,
+        [{"method": "svdiff", "units": "down_blocks"}, {"method": "full", "units": "mid_block"}],
+    )
+    groups = optimizer_groups(unet, lr=1e-4, lr_1d=1e-3, weight_decay=0.1)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["matrices"]["lr"] == 1e-4 and by_name["matrices"]["weight_decay"] == 0.1
+    assert by_name["vectors"]["lr"] == 1e-3 and by_name["vectors"]["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in by_name["matrices"]["params"])
+    assert all(p.ndim < 2 for p in by_name["vectors"]["params"])
+    grouped = [id(p) for g in groups for p in g["params"]]
+    trainable = [id(p) for p in unet.parameters() if p.requires_grad]
+    assert sorted(grouped) == sorted(trainable)
+    single = optimizer_groups(unet, lr=1e-4)
+    assert {g["lr"] for g in single} == {1e-4}
+    torch.optim.AdamW(groups)  # accepted as is
+
+
+def test_optimizer_groups_empty_when_frozen() -> None:
+    unet = build_tiny_unet()
+    apply_methods(unet, {"method": "freeze"})
+    assert optimizer_groups(unet, lr=1e-4) == []

@@ -1,0 +1,97 @@
+"""Pipeline loading (every spec form), sampling determinism, save/load round trip, shipped files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from capsearch.errors import UserError
+from capsearch.models import TINY_BASE, load_pipeline
+from capsearch.pretrain import folder_sha256
+from capsearch.sample import generate
+
+
+@pytest.fixture(scope="module")
+def random_pipe():
+    return load_pipeline("tiny:random")
+
+
+def test_tiny_random_has_sd_classes_and_names(random_pipe):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    assert isinstance(random_pipe.unet, UNet2DConditionModel)
+    assert isinstance(random_pipe.text_encoder, CLIPTextModel)
+    names = {n for n, _ in random_pipe.unet.named_modules()}
+    for expected in ("down_blocks.0.resnets.1", "down_blocks.2.attentions.0", "mid_block", "up_blocks.1.attentions.2"):
+        assert expected in names
+    assert random_pipe.vae is None
+    assert random_pipe.latent_shape == (1, 32, 32)
+
+
+def test_tokenizer_keeps_radiology_words_whole(random_pipe):
+    toks = random_pipe.tokenizer.tokenize("small left pleural effusion, no pneumothorax")
+    assert "effusion</w>" in toks and "pneumothorax</w>" in toks
+
+
+def test_shipped_base_loads_and_matches_its_sha256():
+    meta = json.loads((TINY_BASE / "capsearch.json").read_text())
+    assert folder_sha256(TINY_BASE) == meta["sha256"]
+    pipe = load_pipeline("tiny")
+    assert pipe.dtype == torch.float32
+    assert sum(p.numel() for p in pipe.unet.parameters()) == meta["unet_parameters"]
+    assert "--device cuda" in meta["command"] and meta["steps"] > 1000
+
+
+def test_same_seed_same_samples_different_seed_differs(random_pipe):
+    a = generate(random_pipe, ["a circle", "a ring"], n_per_prompt=2, steps=3, seed=1)
+    b = generate(random_pipe, ["a circle", "a ring"], n_per_prompt=2, steps=3, seed=1)
+    c = generate(random_pipe, ["a circle", "a ring"], n_per_prompt=2, steps=3, seed=2)
+    assert a.shape == (4, 1, 32, 32)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    assert a.min() >= -1 and a.max() <= 1
+
+
+def test_save_load_round_trip(random_pipe, tmp_path):
+    random_pipe.save(tmp_path / "pipe")
+    again = load_pipeline(str(tmp_path / "pipe"))
+    x = torch.randn(2, 1, 32, 32)
+    ehs = random_pipe.encode_prompts(["a", "b"])
+    assert torch.equal(ehs, again.encode_prompts(["a", "b"]))
+    with torch.no_grad():
+        ref = random_pipe.unet(x, torch.tensor([10, 500]), encoder_hidden_states=ehs).sample
+        got = again.unet(x, torch.tensor([10, 500]), encoder_hidden_states=ehs).sample
+    assert torch.equal(ref, got)
+
+
+@pytest.mark.parametrize("spec", ["/nonexistent/model", "nobody/no-such-model-xyz", "not a spec!"])
+def test_missing_model_is_one_clear_line(spec, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(UserError) as err:
+        load_pipeline(spec)
+    assert "\n" not in str(err.value) and spec.split("/")[-1] in str(err.value)
+
+
+def test_folder_without_unet_is_rejected(tmp_path):
+    with pytest.raises(UserError, match="unet"):
+        load_pipeline(str(tmp_path))
+
+
+def test_hub_id_from_local_cache(random_pipe, tmp_path, monkeypatch):
+    """A hub id resolves through the local HF cache layout only (no network)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "hub"
+    snap = cache / "models--acme--tiny-sd" / "snapshots" / ("0" * 40)
+    random_pipe.save(snap)
+    (cache / "models--acme--tiny-sd" / "refs").mkdir(parents=True)
+    (cache / "models--acme--tiny-sd" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    pipe = load_pipeline("acme/tiny-sd")
+    assert pipe.unet.config.in_channels == 1
