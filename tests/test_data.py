@@ -1,0 +1,178 @@
+"""Dataset loading, corrupt-image handling, `data check` and the `data` CLI's error lines."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from capsearch.cli import main
+from capsearch.data import ImageCaptionDataset, check_dataset, load_images, read_metadata
+from capsearch.errors import UserError
+from capsearch.worlds.phantom import write_phantom_dataset
+
+
+@pytest.fixture(scope="module")
+def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "phantom"
+    write_phantom_dataset(out, patients=12, size=32, seed=2)
+    return out
+
+
+def _write_jsonl(folder: Path, records: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _png(path: Path, size: tuple[int, int] = (20, 20), mode: str = "L", value: int = 128) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value if mode == "L" else (value, 0, 0)).save(path)
+
+
+def test_dataset_items(phantom_dir: Path) -> None:
+    records = read_metadata(phantom_dir)
+    dataset = ImageCaptionDataset(phantom_dir, split="train", size=16)
+    assert len(dataset) == sum(r["split"] == "train" for r in records) > 0
+    item = dataset[0]
+    assert item["pixel_values"].shape == (1, 16, 16) and item["pixel_values"].dtype == torch.float32
+    assert -1.0 <= float(item["pixel_values"].min()) < float(item["pixel_values"].max()) <= 1.0
+    assert item["text"] == dataset.captions[0] == dataset.records[0]["text"] and item["index"] == 0
+    assert len(ImageCaptionDataset(phantom_dir, split=None)) == len(records)
+    held_out = ImageCaptionDataset(phantom_dir, split="test")
+    assert all(r["split"] == "test" for r in held_out.records)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4)
+    batch = next(iter(loader))
+    assert batch["pixel_values"].shape == (4, 1, 16, 16) and len(batch["text"]) == 4
+
+
+def test_pixels_match_the_file(phantom_dir: Path) -> None:
+    dataset = ImageCaptionDataset(phantom_dir, split="train", size=32)
+    raw = np.asarray(Image.open(dataset.path(1)), dtype=np.float32)
+    assert torch.allclose(
+        dataset[1]["pixel_values"][0], torch.from_numpy(raw / 127.5 - 1), atol=1e-6
+    )
+
+
+def test_load_images(phantom_dir: Path) -> None:
+    images = load_images(phantom_dir, "validate", 8)
+    assert images.shape == (len(ImageCaptionDataset(phantom_dir, "validate")), 1, 8, 8)
+
+
+def test_metadata_csv_folder_with_any_images(tmp_path: Path) -> None:
+    _png(tmp_path / "a.png", (40, 20), mode="RGB")  # colour, not square: cropped and converted
+    _png(tmp_path / "sub" / "b.jpg", (64, 64))
+    (tmp_path / "metadata.csv").write_text(
+        "file_name,text,findings,dup_group\na.png,Small left effusion.,effusion,\n"
+        "sub/b.jpg,No acute process.,,3\n"
+    )
+    records = read_metadata(tmp_path)
+    assert records[0]["findings"] == ["effusion"] and records[1]["dup_group"] == 3
+    dataset = ImageCaptionDataset(tmp_path, split="train", size=8)  # no split column: all train
+    assert len(dataset) == 2 and dataset[0]["pixel_values"].shape == (1, 8, 8)
+
+
+def test_corrupt_image_is_skipped_and_counted(phantom_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(phantom_dir, copy)
+    dataset = ImageCaptionDataset(copy, split="train", size=16)
+    bad = dataset.records[2]["file_name"]
+    (copy / bad).write_bytes(b"this is not a png")
+    dataset = ImageCaptionDataset(copy, split="train", size=16)
+    with pytest.warns(UserWarning, match="unreadable image"):
+        items = [dataset[i] for i in range(len(dataset))]
+    assert dataset.skipped == 1 and bad in dataset.bad_files
+    assert items[2]["index"] == 3  # the next readable item stands in
+    with pytest.warns(UserWarning):
+        assert len(load_images(copy, "train", 16)) == len(dataset) - 1
+
+    records, problems = check_dataset(copy)
+    assert records == len(read_metadata(copy))
+    assert [(p.kind, p.item) for p in problems] == [("corrupt image", bad)]
+
+
+def test_all_unreadable_is_a_user_error(tmp_path: Path) -> None:
+    _write_jsonl(tmp_path, [{"file_name": "gone.png", "text": "x"}])
+    with pytest.warns(UserWarning):
+        with pytest.raises(UserError, match="no readable image"):
+            ImageCaptionDataset(tmp_path)[0]
+
+
+def test_missing_folder_or_metadata(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        ImageCaptionDataset(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="no metadata"):
+        read_metadata(tmp_path)
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png"}\n')
+    with pytest.raises(UserError, match="'text'"):
+        read_metadata(tmp_path)
+    (tmp_path / "metadata.jsonl").write_text("not json\n")
+    with pytest.raises(UserError, match=":1:"):
+        read_metadata(tmp_path)
+
+
+def test_check_finds_every_kind_of_problem(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for name in ("a.png", "b.png", "c.png"):
+        _png(tmp_path / name)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    _write_jsonl(
+        tmp_path,
+        [
+            {"file_name": "a.png", "text": "Normal.", "patient_id": "1", "split": "train"},
+            {"file_name": "a.png", "text": "Normal.", "patient_id": "1", "split": "train"},
+            {"file_name": "b.png", "text": "  ", "patient_id": "2", "split": "train"},
+            {"file_name": "c.png", "text": "Effusion.", "patient_id": "2", "split": "test"},
+            {"file_name": "missing.png", "text": "Normal.", "patient_id": "3", "split": "test"},
+            {"file_name": "broken.png", "text": "Normal.", "patient_id": "4", "split": "test"},
+        ],
+    )
+    _, problems = check_dataset(tmp_path)
+    found = {(p.kind, p.item) for p in problems}
+    assert found == {
+        ("duplicate file name", "a.png"),
+        ("empty caption", "b.png"),
+        ("missing image", "missing.png"),
+        ("corrupt image", "broken.png"),
+        ("patient leakage", "2"),
+    }
+    assert main(["data", "check", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    for kind, item in found:
+        assert kind in out and item in out
+
+
+def test_check_clean_phantom_exits_0(phantom_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["data", "check", str(phantom_dir)]) == 0
+    assert "no problems" in capsys.readouterr().out
+
+
+def test_cli_writes_a_phantom_dataset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "ph"
+    assert main(["data", "phantom", "--out", str(out), "--patients", "4", "--size", "32"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert len(read_metadata(out)) == len(list((out / "images").glob("*.png")))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["data", "phantom", "--out", "{tmp}/x", "--size", "50"], "--size"),
+        (["data", "phantom", "--out", "{tmp}/x", "--dup-fraction", "2"], "--dup-fraction"),
+        (["data", "phantom", "--out", "{tmp}/x", "--patients", "0"], "--patients"),
+        (["data", "check", "{tmp}/nowhere"], "does not exist"),
+        (["data", "check", "{tmp}"], "no metadata"),
+        (["data", "mimic", "--root", "{tmp}/nowhere", "--out", "{tmp}/m"], "does not exist"),
+    ],
+)
+def test_cli_user_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, argv: list[str], message: str
+) -> None:
+    code = main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("capsearch: error:") and message in err
+    assert "Traceback" not in err
