@@ -83,7 +83,9 @@ class Pipeline:
         out.mkdir(parents=True, exist_ok=True)
         for module, sub in ((self.unet, "unet"), (self.text_encoder, "text_encoder")):
             dtype = next(module.parameters()).dtype
-            module.to(torch.float16 if half else dtype).save_pretrained(out / sub, safe_serialization=True)
+            module.to(torch.float16 if half else dtype).save_pretrained(
+                out / sub, safe_serialization=True
+            )
             module.to(dtype)
         self.tokenizer.save_pretrained(out / "tokenizer")
         self.scheduler.save_pretrained(out / "scheduler")
@@ -153,7 +155,9 @@ def _resolve_folder(spec: str) -> Path:
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "unet").is_dir():
-            raise UserError(f"model folder {path} has no unet/ subfolder (expected a diffusers pipeline folder)")
+            raise UserError(
+                f"model folder {path} has no unet/ subfolder (expected a diffusers pipeline folder)"
+            )
         return path
     if path.exists():
         raise UserError(f"model path {path} is not a folder")
@@ -169,7 +173,9 @@ def _resolve_folder(spec: str) -> Path:
                 f"with internet (`huggingface-cli download {spec}`) and copy the cache here, or pass a local "
                 "diffusers folder"
             ) from None
-    raise UserError(f"model {spec!r} not found: give 'tiny', 'tiny:random', a diffusers folder or a hub id")
+    raise UserError(
+        f"model {spec!r} not found: give 'tiny', 'tiny:random', a diffusers folder or a hub id"
+    )
 
 
 def load_folder(path: Path, spec: str = "") -> Pipeline:
@@ -177,13 +183,21 @@ def load_folder(path: Path, spec: str = "") -> Pipeline:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    tlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
     path = Path(path)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"))
         text_encoder = CLIPTextModel.from_pretrained(
             str(path / "text_encoder"), use_safetensors=True, torch_dtype=torch.float32
         )
-        unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), use_safetensors=True, torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(
+            str(path / "unet"), use_safetensors=True, torch_dtype=torch.float32
+        )
         scheduler = DDPMScheduler.from_pretrained(str(path / "scheduler"))
         vae = None
         if (path / "vae").is_dir():
@@ -195,7 +209,9 @@ def load_folder(path: Path, spec: str = "") -> Pipeline:
     text_encoder.requires_grad_(False).eval()
     meta_path = path / "capsearch.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    return Pipeline(tokenizer, text_encoder, unet, scheduler, vae, spec=spec or str(path), meta=meta)
+    return Pipeline(
+        tokenizer, text_encoder, unet, scheduler, vae, spec=spec or str(path), meta=meta
+    )
 
 
 def load_pipeline(spec: str = "tiny") -> Pipeline:

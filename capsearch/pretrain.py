@@ -94,13 +94,19 @@ def pretrain_shapes(
     sched = pipe.scheduler
     alphas = sched.alphas_cumprod.to(device)
     gen = torch.Generator(device=device).manual_seed(seed + start_step)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.startswith("cuda")
+        else torch.autocast("cpu", enabled=False)
+    )
     bar = _progress(progress, steps, start_step)
     t_train, running, step = time.time(), None, start_step
     calibrate_at = start_step + 50 if time_budget else None
     step = start_step
     while step < steps:
-        if step == calibrate_at:  # fit the schedule's length to the time budget (measured step time)
+        if (
+            step == calibrate_at
+        ):  # fit the schedule's length to the time budget (measured step time)
             per_step = (time.time() - t_train) / 50
             steps = max(step + 1, int(step + (time_budget - (time.time() - t_train)) / per_step))
             bar = _progress(progress, steps, step)
@@ -110,9 +116,13 @@ def pretrain_shapes(
         x0 = images[idx]
         tok = ids[idx]
         drop = torch.rand(batch_size, device=device, generator=gen) < caption_dropout
-        tok = torch.where(drop[:, None], empty_ids[None], tok)  # caption dropout for classifier-free guidance
+        tok = torch.where(
+            drop[:, None], empty_ids[None], tok
+        )  # caption dropout for classifier-free guidance
         noise = torch.randn(x0.shape, device=device, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), device=device, generator=gen)
+        t = torch.randint(
+            0, sched.config.num_train_timesteps, (batch_size,), device=device, generator=gen
+        )
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise  # q(x_t | x_0), Ho et al. 2020 eq. 4
         with autocast:
@@ -158,7 +168,9 @@ def pretrain_shapes(
         "pool_seconds": round(pool_seconds, 1),
         "final_loss_ema": round(running, 5) if running is not None else None,
         "loss_history": history,
-        "command": "capsearch " + " ".join(sys.argv[1:]) if sys.argv and "capsearch" in sys.argv[0] else None,
+        "command": "capsearch " + " ".join(sys.argv[1:])
+        if sys.argv and "capsearch" in sys.argv[0]
+        else None,
         "unet_parameters": sum(p.numel() for p in pipe.unet.parameters()),
         "text_encoder_parameters": sum(p.numel() for p in pipe.text_encoder.parameters()),
     }
@@ -172,14 +184,24 @@ def folder_sha256(folder: Path) -> dict[str, str]:
     folder = Path(folder)
     sums = {}
     for f in sorted(folder.rglob("*")):
-        if f.is_file() and f.suffix in {".safetensors", ".txt"} or (f.suffix == ".json" and f.name != "capsearch.json"):
+        if (
+            f.is_file()
+            and f.suffix in {".safetensors", ".txt"}
+            or (f.suffix == ".json" and f.name != "capsearch.json")
+        ):
             sums[str(f.relative_to(folder))] = hashlib.sha256(f.read_bytes()).hexdigest()
     return sums
 
 
 def _save_checkpoint(path: Path, params, ema, opt, step: int, history) -> None:
     tmp = path.with_suffix(".tmp")
-    state = {"params": [p.detach().cpu() for p in params], "ema": [e.cpu() for e in ema], "opt": opt.state_dict(), "step": step, "history": history}
+    state = {
+        "params": [p.detach().cpu() for p in params],
+        "ema": [e.cpu() for e in ema],
+        "opt": opt.state_dict(),
+        "step": step,
+        "history": history,
+    }
     torch.save(state, tmp)
     tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
 
@@ -194,11 +216,21 @@ def _progress(enabled: bool, total: int, start: int):
                 print(f"pretrain step {step}/{total} loss {loss:.4f}", flush=True)
 
         return log
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     prog = Progress(
-        TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("pretrain"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
     )
     prog.start()
     task = prog.add_task("pretrain", total=total, completed=start, loss="-")
@@ -210,5 +242,3 @@ def _progress(enabled: bool, total: int, start: int):
             prog.stop()
 
     return update
-
-

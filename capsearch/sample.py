@@ -23,7 +23,9 @@ def make_scheduler(pipe, name: str = "ddim"):
     cls_name = SCHEDULERS.get(name.lower(), name)
     cls = getattr(diffusers, cls_name, None)
     if cls is None or not hasattr(cls, "from_config"):
-        raise UserError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)} or a diffusers class name")
+        raise UserError(
+            f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)} or a diffusers class name"
+        )
     return cls.from_config(pipe.scheduler.config)
 
 
@@ -48,7 +50,10 @@ def generate(
     shape = pipe.latent_shape
     # One generator per sample so that a sample does not depend on the batch size it was drawn in.
     noise = torch.stack(
-        [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i)) for i in range(len(all_prompts))]
+        [
+            torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+            for i in range(len(all_prompts))
+        ]
     )
     uncond = pipe.encode_prompts([""])
     out = []
@@ -68,7 +73,9 @@ def generate(
             eps = pipe.unet(inp, t, encoder_hidden_states=ehs).sample
             if use_cfg:
                 eps_u, eps_c = eps.chunk(2)
-                eps = eps_u + guidance * (eps_c - eps_u)  # classifier-free guidance (Ho & Salimans 2022)
+                eps = eps_u + guidance * (
+                    eps_c - eps_u
+                )  # classifier-free guidance (Ho & Salimans 2022)
             latents = sched.step(eps, t, latents).prev_sample
         out.append(pipe.decode(latents).float().cpu())
         if progress is not None:
@@ -87,7 +94,9 @@ def save_grid(images: torch.Tensor, path, nrow: int = 8, captions: list[str] | N
     n = len(images)
     ncol = min(nrow, n)
     nrows = (n + ncol - 1) // ncol
-    fig, axes = plt.subplots(nrows, ncol, figsize=(1.6 * ncol, (1.6 + (0.5 if captions else 0)) * nrows), squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, ncol, figsize=(1.6 * ncol, (1.6 + (0.5 if captions else 0)) * nrows), squeeze=False
+    )
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k >= n:

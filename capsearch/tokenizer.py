@@ -42,7 +42,9 @@ def _word_symbols(word: str, table: dict[int, str]) -> tuple[str, ...]:
     return tuple(chars)
 
 
-def learn_bpe(corpus: Iterable[str], num_merges: int = 2000, min_count: int = 2) -> list[tuple[str, str]]:
+def learn_bpe(
+    corpus: Iterable[str], num_merges: int = 2000, min_count: int = 2
+) -> list[tuple[str, str]]:
     """Learn BPE merges greedily by pair frequency; ties break on the pair itself (deterministic)."""
     table = byte_symbols()
     word_counts = Counter(w for text in corpus for w in split_words(text))
@@ -83,7 +85,9 @@ def learn_bpe(corpus: Iterable[str], num_merges: int = 2000, min_count: int = 2)
     return merges
 
 
-def write_clip_vocabulary(out_dir: Path, merges: list[tuple[str, str]], max_length: int = 77) -> Path:
+def write_clip_vocabulary(
+    out_dir: Path, merges: list[tuple[str, str]], max_length: int = 77
+) -> Path:
     """Write vocab.json, merges.txt and tokenizer_config.json that CLIPTokenizer loads."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `pretrain shapes` and `pretrain scorer`."""
     p = sub.add_parser("pretrain", help="pretrain the tiny base model or the phantom scorer")
     ps = p.add_subparsers(dest="what", metavar="WHAT", required=True, parser_class=type(p))
-    s = ps.add_parser("shapes", help="train the tiny UNet + text encoder on the procedural shapes world")
+    s = ps.add_parser(
+        "shapes", help="train the tiny UNet + text encoder on the procedural shapes world"
+    )
     s.add_argument("--out", type=Path, required=True, help="output pipeline folder")
     s.add_argument("--steps", type=int, default=20000)
     s.add_argument("--batch-size", type=int, default=64)
@@ -22,11 +24,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--ema-decay", type=float, default=0.999)
     s.add_argument("--workers", type=int, default=1, help="processes rendering the scene pool")
-    s.add_argument("--minutes", type=float, default=None, help="fit the schedule to this training-time budget")
-    s.add_argument("--time-limit", type=float, default=None, help="stop (and checkpoint) after this many seconds")
+    s.add_argument(
+        "--minutes", type=float, default=None, help="fit the schedule to this training-time budget"
+    )
+    s.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="stop (and checkpoint) after this many seconds",
+    )
     s.set_defaults(func=_shapes)
-    c = ps.add_parser("scorer", help="train the phantom finding classifier (FID/AMD features, image-text score)")
-    c.add_argument("--data", type=Path, required=True, help="phantom dataset folder (capsearch data phantom)")
+    c = ps.add_parser(
+        "scorer", help="train the phantom finding classifier (FID/AMD features, image-text score)"
+    )
+    c.add_argument(
+        "--data", type=Path, required=True, help="phantom dataset folder (capsearch data phantom)"
+    )
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--epochs", type=int, default=10)
     c.add_argument("--size", type=int, default=32)
@@ -48,11 +61,21 @@ def _shapes(args: argparse.Namespace) -> int:
     from capsearch.pretrain import pretrain_shapes
 
     meta = pretrain_shapes(
-        args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, pool_size=args.pool_size,
-        device=args.device, seed=args.seed, ema_decay=args.ema_decay, workers=args.workers,
-        time_limit=args.time_limit, time_budget=args.minutes * 60 if args.minutes else None,
+        args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        pool_size=args.pool_size,
+        device=args.device,
+        seed=args.seed,
+        ema_decay=args.ema_decay,
+        workers=args.workers,
+        time_limit=args.time_limit,
+        time_budget=args.minutes * 60 if args.minutes else None,
     )
-    print(f"wrote {args.out} ({meta['steps']} steps, final loss {meta['final_loss_ema']}, {meta['train_seconds']} s)")
+    print(
+        f"wrote {args.out} ({meta['steps']} steps, final loss {meta['final_loss_ema']}, {meta['train_seconds']} s)"
+    )
     return 0
 
 
@@ -61,6 +84,8 @@ def _scorer(args: argparse.Namespace) -> int:
         raise UserError(f"phantom dataset folder {args.data} does not exist")
     from capsearch.scorer import train_scorer
 
-    result = train_scorer(args.data, args.out, epochs=args.epochs, size=args.size, seed=args.seed, progress=True)
+    result = train_scorer(
+        args.data, args.out, epochs=args.epochs, size=args.size, seed=args.seed, progress=True
+    )
     print(f"wrote {args.out}: held-out AUROC {result.get('auroc')}")
     return 0

@@ -1,0 +1,141 @@
+"""`capsearch train`: one fine-tune of a model with a PEFT method on a dataset folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from capsearch.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `train`."""
+    p = sub.add_parser(
+        "train", help="fine-tune one model with one method (the inner loop, by hand)"
+    )
+    p.add_argument(
+        "--model", default="tiny", help="tiny | tiny:random | diffusers folder | cached hub id"
+    )
+    p.add_argument("--data", type=Path, required=True, help="image folder with metadata.jsonl")
+    p.add_argument("--method", default="full", help="a registered method (see `capsearch methods`)")
+    p.add_argument(
+        "--units", default="*", help="unit selection, e.g. 'down_blocks.*.attentions.*:cross_attn'"
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method hyper-parameter (repeatable)",
+    )
+    p.add_argument(
+        "--spec",
+        type=Path,
+        help="JSON method spec (list of {method, units, ...}); overrides --method",
+    )
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr-1d", type=float, default=None)
+    p.add_argument("--lr-schedule", default="constant")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--ema-decay", type=float, default=None)
+    p.add_argument(
+        "--size", type=int, default=None, help="training resolution (default: the model's)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--mitigation",
+        action="append",
+        default=[],
+        metavar="NAME[:k=v,...]",
+        help="e.g. rwa:k=2,p=0.5 or threshold:percentile=90",
+    )
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--probe-every", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_train)
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_mitigation(text: str) -> dict:
+    """`rwa:k=2,p=0.5` → {"name": "rwa", "k": 2, "p": 0.5}."""
+    name, _, rest = text.partition(":")
+    out = {"name": name}
+    for kv in filter(None, rest.split(",")):
+        key, eq, val = kv.partition("=")
+        if not eq:
+            raise UserError(f"--mitigation {text!r}: expected KEY=VALUE after ':'")
+        out[key] = _value(val)
+    return out
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from capsearch.models import load_pipeline
+    from capsearch.train import TrainConfig, finetune
+
+    if not args.data.is_dir():
+        raise UserError(f"data folder {args.data} does not exist")
+    if args.spec:
+        if not args.spec.is_file():
+            raise UserError(f"method spec file {args.spec} does not exist")
+        try:
+            spec = json.loads(args.spec.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"method spec {args.spec} is not valid JSON: {exc}") from None
+    else:
+        params = {}
+        for kv in args.param:
+            key, eq, val = kv.partition("=")
+            if not eq:
+                raise UserError(f"--param {kv!r}: expected KEY=VALUE")
+            params[key] = _value(val)
+        spec = [{"method": args.method, "units": args.units, **params}]
+    pipe = load_pipeline(args.model)
+    device = (
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    pipe.to(device)
+    size = args.size or pipe.unet.config.sample_size * (8 if pipe.vae is not None else 1)
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_1d=args.lr_1d,
+        lr_schedule=args.lr_schedule,
+        warmup_steps=args.warmup_steps,
+        mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        ema_decay=args.ema_decay,
+        seed=args.seed,
+        size=size,
+        checkpoint_every=args.checkpoint_every,
+        probe_every=args.probe_every,
+        mitigations=[parse_mitigation(m) for m in args.mitigation],
+    )
+    result = finetune(pipe, spec, args.data, cfg, out_dir=args.out, resume=args.resume)
+    pct = 100 * result.trainable / max(result.total, 1)
+    print(
+        f"{result.status}: {result.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f}, "
+        f"trainable {result.trainable:,} ({pct:.3f}%), mitigations {result.mitigation_counts or 'none'}"
+    )
+    if result.status == "nan":
+        print(f"capsearch: error: {result.message}")
+        return 1
+    print(f"delta checkpoint: {args.out / 'delta'}; log: {args.out / 'train_log.jsonl'}")
+    return 0

@@ -1,0 +1,477 @@
+"""The inner loop: fine-tune a UNet with a trial's method spec and mitigations (diffusers-style, unrolled).
+
+Only the UNet changes (θ0 + ω ⊙ Δφ, Dutt et al. 2024 eq. 1); text encoder and VAE stay frozen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from capsearch.errors import UserError
+from capsearch.mitigations import Mitigations, vocabulary_words
+
+Callback = Callable[[str, dict], None]
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one fine-tune."""
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-4
+    lr_1d: float | None = None  # SV-DIFF's separate rate for 1-D parameters (Han et al. 2023)
+    lr_schedule: str = "constant"  # any diffusers.optimization scheduler name
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16 (GPU)
+    gradient_checkpointing: bool = False
+    ema_decay: float | None = None
+    seed: int = 0
+    size: int = 32
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 0
+    probe_every: int = 0
+    mitigations: list[dict] = field(default_factory=list)
+
+    def check(self) -> None:
+        """Reject impossible values with one line naming the field."""
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise UserError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or (self.lr_1d is not None and self.lr_1d <= 0):
+            raise UserError("train.lr and train.lr_1d must be positive")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise UserError(
+                f"train.mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}"
+            )
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise UserError("train.ema_decay must be in (0, 1)")
+
+
+@dataclass
+class TrainResult:
+    """What a fine-tune did: status ok | nan | stopped, losses, probes and mitigation counts."""
+
+    status: str
+    steps: int
+    final_loss: float
+    trainable: int
+    total: int
+    seconds: float
+    losses: list = field(default_factory=list)
+    probes: list[dict] = field(default_factory=list)
+    mitigation_counts: dict = field(default_factory=dict)
+    skipped_images: int = 0
+    message: str = ""
+
+
+def _load_training_images(data, size: int):
+    from capsearch.data import ImageCaptionDataset
+
+    ds = (
+        data
+        if isinstance(data, ImageCaptionDataset)
+        else ImageCaptionDataset(data, split="train", size=size)
+    )
+    pixels, captions, groups = [], [], []
+    for i in range(len(ds)):
+        x = ds.load(i)
+        if x is None:  # corrupt image: warned and counted by the dataset, never fatal
+            ds.skipped += 1
+            continue
+        pixels.append(x)
+        captions.append(ds.captions[i])
+        groups.append(ds.records[i].get("dup_group"))
+    if not pixels:
+        raise UserError(f"no readable training images in {ds.root}")
+    return ds, torch.stack(pixels), captions, groups
+
+
+class _Probe:
+    """Cheap mid-training probe: held-out loss on a fixed batch and the text-conditional strength ratio."""
+
+    def __init__(self, pipe, ds, captions, groups, size: int, gen_seed: int) -> None:
+        from capsearch.data import ImageCaptionDataset
+
+        g = torch.Generator().manual_seed(gen_seed)
+        held = ImageCaptionDataset(ds.root, split="validate", size=size)
+        imgs = [t for t in (held.load(i) for i in range(min(len(held), 32))) if t is not None]
+        self.x0 = torch.stack(imgs) if imgs else None
+        self.held_caps = held.captions[: len(imgs)]
+        if self.x0 is not None:
+            self.noise = torch.randn(self.x0.shape, generator=g)
+            self.t = torch.randint(50, 950, (len(imgs),), generator=g)
+        mem = sorted({c for c, gr in zip(captions, groups) if gr is not None})[:8]
+        other = sorted({c for c, gr in zip(captions, groups) if gr is None})[:8]
+        self.mem, self.other = mem, other
+        self.z = torch.randn((8, *pipe.latent_shape), generator=g)
+
+    @torch.no_grad()
+    def __call__(self, pipe, latents_of) -> dict:
+        from capsearch.metrics.denoising import threshold_scores
+
+        unet = pipe.unet
+        was = unet.training
+        unet.eval()
+        out = {}
+        if self.x0 is not None:
+            x0 = latents_of(self.x0.to(pipe.device))
+            noisy = pipe.scheduler.add_noise(x0, self.noise.to(x0), self.t.to(x0.device))
+            pred = unet(
+                noisy,
+                self.t.to(x0.device),
+                encoder_hidden_states=pipe.encode_prompts(self.held_caps),
+            ).sample
+            out["heldout_loss"] = F.mse_loss(
+                pred.float(), _target(pipe, x0, self.noise.to(x0), self.t.to(x0.device)).float()
+            ).item()
+        if self.mem and self.other:
+            uncond = pipe.encode_prompts([""])
+            t = torch.tensor(
+                int(pipe.scheduler.config.num_train_timesteps * 0.8), device=pipe.device
+            )
+
+            def strength(prompts):
+                z = self.z[: len(prompts)].to(pipe.device, pipe.dtype)
+                return (
+                    threshold_scores(unet, z, t, pipe.encode_prompts(prompts), uncond).mean().item()
+                )
+
+            out["strength_memorised"], out["strength_other"] = (
+                strength(self.mem),
+                strength(self.other),
+            )
+            out["strength_ratio"] = out["strength_memorised"] / max(out["strength_other"], 1e-12)
+        unet.train(was)
+        return out
+
+
+def _target(pipe, x0, noise, t):
+    kind = pipe.scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return pipe.scheduler.get_velocity(x0, noise, t)
+    raise UserError(f"unsupported scheduler prediction_type {kind!r}")
+
+
+def finetune(
+    pipe,
+    method_spec: list[dict] | dict,
+    data,
+    config: TrainConfig,
+    callbacks: Sequence[Callback] = (),
+    out_dir: Path | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+) -> TrainResult:
+    """Fine-tune pipe.unet in place with a method spec on a dataset folder; return what happened."""
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    from capsearch.delta import save_delta
+    from capsearch.methods import apply_methods, optimizer_groups
+
+    config.check()
+    mit = Mitigations.parse(config.mitigations, vocabulary_words(pipe.tokenizer))
+    use_cuda = torch.cuda.is_available() and pipe.device.type == "cuda"
+    if config.mixed_precision != "no" and not use_cuda:
+        raise UserError(
+            f"train.mixed_precision={config.mixed_precision} needs a GPU; use 'no' on CPU"
+        )
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not use_cuda)
+    torch.manual_seed(config.seed)
+    ds, images, captions, groups = _load_training_images(data, config.size)
+    names = apply_methods(pipe.unet, method_spec)
+    unet = pipe.unet
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    total = sum(p.numel() for p in unet.parameters())
+    if trainable:
+        groups_ = optimizer_groups(unet, config.lr, config.lr_1d, config.weight_decay)
+        opt = torch.optim.AdamW(groups_, lr=config.lr)
+        lr_sched = get_scheduler(
+            config.lr_schedule,
+            opt,
+            num_warmup_steps=config.warmup_steps,
+            num_training_steps=config.steps,
+        )
+    else:
+        opt = lr_sched = None
+    unet.train()
+    pipe.text_encoder.requires_grad_(False).eval()
+    gen = torch.Generator().manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    ema = [p.detach().clone() for p in trainable] if config.ema_decay else None
+    start, losses, probes, counts, order = 0, [], [], {}, []
+    ckpt = Path(out_dir) / "checkpoint" if out_dir else None
+    if resume and ckpt is not None and ckpt.exists():
+        start, losses, probes, counts, order = _load_checkpoint(
+            ckpt, unet, opt, lr_sched, gen, rng, ema
+        )
+    probe = (
+        _Probe(pipe, ds, captions, groups, config.size, config.seed + 7)
+        if config.probe_every
+        else None
+    )
+    vae = pipe.vae
+
+    def latents_of(x):
+        if vae is None:
+            return x
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        return (
+            vae.encode(x.to(vae.dtype)).latent_dist.sample(generator=None)
+            * vae.config.scaling_factor
+        )
+
+    bar = _progress_bar(quiet, config.steps, start)
+    t0, status, message, step = time.time(), "ok", "", start
+    loss_value = losses[-1][1] if losses else float("nan")
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    log_f = open(Path(out_dir) / "train_log.jsonl", "a") if out_dir else None
+    try:
+        for step in range(start, config.steps):
+            step_loss = 0.0
+            for _ in range(config.grad_accum):
+                while (
+                    len(order) < config.batch_size
+                ):  # epoch-wise shuffling from the seeded generator
+                    order += torch.randperm(len(images), generator=gen).tolist()
+                idx, order = order[: config.batch_size], order[config.batch_size :]
+                texts, touched = mit.captions([captions[i] for i in idx], captions, rng)
+                with torch.no_grad():
+                    x0 = latents_of(images[idx].to(pipe.device))
+                    ehs = pipe.encode_prompts(texts)
+                    ehs, t2 = mit.embeddings(ehs, gen)
+                touched.update(t2)
+                noise = torch.randn(x0.shape, generator=gen).to(x0)
+                t = torch.randint(
+                    0, pipe.scheduler.config.num_train_timesteps, (len(idx),), generator=gen
+                ).to(x0.device)
+                noisy = pipe.scheduler.add_noise(x0, noise, t)
+                with accelerator.autocast():
+                    pred = unet(noisy, t, encoder_hidden_states=ehs).sample
+                target = _target(pipe, x0, noise, t)
+                per_sample = (
+                    F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+                )
+                if mit.threshold:
+                    from capsearch.metrics.denoising import threshold_scores
+
+                    scores = threshold_scores(
+                        unet, noisy, t, ehs, pipe.encode_prompts([""]), cond_pred=pred
+                    )
+                    keep = mit.keep_mask(scores)
+                    touched["threshold"] = int((~keep).sum())
+                    per_sample = per_sample[keep] if keep.any() else per_sample[:0]
+                loss = per_sample.mean() if len(per_sample) else pred.sum() * 0.0
+                if not torch.isfinite(loss):
+                    status, message = (
+                        "nan",
+                        f"non-finite loss at step {step + 1}; training stopped, no model saved",
+                    )
+                    raise _Stop
+                if opt is not None:
+                    accelerator.backward(loss / config.grad_accum)
+                step_loss += loss.item() / config.grad_accum
+                for k, v in touched.items():
+                    counts[k] = counts.get(k, 0) + v
+            if opt is not None:
+                if config.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+                opt.step()
+                lr_sched.step()
+                opt.zero_grad(set_to_none=True)
+                if ema is not None:
+                    with torch.no_grad():
+                        torch._foreach_lerp_(
+                            ema, [p.detach() for p in trainable], 1 - config.ema_decay
+                        )
+            loss_value = step_loss
+            done = step + 1
+            if done % 10 == 0 or done == config.steps:
+                losses.append([done, round(loss_value, 6)])
+                _emit(
+                    callbacks,
+                    "step",
+                    {"step": done, "loss": loss_value, "mitigations": dict(counts)},
+                )
+                if log_f:
+                    log_f.write(
+                        json.dumps({"step": done, "loss": loss_value, "mitigations": counts}) + "\n"
+                    )
+            if probe is not None and done % config.probe_every == 0:
+                p = {"step": done, **probe(pipe, latents_of)}
+                probes.append(p)
+                _emit(callbacks, "probe", p)
+                if log_f:
+                    log_f.write(json.dumps({"probe": p}) + "\n")
+            if ckpt is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
+                _save_checkpoint(
+                    ckpt, done, unet, opt, lr_sched, gen, rng, ema, losses, probes, counts, order
+                )
+            bar(done, loss_value)
+            step = done
+    except _Stop:
+        pass
+    except KeyboardInterrupt:
+        status, message = "stopped", f"interrupted at step {step}"
+    finally:
+        bar(None, None)
+        if log_f:
+            log_f.close()
+    if ema is not None and status == "ok":
+        with torch.no_grad():
+            for p, e in zip(trainable, ema):
+                p.copy_(e)
+    if out_dir and status != "nan":
+        save_delta(unet, Path(out_dir) / "delta", base_model=getattr(pipe, "spec", None))
+    result = TrainResult(
+        status=status,
+        steps=step,
+        final_loss=loss_value,
+        trainable=n_trainable,
+        total=total,
+        seconds=round(time.time() - t0, 2),
+        losses=losses,
+        probes=probes,
+        mitigation_counts=counts,
+        skipped_images=ds.skipped,
+        message=message,
+    )
+    _emit(callbacks, "end", asdict(result))
+    if out_dir:
+        (Path(out_dir) / "train_result.json").write_text(
+            json.dumps({**asdict(result), "trainable_names": len(names)}, indent=2)
+        )
+    return result
+
+
+class _Stop(Exception):
+    pass
+
+
+def _emit(callbacks: Sequence[Callback], event: str, payload: dict) -> None:
+    for cb in callbacks:
+        cb(event, payload)
+
+
+def _save_checkpoint(
+    path: Path, step, unet, opt, lr_sched, gen, rng, ema, losses, probes, counts, order
+) -> None:
+    """Write the resumable state to a temporary folder, then swap it in (atomic on one filesystem)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    named = {n: p.detach().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
+    if ema is not None:
+        named.update({f"__ema__.{i}": e.contiguous() for i, e in enumerate(ema)})
+    save_file(named, str(tmp / "trainable.safetensors"))
+    torch.save(
+        {
+            "opt": opt.state_dict() if opt else None,
+            "lr": lr_sched.state_dict() if lr_sched else None,
+            "gen": gen.get_state(),
+        },
+        tmp / "state.pt",
+    )
+    meta = {
+        "step": step,
+        "rng": _rng_to_json(rng.getstate()),
+        "losses": losses,
+        "probes": probes,
+        "counts": counts,
+        "order": order,  # the rest of the current epoch's permutation
+    }
+    (tmp / "state.json").write_text(json.dumps(meta))
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(path: Path, unet, opt, lr_sched, gen, rng, ema):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "trainable.safetensors"))
+    params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if name.startswith("__ema__."):
+                if ema is not None:
+                    ema[int(name.split(".")[1])].copy_(value)
+            elif name in params:
+                params[name].copy_(value)
+            else:
+                raise UserError(
+                    f"checkpoint {path} does not match this method spec (unknown tensor {name})"
+                )
+    state = torch.load(path / "state.pt", weights_only=True)  # tensors and plain containers only
+    if opt is not None and state["opt"] is not None:
+        opt.load_state_dict(state["opt"])
+        lr_sched.load_state_dict(state["lr"])
+    gen.set_state(state["gen"])
+    meta = json.loads((path / "state.json").read_text())
+    rng.setstate(_rng_from_json(meta["rng"]))
+    return meta["step"], meta["losses"], meta["probes"], meta["counts"], meta["order"]
+
+
+def _rng_to_json(state):
+    return [state[0], list(state[1]), state[2]]
+
+
+def _rng_from_json(data):
+    return (data[0], tuple(data[1]), data[2])
+
+
+def _progress_bar(quiet: bool, total: int, start: int):
+    if quiet:
+        return lambda step, loss: None
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    prog = Progress(
+        TextColumn("fine-tune"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[speed]} it/s"),
+        TimeRemainingColumn(),
+    )
+    prog.start()
+    task = prog.add_task("train", total=total, completed=start, loss="-", speed="-")
+    t0, s0 = time.time(), start
+
+    def update(step, loss) -> None:
+        if step is None:
+            prog.stop()
+            return
+        rate = (step - s0) / max(time.time() - t0, 1e-9)
+        loss_txt = f"{loss:.4f}" if loss is not None and math.isfinite(loss) else "-"
+        prog.update(task, completed=step, loss=loss_txt, speed=f"{rate:.2f}")
+
+    return update
