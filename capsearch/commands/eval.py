@@ -1,0 +1,71 @@
+"""`capsearch eval`: score one model (optionally with a delta checkpoint) on a dataset folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+from pathlib import Path
+
+from capsearch.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `eval`."""
+    from capsearch.evaluate import EvalConfig
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate one model: FID, image-text score, AMD, extraction, denoising strength",
+    )
+    p.add_argument(
+        "--model", default="tiny", help="tiny | tiny:random | diffusers folder | cached hub id"
+    )
+    p.add_argument(
+        "--delta", type=Path, help="a delta checkpoint folder (capsearch train --out X → X/delta)"
+    )
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="auto")
+    for f in fields(EvalConfig):
+        kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], str)
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}", type=kind, default=None, help=f"default {f.default}"
+        )
+    p.set_defaults(func=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from capsearch.evaluate import EvalConfig, evaluate
+    from capsearch.models import load_pipeline
+
+    if not args.data.is_dir():
+        raise UserError(f"data folder {args.data} does not exist")
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in fields(EvalConfig)
+        if getattr(args, f.name) is not None
+    }
+    config = EvalConfig(**overrides)
+    pipe = load_pipeline(args.model)
+    if args.delta:
+        from capsearch.delta import load_delta
+
+        if not args.delta.is_dir():
+            raise UserError(f"delta folder {args.delta} does not exist")
+        pipe.unet = load_delta(pipe.unet, args.delta)
+    device = (
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    pipe.to(device)
+    metrics = evaluate(pipe, args.data, config, out_dir=args.out, progress=True)
+    shown = {
+        k: round(v, 4) if isinstance(v, float) else v
+        for k, v in metrics.items()
+        if k not in ("settings", "extracted_pairs")
+    }
+    print(json.dumps(shown, indent=2))
+    print(f"wrote {args.out / 'metrics.json'} and {args.out / 'samples.png'}")
+    return 0

@@ -1,0 +1,145 @@
+"""`capsearch.train.finetune` against a plain diffusers-style loop, side by side in one process; per-method cost.
+
+Usage: python experiments/benchmarks/bench_finetune.py [--steps 30] [--methods full,attention,difffit,svdiff,lora]
+The plain loop is written the way diffusers' examples/text_to_image/train_text_to_image.py trains (tokenise,
+encode, add_noise, UNet, MSE, AdamW) on the same tiny model, data and batch. The two alternate in rounds so
+that machine noise hits both alike. Target: finetune/plain steps-per-second ratio ≥ 0.95.
+Per method: median step time and the process's peak RSS growth, each method in a fresh subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def plain_loop(pipe, images, captions, steps: int, batch: int, seed: int) -> float:
+    """A diffusers-example-style loop; returns steps per second."""
+    unet = pipe.unet.train().requires_grad_(True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        idx = torch.randint(0, len(images), (batch,), generator=g)
+        x0 = images[idx]
+        with torch.no_grad():
+            ehs = pipe.text_encoder(pipe.tokenize([captions[i] for i in idx]))[0]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        pred = unet(pipe.scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=ehs).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    return steps / (time.perf_counter() - t0)
+
+
+def capsearch_loop(data, steps: int, batch: int, seed: int, spec=None) -> float:
+    from capsearch.models import load_pipeline
+    from capsearch.train import TrainConfig, finetune
+
+    pipe = load_pipeline("tiny:random")
+    res = finetune(
+        pipe,
+        spec or [{"method": "full", "units": "*"}],
+        data,
+        TrainConfig(steps=steps, batch_size=batch, seed=seed),
+        quiet=True,
+    )
+    return res.steps / res.seconds
+
+
+def one_method(method: str, data: str, steps: int) -> None:
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    from capsearch.models import load_pipeline
+    from capsearch.train import TrainConfig, finetune
+
+    pipe = load_pipeline("tiny:random")
+    spec = [{"method": method, "units": "*" if method != "attention" else "*:*_attn"}]
+    res = finetune(pipe, spec, data, TrainConfig(steps=steps, batch_size=16), quiet=True)
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps(
+            {
+                "method": method,
+                "s_per_step": res.seconds / res.steps,
+                "trainable": res.trainable,
+                "peak_rss_growth_mb": (rss1 - rss0) / 1024,
+            }
+        )
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--methods", default="full,attention,difffit,svdiff,lora")
+    ap.add_argument("--one-method")
+    ap.add_argument("--data")
+    args = ap.parse_args()
+    if args.one_method:
+        one_method(args.one_method, args.data, args.steps)
+        return
+    from capsearch.data import ImageCaptionDataset, load_images
+    from capsearch.models import load_pipeline
+    from capsearch.worlds.phantom import write_phantom_dataset
+
+    data = Path(tempfile.mkdtemp()) / "phantom"
+    write_phantom_dataset(data, patients=60, size=32, seed=0)
+    images, captions = (
+        load_images(data, "train", 32),
+        ImageCaptionDataset(data, "train", 32).captions,
+    )
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    )
+    plain, ours = [], []
+    for r in range(args.rounds):
+        pipe = load_pipeline("tiny:random")
+        plain.append(plain_loop(pipe, images, captions, args.steps, 16, r))
+        ours.append(capsearch_loop(data, args.steps, 16, r))
+        print(f"round {r}: plain {plain[-1]:.2f} steps/s, finetune {ours[-1]:.2f} steps/s")
+    ratio = sum(ours) / sum(plain)
+    print(f"finetune / plain steps-per-second ratio: {ratio:.3f} (target ≥ 0.95)")
+    print("method, s/step, trainable, peak RSS growth (MB)")
+    for m in args.methods.split(","):
+        out = (
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one-method",
+                    m,
+                    "--data",
+                    str(data),
+                    "--steps",
+                    str(args.steps),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        d = json.loads(out)
+        print(
+            f"{d['method']}, {d['s_per_step']:.3f}, {d['trainable']:,}, {d['peak_rss_growth_mb']:.0f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""Metrics: FID against torchmetrics, exact AMD, extraction cliques, denoising strength, and phantom controls."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from capsearch.errors import UserError
+from capsearch.metrics import (
+    ExtractionResult,
+    alignment_score,
+    amd,
+    denoising_strength,
+    denoising_strength_per_prompt,
+    extraction_attack,
+    frechet_distance,
+    nearest_train,
+    prompt_cliques,
+    threshold_scores,
+    tiled_distance,
+)
+
+
+def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --- FID ---------------------------------------------------------------------------------------------
+
+
+def test_frechet_distance_matches_torchmetrics():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    class Identity(torch.nn.Module):
+        num_features = 32  # torchmetrics reads the width from here instead of probing with an image
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    real = _randn(400, 32, seed=1) @ _randn(32, 32, seed=2) * 0.5 + 1.0
+    fake = _randn(300, 32, seed=3) * 1.3 - 0.2
+    reference = FrechetInceptionDistance(feature=Identity())
+    reference.update(real.double(), real=True)
+    reference.update(fake.double(), real=False)
+    expected = float(reference.compute())
+    ours = frechet_distance(real, fake)
+    assert expected > 1.0
+    assert ours == pytest.approx(expected, rel=1e-3)
+
+
+def test_frechet_distance_formula_cases():
+    x = _randn(500, 16, seed=4)
+    shift = torch.linspace(-1, 1, 16)
+    # Same covariance, shifted mean: the trace terms cancel and d² = ‖shift‖².
+    assert frechet_distance(x, x + shift) == pytest.approx(float(shift @ shift), rel=1e-6)
+    assert abs(frechet_distance(x, x)) < 1e-6
+    # Scaling by s: Tr(Σ + s²Σ − 2sΣ) = (1 − s)² Tr Σ for identical means (centred data).
+    xc = x - x.mean(0)
+    trace = float(torch.cov(xc.T.double()).trace())
+    assert frechet_distance(xc, 2 * xc) == pytest.approx(trace, rel=1e-6)
+
+
+def test_frechet_distance_degenerate_covariances_are_finite():
+    # Fewer samples than dimensions: singular covariances take the εI-offset path.
+    value = frechet_distance(_randn(10, 64, seed=5), _randn(12, 64, seed=6) + 0.5)
+    assert value == value and value > 0
+
+
+def test_frechet_distance_rejects_bad_input():
+    with pytest.raises(UserError):
+        frechet_distance(_randn(10, 4), _randn(10, 5))
+    with pytest.raises(UserError):
+        frechet_distance(_randn(1, 4), _randn(10, 4))
+    with pytest.raises(UserError):
+        frechet_distance(_randn(10), _randn(10, 1))
+
+
+# --- AMD ---------------------------------------------------------------------------------------------
+
+
+def _brute_force(gen: torch.Tensor, train: torch.Tensor, k: int):
+    cos = torch.nn.functional.normalize(gen, dim=1) @ torch.nn.functional.normalize(train, dim=1).T
+    return (1 - cos).topk(k, dim=1, largest=False)
+
+
+def test_nearest_train_is_exact_with_tiny_blocks():
+    gen, train = _randn(37, 24, seed=7), _randn(205, 24, seed=8)
+    want_d, want_i = _brute_force(gen, train, 3)
+    # Blocks of 7 training rows and 5 queries force every merge path (uneven last blocks included).
+    dist, idx = nearest_train(gen, train, k=3, block_rows=7, query_rows=5)
+    assert torch.equal(idx, want_i)
+    assert torch.allclose(dist, want_d, atol=1e-5)
+    one_block_d, one_block_i = nearest_train(gen, train, k=3)
+    assert torch.equal(one_block_i, idx) and torch.allclose(one_block_d, dist, atol=1e-6)
+
+
+def test_amd_zero_for_copies_and_larger_for_fresh_samples():
+    train = _randn(300, 16, seed=9)
+    copies = train[::3] * 2.5  # cosine distance ignores scale
+    assert amd(copies, train, block_rows=50) == pytest.approx(0.0, abs=1e-5)
+    fresh = amd(_randn(100, 16, seed=10), train, block_rows=50)
+    brute = float(_brute_force(_randn(100, 16, seed=10), train, 1)[0].mean())
+    assert fresh == pytest.approx(brute, abs=1e-5) and fresh > 0.2
+
+
+def test_nearest_train_rejects_bad_input():
+    with pytest.raises(UserError):
+        nearest_train(_randn(3, 4), _randn(5, 6))
+    with pytest.raises(UserError):
+        nearest_train(_randn(3, 4), _randn(5, 4), k=6)
+
+
+# --- extraction ----------------------------------------------------------------------------------------
+
+
+def test_tiled_distance_is_max_over_tiles_of_normalised_l2():
+    a = torch.zeros(1, 1, 16, 16)
+    b = a.clone()
+    b[..., :4, :4] = 1.0  # one 4x4 tile changes by 0.5 in [0, 1] units
+    d = tiled_distance(a, b, tiles=4)
+    assert d.shape == (1, 1)
+    assert float(d) == pytest.approx(0.5, abs=1e-6)  # the global per-pixel ℓ2 would only be 0.125
+    x = torch.rand(5, 3, 16, 16) * 2 - 1
+    y = torch.rand(4, 3, 16, 16) * 2 - 1
+    manual = torch.zeros(5, 4)
+    for i in range(5):
+        for j in range(4):
+            diff = ((x[i] - y[j]) / 2).reshape(3, 4, 4, 4, 4).permute(1, 3, 0, 2, 4).reshape(16, -1)
+            manual[i, j] = (diff.pow(2).mean(dim=1).sqrt()).max()
+    assert torch.allclose(tiled_distance(x, y), manual, atol=1e-5)
+
+
+def test_prompt_cliques_are_cliques_not_connected_components():
+    # Constant images at -0.2, 0, 0.2 ([-1, 1]): neighbours are 0.1 apart, the ends 0.2 (threshold 0.15).
+    chain = torch.tensor([-0.2, 0.0, 0.2]).view(3, 1, 1, 1).expand(3, 1, 8, 8).contiguous()
+    cliques, _ = prompt_cliques(chain, threshold=0.15, min_clique=3, tiles=4)
+    assert cliques == []  # a connected-components grouping would report all three
+    tight = (
+        torch.tensor([0.0, 0.02, 0.04, 0.06, 0.08]).view(5, 1, 1, 1).expand(5, 1, 8, 8).contiguous()
+    )
+    cliques, capped = prompt_cliques(tight, threshold=0.15, min_clique=3, tiles=4)
+    assert not capped and len(cliques) == 1
+    members, medoid = cliques[0]
+    assert members == [0, 1, 2, 3, 4] and medoid == 2
+
+
+def _copier(train: torch.Tensor, noise: float):
+    """A generator that returns noisy copies of the training image named by the prompt ('image k')."""
+
+    def run(prompts: list[str], n_per_prompt: int, seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        out = [
+            train[int(p.split()[-1])].expand(n_per_prompt, -1, -1, -1)
+            + noise * torch.randn(n_per_prompt, *train.shape[1:], generator=gen)
+            for p in prompts
+        ]
+        return torch.cat(out).clamp(-1, 1)
+
+    return run
+
+
+def _noise_generator(prompts: list[str], n_per_prompt: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(len(prompts) * n_per_prompt, 1, 32, 32, generator=gen) * 2 - 1
+
+
+def test_extraction_attack_on_synthetic_copier_and_noise():
+    train = torch.rand(40, 1, 32, 32, generator=torch.Generator().manual_seed(11)) * 2 - 1
+    prompts = [f"image {k}" for k in range(0, 40, 2)]
+    result = extraction_attack(
+        _copier(train, 0.05), prompts, train, n_per_prompt=8, min_clique=4, batch_size=32
+    )
+    assert isinstance(result, ExtractionResult)
+    assert result.count == len(prompts)
+    assert sorted(t for _, t, _ in result.extracted) == list(range(0, 40, 2))
+    for prompt, t, gen_index in result.extracted:
+        assert int(prompt.split()[-1]) == t
+        assert prompts.index(prompt) == gen_index // 8  # prompt-major generation indices
+    assert result.settings["n_generated"] == len(prompts) * 8
+    noise = extraction_attack(_noise_generator, prompts, train, n_per_prompt=8, min_clique=4)
+    assert noise.count == 0 and noise.extracted == [] and noise.settings["n_cliques"] == 0
+
+
+def test_extraction_attack_is_vectorised_enough():
+    # 20 prompts x 50 generations here; the cost target (100 x 50 in minutes) is checked by the slow test.
+    train = torch.rand(100, 1, 32, 32, generator=torch.Generator().manual_seed(12)) * 2 - 1
+    prompts = [f"image {k}" for k in range(20)]
+    started = time.perf_counter()
+    result = extraction_attack(_copier(train, 0.05), prompts, train, n_per_prompt=50, min_clique=10)
+    assert result.count == 20
+    assert time.perf_counter() - started < 20
+
+
+@pytest.mark.slow
+def test_extraction_attack_cost_target_100_prompts_by_50():
+    train = torch.rand(500, 1, 32, 32, generator=torch.Generator().manual_seed(13)) * 2 - 1
+    prompts = [f"image {k}" for k in range(100)]
+    started = time.perf_counter()
+    result = extraction_attack(_copier(train, 0.05), prompts, train, n_per_prompt=50, min_clique=10)
+    assert result.count == 100
+    assert time.perf_counter() - started < 120
+
+
+def test_extraction_attack_rejects_bad_settings():
+    train = torch.zeros(2, 1, 32, 32)
+    with pytest.raises(UserError):
+        extraction_attack(_noise_generator, ["a"], train, n_per_prompt=3, min_clique=5)
+    with pytest.raises(UserError):
+        extraction_attack(_noise_generator, [], train)
+    with pytest.raises(UserError):
+        extraction_attack(object(), ["a"], train)
+
+
+# --- pipeline-based metrics ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from capsearch.models import load_pipeline
+
+    return load_pipeline("tiny:random")
+
+
+def test_extraction_attack_runs_a_pipeline(tiny_pipe):
+    train = torch.zeros(3, 1, 32, 32)
+    result = extraction_attack(
+        tiny_pipe, ["no acute findings", "cardiomegaly"], train, n_per_prompt=3, steps=2
+    )
+    assert isinstance(result, ExtractionResult)
+    assert result.settings["n_generated"] == 6 and result.settings["steps"] == 2
+
+
+def test_denoising_strength_properties(tiny_pipe):
+    prompts = ["no acute findings", "large left pleural effusion", ""]
+    values = denoising_strength_per_prompt(tiny_pipe, prompts, steps=2, n=2, seed=1, batch_size=2)
+    assert values.shape == (3,)
+    assert float(values[2]) == 0.0  # the empty prompt is the unconditional embedding
+    assert (values[:2] > 0).all()
+    mean = denoising_strength(tiny_pipe, prompts, steps=2, n=2, seed=1, batch_size=64)
+    # Same value whether prompts were batched one by one or all together.
+    assert mean == pytest.approx(float(values.mean()), rel=1e-5)
+    other_seed = denoising_strength_per_prompt(tiny_pipe, prompts[:1], steps=2, n=2, seed=2)
+    assert not torch.allclose(values[:1], other_seed)
+
+
+def test_threshold_scores(tiny_pipe):
+    prompts = ["no acute findings", "cardiomegaly"]
+    cond, uncond = tiny_pipe.encode_prompts(prompts), tiny_pipe.encode_prompts([""])
+    noisy = _randn(2, 1, 32, 32, seed=14)
+    t = torch.tensor([100, 700])
+    scores = threshold_scores(tiny_pipe.unet, noisy, t, cond, uncond)
+    assert scores.shape == (2,) and (scores > 0).all()
+    same = threshold_scores(tiny_pipe.unet, noisy, t, uncond.expand(2, -1, -1), uncond)
+    assert torch.allclose(same, torch.zeros(2), atol=1e-6)
+    with torch.no_grad():
+        pred = tiny_pipe.unet(noisy, t, encoder_hidden_states=cond).sample
+    reused = threshold_scores(tiny_pipe.unet, noisy, t, cond, uncond, cond_pred=pred)
+    assert torch.allclose(reused, scores, atol=1e-5)
+
+
+# --- alignment -----------------------------------------------------------------------------------------
+
+
+class _BrightnessScorer:
+    """Scores 1 when the image is bright and the prompt says 'bright', else 0."""
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        bright = images.mean(dim=(1, 2, 3)) > 0
+        return torch.tensor(
+            [float(b == ("bright" in p)) for b, p in zip(bright.tolist(), prompts, strict=True)]
+        )
+
+
+def test_alignment_score_averages_a_scorer():
+    images = torch.cat([torch.ones(3, 1, 8, 8), -torch.ones(2, 1, 8, 8)])
+    prompts = ["bright", "bright", "dark", "dark", "bright"]
+    value = alignment_score(images, prompts, _BrightnessScorer(), batch_size=2)
+    assert value == pytest.approx(3 / 5)
+    with pytest.raises(UserError):
+        alignment_score(images, prompts[:3], _BrightnessScorer())
+    with pytest.raises(UserError):
+        alignment_score(images, prompts, object())
+
+
+# --- controls on the phantom world ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def phantom_world(tmp_path_factory):
+    """A 30-patient phantom dataset at 32 px, the shipped scorer, and training-set features."""
+    from capsearch.data import ImageCaptionDataset
+    from capsearch.features import PhantomFeatures
+    from capsearch.worlds.phantom import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("phantom") / "data"
+    write_phantom_dataset(root, patients=30, size=32, seed=0)
+    train = ImageCaptionDataset(root, "train", size=32)
+    train_images = torch.stack([train.load(i) for i in range(len(train))])
+    heldout = torch.cat(
+        [
+            torch.stack([d.load(i) for i in range(len(d))])
+            for d in (ImageCaptionDataset(root, s, size=32) for s in ("test", "validate"))
+        ]
+    )
+    extractor = PhantomFeatures()
+    return {
+        "captions": train.captions,
+        "train": train_images,
+        "heldout": heldout,
+        "extractor": extractor,
+        "train_feats": extractor.features(train_images),
+    }
+
+
+def _phantom_copier(world: dict, noise: float = 0.02):
+    """Noisy copies of the first training image of each prompt: what a fully memorising model would emit."""
+    first = {}
+    for index, caption in enumerate(world["captions"]):
+        first.setdefault(caption, index)
+
+    def run(prompts: list[str], n_per_prompt: int, seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        copies = [world["train"][first[p]].expand(n_per_prompt, -1, -1, -1) for p in prompts]
+        images = torch.cat(copies)
+        return (images + noise * torch.randn(images.shape, generator=gen)).clamp(-1, 1)
+
+    return run, first
+
+
+def test_control_copier_is_caught(phantom_world):
+    from capsearch.metrics import PHANTOM_THRESHOLD
+
+    copier, first = _phantom_copier(phantom_world)
+    prompts = sorted(first)
+    result = extraction_attack(
+        copier, prompts, phantom_world["train"], n_per_prompt=6, threshold=PHANTOM_THRESHOLD
+    )
+    found = {(p, t) for p, t, _ in result.extracted}
+    copied = {(p, first[p]) for p in prompts}
+    assert len(found & copied) >= 0.9 * len(copied)
+    copies = copier(prompts, 2, seed=5)
+    copier_amd = amd(phantom_world["extractor"].features(copies), phantom_world["train_feats"])
+    assert copier_amd < 0.01
+
+
+def test_control_heldout_phantoms_look_real_but_novel(phantom_world):
+    extractor, train_feats = phantom_world["extractor"], phantom_world["train_feats"]
+    heldout_feats = extractor.features(phantom_world["heldout"])
+    gen = torch.Generator().manual_seed(3)
+    noise = torch.rand(len(phantom_world["heldout"]), 1, 32, 32, generator=gen) * 2 - 1
+    noise_feats = extractor.features(noise)
+    fid_heldout = frechet_distance(train_feats, heldout_feats)
+    fid_noise = frechet_distance(train_feats, noise_feats)
+    assert fid_heldout < 0.2 * fid_noise
+    copier, first = _phantom_copier(phantom_world)
+    copier_amd = amd(extractor.features(copier(sorted(first), 1, seed=6)), train_feats)
+    heldout_amd = amd(heldout_feats, train_feats)
+    assert heldout_amd > 5 * copier_amd
+    assert amd(noise_feats, train_feats) > heldout_amd
+
+
+def test_control_pure_noise_extracts_nothing(phantom_world):
+    from capsearch.metrics import PHANTOM_THRESHOLD
+
+    prompts = sorted(set(phantom_world["captions"]))
+    for threshold in (PHANTOM_THRESHOLD, 0.15):
+        result = extraction_attack(
+            _noise_generator, prompts, phantom_world["train"], n_per_prompt=6, threshold=threshold
+        )
+        assert result.count == 0
+
+
+def test_novelty_floor_separates_copies_from_novel_phantoms(phantom_world):
+    from capsearch.metrics import PHANTOM_THRESHOLD, novelty_floor
+
+    floor = novelty_floor(phantom_world["train"], phantom_world["heldout"], quantile=0.0)
+    copier, first = _phantom_copier(phantom_world)
+    copies = copier(sorted(first), 1, seed=7)
+    worst_copy = float(tiled_distance(copies, phantom_world["train"]).min(dim=1).values.max())
+    assert worst_copy < PHANTOM_THRESHOLD < floor
