@@ -180,11 +180,10 @@ def _resolve_folder(spec: str) -> Path:
 
 def load_folder(path: Path, spec: str = "") -> Pipeline:
     """Load a diffusers-style folder: SD v1.5 (with VAE) or a saved tiny pipeline (pixel space)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     tlog.disable_progress_bar()
     tlog.set_verbosity_error()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from capsearch.models import Pipeline, tiny_random
+from capsearch.models import tiny_random
 
 
 def _shapes_chunk(args: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:

@@ -20,7 +20,10 @@ from capsearch.worlds.phantom import write_phantom_dataset
 RUNS = {
     "freeze": ([{"method": "freeze"}], 1e-4),
     "full": ([{"method": "full", "units": "*"}], 1e-4),
-    "difffit": ([{"method": "difffit", "units": "*"}], 1e-3),  # DiffFit uses ~10x the full-FT rate (Xie et al.)
+    "difffit": (
+        [{"method": "difffit", "units": "*"}],
+        1e-3,
+    ),  # DiffFit uses ~10x the full-FT rate (Xie et al.)
     "svdiff": ([{"method": "svdiff", "units": "*"}], 1e-3),
     "attention": ([{"method": "attention", "units": "*"}], 1e-4),
 }
@@ -36,18 +39,29 @@ def main() -> None:
     data = args.out / "data"
     if not (data / "metadata.jsonl").exists():
         write_phantom_dataset(data, patients=args.patients, size=64, seed=0)
-    ecfg = EvalConfig(n_prompts=32, n_per_prompt=4, extraction_prompts=4, extraction_n=8, strength_prompts=4)
+    ecfg = EvalConfig(
+        n_prompts=32, n_per_prompt=4, extraction_prompts=4, extraction_n=8, strength_prompts=4
+    )
     results = {}
     for name in args.methods.split(","):
         spec, lr = RUNS[name]
         pipe = load_pipeline("tiny")
         t0 = time.time()
         steps = 1 if name == "freeze" else args.steps
-        res = finetune(pipe, spec, data, TrainConfig(steps=steps, lr=lr, lr_1d=lr), quiet=True) if name != "freeze" else None
+        res = (
+            finetune(pipe, spec, data, TrainConfig(steps=steps, lr=lr, lr_1d=lr), quiet=True)
+            if name != "freeze"
+            else None
+        )
         m = evaluate(pipe, data, ecfg, out_dir=args.out / name)
         results[name] = {
-            "fid": m["fid"], "amd": m["amd"], "alignment": m["alignment"], "lr": lr, "steps": 0 if res is None else res.steps,
-            "final_loss": None if res is None else res.final_loss, "trainable": 0 if res is None else res.trainable,
+            "fid": m["fid"],
+            "amd": m["amd"],
+            "alignment": m["alignment"],
+            "lr": lr,
+            "steps": 0 if res is None else res.steps,
+            "final_loss": None if res is None else res.final_loss,
+            "trainable": 0 if res is None else res.trainable,
             "seconds": round(time.time() - t0, 1),
         }
         print(name, json.dumps(results[name]), flush=True)

@@ -25,7 +25,12 @@ def test_tiny_random_has_sd_classes_and_names(random_pipe):
     assert isinstance(random_pipe.unet, UNet2DConditionModel)
     assert isinstance(random_pipe.text_encoder, CLIPTextModel)
     names = {n for n, _ in random_pipe.unet.named_modules()}
-    for expected in ("down_blocks.0.resnets.1", "down_blocks.2.attentions.0", "mid_block", "up_blocks.1.attentions.2"):
+    for expected in (
+        "down_blocks.0.resnets.1",
+        "down_blocks.2.attentions.0",
+        "mid_block",
+        "up_blocks.1.attentions.2",
+    ):
         assert expected in names
     assert random_pipe.vae is None
     assert random_pipe.latent_shape == (1, 32, 32)

@@ -1,0 +1,47 @@
+"""`capsearch sample`: draw images from a model (optionally with a delta checkpoint) into a PNG grid."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from capsearch.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `sample`."""
+    p = sub.add_parser("sample", help="generate images for prompts and save a grid")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--delta", type=Path, help="delta checkpoint folder to apply")
+    p.add_argument("--prompt", action="append", required=True, help="repeatable")
+    p.add_argument("--n", type=int, default=4, help="images per prompt")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--scheduler", default="ddim")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="PNG file")
+    p.set_defaults(func=_sample)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from capsearch.models import load_pipeline
+    from capsearch.sample import generate, save_grid
+
+    if args.n < 1 or args.steps < 1:
+        raise UserError("--n and --steps must be at least 1")
+    pipe = load_pipeline(args.model)
+    if args.delta:
+        from capsearch.delta import load_delta
+
+        if not args.delta.is_dir():
+            raise UserError(f"delta folder {args.delta} does not exist")
+        pipe.unet = load_delta(pipe.unet, args.delta)
+    images = generate(
+        pipe, args.prompt, args.n, args.steps, args.guidance, args.seed, scheduler=args.scheduler
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(
+        images, args.out, nrow=args.n, captions=[p for p in args.prompt for _ in range(args.n)]
+    )
+    print(f"wrote {args.out} ({len(images)} images)")
+    return 0
