@@ -1,0 +1,283 @@
+"""`capsearch run | validate | status | report | export`: the bi-level search from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from capsearch.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `run`, `validate`, `status`, `report` and `export` subcommands."""
+    run = sub.add_parser("run", help="run (or resume) a search described by a spec file")
+    run.add_argument("spec", type=Path, help="search spec (e.g. search_spaces/tiny.yaml)")
+    run.add_argument(
+        "--out",
+        type=Path,
+        help="run folder (default: a new runs/NAME[-N]; with --resume the newest)",
+    )
+    run.add_argument(
+        "--address", help="join a running Ray cluster: auto or HOST:PORT (default: start one here)"
+    )
+    run.add_argument(
+        "--dashboard", action="store_true", help="serve Ray's dashboard on 127.0.0.1, print its URL"
+    )
+    run.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
+    _add_set(run)
+    run.set_defaults(func=_run)
+
+    validate = sub.add_parser(
+        "validate", help="check a spec file (keys, types, units) without running"
+    )
+    validate.add_argument("spec", type=Path)
+    _add_set(validate)
+    validate.set_defaults(func=_validate)
+
+    status = sub.add_parser("status", help="show the trials of a run so far")
+    status.add_argument("run_dir", type=Path, metavar="DIR")
+    status.set_defaults(func=_status)
+
+    report = sub.add_parser("report", help="write DIR/report.md (table, Pareto plot, best config)")
+    report.add_argument("run_dir", type=Path, metavar="DIR")
+    report.set_defaults(func=_report)
+
+    export = sub.add_parser("export", help="export a trial: delta, method spec, merged UNet, card")
+    export.add_argument("run_dir", type=Path, metavar="DIR")
+    export.add_argument("--trial", default="best", help="best (default), tNNN or a baseline name")
+    export.add_argument("--out", type=Path, required=True, help="new folder to write")
+    export.set_defaults(func=_export)
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec value, e.g. --set search.num_samples=4 (repeatable)",
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from capsearch.config import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    out = args.out or default_run_dir(spec.name or args.spec.stem, args.resume)
+    console = Console()
+    connected = connect_ray(args.address, args.dashboard, console)
+    from capsearch.search import run_search
+
+    try:
+        console.print(f"search {spec.name!r} → {out}  (Optuna study: {out}/optuna.db)")
+        report = run_search(
+            spec, out, resume=args.resume, console=console, callbacks=(_progress(out),)
+        )
+    except KeyboardInterrupt:
+        console.print(
+            f"interrupted; finish it with `capsearch run {args.spec} --out {out} --resume`"
+        )
+        raise
+    finally:
+        if connected:
+            import ray
+
+            ray.shutdown()
+    from capsearch.report import load_trials
+
+    console.print(f"report: {report}")
+    cut = [r for r in load_trials(out, finished_only=False) if r.get("status") == "running"]
+    if cut:  # Ray ended the session on Ctrl-C with these trials still running
+        console.print(
+            f"interrupted with {len(cut)} trial(s) unfinished; finish the search with "
+            f"`capsearch run {args.spec} --out {out} --resume`"
+        )
+        return 130
+    return 0
+
+
+def default_run_dir(name: str, resume: bool) -> Path:
+    """runs/NAME, or runs/NAME-2, -3, ... when taken; with resume, the newest that exists."""
+    candidates = [Path("runs") / name] + [Path("runs") / f"{name}-{i}" for i in range(2, 1000)]
+    taken = [c for c in candidates if c.exists()]
+    if resume:
+        if not taken:
+            raise UserError(f"nothing to resume: no runs/{name} folder; pass --out")
+        return taken[-1]
+    return next(c for c in candidates if not c.exists())
+
+
+def connect_ray(address: str | None, dashboard: bool, console: Any) -> bool:
+    """Join a cluster (--address) or start a local one with a dashboard; False if neither was asked."""
+    if address is None and not dashboard:
+        return False
+    import ray
+
+    from capsearch.search import prepare_ray_start
+
+    prepare_ray_start()
+    quiet = {"log_to_driver": False, "logging_level": "WARNING"}
+    if address is not None and address != "auto":
+        _check_reachable(address)
+    try:
+        if address is not None:
+            context = ray.init(address=address, **quiet)
+        else:
+            context = ray.init(
+                num_cpus=os.cpu_count(),
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=_free_port(),
+                **quiet,
+            )
+    except ConnectionError as exc:
+        raise UserError(f"cannot reach a Ray cluster at {address}: {exc}") from None
+    if dashboard:
+        url = dashboard_url(context)
+        if url is None:
+            console.print("Ray's dashboard is not running on this cluster")
+        else:
+            note = ""
+            if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+                # ray.init turns token authentication on for a local dashboard: the page asks once.
+                note = (
+                    " (token authentication: paste the output of `ray get-auth-token` when asked)"
+                )
+            console.print(f"Ray dashboard: {url}{note}")
+    return True
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not minutes (Ray retries), when HOST:PORT does not answer."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return  # ray://... and other forms: leave them to Ray
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise UserError(f"cannot reach a Ray cluster at {address}: {exc}") from None
+
+
+def dashboard_url(context: Any) -> str | None:
+    """The dashboard's http URL from a ray.init context, or None."""
+    url = getattr(context, "dashboard_url", None)
+    if not url:
+        return None
+    return url if url.startswith("http") else f"http://{url}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _progress(run_dir: Path) -> Any:
+    """A Ray Tune callback printing each trial's start and result under a rich progress bar."""
+    from ray import tune
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from capsearch.report import RESULT_FILE, display_name, trial_dir
+
+    class Printer(tune.Callback):
+        def setup(self, total_num_samples: int = 0, **info: Any) -> None:
+            self.bar = Progress(TextColumn("trials"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn())  # fmt: skip
+            self.task = self.bar.add_task("trials", total=total_num_samples or None)
+            self.bar.start()
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            name = trial.config.get("baseline") or "searched"
+            self.bar.console.print(f"started t{trial.config.get('_number', 0):03d} ({name})")
+
+        def _done(self, trial: Any) -> None:
+            import json
+
+            path = trial_dir(Path(run_dir), int(trial.config.get("_number", 0))) / RESULT_FILE
+            record = json.loads(path.read_text()) if path.is_file() else {"status": "?"}
+            m = record.get("metrics", {})
+            labels = {"fid": "FID", "amd": "AMD", "alignment": "txt", "extracted": "ext"}
+            text = " ".join(f"{v} {m[k]:.3g}" for k, v in labels.items() if k in m)
+            if "reward" in record:
+                text += f" → {record['reward']:.3f}"
+            if record.get("error"):
+                text += f" {str(record['error']).splitlines()[0][:120]}"
+            took = f" ({record['seconds']} s)" if "seconds" in record else ""
+            line = f"{record['status']} {path.parent.name} {display_name(record)}{took}: {text.strip()}"
+            self.bar.console.print(line, highlight=False)
+            self.bar.advance(self.task)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._done(trial)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._done(trial)
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            self.bar.stop()
+
+    return Printer()
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from capsearch.config import check_units, load_spec
+
+    spec = load_spec(args.spec, args.overrides, check_model=False)
+    coverage = check_units(spec, source=str(args.spec))
+    space = spec.search_space
+    print(f"{args.spec}: valid spec {spec.name!r} (model {spec.model})")
+    for group in space.groups:
+        print(
+            f"  group {group.name}: units {', '.join(group.units)}; methods {', '.join(group.methods)}"
+        )
+    pct = 100 * coverage["grouped_parameters"] / max(coverage["parameters"], 1)
+    print(
+        f"  groups cover {coverage['grouped_units']} of {coverage['units']} units "
+        f"({pct:.1f}% of {coverage['parameters']:,} parameters)"
+    )
+    names = ", ".join(b.name for b in spec.baseline_points) or "none"
+    print(f"  baselines: {names}; searched trials: {spec.search.num_samples}")
+    if pct < 100 and spec.baseline_points:
+        print("  note: baselines train only the grouped units, not the whole UNet")
+    if coverage["note"]:
+        print(f"  note: {coverage['note']}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from rich.console import Console
+
+    from capsearch.report import load_trials, ordered, read_run_spec, results_table
+
+    spec = read_run_spec(args.run_dir)
+    records = ordered(load_trials(args.run_dir, finished_only=False), spec)
+    planned = len(spec.baseline_points) + spec.search.num_samples
+    counts = Counter(r.get("status") for r in records)
+    console = Console()
+    console.print(results_table(records, title=f"{spec.name} in {args.run_dir}"))
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trials yet"
+    console.print(f"{summary}; {planned} planned ({len(spec.baseline_points)} baselines)")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from capsearch.report import write_report
+
+    print(f"wrote {write_report(args.run_dir)}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from capsearch.export import export_trial
+
+    out = export_trial(args.run_dir, args.out, args.trial)
+    print(f"exported to {out} (unet/, delta/, method_spec.yaml, README.md)")
+    return 0

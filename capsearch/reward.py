@@ -1,0 +1,90 @@
+"""Objectives of the outer loop: a scalar reward over quality and memorisation, or a Pareto front.
+
+The scalar reward (docs/search.md) is
+
+    reward = −w_fid·ln(FID) + w_align·alignment + w_amd·AMD − w_ext·extracted_fraction
+
+Each term is of order one and scale-free where it matters: ln makes FID ratios count, not absolute
+distances (halving FID is worth ln 2 ≈ 0.69 whatever the feature extractor's scale); the image-text
+score lies in [0, 1] (phantom finding agreement) or [−1, 1] (BioViL-T cosine); AMD, a mean cosine
+distance, lies in [0, 2]; the extracted fraction (images extracted per attacked prompt, Carlini et
+al. 2023) in [0, 1]. A weight of 0 drops its term, missing metric included.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+# Every metric a Pareto search may use, with the direction that is better.
+OBJECTIVES: dict[str, str] = {
+    "fid": "min",
+    "alignment": "max",
+    "amd": "max",
+    "extracted": "min",
+    "extracted_fraction": "min",
+    "strength_ratio": "min",
+    "trainable_pct": "min",
+}
+
+# Reward terms: metric name -> (weight key, sign); FID enters through its logarithm.
+_TERMS: dict[str, tuple[str, float]] = {
+    "fid": ("fid", -1.0),
+    "alignment": ("alignment", 1.0),
+    "amd": ("amd", 1.0),
+    "extracted_fraction": ("extracted", -1.0),
+}
+_FID_FLOOR = 1e-6  # ln(0) guard: an FID of exactly 0 only happens on identical feature sets
+
+
+def reward_terms(metrics: Mapping[str, Any], weights: Mapping[str, float]) -> dict[str, float]:
+    """Each weighted term of the reward (zero-weight terms are left out)."""
+    terms = {}
+    for metric, (weight_key, sign) in _TERMS.items():
+        weight = float(weights.get(weight_key, 0.0))
+        if weight == 0.0:
+            continue
+        value = metrics.get(metric)
+        if value is None:
+            raise ValueError(f"metric {metric} is missing")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"metric {metric} is not finite ({value})")
+        if metric == "fid":
+            value = math.log(max(value, _FID_FLOOR))
+        terms[metric] = sign * weight * value
+    return terms
+
+
+def compute_reward(metrics: Mapping[str, Any], weights: Mapping[str, float]) -> float:
+    """The scalar reward of one trial's metrics (higher is better); ValueError if a term is unusable."""
+    return float(sum(reward_terms(metrics, weights).values()))
+
+
+def objective_directions(names: Sequence[str]) -> list[str]:
+    """Ray/Optuna modes ("min"/"max") of Pareto objectives."""
+    unknown = [n for n in names if n not in OBJECTIVES]
+    if unknown:
+        raise ValueError(f"unknown objective {unknown[0]!r}; choose from {', '.join(OBJECTIVES)}")
+    return [OBJECTIVES[n] for n in names]
+
+
+def pareto_front(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> list[int]:
+    """Indices of the rows no other row dominates on the named objectives (rows lacking one skipped)."""
+    signs = [1.0 if d == "min" else -1.0 for d in objective_directions(names)]
+    points: list[tuple[int, list[float]]] = []
+    for i, row in enumerate(rows):
+        values = [row.get(n) for n in names]
+        if all(v is not None and math.isfinite(float(v)) for v in values):
+            points.append((i, [s * float(v) for s, v in zip(signs, values)]))
+    front = []
+    for i, p in points:
+        dominated = any(
+            all(a <= b for a, b in zip(q, p)) and any(a < b for a, b in zip(q, p))
+            for j, q in points
+            if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return front

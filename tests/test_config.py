@@ -1,0 +1,275 @@
+"""Search specs: the shipped specs validate; every kind of mistake is one line naming its YAML path."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from capsearch.cli import main
+from capsearch.config import (
+    EvalSpec,
+    TrainSpec,
+    apply_overrides,
+    check_units,
+    deep_merge,
+    load_spec,
+    resolve_extends,
+)
+from capsearch.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MINIMAL = {
+    "model": "tiny:random",
+    "space": {
+        "groups": [
+            {
+                "name": "attn",
+                "units": "*:*_attn",
+                "methods": {"frozen": {}, "lora": {"rank": [2, 8]}},
+            },
+            {"name": "mid", "units": "mid_block.resnets", "methods": {"frozen": {}, "difffit": {}}},
+        ]
+    },
+}
+
+
+def write(tmp_path: Path, data: dict, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def validate_error(tmp_path: Path, data: dict, capsys) -> str:
+    """Run `capsearch validate` on data; assert exit 2 and one stderr line; return that line."""
+    code = main(["validate", str(write(tmp_path, data))])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def modified(**changes) -> dict:
+    data = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    for key, value in changes.items():
+        data = apply_overrides(
+            data, [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"]
+        )
+    return data
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "search_spaces/tiny.yaml",
+        "search_spaces/unet.yaml",
+        "experiments/paper_table1.yaml",
+        "experiments/paper_table2.yaml",
+    ],
+)
+def test_shipped_specs_validate(path, capsys):
+    assert main(["validate", str(ROOT / path)]) == 0
+    out = capsys.readouterr().out
+    assert "valid spec" in out and "groups cover" in out
+
+
+def test_tiny_baselines_are_the_paper_methods_on_the_whole_unet():
+    spec = load_spec(ROOT / "search_spaces/tiny.yaml")
+    names = [b.name for b in spec.baseline_points]
+    assert names == ["freeze", "full", "attention", "difffit", "svdiff"]
+    coverage = check_units(spec)
+    assert coverage["grouped_units"] == coverage["units"]  # so "full" really is full fine-tuning
+
+
+def test_unet_spec_checks_units_against_sd15_shapes():
+    spec = load_spec(ROOT / "search_spaces/unet.yaml")
+    coverage = check_units(spec)
+    assert coverage["parameters"] > 800_000_000  # SD v1.5's UNet, built on the meta device
+    assert spec.evaluate.extractor == "xrv" and spec.train.size == 512
+
+
+def test_train_and_eval_sections_mirror_the_dataclasses():
+    from capsearch.evaluate import EvalConfig
+    from capsearch.train import TrainConfig
+
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"mitigations"}
+    assert set(TrainSpec.model_fields) == train_fields
+    assert set(EvalSpec.model_fields) == {f.name for f in dataclasses.fields(EvalConfig)}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in TrainSpec.model_fields:
+            assert TrainSpec.model_fields[field.name].default == field.default, field.name
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({**MINIMAL, "modle": "tiny"}, "modle: unknown key (allowed: extends, name,"),
+        (modified(**{"search.sampler_x": 1}), "search.sampler_x: unknown key (allowed: sampler,"),
+        (
+            modified(**{"space.groups[1].methods.difffit": {"gama": 1.0}}),
+            "space.groups[1].methods.difffit.gama: unknown hyper-parameter 'gama'",
+        ),
+        (
+            modified(**{"space.groups[0].methods.lora": {"rnk": [2, 4]}}),
+            "space.groups[0].methods.lora.rnk: unknown hyper-parameter",
+        ),
+        (
+            modified(**{"space.groups[1].colour": "red"}),
+            "space.groups[1].colour: unknown key (allowed: name, units, methods)",
+        ),
+        (modified(**{"data.phantom.patiens": 3}), "data.phantom.patiens: unknown key"),
+    ],
+)
+def test_unknown_keys_name_their_path(tmp_path, capsys, data, expected):
+    assert expected in validate_error(tmp_path, data, capsys)
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"train.steps": "many"}, "train.steps: Input should be a valid integer"),
+        ({"train.lr": True}, "train.lr:"),
+        ({"search.sampler": "grid"}, "search.sampler: Input should be 'tpe', 'nsga2' or 'random'"),
+        ({"space.groups[0].methods.lora.rank": [2.5, 8]}, "space.groups[0].methods.lora.rank"),
+        ({"space.groups[0].methods.lora.rank": [8, 2]}, "low (8) must be below high (2)"),
+        ({"space.lr": [0.0, 1.0e-3]}, "space.lr: a log range needs low > 0"),
+        ({"space.mitigations": {"rwa": {"k": 1.5}}}, "space.mitigations.rwa.k: must be an integer"),
+        (
+            {"space.mitigations": {"rwa": {"p": [0.5, 1.5]}}},
+            "space.mitigations.rwa: mitigation rwa: p",
+        ),
+        ({"objective.pareto": ["fid", "beauty"]}, "objective.pareto: unknown objective 'beauty'"),
+    ],
+)
+def test_wrong_types_and_values_name_their_path(tmp_path, capsys, change, expected):
+    assert expected in validate_error(tmp_path, modified(**change), capsys)
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"space.groups[0].methods": {}}, "space.groups[0].methods: empty choice"),
+        ({"space.groups": []}, "space.groups: empty choice"),
+        ({"space.mitigations": {}}, "space.mitigations: empty choice"),
+        (
+            {"space.groups[0].methods.lora.rank": {"choices": []}},
+            "lora.rank.choices: must be a non-empty",
+        ),
+        ({"space.groups[0].units": []}, "space.groups[0].units: empty choice"),
+        (
+            {"baselines.methods": ["full"], "baselines.mitigations": []},
+            "baselines.mitigations: empty choice",
+        ),
+    ],
+)
+def test_empty_choices_are_errors(tmp_path, capsys, change, expected):
+    assert expected in validate_error(tmp_path, modified(**change), capsys)
+
+
+def test_unit_selection_matching_nothing_is_an_error(tmp_path, capsys):
+    data = modified(**{"space.groups[1].units": "mid_blok"})
+    line = validate_error(tmp_path, data, capsys)
+    assert "space.groups[1].units: unit pattern 'mid_blok' matches no unit" in line
+    assert "mid_block" in line  # the close name is suggested
+
+
+def test_overlapping_groups_are_an_error(tmp_path, capsys):
+    data = modified(**{"space.groups[1].units": "mid_block"})  # contains mid-block attention too
+    assert "groups must not overlap" in validate_error(tmp_path, data, capsys)
+
+
+def test_unknown_method_and_reserved_names(tmp_path, capsys):
+    line = validate_error(tmp_path, modified(**{"space.groups[0].methods.lorax": {}}), capsys)
+    assert "space.groups[0].methods.lorax: unknown method 'lorax'" in line
+    line = validate_error(tmp_path, modified(**{"space.groups[0].name": "lr"}), capsys)
+    assert "space.groups[0].name: 'lr' is reserved" in line
+
+
+def test_baseline_errors(tmp_path, capsys):
+    line = validate_error(tmp_path, modified(**{"baselines.methods": ["svdiff"]}), capsys)
+    assert "baselines.methods[0]: no group of space.groups allows 'svdiff'" in line
+    data = modified(**{"baselines.methods": ["lora"], "space.lr": [1.0e-5, 5.0e-5]})
+    assert "train.lr: 0.0001 lies outside space.lr" in validate_error(tmp_path, data, capsys)
+    data = modified(**{"baselines.methods": ["lora"], "baselines.train": {"full": {"lr": 1.0e-4}}})
+    assert "baselines.train.full: 'full' is not in baselines.methods" in validate_error(
+        tmp_path, data, capsys
+    )
+
+
+def test_searched_steps_and_learning_rate_choices_hold_the_baselines(tmp_path, capsys):
+    data = modified(**{"baselines.methods": ["lora"], "space.steps": {"choices": [100, 200]}})
+    assert "train.steps: 300 lies outside space.steps (100, 200)" in validate_error(
+        tmp_path, data, capsys
+    )
+    spec = load_spec(write(tmp_path, modified(**{"baselines.methods": ["lora"],
+                                                 "space.steps": {"choices": [100, 300]}})))  # fmt: skip
+    assert spec.baseline("lora").params["steps"] == 300
+
+
+def test_asha_needs_probes_and_a_scalar_objective(tmp_path, capsys):
+    data = modified(**{"search.scheduler": "asha"})
+    assert "train.probe_every: asha needs" in validate_error(tmp_path, data, capsys)
+    data = modified(
+        **{"search.scheduler": "asha", "train.probe_every": 5, "objective.mode": "pareto"}
+    )
+    assert "search.scheduler: asha stops trials on one metric" in validate_error(
+        tmp_path, data, capsys
+    )
+
+
+def test_yaml_problems_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("space: [unclosed\n")
+    assert main(["validate", str(bad)]) == 2
+    assert "invalid YAML" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_scientific_notation_reads_as_float(tmp_path):
+    text = yaml.safe_dump(MINIMAL) + "train: {lr: 3e-5}\n"
+    (tmp_path / "s.yaml").write_text(text)
+    assert load_spec(tmp_path / "s.yaml").train.lr == pytest.approx(3e-5)
+
+
+def test_extends_deep_merges_and_lists_replace(tmp_path):
+    write(tmp_path, {**MINIMAL, "train": {"steps": 50, "lr": 2.0e-4}}, "base.yaml")
+    (tmp_path / "sub").mkdir()
+    override = {
+        "extends": "../base.yaml",
+        "train": {"steps": 7},
+        "baselines": {"methods": ["freeze", "lora"]},
+    }
+    spec = load_spec(write(tmp_path / "sub", override, "exp.yaml"))
+    assert spec.train.steps == 7 and spec.train.lr == pytest.approx(2.0e-4)
+    assert [b.name for b in spec.baseline_points] == ["freeze", "lora"]
+    assert spec.name == "exp"
+
+
+def test_extends_loops_and_missing_bases_are_errors(tmp_path):
+    write(tmp_path, {"extends": "b.yaml"}, "a.yaml")
+    write(tmp_path, {"extends": "a.yaml"}, "b.yaml")
+    with pytest.raises(UserError, match="extends loops"):
+        resolve_extends(tmp_path / "a.yaml")
+    write(tmp_path, {"extends": "nowhere.yaml"}, "c.yaml")
+    with pytest.raises(UserError, match="nowhere.yaml does not exist"):
+        resolve_extends(tmp_path / "c.yaml")
+
+
+def test_set_overrides(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    spec = load_spec(path, ["search.num_samples=2", "space.groups[0].methods.lora.rank=[2, 4]"])
+    assert spec.search.num_samples == 2
+    assert spec.search_space.groups[0].methods["lora"].params["rank"].high == 4
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        load_spec(path, ["search.num_samples"])
+
+
+def test_deep_merge_does_not_mutate():
+    base = {"a": {"b": 1, "c": [1, 2]}}
+    merged = deep_merge(base, {"a": {"c": [3]}})
+    assert merged == {"a": {"b": 1, "c": [3]}} and base == {"a": {"b": 1, "c": [1, 2]}}

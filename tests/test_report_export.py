@@ -1,0 +1,182 @@
+"""Report, status and export on a run folder the test builds itself (tiny:random, no search needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from capsearch.cli import main
+from capsearch.export import select_trial
+from capsearch.report import load_trials, trial_dir, write_json, write_report
+
+SPEC = {
+    "name": "synthetic",
+    "model": "tiny:random",
+    "evaluate": {"steps": 3, "guidance": 2.0},
+    "baselines": {"methods": ["freeze", "difffit"]},
+    "space": {
+        "groups": [
+            {
+                "name": "attn",
+                "units": "mid_block.attentions",
+                "methods": {"frozen": {}, "difffit": {}, "lora": {"rank": [2, 4]}},
+            },  # fmt: skip
+            {"name": "res", "units": "mid_block.resnets", "methods": {"frozen": {}, "difffit": {}}},
+        ]
+    },
+}
+PROMPTS = ["small left pleural effusion", "no acute cardiopulmonary process"]
+
+
+def metrics(fid: float, amd: float, extracted: int, pct: float) -> dict:
+    return {"fid": fid, "amd": amd, "alignment": 0.5, "extracted": extracted,
+            "extracted_fraction": extracted / 8, "trainable_pct": pct}  # fmt: skip
+
+
+def add_trial(run: Path, number: int, status: str, baseline: str | None, m: dict | None,
+              reward: float | None, spec_entries: list | None = None) -> Path:  # fmt: skip
+    folder = trial_dir(run, number)
+    folder.mkdir(parents=True)
+    record = {"trial": folder.name, "number": number, "baseline": baseline, "status": status,
+              "params": {}, "method_spec": spec_entries or [], "train": {"lr": 1e-4, "steps": 4,
+              "mitigations": []}, "groups": {"attn": "difffit", "res": "frozen"}}  # fmt: skip
+    if m is not None:
+        record["metrics"] = m
+    if reward is not None:
+        record["reward"] = reward
+    if status == "error":
+        record["error"] = "RuntimeError: out of memory\nmore"
+    write_json(folder / "result.json", record)
+    return folder
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A finished run: two baselines, two searched trials (one failed), one still running."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "spec.yaml").write_text(yaml.safe_dump(SPEC))
+    add_trial(run, 0, "ok", "freeze", metrics(300.0, 0.8, 0, 0.0), -4.0)
+    add_trial(run, 1, "ok", "difffit", metrics(15.0, 0.06, 6, 0.5), -2.5)
+    add_trial(run, 2, "ok", None, metrics(12.0, 0.07, 4, 0.3), -1.9)
+    add_trial(run, 3, "error", None, None, None)
+    folder = trial_dir(run, 4)
+    folder.mkdir(parents=True)
+    write_json(folder / "params.json", {"trial": "t004", "number": 4, "status": "running"})
+    return run
+
+
+def test_report_has_paper_table_plot_best_config_and_failures(run):
+    path = write_report(run)
+    text = path.read_text()
+    assert (
+        "| trial | method | FID ↓ | AMD ↑ | image-text ↑ | extracted ↓ | trainable % | reward ↑ |"
+        in text
+    )
+    rows = [line for line in text.splitlines() if line.startswith("| t00")]
+    assert rows[0].startswith("| t000 | **Freeze (baseline)** | 300.00 | 0.800 |")
+    assert rows[1].startswith("| t001 | **DiffFit (baseline)** | 15.00")
+    assert "| t002 | attn=difffit | 12.00 | 0.070 | 0.50 | 4 | 0.300 | -1.900 |" in text
+    assert (
+        "t003" not in "\n".join(rows[:3]) and "t004" not in text
+    )  # failed listed apart, running not
+    assert "- t003 (attn=difffit): error — RuntimeError: out of memory" in text
+    assert (run / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    best = text.split("## Best configuration")[1]
+    assert "Trial t002" in best
+    snippet = yaml.safe_load(best.split("```yaml")[1].split("```")[0])
+    assert snippet == {"methods": [], "train": {"lr": 1e-4, "steps": 4}, "mitigations": []}
+    assert "[samples.png](trials/t001/samples.png)" in text
+
+
+def test_pareto_mode_marks_the_front(run):
+    spec = dict(SPEC, objective={"mode": "pareto", "pareto": ["fid", "amd"]})
+    (run / "spec.yaml").write_text(yaml.safe_dump(spec))
+    text = write_report(run).read_text()
+    table = text.split("## Results")[1].split("\n## ")[0]
+    rows = {
+        line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| t00")
+    }
+    # Freeze (best AMD) and t002 (best FID) are non-dominated; DiffFit is dominated by t002
+    assert rows["t000"].endswith("★ |") and rows["t002"].endswith("★ |")
+    assert not rows["t001"].endswith("★ |")
+
+
+def test_status_and_report_commands(run, capsys):
+    assert main(["status", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "t004" in out and "running" in out and "Freeze" in out
+    assert "1 error, 3 ok, 1 running; 10 planned (2 baselines)" in out
+    assert main(["report", str(run)]) == 0
+    assert "report.md" in capsys.readouterr().out
+    assert main(["status", str(run / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_select_trial(run):
+    records = load_trials(run)
+    assert select_trial(records)["number"] == 2
+    assert select_trial(records, "t001")["baseline"] == "difffit"
+    assert select_trial(records, "1")["number"] == 1
+    assert select_trial(records, "freeze")["number"] == 0
+
+
+def test_export_errors_are_one_line(run, tmp_path, capsys):
+    assert main(["export", str(run), "--trial", "t003", "--out", str(tmp_path / "e")]) == 2
+    assert "did not finish successfully" in capsys.readouterr().err
+    assert main(["export", str(run), "--trial", "t009", "--out", str(tmp_path / "e")]) == 2
+    assert "no trial 't009'" in capsys.readouterr().err
+    assert main(["export", str(run), "--trial", "t002", "--out", str(tmp_path / "e")]) == 2
+    assert "has no delta" in capsys.readouterr().err
+
+
+def test_export_loads_with_stock_diffusers_and_reproduces_the_samples(tmp_path, capsys):
+    from diffusers import UNet2DConditionModel
+
+    from capsearch.delta import save_delta
+    from capsearch.methods import apply_methods
+    from capsearch.models import load_pipeline
+    from capsearch.sample import generate
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "spec.yaml").write_text(yaml.safe_dump(SPEC))
+    entries = [{"method": "difffit", "units": ["mid_block.attentions"]},
+               {"method": "lora", "units": ["mid_block.resnets"], "rank": 2}]  # fmt: skip
+    pipe = load_pipeline("tiny:random")
+    apply_methods(pipe.unet, entries)
+    torch.manual_seed(3)
+    with torch.no_grad():  # a "trained" delta: move every trainable tensor away from its init
+        for p in pipe.unet.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    folder = add_trial(run, 5, "ok", None, metrics(20.0, 0.1, 1, 0.4), -2.0, entries)
+    save_delta(pipe.unet, folder / "delta", base_model="tiny:random")
+    trial_samples = generate(pipe, PROMPTS, n_per_prompt=2, steps=3, guidance=2.0, seed=5)
+
+    out = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert {p.name for p in out.iterdir()} >= {"unet", "delta", "method_spec.yaml", "README.md"}
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: diffusers\nbase_model: tiny:random")
+    assert "| FID ↓ | 20.00 |" in card
+    assert yaml.safe_load((out / "method_spec.yaml").read_text())["methods"] == entries
+
+    fresh = load_pipeline("tiny:random")
+    fresh.unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    assert type(fresh.unet) is UNet2DConditionModel
+    exported = generate(fresh, PROMPTS, n_per_prompt=2, steps=3, guidance=2.0, seed=5)
+    base = generate(
+        load_pipeline("tiny:random"), PROMPTS, n_per_prompt=2, steps=3, guidance=2.0, seed=5
+    )
+    assert not torch.allclose(base, trial_samples, atol=1e-3)  # the delta changes the samples...
+    torch.testing.assert_close(
+        exported, trial_samples, atol=2e-4, rtol=0
+    )  # ...and the export keeps it
+    assert json.loads((out / "delta" / "spec.json").read_text())["base_model"] == "tiny:random"
+    assert main(["export", str(run), "--out", str(out)]) == 2  # never overwrites an export
+    assert "not empty" in capsys.readouterr().err

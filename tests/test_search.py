@@ -1,0 +1,413 @@
+"""The outer loop: define-by-run space, baselines as enqueued points, reward, trials, resume, a real run."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from capsearch.config import spec_from_dict
+from capsearch.report import load_trials, trial_dir
+from capsearch.reward import compute_reward, pareto_front, reward_terms
+from capsearch.space import (
+    define_space,
+    params_to_method_spec,
+    params_to_mitigations,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SPEC = {
+    "name": "unit",
+    "model": "tiny:random",
+    "train": {"steps": 3, "batch_size": 2, "lr": 1.0e-4},
+    "search": {"num_samples": 2},
+    "baselines": {"methods": ["freeze", "difffit", "lora"], "train": {"lora": {"lr": 2.0e-4}}},
+    "space": {
+        "groups": [
+            {
+                "name": "attn",
+                "units": "*:*_attn",
+                "methods": {
+                    "frozen": {},
+                    "lora": {"rank": [2, 8], "alpha": {"choices": [4.0, 8.0]}},
+                    "difffit": {"gamma_shape": {"choices": ["channel", "scalar"]}},
+                },
+            },
+            {"name": "mid", "units": "mid_block.resnets", "methods": {"frozen": {}, "difffit": {}}},
+        ],
+        "lr": [3.0e-5, 3.0e-4],
+        "mitigations": {"none": {}, "rwa": {"k": [1, 3], "p": 0.5}},
+    },
+}
+
+
+@pytest.fixture
+def spec():
+    return spec_from_dict(json.loads(json.dumps(SPEC)))
+
+
+def test_define_by_run_suggests_only_the_chosen_methods_parameters(spec):
+    space = spec.search_space
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    extras = []
+    study.optimize(lambda t: extras.append(define_space(t, space)) or 0.0, n_trials=40)
+    seen = set()
+    for trial, extra in zip(study.trials, extras):
+        assert extra["_number"] == trial.number and "baseline" not in extra
+        method = trial.params["attn.method"]
+        seen.add(method)
+        attn_keys = {k for k in trial.params if k.startswith("attn.") and k != "attn.method"}
+        expected = {"lora": {"attn.lora.rank", "attn.lora.alpha"},
+                    "difffit": {"attn.difffit.gamma_shape"}, "frozen": set()}[method]  # fmt: skip
+        assert attn_keys == expected
+        rwa_keys = {k for k in trial.params if k.startswith("mitigation.")}
+        assert rwa_keys == ({"mitigation.rwa.k"} if trial.params["mitigation"] == "rwa" else set())
+        entries = params_to_method_spec(trial.params, space)
+        assert [e["method"] for e in entries] == [
+            m for m in (method, trial.params["mid.method"]) if m != "frozen"
+        ]
+        if method == "lora":
+            assert 2 <= entries[0]["rank"] <= 8 and entries[0]["units"] == ["*:*_attn"]
+        mitigations = params_to_mitigations(trial.params, space)
+        if trial.params["mitigation"] == "rwa":  # p is fixed in the space, k is searched
+            assert mitigations == [{"name": "rwa", "k": trial.params["mitigation.rwa.k"], "p": 0.5}]
+        else:
+            assert mitigations == []
+    assert seen == {"frozen", "lora", "difffit"}
+
+
+def test_baselines_are_points_of_the_space(spec):
+    from capsearch.search import trial_settings
+
+    points = {b.name: b for b in spec.baseline_points}
+    assert list(points) == ["freeze", "difffit", "lora"]
+    assert points["freeze"].params["attn.method"] == "frozen"
+    assert points["freeze"].params["mid.method"] == "frozen"
+    # DiffFit on every group that allows it; categorical hyper-parameters take the method's default
+    assert points["difffit"].params["attn.difffit.gamma_shape"] == "channel"
+    # LoRA's rank is searched: the baseline uses the method's default rank 4 (inside [2, 8])
+    assert (
+        points["lora"].params["attn.lora.rank"] == 4
+        and points["lora"].params["mid.method"] == "frozen"
+    )
+    assert points["lora"].params["lr"] == pytest.approx(2.0e-4)  # its baselines.train override
+    settings = trial_settings(spec, dict(points["difffit"].params), "difffit")
+    assert [e["method"] for e in settings["method_spec"]] == ["difffit", "difffit"]
+    assert (
+        settings["train"]["lr"] == pytest.approx(1.0e-4) and settings["train"]["mitigations"] == []
+    )
+
+
+def test_plan_trials_enqueues_baselines_with_their_names(spec, tmp_path):
+    from capsearch.search import open_study, plan_trials
+
+    study = open_study(spec, tmp_path)
+    assert plan_trials(spec, study, tmp_path) == 3 + 2
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [t.user_attrs["baseline"] for t in waiting] == ["freeze", "difffit", "lora"]
+    assert plan_trials(spec, study, tmp_path) == 5  # planning again enqueues nothing twice
+    assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 3
+    for name in ("freeze", "difffit", "lora"):
+        trial = study.ask()
+        extra = define_space(trial, spec.search_space)
+        assert extra["baseline"] == name
+        assert trial.params == spec.baseline(name).params
+        study.tell(trial, 0.0)
+    trial = study.ask()
+    assert "baseline" not in define_space(trial, spec.search_space)
+
+
+def test_resume_counts_finished_trials_and_settles_interrupted_ones(spec, tmp_path):
+    from capsearch.report import write_json
+    from capsearch.search import open_study, plan_trials
+
+    study = open_study(spec, tmp_path)
+    plan_trials(spec, study, tmp_path)
+    asked = [study.ask() for _ in range(5)]  # 3 baselines, then 2 searched trials start
+    for t in asked:
+        define_space(t, spec.search_space)
+    statuses = {0: "ok", 1: "error", 3: "ok"}  # trial 2 (lora) and 4 were running when it stopped
+    for number, status in statuses.items():
+        folder = trial_dir(tmp_path, number)
+        folder.mkdir(parents=True)
+        record = {"number": number, "status": status, "params": asked[number].params,
+                  "baseline": asked[number].user_attrs.get("baseline"),
+                  "metrics": {}, "reward": 1.5}  # fmt: skip
+        write_json(folder / "result.json", record)
+    for number in (2, 4):
+        trial_dir(tmp_path, number).mkdir(parents=True)
+        write_json(
+            trial_dir(tmp_path, number) / "params.json", {"number": number, "status": "running"}
+        )
+    left = plan_trials(spec, study, tmp_path)
+    assert left == 1 + 1  # the lora baseline again, and one of the two searched trials
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[0] == states[3] == optuna.trial.TrialState.COMPLETE  # told with their reward
+    assert states[1] == states[2] == states[4] == optuna.trial.TrialState.FAIL
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [t.user_attrs["baseline"] for t in waiting] == ["lora"]
+    statuses = {r["number"]: r["status"] for r in load_trials(tmp_path, finished_only=False)}
+    assert statuses == {0: "ok", 1: "error", 2: "interrupted", 3: "ok", 4: "interrupted"}
+
+
+def test_reward_formula_and_pareto_front():
+    weights = {"fid": 1.0, "alignment": 2.0, "amd": 0.5, "extracted": 3.0}
+    m = {"fid": 20.0, "alignment": 0.6, "amd": 0.1, "extracted_fraction": 0.25}
+    expected = -math.log(20.0) + 2 * 0.6 + 0.5 * 0.1 - 3 * 0.25
+    assert compute_reward(m, weights) == pytest.approx(expected)
+    assert compute_reward({**m, "fid": 10.0}, weights) - compute_reward(
+        m, weights
+    ) == pytest.approx(math.log(2))  # halving FID is worth ln 2 whatever its scale
+    assert set(reward_terms({"fid": 5.0}, {"fid": 1.0, "amd": 0.0})) == {"fid"}
+    with pytest.raises(ValueError, match="amd is missing"):
+        compute_reward({"fid": 5.0}, {"fid": 1.0, "amd": 1.0})
+    with pytest.raises(ValueError, match="not finite"):
+        compute_reward({"fid": float("nan")}, {"fid": 1.0})
+    rows = [{"fid": 10, "amd": 0.1}, {"fid": 20, "amd": 0.3}, {"fid": 30, "amd": 0.2}, {"fid": 5}]
+    assert pareto_front(rows, ["fid", "amd"]) == [0, 1]
+
+
+def fake_evaluate(pipe, data_root, config, out_dir=None):
+    metrics = {"fid": 12.0, "alignment": 0.5, "amd": 0.2, "extracted": 1,
+               "extracted_fraction": 0.125, "strength_ratio": 1.1, "settings": {"x": 1}}  # fmt: skip
+    if out_dir is not None:
+        (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics))
+    return metrics
+
+
+def test_run_trial_records_success_failure_and_nan(spec, tmp_path, monkeypatch):
+    import capsearch.evaluate
+    import capsearch.train
+    from capsearch.search import final_result, run_trial
+    from capsearch.train import TrainResult
+
+    calls = []
+
+    def fake_finetune(pipe, entries, data, config, callbacks=(), out_dir=None, **kw):
+        calls.append((entries, config))
+        from capsearch.delta import save_delta
+        from capsearch.methods import apply_methods
+
+        apply_methods(pipe.unet, entries)
+        for cb in callbacks:
+            cb("probe", {"step": 2, "heldout_loss": 0.3})
+        save_delta(pipe.unet, Path(out_dir) / "delta")
+        return TrainResult("ok", config.steps, 0.1, 123, 1000, 0.5)
+
+    monkeypatch.setattr(capsearch.train, "finetune", fake_finetune)
+    monkeypatch.setattr(capsearch.evaluate, "evaluate", fake_evaluate)
+    reported = []
+    params = dict(spec.baseline("lora").params, mitigation="rwa", **{"mitigation.rwa.k": 2})
+    record = run_trial(spec, params, None, 7, tmp_path, tmp_path, report=reported.append)
+    assert record["status"] == "ok" and record["trainable"] == 123
+    assert record["reward"] == pytest.approx(
+        compute_reward(record["metrics"], spec.objective.weights.model_dump())
+    )
+    assert calls[0][1].mitigations == [{"name": "rwa", "k": 2, "p": 0.5}]
+    assert reported == [{"training_step": 2, "heldout_loss": 0.3}]
+    saved = json.loads((trial_dir(tmp_path, 7) / "result.json").read_text())
+    assert saved["status"] == "ok" and saved["groups"]["attn"].startswith("lora(rank=4")
+    assert final_result(record)["reward"] == pytest.approx(record["reward"])
+
+    def broken(*a, **kw):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(capsearch.train, "finetune", broken)
+    record = run_trial(spec, params, None, 8, tmp_path, tmp_path)
+    assert record["status"] == "error" and "out of memory" in record["error"]
+    assert (trial_dir(tmp_path, 8) / "error.txt").is_file()
+    assert final_result(record) == {"status": "error", "trial": "t008", "training_step": 0,
+                                    "error": "RuntimeError: out of memory"}  # fmt: skip
+
+    monkeypatch.setattr(capsearch.train, "finetune",
+                        lambda *a, **kw: TrainResult("nan", 2, math.nan, 5, 10, 0.1, message="diverged"))  # fmt: skip
+    record = run_trial(spec, params, None, 9, tmp_path, tmp_path)
+    assert record["status"] == "nan" and record["error"] == "diverged" and "reward" not in record
+
+
+def test_freeze_trains_nothing_and_keeps_a_delta(spec, tmp_path, monkeypatch):
+    import capsearch.evaluate
+    import capsearch.train
+    from capsearch.search import run_trial
+
+    monkeypatch.setattr(capsearch.train, "finetune", lambda *a, **kw: pytest.fail("trained"))
+    monkeypatch.setattr(capsearch.evaluate, "evaluate", fake_evaluate)
+    record = run_trial(spec, dict(spec.baseline("freeze").params), "freeze", 0, tmp_path, tmp_path)
+    assert (
+        record["status"] == "ok"
+        and record["trainable"] == 0
+        and record["metrics"]["trainable_pct"] == 0
+    )
+    assert (trial_dir(tmp_path, 0) / "delta" / "delta.safetensors").is_file()
+
+
+def test_searcher_records_failures_pruning_and_probes(spec, tmp_path):
+    import functools
+
+    from capsearch.search import TrialSearch, make_sampler, open_study, study_storage
+
+    open_study(spec, tmp_path)
+    searcher = TrialSearch(
+        space=functools.partial(define_space, space=spec.search_space),
+        metric="reward", mode="max", sampler=make_sampler(spec),
+        study_name=spec.search.study_name, storage=study_storage(tmp_path),
+    )  # fmt: skip
+    configs = {name: searcher.suggest(name) for name in ("ok", "error", "stopped")}
+    assert all("_number" in c and "attn.method" in c for c in configs.values())
+    searcher.on_trial_result("stopped", {"training_step": 50, "heldout_loss": 0.25})
+    searcher.on_trial_complete("ok", {"status": "ok", "reward": 0.5, "fid": 3.0, "trial": "t000"})
+    searcher.on_trial_complete("error", {"status": "error", "error": "boom"})
+    # Ray hands the probe that made ASHA stop a trial to on_trial_complete only
+    searcher.on_trial_complete("stopped", {"training_step": 100, "heldout_loss": 0.3})
+    trials = {t.user_attrs.get("ray_trial_id"): t for t in optuna.load_study(
+        study_name=spec.search.study_name, storage=study_storage(tmp_path)).trials}  # fmt: skip
+    assert trials["ok"].state == optuna.trial.TrialState.COMPLETE and trials["ok"].value == 0.5
+    assert trials["ok"].user_attrs["fid"] == 3.0
+    assert trials["error"].state == optuna.trial.TrialState.FAIL
+    assert trials["error"].user_attrs["error"] == "boom"
+    assert trials["stopped"].state == optuna.trial.TrialState.PRUNED
+    assert trials["stopped"].intermediate_values == {50: 0.25, 100: 0.3}
+    assert trials["stopped"].user_attrs["status"] == "stopped"
+
+
+MICRO = {
+    "name": "micro",
+    "model": "tiny:random",
+    "data": {
+        "phantom": {"patients": 12, "size": 32, "seed": 1, "dup_fraction": 0.1, "dup_copies": 3}
+    },
+    "train": {"steps": 4, "batch_size": 4, "probe_every": 2},
+    "evaluate": {
+        "n_prompts": 2,
+        "n_per_prompt": 2,
+        "steps": 2,
+        "extraction_prompts": 2,
+        "extraction_n": 3,
+        "strength_prompts": 1,
+        "strength_n": 1,
+        "batch_size": 8,
+    },  # fmt: skip
+    "search": {"num_samples": 1, "concurrency": 2, "seed": 0},
+    "baselines": {"methods": ["freeze", "difffit"]},
+    "space": {
+        "groups": [
+            {
+                "name": "attn",
+                "units": "mid_block.attentions",
+                "methods": {"frozen": {}, "difffit": {}, "lora": {"rank": [2, 4]}},
+            },  # fmt: skip
+            {"name": "res", "units": "mid_block.resnets", "methods": {"frozen": {}, "difffit": {}}},
+        ]
+    },
+}
+
+
+def test_a_real_search_runs_reports_resumes_and_exports(tmp_path, capsys):
+    from capsearch.cli import main
+    from capsearch.scorer import CONFIG_FILE, SCORER_DIR
+
+    if not (SCORER_DIR / CONFIG_FILE).is_file():
+        pytest.skip("the phantom scorer is not installed (capsearch pretrain scorer)")
+    spec_path = tmp_path / "micro.yaml"
+    spec_path.write_text(yaml.safe_dump(MICRO))
+    run = tmp_path / "run"
+    started = time.time()
+    assert main(["run", str(spec_path), "--out", str(run)]) == 0, capsys.readouterr().err
+    seconds = time.time() - started
+    out = capsys.readouterr().out
+    records = load_trials(run)
+    assert sorted(r.get("baseline") or "" for r in records) == ["", "difffit", "freeze"]
+    assert all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+    assert "report:" in out and (run / "report.md").is_file() and (run / "optuna.db").is_file()
+    study = optuna.load_study(study_name="capsearch", storage=f"sqlite:///{run / 'optuna.db'}")
+    assert sorted(t.user_attrs.get("baseline", "") for t in study.trials) == [
+        "",
+        "difffit",
+        "freeze",
+    ]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    # without --resume the folder is refused; with it nothing is rerun
+    assert main(["run", str(spec_path), "--out", str(run)]) == 2
+    assert "already holds a search" in capsys.readouterr().err
+    assert main(["run", str(spec_path), "--out", str(run), "--resume"]) == 0
+    assert len(load_trials(run)) == 3 and len(study.trials) == 3
+    assert main(["status", str(run)]) == 0
+    assert "3 ok" in capsys.readouterr().out
+    assert main(["export", str(run), "--trial", "difffit", "--out", str(tmp_path / "e")]) == 0
+    assert (tmp_path / "e" / "unet" / "config.json").is_file()
+    print(f"micro search: {seconds:.1f} s")
+
+
+@pytest.mark.slow
+def test_dashboard_url_answers(tmp_path, monkeypatch):
+    import urllib.request
+
+    import ray
+    from rich.console import Console
+
+    from capsearch.commands.search import connect_ray
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # restored after the test: ray.init sets it
+    console = Console(record=True, width=200)
+    assert connect_ray(None, True, console)
+    try:
+        line = console.export_text()
+        url = line.split("Ray dashboard: ")[1].split()[0]
+        assert url.startswith("http://127.0.0.1:")
+        deadline = time.time() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+    finally:
+        ray.shutdown()
+
+
+def test_default_run_dir(tmp_path, monkeypatch):
+    from capsearch.commands.search import default_run_dir
+    from capsearch.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="nothing to resume"):
+        default_run_dir("tiny", resume=True)
+    assert default_run_dir("tiny", resume=False) == Path("runs/tiny")
+    Path("runs/tiny").mkdir(parents=True)
+    assert default_run_dir("tiny", resume=False) == Path("runs/tiny-2")
+    Path("runs/tiny-2").mkdir()
+    assert default_run_dir("tiny", resume=True) == Path("runs/tiny-2")
+
+
+@pytest.mark.slow
+def test_asha_stops_searched_trials_but_never_baselines(tmp_path, capsys):
+    from capsearch.cli import main
+    from capsearch.scorer import CONFIG_FILE, SCORER_DIR
+
+    if not (SCORER_DIR / CONFIG_FILE).is_file():
+        pytest.skip("the phantom scorer is not installed (capsearch pretrain scorer)")
+    spec = json.loads(json.dumps(MICRO))
+    spec["train"].update(steps=8, probe_every=2)
+    spec["search"].update(num_samples=5, scheduler={"name": "asha", "grace_period": 2,
+                                                    "reduction_factor": 2})  # fmt: skip
+    (tmp_path / "asha.yaml").write_text(yaml.safe_dump(spec))
+    run = tmp_path / "run"
+    assert main(["run", str(tmp_path / "asha.yaml"), "--out", str(run)]) == 0
+    records = {r["number"]: r for r in load_trials(run)}
+    assert len(records) == 7 and {r["status"] for r in records.values()} <= {"ok", "stopped"}
+    assert all(r["status"] == "ok" for r in records.values() if r.get("baseline"))
+    study = optuna.load_study(study_name="capsearch", storage=f"sqlite:///{run / 'optuna.db'}")
+    for t in study.trials:
+        expected = "PRUNED" if records[t.number]["status"] == "stopped" else "COMPLETE"
+        assert t.state.name == expected
+        if not t.user_attrs.get("baseline"):
+            assert t.intermediate_values  # probe losses, for optuna-dashboard's curves
