@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from capsearch.errors import UserError
+from capsearch.progress import rich_bar
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 REQUIRED_KEYS = ("file_name", "text")
@@ -186,7 +187,7 @@ def check_dataset(root: Path | str, progress: bool = False) -> tuple[int, list[P
     for name, count in sorted(names.items()):
         if count > 1:
             problems.append(Problem("duplicate file name", name, f"listed {count} times"))
-    bar = _progress(progress, len(names), "checking images")
+    bar = rich_bar(progress, len(names), "checking images")
     for number, record in enumerate(records, 1):
         if not record["text"].strip():
             problems.append(Problem("empty caption", record["file_name"], f"record {number}"))
@@ -224,15 +225,3 @@ def _check_image(path: Path, name: str) -> Problem | None:
             "corrupt image", name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         )
     return None
-
-
-def _progress(enabled: bool, total: int, label: str):
-    """A started rich progress bar, or None."""
-    if not enabled:
-        return None
-    from rich.progress import Progress
-
-    bar = Progress(transient=True)
-    bar.add_task(label, total=total)
-    bar.start()
-    return bar

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from capsearch.errors import UserError
+from capsearch.progress import rich_bar
 from capsearch.worlds.reports import FINDINGS, findings_from_text
 
 METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
@@ -105,7 +106,7 @@ def write_mimic_metadata(
     result = MimicImport(metadata=out / "metadata.jsonl", written=0)
     texts: dict[tuple[str, str], str | None] = {}
     records = []
-    bar = _progress(progress, len(metadata))
+    bar = rich_bar(progress, len(metadata), "reading MIMIC-CXR")
     for row in metadata:
         if bar is not None:
             bar.advance(bar.task_ids[0])
@@ -166,15 +167,3 @@ def write_mimic_metadata(
         raise UserError(f"cannot write {result.metadata}: {exc}") from None
     result.written = len(records)
     return result
-
-
-def _progress(enabled: bool, total: int):
-    """A started rich progress bar over metadata rows, or None."""
-    if not enabled:
-        return None
-    from rich.progress import Progress
-
-    bar = Progress(transient=True)
-    bar.add_task("reading MIMIC-CXR", total=total)
-    bar.start()
-    return bar

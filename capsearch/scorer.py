@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from capsearch.errors import UserError
+from capsearch.progress import rich_bar
 
 SCORER_DIR = Path(__file__).parent / "assets" / "scorer"
 WORLD_DIR = Path(__file__).parent / "worlds"
@@ -335,7 +336,7 @@ def train_scorer(
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, lr, total_steps=epochs * steps_per_epoch
     )
-    bar = _progress_bar(progress, epochs * steps_per_epoch)
+    bar = rich_bar(progress, epochs * steps_per_epoch, "training phantom scorer")
     losses = []
     model.train()
     for _epoch in range(epochs):
@@ -382,15 +383,3 @@ def train_scorer(
     }
     save_scorer(model, out_dir, report)
     return json.loads((out_dir / CONFIG_FILE).read_text())
-
-
-def _progress_bar(enabled: bool, total: int):
-    """A started rich progress bar over training steps, or None."""
-    if not enabled:
-        return None
-    from rich.progress import Progress
-
-    bar = Progress(transient=True)
-    bar.add_task("training phantom scorer", total=total)
-    bar.start()
-    return bar

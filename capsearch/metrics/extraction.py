@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from capsearch.errors import UserError
+from capsearch.progress import rich_bar
 
 # Defaults, scaled down for CPU (docs/metrics.md compares them with the paper and the authors' code):
 # Carlini et al. generate 500 images per prompt and ask for a clique of ≥ 10 within tiled ℓ2 0.15;
@@ -207,7 +208,7 @@ def extraction_attack(
     per_call = max(1, batch_size // n_per_prompt)
     candidates: list[tuple[int, int, torch.Tensor]] = []  # (prompt index, generated index, medoid)
     n_cliques, capped_prompts = 0, 0
-    bar = _progress(progress, len(prompts))
+    bar = rich_bar(progress, len(prompts), "extraction attack")
     for p0 in range(0, len(prompts), per_call):
         chunk = prompts[p0 : p0 + per_call]
         # One seed per chunk of prompts: the attack is deterministic for a given seed and batch size.
@@ -254,15 +255,3 @@ def extraction_attack(
         "seconds": round(time.perf_counter() - started, 3),
     }
     return ExtractionResult(len({t for _, t, _ in extracted}), extracted, settings)
-
-
-def _progress(enabled: bool, total: int):
-    """A started rich progress bar over prompts, or None."""
-    if not enabled:
-        return None
-    from rich.progress import Progress
-
-    bar = Progress(transient=True)
-    bar.add_task("extraction attack", total=total)
-    bar.start()
-    return bar

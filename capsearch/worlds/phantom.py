@@ -13,6 +13,7 @@ from PIL import Image
 from scipy import ndimage
 
 from capsearch.errors import UserError
+from capsearch.progress import rich_bar
 from capsearch.worlds import lesions
 from capsearch.worlds.anatomy import HEART, LUNG_AIR, Anatomy, build_scene, sample_anatomy
 from capsearch.worlds.cooccurrence import sample_findings
@@ -276,7 +277,7 @@ def _write(
         shutil.rmtree(out / IMAGE_DIR)
     (out / METADATA).unlink(missing_ok=True)
     (out / IMAGE_DIR).mkdir(parents=True)
-    bar = _progress(progress, sum(len(names) for _, _, names in expanded))
+    bar = rich_bar(progress, sum(len(names) for _, _, names in expanded), "rendering phantoms")
     records = []
     try:
         for row, (anatomy, study, i), names in expanded:
@@ -298,15 +299,3 @@ def _write(
         if bar is not None:
             bar.stop()
     (out / METADATA).write_text("".join(json.dumps(record) + "\n" for record in records))
-
-
-def _progress(enabled: bool, total: int):
-    """A started rich progress bar over images, or None."""
-    if not enabled:
-        return None
-    from rich.progress import Progress
-
-    bar = Progress(transient=True)
-    bar.add_task("rendering phantoms", total=total)
-    bar.start()
-    return bar

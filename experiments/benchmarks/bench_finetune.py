@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -61,25 +60,27 @@ def capsearch_loop(data, steps: int, batch: int, seed: int, spec=None) -> float:
     return res.steps / res.seconds
 
 
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
 def one_method(method: str, data: str, steps: int) -> None:
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Train one method in this (fresh) process; print step time and peak RSS growth during training."""
     from capsearch.models import load_pipeline
     from capsearch.train import TrainConfig, finetune
 
     pipe = load_pipeline("tiny:random")
     spec = [{"method": method, "units": "*" if method != "attention" else "*:*_attn"}]
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark (Linux)
+    rss0 = _status_kb("VmRSS")
     res = finetune(pipe, spec, data, TrainConfig(steps=steps, batch_size=16), quiet=True)
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(
-        json.dumps(
-            {
-                "method": method,
-                "s_per_step": res.seconds / res.steps,
-                "trainable": res.trainable,
-                "peak_rss_growth_mb": (rss1 - rss0) / 1024,
-            }
-        )
-    )
+    peak = _status_kb("VmHWM")
+    row = {"method": method, "s_per_step": res.seconds / res.steps, "trainable": res.trainable,
+           "peak_rss_growth_mb": (peak - rss0) / 1024}  # fmt: skip
+    print(json.dumps(row))
 
 
 def main() -> None:
