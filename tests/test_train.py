@@ -189,3 +189,35 @@ def test_cli_train_writes_delta_and_log(data, tmp_path, capsys):
     ).exists()
     assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_grad_accum_checkpointing_ema_and_warmup_schedule_run(data):
+    """Options of the loop: accumulation, gradient checkpointing (same result), EMA and warm-up schedules."""
+    spec = [{"method": "bitfit", "units": "mid_block"}]
+    plain, ckpt = load_pipeline("tiny:random"), load_pipeline("tiny:random")
+    finetune(plain, spec, data, _cfg(steps=2), quiet=True)
+    finetune(ckpt, spec, data, _cfg(steps=2, gradient_checkpointing=True), quiet=True)
+    a, b = _trained(plain.unet), _trained(ckpt.unet)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    ema = load_pipeline("tiny:random")
+    res = finetune(
+        ema,
+        spec,
+        data,
+        _cfg(steps=2, grad_accum=2, ema_decay=0.5, lr_schedule="cosine", warmup_steps=1),
+        quiet=True,
+    )
+    assert res.status == "ok" and res.steps == 2
+    c = _trained(ema.unet)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_mixed_precision_on_cpu_is_a_clear_error(data):
+    with pytest.raises(UserError, match="needs a GPU"):
+        finetune(
+            load_pipeline("tiny:random"),
+            [{"method": "freeze"}],
+            data,
+            _cfg(mixed_precision="bf16"),
+            quiet=True,
+        )
