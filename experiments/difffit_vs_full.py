@@ -35,7 +35,12 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=300)
     ap.add_argument("--methods", default="freeze,full,difffit,svdiff,attention")
     ap.add_argument("--out", type=Path, default=Path("experiments/results/difffit_vs_full"))
+    ap.add_argument(
+        "--lr", action="append", default=[], metavar="METHOD=LR", help="override a method's rate"
+    )
+    ap.add_argument("--tag", default="", help="suffix of the result names (e.g. _lr3e-3)")
     args = ap.parse_args()
+    lrs = {k: float(v) for k, v in (item.split("=") for item in args.lr)}
     data = args.out / "data"
     if not (data / "metadata.jsonl").exists():
         write_phantom_dataset(data, patients=args.patients, size=64, seed=0)
@@ -45,6 +50,7 @@ def main() -> None:
     results = {}
     for name in args.methods.split(","):
         spec, lr = RUNS[name]
+        lr = lrs.get(name, lr)
         pipe = load_pipeline("tiny")
         t0 = time.time()
         steps = 1 if name == "freeze" else args.steps
@@ -53,8 +59,8 @@ def main() -> None:
             if name != "freeze"
             else None
         )
-        m = evaluate(pipe, data, ecfg, out_dir=args.out / name)
-        results[name] = {
+        m = evaluate(pipe, data, ecfg, out_dir=args.out / (name + args.tag))
+        results[name + args.tag] = {
             "fid": m["fid"],
             "amd": m["amd"],
             "alignment": m["alignment"],
@@ -64,10 +70,16 @@ def main() -> None:
             "trainable": 0 if res is None else res.trainable,
             "seconds": round(time.time() - t0, 1),
         }
-        print(name, json.dumps(results[name]), flush=True)
-        (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    if "full" in results and "difffit" in results:
-        ratio = results["difffit"]["fid"] / results["full"]["fid"]
+        print(name + args.tag, json.dumps(results[name + args.tag]), flush=True)
+        old = (
+            json.loads((args.out / "results.json").read_text())
+            if (args.out / "results.json").exists()
+            else {}
+        )
+        (args.out / "results.json").write_text(json.dumps({**old, **results}, indent=2))
+    everything = json.loads((args.out / "results.json").read_text())
+    if "full" in everything and "difffit" + args.tag in everything:
+        ratio = everything["difffit" + args.tag]["fid"] / everything["full"]["fid"]
         print(f"DiffFit / full FID ratio: {ratio:.2f} (target ≤ 2)")
 
 
