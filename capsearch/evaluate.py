@@ -130,7 +130,8 @@ def evaluate(
     }
     log("FID, AMD, image-text score done")
     memorised = sorted({r["text"] for r in train if r.get("dup_group") is not None})
-    others = [t for t in _pick(train, 10**9, config.seed + 1) if t not in set(memorised)]
+    memorised_set = set(memorised)
+    others = [t for t in _pick(train, 10**9, config.seed + 1) if t not in memorised_set]
     attack_prompts = (memorised + others)[: config.extraction_prompts]
     train_images = load_images(root, "train", size)
     threshold = config.extraction_threshold or (

@@ -29,6 +29,16 @@ def make_scheduler(pipe, name: str = "ddim"):
     return cls.from_config(pipe.scheduler.config)
 
 
+def sample_noise(shape: tuple[int, ...], seed: int, indices) -> torch.Tensor:
+    """Initial noise [len(indices), *shape]; sample i depends only on (seed, i), not on its batch."""
+    return torch.stack(
+        [
+            torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+            for i in indices
+        ]
+    )
+
+
 @torch.no_grad()
 def generate(
     pipe,
@@ -48,13 +58,7 @@ def generate(
         return torch.empty(0, c if pipe.vae is None else 3, h, w)
     device, dtype = pipe.device, pipe.dtype
     shape = pipe.latent_shape
-    # One generator per sample so that a sample does not depend on the batch size it was drawn in.
-    noise = torch.stack(
-        [
-            torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
-            for i in range(len(all_prompts))
-        ]
-    )
+    noise = sample_noise(shape, seed, range(len(all_prompts)))
     uncond = pipe.encode_prompts([""])
     out = []
     was_training = pipe.unet.training

@@ -239,6 +239,7 @@ def finetune(
             * vae.config.scaling_factor
         )
 
+    uncond = pipe.encode_prompts([""]) if mit.threshold else None  # frozen text encoder: once
     bar = _progress_bar(quiet, config.steps, start)
     t0, status, message, step = time.time(), "ok", "", start
     loss_value = losses[-1][1] if losses else float("nan")
@@ -274,9 +275,7 @@ def finetune(
                 if mit.threshold:
                     from capsearch.metrics.denoising import threshold_scores
 
-                    scores = threshold_scores(
-                        unet, noisy, t, ehs, pipe.encode_prompts([""]), cond_pred=pred
-                    )
+                    scores = threshold_scores(unet, noisy, t, ehs, uncond, cond_pred=pred)
                     keep = mit.keep_mask(scores)
                     touched["threshold"] = int((~keep).sum())
                     per_sample = per_sample[keep] if keep.any() else per_sample[:0]

@@ -42,6 +42,8 @@ def denoising_strength_per_prompt(
     """Wen et al.'s detection metric per prompt [P]: mean over n DDIM trajectories and all their steps."""
     from diffusers import DDIMScheduler
 
+    from capsearch.sample import sample_noise
+
     prompts = list(prompts)
     if not prompts:
         raise UserError("denoising strength needs at least one prompt")
@@ -63,19 +65,11 @@ def denoising_strength_per_prompt(
             cond = pipe.encode_prompts(chunk).to(device, dtype).repeat_interleave(n, dim=0)
             batch = cond.shape[0]
             context = torch.cat([uncond.expand(batch, -1, -1), cond])
-            # One generator per sample, so a prompt's value does not depend on the batch it was drawn in.
+            # The same per-sample noise as capsearch.sample.generate: independent of the batch.
             first = p0 * n
-            x = torch.stack(
-                [
-                    torch.randn(
-                        channels,
-                        size,
-                        size,
-                        generator=torch.Generator().manual_seed(seed * 1_000_003 + i),
-                    )
-                    for i in range(first, first + batch)
-                ]
-            ).to(device, dtype)
+            x = sample_noise((channels, size, size), seed, range(first, first + batch)).to(
+                device, dtype
+            )
             x = x * scheduler.init_noise_sigma
             total = torch.zeros(batch, dtype=torch.float64)
             for t in scheduler.timesteps:
