@@ -167,7 +167,7 @@ def merge(unet: torch.nn.Module) -> UNet2DConditionModel:
             if fold is not None:
                 fold(unet)
         merge_adapters(unet)
-    for key in ("_capsearch_spec", "_capsearch_claims"):
+    for key in ("_capsearch_spec", "_capsearch_claims", "_capsearch_rates"):
         unet.__dict__.pop(key, None)
     _check_vanilla(unet)
     return unet

@@ -3,6 +3,8 @@
 Each unit group chooses one allowed method (or `frozen`); only the chosen method's hyper-parameters are
 suggested, so Optuna never samples a LoRA rank for a group that DiffFit trains. Parameter names are
 `GROUP.method`, `GROUP.METHOD.KEY`, `lr`, `lr_1d`, `steps`, `mitigation` and `mitigation.NAME.KEY`.
+A method may carry its own `lr` / `lr_1d` (`GROUP.METHOD.lr`): that group then trains at that rate
+instead of the run's, so PEFT methods and full fine-tuning each get a rate that suits them.
 The paper's baselines are fixed points of the same space (`baseline_points`).
 """
 
@@ -212,7 +214,7 @@ def _positive_number(v: Any) -> bool:
 
 
 def _method_choice(method: str, raw: Mapping[str, Any], where: str) -> Choice:
-    from capsearch.methods import get_method, make_config
+    from capsearch.methods import RATE_KEYS, get_method, make_config
 
     if method in FROZEN:
         if raw:
@@ -224,6 +226,13 @@ def _method_choice(method: str, raw: Mapping[str, Any], where: str) -> Choice:
         raise UserError(f"{where}: {exc}") from None
     params = {}
     for key, value in raw.items():
+        if key in RATE_KEYS:  # the method's own learning rate(s), searched on a log scale
+            p = parse_param(value, f"{where}.{key}", log_default=True)
+            for v in param_values(p):
+                if not _positive_number(v):
+                    raise UserError(f"{where}.{key}: {v!r} is not a positive number")
+            params[key] = p
+            continue
         p = parse_param(value, f"{where}.{key}")
         for v in param_values(p):
             try:

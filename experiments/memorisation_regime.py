@@ -13,10 +13,14 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from capsearch.data import load_images, read_metadata
 from capsearch.metrics import PHANTOM_THRESHOLD, extraction_attack
 from capsearch.metrics.denoising import denoising_strength_per_prompt
+from capsearch.metrics.extraction import _nearest_training
 from capsearch.models import load_pipeline
+from capsearch.sample import generate
 from capsearch.train import TrainConfig, finetune
 from capsearch.worlds.phantom import write_phantom_dataset
 
@@ -30,8 +34,12 @@ def main() -> None:
     ap.add_argument("--dup-fraction", type=float, default=0.05)
     ap.add_argument("--dup-copies", type=int, default=20)
     ap.add_argument("--n", type=int, default=16, help="generations per memorised prompt")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", type=Path, default=Path("experiments/results/memorisation"))
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
     data = args.out / "data"
     if not (data / "metadata.jsonl").exists():
         write_phantom_dataset(
@@ -46,6 +54,10 @@ def main() -> None:
     memorised = sorted({r["text"] for r in records if r.get("dup_group") is not None})
     others = sorted({r["text"] for r in records if r.get("dup_group") is None})[: len(memorised)]
     train_images = load_images(data, "train", 32)
+    if len(train_images) != len(records):
+        raise SystemExit("some training images are unreadable; regenerate the data folder")
+    # Training rows of each memorised caption (its K identical files).
+    own_rows = {c: {i for i, r in enumerate(records) if r["text"] == c} for c in memorised}
     print(f"{len(records)} training rows, {len(memorised)} memorised captions", flush=True)
     pipe = load_pipeline("tiny")
     results, t0 = [], time.time()
@@ -53,14 +65,23 @@ def main() -> None:
     def checkpoint(event: str, payload: dict) -> None:
         if event != "step" or payload["step"] % args.every:
             return
+        # Generate once; the attack and the nearest-neighbour diagnostics read the same images.
+        images = generate(pipe, memorised, n_per_prompt=args.n, steps=20, guidance=3.0, seed=0)
+        dist, idx = _nearest_training(images, train_images, tiles=4)
+        owner = [c for c in memorised for _ in range(args.n)]
+        own = [int(t) in own_rows[c] for c, t in zip(owner, idx.tolist(), strict=True)]
+        copies = (dist <= PHANTOM_THRESHOLD).tolist()
+        other_imgs = generate(pipe, others, n_per_prompt=max(2, args.n // 2), steps=20, seed=1)
+        other_dist, _ = _nearest_training(other_imgs, train_images, tiles=4)
+        cached = {tuple(memorised): images}
         ext = extraction_attack(
-            pipe,
+            lambda prompts, n, seed: cached[tuple(prompts)],
             memorised,
             train_images,
             n_per_prompt=args.n,
             threshold=PHANTOM_THRESHOLD,
             min_clique=3,
-            steps=20,
+            batch_size=len(memorised) * args.n,
         )
         kw = dict(steps=20, n=2)
         s_mem = float(denoising_strength_per_prompt(pipe, memorised, **kw).mean())
@@ -70,6 +91,13 @@ def main() -> None:
             "loss": payload["loss"],
             "extracted": ext.count,
             "of": len(memorised),
+            # share of memorised-caption samples whose nearest training image is their own image
+            "nearest_own": sum(own) / len(own),
+            # share of samples within the copy threshold of a training image (their own one)
+            "copies_memorised": sum(c and o for c, o in zip(copies, own, strict=True)) / len(own),
+            "copies_other": float((other_dist <= PHANTOM_THRESHOLD).float().mean()),
+            "median_dist_memorised": float(dist.median()),
+            "median_dist_other": float(other_dist.median()),
             "strength_memorised": s_mem,
             "strength_other": s_oth,
             "ratio": s_mem / s_oth,
@@ -86,6 +114,8 @@ def main() -> None:
     cfg = TrainConfig(
         steps=args.steps, lr=args.lr, warmup_steps=50, lr_schedule="constant_with_warmup"
     )
+    if args.every and args.steps % args.every:
+        raise SystemExit("--steps must be a multiple of --every")
     finetune(
         pipe, [{"method": "full", "units": "*"}], data, cfg, callbacks=[checkpoint], quiet=True
     )

@@ -210,6 +210,29 @@ def test_searched_steps_and_learning_rate_choices_hold_the_baselines(tmp_path, c
     assert spec.baseline("lora").params["steps"] == 300
 
 
+def test_a_method_may_search_its_own_learning_rate(tmp_path, capsys):
+    from capsearch.space import params_to_method_spec
+
+    data = modified(
+        **{
+            "space.groups[1].methods.difffit": {"lr": [1.0e-3, 1.0e-2]},
+            "baselines.methods": ["difffit"],
+        }
+    )
+    spec = load_spec(write(tmp_path, data))
+    p = spec.search_space.groups[1].methods["difffit"].params["lr"]
+    assert p.kind == "float" and p.log  # rates are searched on a log scale
+    point = spec.baseline("difffit").params
+    assert point["mid.difffit.lr"] == pytest.approx(10**-2.5)  # the geometric middle
+    entries = params_to_method_spec(point, spec.search_space)
+    assert entries[-1]["method"] == "difffit" and entries[-1]["lr"] == pytest.approx(10**-2.5)
+    bad = modified(**{"space.groups[1].methods.difffit": {"lr": -1.0e-3}})
+    line = validate_error(tmp_path, bad, capsys)
+    assert "space.groups[1].methods.difffit.lr: -0.001 is not a positive number" in line
+    bad = modified(**{"space.groups[1].methods.difffit": {"lr": [0, 1.0e-2]}})
+    assert "methods.difffit.lr: a log range needs low > 0" in validate_error(tmp_path, bad, capsys)
+
+
 def test_asha_needs_probes_and_a_scalar_objective(tmp_path, capsys):
     data = modified(**{"search.scheduler": "asha"})
     assert "train.probe_every: asha needs" in validate_error(tmp_path, data, capsys)

@@ -419,6 +419,68 @@ def test_optimizer_groups_split_one_dimensional_parameters() -> None:
     torch.optim.AdamW(groups)  # accepted as is
 
 
+def test_an_entry_learns_at_its_own_rates() -> None:
+    unet = build_tiny_unet()
+    apply_methods(
+        unet,
+        [
+            {"method": "full", "units": "mid_block"},
+            {"method": "difffit", "units": "down_blocks", "lr": 3e-3},
+            {"method": "lora", "units": "up_blocks.1.attentions", "lr": 5e-4, "lr_1d": 2e-3},
+        ],
+    )
+    groups = optimizer_groups(unet, lr=1e-4, lr_1d=1e-3, weight_decay=0.1)
+    rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    named = dict(unet.named_parameters())
+    trainable = [n for n, p in named.items() if p.requires_grad]
+    assert len(rate) == len(trainable)  # every trainable parameter in exactly one group
+    for name in trainable:
+        p = named[name]
+        if name.startswith("down_blocks"):  # DiffFit's own rate for all its parameters
+            expected = 3e-3
+        elif name.startswith("up_blocks"):  # LoRA matrices at its lr (no 1-D parameters here)
+            expected = 5e-4 if p.ndim >= 2 else 2e-3
+        else:  # the run's rates
+            expected = 1e-4 if p.ndim >= 2 else 1e-3
+        assert rate[id(p)] == expected, name
+        assert decay[id(p)] == (0.1 if p.ndim >= 2 else 0.0), name
+    assert {g["name"] for g in groups} >= {
+        "matrices",
+        "vectors",
+        "vectors@0.003",
+        "matrices@0.0005",
+    }
+    # The rates are part of the recorded spec, so a saved delta re-applies them.
+    recorded = applied_spec(unet)
+    assert recorded[1]["lr"] == 3e-3 and "lr" not in recorded[0]
+    assert recorded[2]["lr_1d"] == 2e-3
+
+
+def test_a_later_entry_without_rates_takes_the_run_rates_back() -> None:
+    unet = build_tiny_unet()
+    apply_methods(
+        unet,
+        [
+            {"method": "full", "units": "mid_block", "lr": 1e-2},
+            {"method": "difffit", "units": "mid_block"},  # retrains the same biases/norms
+        ],
+    )
+    groups = optimizer_groups(unet, lr=1e-4)
+    named = dict(unet.named_parameters())
+    rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert rate[id(named["mid_block.resnets.0.norm1.weight"])] == 1e-4
+    assert rate[id(named["mid_block.resnets.0.conv1.weight"])] == 1e-2
+
+
+@pytest.mark.parametrize("value", [0, -1e-3, "fast", True])
+def test_entry_rates_must_be_positive_numbers(value) -> None:
+    unet = build_tiny_unet()
+    with pytest.raises(UserError, match=r"difffit\.lr must be a positive number"):
+        apply_methods(unet, {"method": "difffit", "lr": value})
+    assert applied_spec(unet) is None  # checked before the UNet is touched
+
+
 def test_optimizer_groups_empty_when_frozen() -> None:
     unet = build_tiny_unet()
     apply_methods(unet, {"method": "freeze"})

@@ -2,7 +2,9 @@
 
 A trial's method spec is a list of entries `{"method": "difffit", "units": "down_blocks.*", **hyper}`;
 `apply_methods` freezes the whole UNet, applies each entry to its units in order and returns the
-trainable parameter names (the mask ω of the paper's `θ0 + ω ⊙ Δφ`).
+trainable parameter names (the mask ω of the paper's `θ0 + ω ⊙ Δφ`). An entry may also carry its own
+learning rates, `lr` (all its parameters) and `lr_1d` (its 1-D ones), which `optimizer_groups` uses
+instead of the run's: PEFT methods want rates ~30x full fine-tuning's (docs/models.md).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
+
+# Keys of a method entry that are not the method's hyper-parameters: the entry's own learning rates.
+RATE_KEYS = ("lr", "lr_1d")
 
 __all__ = [
     "Method",
@@ -222,19 +227,41 @@ def apply_methods(
         params = dict(entry)
         method = get_method(params.pop("method"))
         selection = params.pop("units", "*")
+        rates = entry_rates(method.name, params)
         cfg = make_config(method, params)
-        resolved.append((method, selection, select_units(units, selection), cfg))
+        resolved.append((method, selection, select_units(units, selection), cfg, rates))
 
     unet.requires_grad_(False)
     unet.__dict__["_capsearch_claims"] = {}
-    recorded = []
-    for method, selection, chosen, cfg in resolved:
+    recorded, own_rates = [], {}
+    for method, selection, chosen, cfg, rates in resolved:
         names = method.apply(unet, chosen, cfg) if chosen else []
         if chosen and not names and method.name != "freeze":
             log.warning("method %r trains nothing on units %r", method.name, selection)
-        recorded.append({"method": method.name, "units": selection, **dataclasses.asdict(cfg)})
+        if rates:
+            # A parameter two entries train takes the rates of the later entry.
+            own_rates.update(dict.fromkeys(names, rates))
+        else:
+            for name in names:
+                own_rates.pop(name, None)
+        recorded.append(
+            {"method": method.name, "units": selection, **dataclasses.asdict(cfg), **rates}
+        )
     unet.__dict__["_capsearch_spec"] = recorded
+    unet.__dict__["_capsearch_rates"] = own_rates
     return trainable_names(unet)
+
+
+def entry_rates(method: str, params: dict[str, Any]) -> dict[str, float]:
+    """Pop and check an entry's own learning rates (`lr`, `lr_1d`) from its hyper-parameters."""
+    rates = {}
+    for key in RATE_KEYS:
+        if key in params:
+            value = params.pop(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise UserError(f"{method}.{key} must be a positive number, got {value!r}")
+            rates[key] = float(value)
+    return rates
 
 
 def applied_spec(unet: torch.nn.Module) -> list[dict[str, Any]] | None:
@@ -249,25 +276,34 @@ def optimizer_groups(
 
     1-D parameters (SV-DIFF's δ, DiffFit's γ, biases, norms) never get weight decay: decay would pull γ
     toward 0 rather than its identity value 1. SV-DIFF trains δ with its own, larger rate (Han et al.
-    2023), which `lr_1d` provides. An empty list means nothing is trainable.
+    2023), which `lr_1d` provides. A method entry with its own `lr` gives it to all of its parameters
+    (and its own `lr_1d`, if any, to its 1-D ones) in place of the run's rates. Groups are named
+    `matrices` / `vectors`, with `@lr` appended for an entry's own rate. An empty list means nothing is
+    trainable.
     """
-    matrices = [p for p in unet.parameters() if p.requires_grad and p.ndim >= 2]
-    vectors = [p for p in unet.parameters() if p.requires_grad and p.ndim < 2]
-    groups = []
-    if matrices:
-        groups.append(
-            {"name": "matrices", "params": matrices, "lr": lr, "weight_decay": weight_decay}
-        )
-    if vectors:
-        groups.append(
-            {
-                "name": "vectors",
-                "params": vectors,
-                "lr": lr if lr_1d is None else lr_1d,
-                "weight_decay": 0.0,
-            }
-        )
-    return groups
+    own = unet.__dict__.get("_capsearch_rates", {})
+    groups: dict[tuple[str, float], dict[str, Any]] = {}
+    for name, p in unet.named_parameters():
+        if not p.requires_grad:
+            continue
+        kind = "matrices" if p.ndim >= 2 else "vectors"
+        rates = own.get(name)
+        if rates is None:
+            rate = lr if kind == "matrices" or lr_1d is None else lr_1d
+            label = kind
+        else:
+            rate = (
+                rates.get("lr", lr)
+                if kind == "matrices"
+                else rates.get("lr_1d", rates.get("lr", lr))
+            )
+            label = f"{kind}@{rate:g}"
+        key = (label, rate)
+        if key not in groups:
+            decay = weight_decay if kind == "matrices" else 0.0
+            groups[key] = {"name": label, "params": [], "lr": rate, "weight_decay": decay}
+        groups[key]["params"].append(p)
+    return list(groups.values())
 
 
 def unit_modules(units: Sequence[Unit]) -> list[str]:
