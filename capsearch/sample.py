@@ -50,8 +50,13 @@ def generate(
     batch_size: int = 64,
     scheduler: str = "ddim",
     progress=None,
+    on_step=None,
 ) -> torch.Tensor:
-    """Images [len(prompts)·n, C, H, W] in [-1, 1], prompt-major; sample i's noise depends only on (seed, i)."""
+    """Images [len(prompts)·n, C, H, W] in [-1, 1], prompt-major; sample i's noise depends only on (seed, i).
+
+    `on_step(first, t, eps_uncond, eps_cond)`, if given, sees both noise predictions of samples
+    first..first+B at every step (the unconditional one is then computed even at guidance 1).
+    """
     all_prompts = [p for p in prompts for _ in range(n_per_prompt)]
     if not all_prompts:
         c, h, w = pipe.latent_shape
@@ -69,7 +74,7 @@ def generate(
         sched.set_timesteps(steps, device=device)
         latents = noise[start : start + len(chunk)].to(device, dtype) * sched.init_noise_sigma
         cond = pipe.encode_prompts(chunk)
-        use_cfg = guidance != 1.0
+        use_cfg = guidance != 1.0 or on_step is not None
         ehs = torch.cat([uncond.expand(len(chunk), -1, -1), cond]) if use_cfg else cond
         for t in sched.timesteps:
             inp = torch.cat([latents, latents]) if use_cfg else latents
@@ -77,9 +82,10 @@ def generate(
             eps = pipe.unet(inp, t, encoder_hidden_states=ehs).sample
             if use_cfg:
                 eps_u, eps_c = eps.chunk(2)
-                eps = eps_u + guidance * (
-                    eps_c - eps_u
-                )  # classifier-free guidance (Ho & Salimans 2022)
+                if on_step is not None:
+                    on_step(start, t, eps_u, eps_c)
+                # classifier-free guidance (Ho & Salimans 2022)
+                eps = eps_u + guidance * (eps_c - eps_u)
             latents = sched.step(eps, t, latents).prev_sample
         out.append(pipe.decode(latents).float().cpu())
         if progress is not None:

@@ -60,6 +60,26 @@ def test_same_seed_same_samples_different_seed_differs(random_pipe):
     assert a.min() >= -1 and a.max() <= 1
 
 
+def test_on_step_sees_both_predictions_and_changes_nothing(random_pipe):
+    prompts = ["a circle", "a ring"]
+    seen = []
+
+    def hook(first, t, eps_u, eps_c):
+        seen.append((first, int(t), eps_u.shape[0], float((eps_c - eps_u).abs().max())))
+
+    plain = generate(random_pipe, prompts, n_per_prompt=3, steps=2, seed=4, batch_size=4)
+    hooked = generate(
+        random_pipe, prompts, n_per_prompt=3, steps=2, seed=4, batch_size=4, on_step=hook
+    )
+    assert torch.equal(plain, hooked)
+    assert [(f, b) for f, _, b, _ in seen] == [(0, 4), (0, 4), (4, 2), (4, 2)]
+    assert all(diff > 0 for *_, diff in seen)  # conditional and unconditional predictions differ
+    # At guidance 1 the unconditional pass exists only for the hook; the images are the conditional ones.
+    at_one = generate(random_pipe, prompts, 2, 2, guidance=1.0, seed=4)
+    hooked = generate(random_pipe, prompts, 2, 2, guidance=1.0, seed=4, on_step=hook)
+    assert torch.allclose(at_one, hooked, atol=1e-5)
+
+
 def test_save_load_round_trip(random_pipe, tmp_path):
     random_pipe.save(tmp_path / "pipe")
     again = load_pipeline(str(tmp_path / "pipe"))

@@ -39,51 +39,29 @@ def denoising_strength_per_prompt(
     seed: int = 0,
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """Wen et al.'s detection metric per prompt [P]: mean over n DDIM trajectories and all their steps."""
-    from diffusers import DDIMScheduler
+    """Wen et al.'s detection metric per prompt [P]: mean over n DDIM trajectories and all their steps.
 
-    from capsearch.sample import sample_noise
+    The trajectories are those of `capsearch.sample.generate` with the same seed (same per-sample noise,
+    same guided DDIM steps), so the strength of a prompt belongs to the images generated for it.
+    """
+    from capsearch.sample import generate
 
     prompts = list(prompts)
     if not prompts:
         raise UserError("denoising strength needs at least one prompt")
     if steps < 1 or n < 1:
         raise UserError(f"denoising strength needs steps ≥ 1 and n ≥ 1, got steps={steps}, n={n}")
-    unet = pipe.unet
-    device, dtype = pipe.device, pipe.dtype
-    channels, size = unet.config.in_channels, unet.config.sample_size
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(steps, device=device)
-    uncond = pipe.encode_prompts([""]).to(device, dtype)
-    was_training = unet.training
-    unet.eval()
-    per_prompt = []
-    per_call = max(1, batch_size // n)
-    try:
-        for p0 in range(0, len(prompts), per_call):
-            chunk = prompts[p0 : p0 + per_call]
-            cond = pipe.encode_prompts(chunk).to(device, dtype).repeat_interleave(n, dim=0)
-            batch = cond.shape[0]
-            context = torch.cat([uncond.expand(batch, -1, -1), cond])
-            # The same per-sample noise as capsearch.sample.generate: independent of the batch.
-            first = p0 * n
-            x = sample_noise((channels, size, size), seed, range(first, first + batch)).to(
-                device, dtype
-            )
-            x = x * scheduler.init_noise_sigma
-            total = torch.zeros(batch, dtype=torch.float64)
-            for t in scheduler.timesteps:
-                x_in = scheduler.scale_model_input(x, t)
-                eps = unet(torch.cat([x_in, x_in]), t, encoder_hidden_states=context).sample
-                eps_uncond, eps_cond = eps.chunk(2)
-                text_part = eps_cond - eps_uncond
-                # Wen et al. 2024, eq. (4), averaged over the trajectory (their detection uses 1..T steps).
-                total += text_part.flatten(1).double().norm(dim=1).cpu()
-                x = scheduler.step(eps_uncond + guidance * text_part, t, x).prev_sample
-            per_prompt.append((total / len(scheduler.timesteps)).view(len(chunk), n).mean(dim=1))
-    finally:
-        unet.train(was_training)
-    return torch.cat(per_prompt).float()
+    total = torch.zeros(len(prompts) * n, dtype=torch.float64)
+    counts = torch.zeros(len(prompts) * n, dtype=torch.long)
+
+    def accumulate(first: int, t, eps_uncond: torch.Tensor, eps_cond: torch.Tensor) -> None:
+        # Wen et al. 2024, eq. (4), averaged over the trajectory (their detection uses 1..T steps).
+        norm = (eps_cond - eps_uncond).flatten(1).double().norm(dim=1).cpu()
+        total[first : first + len(norm)] += norm
+        counts[first : first + len(norm)] += 1
+
+    generate(pipe, prompts, n, steps, guidance, seed, batch_size, "ddim", on_step=accumulate)
+    return (total / counts).view(len(prompts), n).mean(dim=1).float()
 
 
 def denoising_strength(
