@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from capsearch.models import tiny_random
+from capsearch.progress import loss_bar
 
 
 def _shapes_chunk(args: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:
@@ -99,7 +100,7 @@ def pretrain_shapes(
         if device.startswith("cuda")
         else torch.autocast("cpu", enabled=False)
     )
-    bar = _progress(progress, steps, start_step)
+    bar = loss_bar(progress, "pretrain", steps, start_step)
     t_train, running, step = time.time(), None, start_step
     calibrate_at = start_step + 50 if time_budget else None
     step = start_step
@@ -109,7 +110,8 @@ def pretrain_shapes(
         ):  # fit the schedule's length to the time budget (measured step time)
             per_step = (time.time() - t_train) / 50
             steps = max(step + 1, int(step + (time_budget - (time.time() - t_train)) / per_step))
-            bar = _progress(progress, steps, step)
+            bar(None, None)
+            bar = loss_bar(progress, "pretrain", steps, step)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, min(1000, steps // 10 + 1), lr)
         idx = torch.randint(0, len(images), (batch_size,), device=device, generator=gen)
@@ -204,41 +206,3 @@ def _save_checkpoint(path: Path, params, ema, opt, step: int, history) -> None:
     }
     torch.save(state, tmp)
     tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
-
-
-def _progress(enabled: bool, total: int, start: int):
-    if not enabled:
-        return lambda step, loss: None
-    if not sys.stdout.isatty():  # logs (CI, remote machines): a plain line every 500 steps
-
-        def log(step: int, loss: float | None) -> None:
-            if step % 500 == 0 or step == total:
-                print(f"pretrain step {step}/{total} loss {loss:.4f}", flush=True)
-
-        return log
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    prog = Progress(
-        TextColumn("pretrain"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    prog.start()
-    task = prog.add_task("pretrain", total=total, completed=start, loss="-")
-
-    def update(step: int, loss: float | None) -> None:
-        if step % 10 == 0 or step == total:
-            prog.update(task, completed=step, loss=f"{loss:.4f}" if loss is not None else "-")
-        if step == total:
-            prog.stop()
-
-    return update

@@ -6,7 +6,6 @@ Only the UNet changes (θ0 + ω ⊙ Δφ, Dutt et al. 2024 eq. 1); text encoder 
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import time
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 from capsearch.errors import UserError
 from capsearch.mitigations import Mitigations, vocabulary_words
+from capsearch.progress import loss_bar
 
 Callback = Callable[[str, dict], None]
 
@@ -240,7 +240,7 @@ def finetune(
         )
 
     uncond = pipe.encode_prompts([""]) if mit.threshold else None  # frozen text encoder: once
-    bar = _progress_bar(quiet, config.steps, start)
+    bar = loss_bar(not quiet, "fine-tune", config.steps, start)
     t0, status, message, step = time.time(), "ok", "", start
     loss_value = losses[-1][1] if losses else float("nan")
     if out_dir:
@@ -440,37 +440,3 @@ def _rng_to_json(state):
 
 def _rng_from_json(data):
     return (data[0], tuple(data[1]), data[2])
-
-
-def _progress_bar(quiet: bool, total: int, start: int):
-    if quiet:
-        return lambda step, loss: None
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    prog = Progress(
-        TextColumn("fine-tune"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[speed]} it/s"),
-        TimeRemainingColumn(),
-    )
-    prog.start()
-    task = prog.add_task("train", total=total, completed=start, loss="-", speed="-")
-    t0, s0 = time.time(), start
-
-    def update(step, loss) -> None:
-        if step is None:
-            prog.stop()
-            return
-        rate = (step - s0) / max(time.time() - t0, 1e-9)
-        loss_txt = f"{loss:.4f}" if loss is not None and math.isfinite(loss) else "-"
-        prog.update(task, completed=step, loss=loss_txt, speed=f"{rate:.2f}")
-
-    return update
