@@ -30,6 +30,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--every", type=int, default=250)
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument(
+        "--schedule",
+        default="constant_with_warmup",
+        help="any diffusers scheduler name (cosine: decays to 0 at --steps)",
+    )
+    ap.add_argument("--guidance", type=float, default=3.0, help="guidance of the attack's samples")
     ap.add_argument("--patients", type=int, default=80)
     ap.add_argument("--dup-fraction", type=float, default=0.05)
     ap.add_argument("--dup-copies", type=int, default=20)
@@ -66,12 +72,16 @@ def main() -> None:
         if event != "step" or payload["step"] % args.every:
             return
         # Generate once; the attack and the nearest-neighbour diagnostics read the same images.
-        images = generate(pipe, memorised, n_per_prompt=args.n, steps=20, guidance=3.0, seed=0)
+        images = generate(
+            pipe, memorised, n_per_prompt=args.n, steps=20, guidance=args.guidance, seed=0
+        )
         dist, idx = _nearest_training(images, train_images, tiles=4)
         owner = [c for c in memorised for _ in range(args.n)]
         own = [int(t) in own_rows[c] for c, t in zip(owner, idx.tolist(), strict=True)]
         copies = (dist <= PHANTOM_THRESHOLD).tolist()
-        other_imgs = generate(pipe, others, n_per_prompt=max(2, args.n // 2), steps=20, seed=1)
+        other_imgs = generate(
+            pipe, others, n_per_prompt=max(2, args.n // 2), steps=20, guidance=args.guidance, seed=1
+        )
         other_dist, _ = _nearest_training(other_imgs, train_images, tiles=4)
         cached = {tuple(memorised): images}
         ext = extraction_attack(
@@ -83,7 +93,7 @@ def main() -> None:
             min_clique=3,
             batch_size=len(memorised) * args.n,
         )
-        kw = dict(steps=20, n=2)
+        kw = dict(steps=20, n=2, guidance=args.guidance)
         s_mem = float(denoising_strength_per_prompt(pipe, memorised, **kw).mean())
         s_oth = float(denoising_strength_per_prompt(pipe, others, **kw).mean())
         row = {
@@ -111,14 +121,13 @@ def main() -> None:
             )
         )
 
-    cfg = TrainConfig(
-        steps=args.steps, lr=args.lr, warmup_steps=50, lr_schedule="constant_with_warmup"
-    )
+    cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=50, lr_schedule=args.schedule)
     if args.every and args.steps % args.every:
         raise SystemExit("--steps must be a multiple of --every")
     finetune(
         pipe, [{"method": "full", "units": "*"}], data, cfg, callbacks=[checkpoint], quiet=True
     )
+    pipe.save(args.out / "model")  # the final model, for sweeps of the attack's settings
 
 
 if __name__ == "__main__":
