@@ -1,0 +1,85 @@
+"""How the attack's sampling settings change what a memorising model gives away.
+
+Usage: python experiments/memorisation_sweep.py --run experiments/results/memorisation_cosine
+       [--guidance 1 3 7.5] [--steps 20 50] [--n 16]
+Reads RUN/model (saved by experiments/memorisation_regime.py) and RUN/data; for each guidance × DDIM
+steps: the share of memorised-caption samples nearest to their own training image, the share within
+the copy threshold, the median tiled distance and the extraction attack's count. Writes RUN/sweep.json
+and RUN/sweep_samples.png (for each guidance of the first --steps value, four memorised captions: a row
+of their training image, then seven samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from capsearch.data import load_images, read_metadata
+from capsearch.metrics import PHANTOM_THRESHOLD, extraction_attack
+from capsearch.metrics.extraction import _nearest_training
+from capsearch.models import load_pipeline
+from capsearch.sample import generate, save_grid
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", type=Path, required=True)
+    ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 7.5])
+    ap.add_argument("--steps", type=int, nargs="+", default=[20])
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = args.run / "data"
+    records = [r for r in read_metadata(data) if r["split"] == "train"]
+    memorised = sorted({r["text"] for r in records if r.get("dup_group") is not None})
+    own_rows = {c: {i for i, r in enumerate(records) if r["text"] == c} for c in memorised}
+    train = load_images(data, "train", 32)
+    pipe = load_pipeline(str(args.run / "model"))
+    rows, grid = [], []
+    for steps in args.steps:
+        for guidance in args.guidance:
+            images = generate(
+                pipe, memorised, args.n, steps=steps, guidance=guidance, seed=0, batch_size=64
+            )
+            dist, idx = _nearest_training(images, train, tiles=4)
+            owner = [c for c in memorised for _ in range(args.n)]
+            own = torch.tensor(
+                [int(t) in own_rows[c] for c, t in zip(owner, idx.tolist(), strict=True)]
+            )
+            ext = extraction_attack(
+                lambda prompts, n, seed, images=images: images,
+                memorised,
+                train,
+                n_per_prompt=args.n,
+                threshold=PHANTOM_THRESHOLD,
+                min_clique=3,
+                batch_size=len(memorised) * args.n,
+            )
+            row = {
+                "steps": steps,
+                "guidance": guidance,
+                "nearest_own": float(own.float().mean()),
+                "copies": float(((dist <= PHANTOM_THRESHOLD) & own).float().mean()),
+                "median_dist": float(dist.median()),
+                "min_dist": float(dist.min()),
+                "extracted": ext.count,
+                "of": len(memorised),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if steps == args.steps[0]:
+                for k, caption in enumerate(memorised[:4]):
+                    grid.append(train[min(own_rows[caption])])
+                    grid.extend(images[k * args.n : k * args.n + 7])
+    (args.run / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
+    save_grid(torch.stack(grid), args.run / "sweep_samples.png", nrow=8)
+    print(f"wrote {args.run / 'sweep.json'} and sweep_samples.png")
+
+
+if __name__ == "__main__":
+    main()
