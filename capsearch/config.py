@@ -107,6 +107,7 @@ class EvalSpec(_Strict):
     extraction_prompts: int = Field(8, ge=0)
     extraction_n: int = Field(16, ge=1)
     extraction_threshold: float | None = None
+    extraction_guidance: float | None = None
     min_clique: int = Field(3, ge=2)
     strength_prompts: int = Field(8, ge=1)
     strength_n: int = Field(2, ge=1)

@@ -23,6 +23,10 @@ class EvalConfig:
     extraction_prompts: int = 8  # memorised captions first, then other training captions
     extraction_n: int = 16
     extraction_threshold: float | None = None  # None: the world's default (docs/metrics.md)
+    # Guidance of the attack's samples (None: `guidance`). A model fine-tuned without caption dropout
+    # keeps its base's unconditional prediction, and guidance then buries its copies under texture:
+    # docs/metrics.md measured 9 of 9 memorised images extracted at guidance 1, 2 at 3, 0 at 7.5.
+    extraction_guidance: float | None = None
     min_clique: int = 3
     strength_prompts: int = 8
     strength_n: int = 2
@@ -137,6 +141,9 @@ def evaluate(
     threshold = config.extraction_threshold or (
         PHANTOM_THRESHOLD if world == "phantom" else DEFAULT_THRESHOLD
     )
+    attack_guidance = (
+        config.guidance if config.extraction_guidance is None else config.extraction_guidance
+    )
     ext = extraction_attack(
         pipe,
         attack_prompts,
@@ -145,7 +152,7 @@ def evaluate(
         threshold=threshold,
         min_clique=config.min_clique,
         steps=config.steps,
-        guidance=config.guidance,
+        guidance=attack_guidance,
         seed=config.seed,
         batch_size=config.batch_size,
     )
@@ -174,6 +181,7 @@ def evaluate(
         "world": world,
         "extractor": extractor.name,
         "extraction_threshold": threshold,
+        "extraction_guidance": attack_guidance,
         "prompts": len(prompts),
         "samples": len(gen),
         "attack_prompts": len(attack_prompts),

@@ -36,6 +36,12 @@ def main() -> None:
         help="any diffusers scheduler name (cosine: decays to 0 at --steps)",
     )
     ap.add_argument("--guidance", type=float, default=3.0, help="guidance of the attack's samples")
+    ap.add_argument(
+        "--caption-dropout",
+        type=float,
+        default=0.0,
+        help="train on the empty caption with this probability (as Stable Diffusion was)",
+    )
     ap.add_argument("--patients", type=int, default=80)
     ap.add_argument("--dup-fraction", type=float, default=0.05)
     ap.add_argument("--dup-copies", type=int, default=20)
@@ -121,7 +127,15 @@ def main() -> None:
             )
         )
 
-    cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=50, lr_schedule=args.schedule)
+    cfg = TrainConfig(
+        steps=args.steps,
+        lr=args.lr,
+        warmup_steps=50,
+        lr_schedule=args.schedule,
+        mitigations=(
+            [{"name": "caption_dropout", "p": args.caption_dropout}] if args.caption_dropout else []
+        ),
+    )
     if args.every and args.steps % args.every:
         raise SystemExit("--steps must be a multiple of --every")
     finetune(

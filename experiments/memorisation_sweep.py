@@ -4,7 +4,8 @@ Usage: python experiments/memorisation_sweep.py --run experiments/results/memori
        [--guidance 1 3 7.5] [--steps 20 50] [--n 16]
 Reads RUN/model (saved by experiments/memorisation_regime.py) and RUN/data; for each guidance × DDIM
 steps: the share of memorised-caption samples nearest to their own training image, the share within
-the copy threshold, the median tiled distance and the extraction attack's count. Writes RUN/sweep.json
+the copy threshold, the median tiled distance, the extraction attack's count and Wen et al.'s denoising
+strength on memorised against as many other training captions (4 trajectories each). Writes RUN/sweep.json
 and RUN/sweep_samples.png (for each guidance of the first --steps value, four memorised captions: a row
 of their training image, then seven samples).
 """
@@ -19,6 +20,7 @@ import torch
 
 from capsearch.data import load_images, read_metadata
 from capsearch.metrics import PHANTOM_THRESHOLD, extraction_attack
+from capsearch.metrics.denoising import denoising_strength_per_prompt
 from capsearch.metrics.extraction import _nearest_training
 from capsearch.models import load_pipeline
 from capsearch.sample import generate, save_grid
@@ -37,6 +39,7 @@ def main() -> None:
     data = args.run / "data"
     records = [r for r in read_metadata(data) if r["split"] == "train"]
     memorised = sorted({r["text"] for r in records if r.get("dup_group") is not None})
+    others = sorted({r["text"] for r in records if r.get("dup_group") is None})[: len(memorised)]
     own_rows = {c: {i for i, r in enumerate(records) if r["text"] == c} for c in memorised}
     train = load_images(data, "train", 32)
     pipe = load_pipeline(str(args.run / "model"))
@@ -60,6 +63,9 @@ def main() -> None:
                 min_clique=3,
                 batch_size=len(memorised) * args.n,
             )
+            kw = dict(steps=steps, n=4, guidance=guidance)
+            s_mem = float(denoising_strength_per_prompt(pipe, memorised, **kw).mean())
+            s_oth = float(denoising_strength_per_prompt(pipe, others, **kw).mean())
             row = {
                 "steps": steps,
                 "guidance": guidance,
@@ -69,6 +75,9 @@ def main() -> None:
                 "min_dist": float(dist.min()),
                 "extracted": ext.count,
                 "of": len(memorised),
+                "strength_memorised": s_mem,
+                "strength_other": s_oth,
+                "strength_ratio": s_mem / s_oth,
             }
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -43,7 +43,29 @@ def test_evaluate_writes_every_metric_with_settings(data, tmp_path):
     assert m["fid"] > 0 and 0 <= m["alignment"] <= 1 and m["amd"] >= 0
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["settings"]["samples"] == 6 and saved["settings"]["world"] == "phantom"
+    assert (
+        saved["settings"]["extraction_guidance"] == SMALL.guidance
+    )  # unset: the sampling guidance
     assert (tmp_path / "samples.png").stat().st_size > 1000
+
+
+def test_the_attack_samples_at_its_own_guidance(data, monkeypatch):
+    import dataclasses
+
+    import capsearch.metrics as metrics
+
+    seen = []
+    real = metrics.extraction_attack
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["guidance"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(metrics, "extraction_attack", spy)
+    config = dataclasses.replace(SMALL, extraction_guidance=1.0)
+    m = evaluate(load_pipeline("tiny:random"), data, config)
+    assert seen == [1.0] and m["settings"]["extraction_guidance"] == 1.0
+    assert m["settings"]["guidance"] == 3.0
 
 
 def test_eval_cli(data, tmp_path, capsys):
