@@ -2,8 +2,10 @@
 
 Usage: python experiments/memorisation_regime.py --steps 1500 --every 250 --out experiments/results/memorisation
 Full fine-tuning of the shipped tiny base on phantoms whose memorisation subset is duplicated K times with
-unique captions. Every `--every` steps: the extraction attack on the memorised captions and Wen et al.'s
-denoising strength on memorised against other captions. Prints one line per checkpoint; writes results.json.
+unique captions. Every `--every` steps, `capsearch.metrics.memorisation.memorisation_probe`: the
+extraction attack on the memorised captions, how close their samples come to their own image, and Wen et
+al.'s denoising strength on memorised against other captions. Prints one line per checkpoint; writes
+results.json and, at the end, the model (RUN/model, for experiments/memorisation_sweep.py).
 """
 
 from __future__ import annotations
@@ -15,12 +17,9 @@ from pathlib import Path
 
 import torch
 
-from capsearch.data import load_images, read_metadata
-from capsearch.metrics import PHANTOM_THRESHOLD, extraction_attack
-from capsearch.metrics.denoising import denoising_strength_per_prompt
-from capsearch.metrics.extraction import _nearest_training
+from capsearch.data import read_metadata
+from capsearch.metrics.memorisation import memorisation_probe, memorised_captions
 from capsearch.models import load_pipeline
-from capsearch.sample import generate
 from capsearch.train import TrainConfig, finetune
 from capsearch.worlds.phantom import write_phantom_dataset
 
@@ -63,13 +62,7 @@ def main() -> None:
             dup_copies=args.dup_copies,
         )
     records = [r for r in read_metadata(data) if r["split"] == "train"]
-    memorised = sorted({r["text"] for r in records if r.get("dup_group") is not None})
-    others = sorted({r["text"] for r in records if r.get("dup_group") is None})[: len(memorised)]
-    train_images = load_images(data, "train", 32)
-    if len(train_images) != len(records):
-        raise SystemExit("some training images are unreadable; regenerate the data folder")
-    # Training rows of each memorised caption (its K identical files).
-    own_rows = {c: {i for i, r in enumerate(records) if r["text"] == c} for c in memorised}
+    memorised, _, _ = memorised_captions(records)
     print(f"{len(records)} training rows, {len(memorised)} memorised captions", flush=True)
     pipe = load_pipeline("tiny")
     results, t0 = [], time.time()
@@ -77,46 +70,13 @@ def main() -> None:
     def checkpoint(event: str, payload: dict) -> None:
         if event != "step" or payload["step"] % args.every:
             return
-        # Generate once; the attack and the nearest-neighbour diagnostics read the same images.
-        images = generate(
-            pipe, memorised, n_per_prompt=args.n, steps=20, guidance=args.guidance, seed=0
+        probe = memorisation_probe(
+            pipe, data, n=args.n, guidance=args.guidance, strength_n=2, other_n=max(2, args.n // 2)
         )
-        dist, idx = _nearest_training(images, train_images, tiles=4)
-        owner = [c for c in memorised for _ in range(args.n)]
-        own = [int(t) in own_rows[c] for c, t in zip(owner, idx.tolist(), strict=True)]
-        copies = (dist <= PHANTOM_THRESHOLD).tolist()
-        other_imgs = generate(
-            pipe, others, n_per_prompt=max(2, args.n // 2), steps=20, guidance=args.guidance, seed=1
-        )
-        other_dist, _ = _nearest_training(other_imgs, train_images, tiles=4)
-        cached = {tuple(memorised): images}
-        ext = extraction_attack(
-            lambda prompts, n, seed: cached[tuple(prompts)],
-            memorised,
-            train_images,
-            n_per_prompt=args.n,
-            threshold=PHANTOM_THRESHOLD,
-            min_clique=3,
-            batch_size=len(memorised) * args.n,
-        )
-        kw = dict(steps=20, n=2, guidance=args.guidance)
-        s_mem = float(denoising_strength_per_prompt(pipe, memorised, **kw).mean())
-        s_oth = float(denoising_strength_per_prompt(pipe, others, **kw).mean())
         row = {
             "step": payload["step"],
             "loss": payload["loss"],
-            "extracted": ext.count,
-            "of": len(memorised),
-            # share of memorised-caption samples whose nearest training image is their own image
-            "nearest_own": sum(own) / len(own),
-            # share of samples within the copy threshold of a training image (their own one)
-            "copies_memorised": sum(c and o for c, o in zip(copies, own, strict=True)) / len(own),
-            "copies_other": float((other_dist <= PHANTOM_THRESHOLD).float().mean()),
-            "median_dist_memorised": float(dist.median()),
-            "median_dist_other": float(other_dist.median()),
-            "strength_memorised": s_mem,
-            "strength_other": s_oth,
-            "ratio": s_mem / s_oth,
+            **{k: v for k, v in probe.items() if k not in ("extracted_pairs", "settings")},
             "minutes": round((time.time() - t0) / 60, 1),
         }
         results.append(row)

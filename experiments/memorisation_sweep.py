@@ -19,9 +19,7 @@ from pathlib import Path
 import torch
 
 from capsearch.data import load_images, read_metadata
-from capsearch.metrics import PHANTOM_THRESHOLD, extraction_attack
-from capsearch.metrics.denoising import denoising_strength_per_prompt
-from capsearch.metrics.extraction import _nearest_training
+from capsearch.metrics.memorisation import memorisation_probe, memorised_captions
 from capsearch.models import load_pipeline
 from capsearch.sample import generate, save_grid
 
@@ -38,53 +36,24 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     data = args.run / "data"
     records = [r for r in read_metadata(data) if r["split"] == "train"]
-    memorised = sorted({r["text"] for r in records if r.get("dup_group") is not None})
-    others = sorted({r["text"] for r in records if r.get("dup_group") is None})[: len(memorised)]
-    own_rows = {c: {i for i, r in enumerate(records) if r["text"] == c} for c in memorised}
+    memorised, own_rows, _ = memorised_captions(records)
     train = load_images(data, "train", 32)
     pipe = load_pipeline(str(args.run / "model"))
     rows, grid = [], []
     for steps in args.steps:
         for guidance in args.guidance:
-            images = generate(
-                pipe, memorised, args.n, steps=steps, guidance=guidance, seed=0, batch_size=64
+            probe = memorisation_probe(
+                pipe, data, n=args.n, steps=steps, guidance=guidance, strength_n=4
             )
-            dist, idx = _nearest_training(images, train, tiles=4)
-            owner = [c for c in memorised for _ in range(args.n)]
-            own = torch.tensor(
-                [int(t) in own_rows[c] for c, t in zip(owner, idx.tolist(), strict=True)]
-            )
-            ext = extraction_attack(
-                lambda prompts, n, seed, images=images: images,
-                memorised,
-                train,
-                n_per_prompt=args.n,
-                threshold=PHANTOM_THRESHOLD,
-                min_clique=3,
-                batch_size=len(memorised) * args.n,
-            )
-            kw = dict(steps=steps, n=4, guidance=guidance)
-            s_mem = float(denoising_strength_per_prompt(pipe, memorised, **kw).mean())
-            s_oth = float(denoising_strength_per_prompt(pipe, others, **kw).mean())
-            row = {
-                "steps": steps,
-                "guidance": guidance,
-                "nearest_own": float(own.float().mean()),
-                "copies": float(((dist <= PHANTOM_THRESHOLD) & own).float().mean()),
-                "median_dist": float(dist.median()),
-                "min_dist": float(dist.min()),
-                "extracted": ext.count,
-                "of": len(memorised),
-                "strength_memorised": s_mem,
-                "strength_other": s_oth,
-                "strength_ratio": s_mem / s_oth,
-            }
+            row = {"steps": steps, "guidance": guidance}
+            row.update((k, v) for k, v in probe.items() if k not in ("extracted_pairs", "settings"))
             rows.append(row)
             print(json.dumps(row), flush=True)
             if steps == args.steps[0]:
+                images = generate(pipe, memorised[:4], 7, steps=steps, guidance=guidance, seed=0)
                 for k, caption in enumerate(memorised[:4]):
                     grid.append(train[min(own_rows[caption])])
-                    grid.extend(images[k * args.n : k * args.n + 7])
+                    grid.extend(images[k * 7 : (k + 1) * 7])
     (args.run / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
     save_grid(torch.stack(grid), args.run / "sweep_samples.png", nrow=8)
     print(f"wrote {args.run / 'sweep.json'} and sweep_samples.png")

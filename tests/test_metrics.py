@@ -368,3 +368,53 @@ def test_novelty_floor_separates_copies_from_novel_phantoms(phantom_world):
     copies = copier(sorted(first), 1, seed=7)
     worst_copy = float(tiled_distance(copies, phantom_world["train"]).min(dim=1).values.max())
     assert worst_copy < PHANTOM_THRESHOLD < floor
+
+
+# --- the memorisation probe -----------------------------------------------------------------------------
+
+
+def test_memorisation_probe_counts_a_copier_of_the_duplicates(tmp_path, monkeypatch):
+    import capsearch.sample as sample
+    from capsearch.data import load_images, read_metadata
+    from capsearch.metrics.memorisation import memorisation_probe, memorised_captions
+    from capsearch.models import load_pipeline
+    from capsearch.worlds.phantom import write_phantom_dataset
+
+    root = tmp_path / "data"
+    write_phantom_dataset(root, patients=12, size=32, seed=3, dup_fraction=0.2, dup_copies=4)
+    records = [r for r in read_metadata(root) if r["split"] == "train"]
+    memorised, rows, others = memorised_captions(records)
+    assert memorised and len(others) == len(memorised)
+    assert all(len(rows[c]) == 4 for c in memorised)
+    train = load_images(root, "train", 32)
+    real_generate = sample.generate
+
+    def copier(pipe, prompts, n, *args, on_step=None, **kwargs):
+        if on_step is not None:  # denoising strength: the real trajectories
+            return real_generate(pipe, prompts, n, *args, on_step=on_step, **kwargs)
+        gen = torch.Generator().manual_seed(0)
+        out = []
+        for caption in prompts:
+            own = rows.get(caption)
+            base = train[min(own)] if own else torch.zeros_like(train[0])
+            out.append(base + 0.01 * torch.randn(n, *base.shape, generator=gen))
+        return torch.cat(out).clamp(-1, 1)
+
+    monkeypatch.setattr(sample, "generate", copier)
+    probe = memorisation_probe(load_pipeline("tiny:random"), root, n=4, steps=2, other_n=2)
+    assert probe["extracted"] == probe["of"] == len(memorised)
+    assert probe["nearest_own"] == 1.0 and probe["copies"] == 1.0
+    assert probe["copies_other"] == 0.0  # blank images for the other captions copy nothing
+    for prompt, index, _ in probe["extracted_pairs"]:
+        assert records[index]["text"] == prompt  # each extraction is the caption's own image
+    assert probe["strength_memorised"] > 0 and probe["strength_ratio"] > 0
+
+
+def test_memorisation_probe_needs_a_duplicated_subset(tmp_path):
+    from capsearch.metrics.memorisation import memorisation_probe
+    from capsearch.models import load_pipeline
+    from capsearch.worlds.phantom import write_phantom_dataset
+
+    write_phantom_dataset(tmp_path / "plain", patients=6, size=32, seed=1)
+    with pytest.raises(UserError, match="no memorisation subset"):
+        memorisation_probe(load_pipeline("tiny:random"), tmp_path / "plain", n=3, steps=1)

@@ -16,6 +16,7 @@ from capsearch.metrics.extraction import (
     tiled_distance,
 )
 from capsearch.metrics.fid import frechet_distance, frechet_distance_from_stats, gaussian_stats
+from capsearch.metrics.memorisation import memorisation_probe, memorised_captions
 
 __all__ = [
     "PHANTOM_THRESHOLD",
@@ -30,6 +31,8 @@ __all__ = [
     "frechet_distance",
     "frechet_distance_from_stats",
     "gaussian_stats",
+    "memorisation_probe",
+    "memorised_captions",
     "nearest_train",
     "novelty_floor",
     "prompt_cliques",
