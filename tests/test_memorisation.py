@@ -1,0 +1,54 @@
+"""The positive control the project rests on: full fine-tuning on duplicated phantoms memorises them.
+
+Slow (`make test-slow`): 2,000 full fine-tuning steps of the shipped tiny base plus two probes, about
+20 minutes on 2 CPU cores. The regime and how it was found: docs/metrics.md, "The positive control".
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from capsearch.data import read_metadata
+from capsearch.metrics.memorisation import memorisation_probe
+from capsearch.models import load_pipeline
+from capsearch.train import TrainConfig, finetune
+from capsearch.worlds.phantom import write_phantom_dataset
+
+# The cheapest regime found (experiments/memorisation_regime.py, docs/metrics.md).
+STEPS = 2000
+REGIME = TrainConfig(steps=STEPS, lr=3e-4, warmup_steps=50, lr_schedule="cosine")
+
+
+@pytest.fixture
+def all_cores():
+    """This one long test may use every core (the suite runs torch on one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_full_finetuning_on_duplicated_phantoms_memorises(tmp_path, all_cores):
+    data = tmp_path / "data"
+    write_phantom_dataset(data, patients=80, size=64, seed=11, dup_fraction=0.05, dup_copies=20)
+    records = [r for r in read_metadata(data) if r["split"] == "train"]
+    pipe = load_pipeline("tiny")
+    before = memorisation_probe(pipe, data, n=16, guidance=1.0)
+    assert before["extracted"] == 0 and before["copies"] == 0.0  # the base knows none of them
+
+    result = finetune(pipe, [{"method": "full", "units": "*"}], data, REGIME, quiet=True)
+    assert result.status == "ok"
+    after = memorisation_probe(pipe, data, n=16, guidance=1.0, other_n=8)
+    print(f"memorisation control after {STEPS} steps: {after}")
+    # Measured (experiments/results/memorisation_cosine): 9 of 9 extracted, 39% of the samples pixel
+    # copies, 94% nearest to their own image, strength ratio 1.13.
+    assert after["extracted"] >= after["of"] // 2
+    for prompt, index, _ in after["extracted_pairs"]:
+        assert records[index]["text"] == prompt  # each extraction is its caption's own image
+    assert after["nearest_own"] > 0.5 and after["copies"] > 0.1
+    assert after["copies_other"] == 0.0  # other captions' samples are not copies
+    assert after["strength_ratio"] > 1.0
