@@ -1,7 +1,7 @@
 """The positive control the project rests on: full fine-tuning on duplicated phantoms memorises them.
 
-Slow (`make test-slow`): 2,000 full fine-tuning steps of the shipped tiny base plus two probes, about
-20 minutes on 2 CPU cores. The regime and how it was found: docs/metrics.md, "The positive control".
+Slow (`make test-slow`): 2,000 full fine-tuning steps of the shipped tiny base plus two probes, 16 min 54 s
+on 2 CPU cores. The regime and how it was found: docs/metrics.md, "The positive control".
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ def test_full_finetuning_on_duplicated_phantoms_memorises(tmp_path, all_cores):
     assert result.status == "ok"
     after = memorisation_probe(pipe, data, n=16, guidance=1.0, other_n=8)
     print(f"memorisation control after {STEPS} steps: {after}")
-    # Measured (experiments/results/memorisation_cosine): 9 of 9 extracted, 39% of the samples pixel
-    # copies, 94% nearest to their own image, strength ratio 1.13.
+    # Measured here: 9 of 9 extracted, 39% of the samples pixel copies, 94% nearest to their own
+    # image, 0% copies for other captions, strength ratio 1.06 (1.13 with 4 trajectories per caption).
     assert after["extracted"] >= after["of"] // 2
     for prompt, index, _ in after["extracted_pairs"]:
         assert records[index]["text"] == prompt  # each extraction is its caption's own image
