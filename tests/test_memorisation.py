@@ -1,6 +1,6 @@
 """The positive control the project rests on: full fine-tuning on duplicated phantoms memorises them.
 
-Slow (`make test-slow`): 2,000 full fine-tuning steps of the shipped tiny base plus two probes, 16 min 54 s
+Slow (`make test-slow`): 2,000 full fine-tuning steps of the shipped tiny base plus two probes, 18 min 35 s
 on 2 CPU cores. The regime and how it was found: docs/metrics.md, "The positive control".
 """
 
@@ -18,8 +18,16 @@ from capsearch.train import TrainConfig, finetune
 from capsearch.worlds.phantom import write_phantom_dataset
 
 # The cheapest regime found (experiments/memorisation_regime.py, docs/metrics.md).
+# Caption dropout 0.1 (as Stable Diffusion was trained) keeps the unconditional branch in the phantom
+# world, so Wen et al.'s strength separates memorised captions clearly (1.36x; 1.06x without it).
 STEPS = 2000
-REGIME = TrainConfig(steps=STEPS, lr=3e-4, warmup_steps=50, lr_schedule="cosine")
+REGIME = TrainConfig(
+    steps=STEPS,
+    lr=3e-4,
+    warmup_steps=50,
+    lr_schedule="cosine",
+    mitigations=[{"name": "caption_dropout", "p": 0.1}],
+)
 
 
 @pytest.fixture
@@ -44,11 +52,11 @@ def test_full_finetuning_on_duplicated_phantoms_memorises(tmp_path, all_cores):
     assert result.status == "ok"
     after = memorisation_probe(pipe, data, n=16, guidance=1.0, other_n=8)
     print(f"memorisation control after {STEPS} steps: {after}")
-    # Measured here: 9 of 9 extracted, 39% of the samples pixel copies, 94% nearest to their own
-    # image, 0% copies for other captions, strength ratio 1.06 (1.13 with 4 trajectories per caption).
-    assert after["extracted"] >= after["of"] // 2
+    # Measured (experiments/results/memorisation_dropout): 5 of 9 extracted, 28% of the samples pixel
+    # copies, 86% nearest to their own image, 0% copies for other captions, strength ratio 1.36.
+    assert after["extracted"] >= 3
     for prompt, index, _ in after["extracted_pairs"]:
         assert records[index]["text"] == prompt  # each extraction is its caption's own image
     assert after["nearest_own"] > 0.5 and after["copies"] > 0.1
     assert after["copies_other"] == 0.0  # other captions' samples are not copies
-    assert after["strength_ratio"] > 1.0
+    assert after["strength_ratio"] > 1.2
