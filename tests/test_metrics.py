@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +17,11 @@ from capsearch.metrics import (
     denoising_strength_per_prompt,
     extraction_attack,
     frechet_distance,
+    frechet_distance_from_stats,
+    frechet_distance_to,
+    gaussian_stats,
+    kernel_inception_distance,
+    kernel_inception_distance_to,
     nearest_train,
     prompt_cliques,
     threshold_scores,
@@ -28,18 +36,23 @@ def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
 # --- FID ---------------------------------------------------------------------------------------------
 
 
+class _Identity(torch.nn.Module):
+    """Feeds features straight to torchmetrics (it reads the width from num_features)."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 def test_frechet_distance_matches_torchmetrics():
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    class Identity(torch.nn.Module):
-        num_features = 32  # torchmetrics reads the width from here instead of probing with an image
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x
-
     real = _randn(400, 32, seed=1) @ _randn(32, 32, seed=2) * 0.5 + 1.0
     fake = _randn(300, 32, seed=3) * 1.3 - 0.2
-    reference = FrechetInceptionDistance(feature=Identity())
+    reference = FrechetInceptionDistance(feature=_Identity(32))
     reference.update(real.double(), real=True)
     reference.update(fake.double(), real=False)
     expected = float(reference.compute())
@@ -60,10 +73,71 @@ def test_frechet_distance_formula_cases():
     assert frechet_distance(xc, 2 * xc) == pytest.approx(trace, rel=1e-6)
 
 
-def test_frechet_distance_degenerate_covariances_are_finite():
-    # Fewer samples than dimensions: singular covariances take the εI-offset path.
-    value = frechet_distance(_randn(10, 64, seed=5), _randn(12, 64, seed=6) + 0.5)
-    assert value == value and value > 0
+def _sqrtm_fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Heusel et al.'s eq. (6) through scipy's general matrix square root, for comparison."""
+    from scipy import linalg
+
+    mu1, mu2 = real.double().mean(0).numpy(), fake.double().mean(0).numpy()
+    s1, s2 = torch.cov(real.double().T).numpy(), torch.cov(fake.double().T).numpy()
+    root = linalg.sqrtm(s1 @ s2)
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1 + s2) - 2 * np.trace(root).real)
+
+
+def test_frechet_distance_degenerate_covariances_match_closed_forms():
+    # Fewer samples than dimensions (10 and 6 samples in 64-d): singular covariances, no offset needed.
+    x = _randn(10, 64, seed=5).double()
+    x = x - x.mean(0)
+    trace = float(torch.cov(x.T).trace())
+    shift = torch.linspace(-1, 1, 64).double()
+    # Σ_y = 4Σ_x, so Tr((Σ_x Σ_y)^½) = 2 Tr Σ_x and d = ‖shift‖² + (1 − 2)² Tr Σ_x.
+    assert frechet_distance(x, 2 * x + shift) == pytest.approx(
+        float(shift @ shift) + trace, rel=1e-10
+    )
+    # Supports on disjoint coordinates: Σ1Σ2 = 0 and d = ‖μ1 − μ2‖² + Tr Σ1 + Tr Σ2.
+    a, b = torch.zeros(6, 64, dtype=torch.float64), torch.zeros(7, 64, dtype=torch.float64)
+    a[:, :8], b[:, 8:16] = _randn(6, 8, seed=15).double(), _randn(7, 8, seed=16).double() + 1
+    expected = float(
+        (a.mean(0) - b.mean(0)).pow(2).sum() + torch.cov(a.T).trace() + torch.cov(b.T).trace()
+    )
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_with_fewer_samples_than_dimensions_matches_sqrtm_and_torchmetrics():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    # Well-conditioned reference (400 samples in 64-d) against a singular one (40 samples).
+    real = _randn(400, 64, seed=17) @ (torch.eye(64) + 0.1 * _randn(64, 64, seed=18))
+    fake = _randn(40, 64, seed=19) * 1.2 + 0.3
+    ours = frechet_distance(real, fake)
+    assert math.isfinite(ours) and ours > 1.0
+    assert ours == pytest.approx(_sqrtm_fid(real, fake), rel=1e-6)
+    reference = FrechetInceptionDistance(feature=_Identity(64))
+    reference.update(real.double(), real=True)
+    reference.update(fake.double(), real=False)
+    assert ours == pytest.approx(float(reference.compute()), rel=1e-6)
+    # Through the stats (√Σ factors on both sides) and through a fixed reference (the data as a factor).
+    from_stats = frechet_distance_from_stats(*gaussian_stats(real), *gaussian_stats(fake))
+    assert from_stats == pytest.approx(ours, rel=1e-9)
+    assert frechet_distance_to(real)(fake) == pytest.approx(ours, rel=1e-12)
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero():
+    few = _randn(10, 64, seed=20)
+    many = _randn(300, 16, seed=21) * 3 + 2
+    # Rank-deficient with more samples than dimensions: constant and duplicated columns (dead units).
+    dead = torch.cat([many, torch.ones(300, 4), many[:, :3]], dim=1)
+    for x in (few, many, dead):
+        assert frechet_distance(x, x) == pytest.approx(
+            0.0, abs=1e-9 * float(x.double().var(0).sum())
+        )
+
+
+def test_frechet_distance_refuses_a_covariance_that_is_not_one():
+    mu = np.zeros(3)
+    with pytest.raises(FloatingPointError, match="not positive semi-definite"):
+        frechet_distance_from_stats(mu, np.diag([1.0, 1.0, -0.5]), mu, np.eye(3))
+    with pytest.raises(UserError, match="not symmetric"):
+        frechet_distance_from_stats(mu, np.triu(np.ones((3, 3))), mu, np.eye(3))
 
 
 def test_frechet_distance_rejects_bad_input():
@@ -73,6 +147,79 @@ def test_frechet_distance_rejects_bad_input():
         frechet_distance(_randn(1, 4), _randn(10, 4))
     with pytest.raises(UserError):
         frechet_distance(_randn(10), _randn(10, 1))
+
+
+# --- KID ---------------------------------------------------------------------------------------------
+
+
+def _brute_force_kid(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Bińkowski et al. 2018's unbiased MMD² with k(a, b) = (aᵀb/d + 1)³, pair by pair."""
+    x, y = x.double().tolist(), y.double().tolist()
+    dim = len(x[0])
+
+    def k(a: list[float], b: list[float]) -> float:
+        return (sum(p * q for p, q in zip(a, b)) / dim + 1) ** 3
+
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(a, b) for a in x for b in y) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_matches_its_definition_by_brute_force():
+    x, y = _randn(5, 3, seed=30), _randn(7, 3, seed=31) * 1.5 + 0.4
+    expected = _brute_force_kid(x, y)
+    assert abs(expected) > 0.1  # at 5 and 7 samples the unbiased estimate may be negative
+    assert kernel_inception_distance(x, y) == pytest.approx(expected, rel=1e-12)
+    # Kernel blocks of 2 rows (uneven last block) and the fixed-reference form give the same value.
+    assert kernel_inception_distance(x, y, block_rows=2) == pytest.approx(expected, rel=1e-12)
+    assert kernel_inception_distance_to(x)(y) == pytest.approx(expected, rel=1e-12)
+
+
+def test_kid_is_unbiased_where_the_plug_in_estimate_is_not():
+    rng = np.random.default_rng(32)
+    draws, plug_in = [], []
+    for _ in range(400):
+        # Two samples of 8 from the same distribution: MMD² is 0, so the estimates must average to 0.
+        x, y = rng.standard_normal((8, 4)), rng.standard_normal((8, 4))
+        draws.append(kernel_inception_distance(x, y))
+        k = (np.concatenate([x, y]) @ np.concatenate([x, y]).T / 4 + 1) ** 3
+        plug_in.append(k[:8, :8].mean() + k[8:, 8:].mean() - 2 * k[:8, 8:].mean())
+    draws, plug_in = np.array(draws), np.array(plug_in)
+    se = draws.std(ddof=1) / np.sqrt(len(draws))
+    assert abs(draws.mean()) < 3 * se
+    assert (draws < 0).any()  # an unbiased estimate of 0 must go negative; it is never clamped
+    # The plug-in (V-statistic) estimate keeps the i = j terms and is biased upwards at this size.
+    assert plug_in.mean() > 10 * plug_in.std(ddof=1) / np.sqrt(len(plug_in))
+
+
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")
+def test_kid_matches_torchmetrics():
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    real = _randn(50, 16, seed=33).double()
+    fake = (_randn(50, 16, seed=34) * 1.2 + 0.1).double()
+    # With subset_size equal to the sample count every torchmetrics subset is the whole set, so its
+    # subset mean is the all-samples estimate.
+    reference = KernelInceptionDistance(feature=_Identity(16), subsets=3, subset_size=50)
+    reference.update(real, real=True)
+    reference.update(fake, real=False)
+    mean, std = reference.compute()
+    ours = kernel_inception_distance(real, fake)
+    assert ours > 1e-3
+    assert ours == pytest.approx(float(mean), rel=1e-9) and float(std) == pytest.approx(
+        0, abs=1e-12
+    )
+
+
+def test_kid_rejects_bad_input():
+    with pytest.raises(UserError):
+        kernel_inception_distance(_randn(10, 4), _randn(10, 5))
+    with pytest.raises(UserError):
+        kernel_inception_distance(_randn(1, 4), _randn(10, 4))
+    with pytest.raises(UserError):
+        kernel_inception_distance_to(_randn(10, 4))(_randn(10, 3))
 
 
 # --- AMD ---------------------------------------------------------------------------------------------
@@ -212,12 +359,75 @@ def tiny_pipe():
 
 
 def test_extraction_attack_runs_a_pipeline(tiny_pipe):
-    train = torch.zeros(3, 1, 32, 32)
+    prompts = ["no acute findings", "cardiomegaly"]
+    train = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(13)) * 2 - 1
+
+    def attack(threshold: float) -> ExtractionResult:
+        return extraction_attack(
+            tiny_pipe, prompts, train, n_per_prompt=3, threshold=threshold, steps=2, seed=4
+        )
+
+    # Tiled distances of [-1, 1] images lie in [0, 1]: at δ = 1 all three generations of a prompt form
+    # one clique, and its medoid is within δ of every training image, so each prompt extracts once.
+    everything = attack(1.0)
+    assert everything.settings["n_cliques"] == 2 and len(everything.extracted) == 2
+    for (prompt, t, gen_index), own in zip(everything.extracted, prompts):
+        assert prompt == own and 0 <= t < 3 and gen_index // 3 == prompts.index(own)
+    assert everything.count == len({t for _, t, _ in everything.extracted})
+    # The real sampler's generations are never pixel-identical, so at δ = 0 there are no cliques.
+    nothing = attack(0.0)
+    assert nothing.count == 0 and nothing.settings["n_cliques"] == 0
+    assert nothing.settings["n_generated"] == 6 and nothing.settings["steps"] == 2
+
+
+def test_extraction_attack_counts_a_pipeline_that_copies(tiny_pipe, monkeypatch):
+    import capsearch.sample as sample
+
+    train = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(14)) * 2 - 1
+    calls = []
+
+    def stand_in(pipe, prompts, n_per_prompt, steps, guidance, seed, batch_size, scheduler):
+        # Prompt "image k" gets noisy copies of training image k; any other prompt gets pure noise.
+        calls.append((pipe, n_per_prompt, steps, guidance, scheduler))
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        for prompt in prompts:
+            noise = torch.rand(n_per_prompt, 1, 32, 32, generator=gen) * 2 - 1
+            if prompt.startswith("image "):
+                noise = train[int(prompt.split()[1])] + 0.01 * noise
+            out.append(noise)
+        return torch.cat(out).clamp(-1, 1)
+
+    monkeypatch.setattr(sample, "generate", stand_in)
+    prompts = ["image 2", "cardiomegaly", "image 0"]
     result = extraction_attack(
-        tiny_pipe, ["no acute findings", "cardiomegaly"], train, n_per_prompt=3, steps=2
+        tiny_pipe, prompts, train, n_per_prompt=4, threshold=0.04, steps=3, guidance=1.0
     )
-    assert isinstance(result, ExtractionResult)
-    assert result.settings["n_generated"] == 6 and result.settings["steps"] == 2
+    assert sorted((p, t) for p, t, _ in result.extracted) == [("image 0", 0), ("image 2", 2)]
+    assert result.count == 2
+    assert all(c[0] is tiny_pipe for c in calls)
+    assert {c[1:] for c in calls} == {(4, 3, 1.0, "ddim")}
+
+
+def test_extraction_attack_reports_prompts_whose_cliques_were_capped(monkeypatch):
+    import capsearch.metrics.extraction as extraction
+
+    # Constant images at -0.2, 0, 0.2: at δ = 0.15 two overlapping maximal cliques, {0, 1} and {1, 2}.
+    def chain(prompts: list[str], n_per_prompt: int, seed: int) -> torch.Tensor:
+        levels = torch.tensor([-0.2, 0.0, 0.2]).view(3, 1, 1, 1).expand(3, 1, 8, 8)
+        return levels.repeat(len(prompts), 1, 1, 1)
+
+    train = torch.ones(2, 1, 8, 8)
+
+    def attack() -> ExtractionResult:
+        return extraction_attack(
+            chain, ["a", "b"], train, n_per_prompt=3, threshold=0.15, min_clique=2
+        )
+
+    assert attack().settings["prompts_with_capped_cliques"] == 0
+    uncapped = extraction.prompt_cliques
+    monkeypatch.setattr(extraction, "prompt_cliques", lambda *args: uncapped(*args, max_cliques=1))
+    assert attack().settings["prompts_with_capped_cliques"] == 2
 
 
 def test_denoising_strength_properties(tiny_pipe):

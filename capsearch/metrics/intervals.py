@@ -1,0 +1,240 @@
+"""95% intervals for the evaluation metrics, resampling prompts, never single generated images.
+
+Generated images come as n_per_prompt samples for each of P prompts (prompt-major). Images of one prompt
+are not independent draws, and duplicating an image (an image bootstrap) forms false cliques in the
+extraction attack and shrinks FID's covariance, so the unit of resampling is the prompt
+(docs/metrics.md, "Intervals").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from statistics import NormalDist
+
+import numpy as np
+import torch
+
+from capsearch.errors import UserError
+from capsearch.metrics.extraction import ExtractionResult
+from capsearch.metrics.fid import _as_float64, frechet_distance
+from capsearch.metrics.kid import kernel_inception_distance
+
+Statistic = Callable[[np.ndarray], float]
+
+
+def _t_quantile(q: float, dof: int) -> float:
+    """Student t quantile (scipy.special: about half of scipy.stats' import time)."""
+    from scipy.special import stdtrit
+
+    return float(stdtrit(dof, q))
+
+
+def _check_level(level: float) -> float:
+    """Two-sided tail probability α of a confidence level in (0, 1)."""
+    if not 0.0 < level < 1.0:
+        raise UserError(f"interval level must be between 0 and 1, got {level}")
+    return 1.0 - level
+
+
+def _labels(clusters: Sequence | np.ndarray | torch.Tensor, n: int) -> tuple[np.ndarray, int]:
+    """Cluster labels → indices 0..P−1 per sample, and P (at least 2)."""
+    raw = clusters.cpu().numpy() if torch.is_tensor(clusters) else np.asarray(clusters)
+    if raw.ndim != 1 or len(raw) != n:
+        raise UserError(f"need one cluster label per sample: {n} samples, {raw.shape} labels")
+    _, index = np.unique(raw, return_inverse=True)
+    n_clusters = int(index.max()) + 1 if n else 0
+    if n_clusters < 2:
+        raise UserError(f"an interval over clusters needs at least 2 clusters, got {n_clusters}")
+    return index.reshape(-1), n_clusters
+
+
+def _values(values: Sequence[float] | np.ndarray | torch.Tensor, what: str) -> np.ndarray:
+    """Per-sample values as finite float64."""
+    arr = (
+        values.detach().cpu().double().numpy()
+        if torch.is_tensor(values)
+        else np.asarray(values, np.float64)
+    )
+    if not np.isfinite(arr).all():
+        raise UserError(f"{what} contain NaN or infinite values")
+    return arr
+
+
+def prompt_clusters(n_prompts: int, n_per_prompt: int) -> np.ndarray:
+    """Cluster label (the prompt index) of each prompt-major generated sample: [P·n]."""
+    if n_prompts < 1 or n_per_prompt < 1:
+        raise UserError(f"need n_prompts ≥ 1 and n_per_prompt ≥ 1, got {n_prompts}, {n_per_prompt}")
+    return np.repeat(np.arange(n_prompts), n_per_prompt)
+
+
+def _bootstrap_means(
+    values: np.ndarray, index: np.ndarray, n_clusters: int, n_boot: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Per-sample means of n_boot resamples of whole clusters (vectorised over cluster sums)."""
+    sums = np.bincount(index, weights=values, minlength=n_clusters)
+    counts = np.bincount(index, minlength=n_clusters).astype(np.float64)
+    draws = rng.integers(0, n_clusters, size=(n_boot, n_clusters))
+    # A resample's per-sample mean: its clusters' total over their size (unequal clusters weigh by size).
+    return sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+
+
+def cluster_bootstrap(
+    values: Sequence[float] | np.ndarray | torch.Tensor,
+    clusters: Sequence | np.ndarray | torch.Tensor,
+    statistic: str | Statistic = "mean",
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile interval (low, high) of a statistic, resampling whole clusters (prompts) with replacement."""
+    alpha = _check_level(level)
+    if n_boot < 1:
+        raise UserError(f"n_boot must be at least 1, got {n_boot}")
+    arr = _values(values, "values")
+    index, n_clusters = _labels(clusters, len(arr))
+    rng = np.random.default_rng(seed)
+    if statistic == "mean":
+        if arr.ndim != 1:
+            raise UserError(f"the mean statistic needs 1-D values, got shape {arr.shape}")
+        boot = _bootstrap_means(arr, index, n_clusters, n_boot, rng)
+    elif callable(statistic):
+        members = [np.flatnonzero(index == c) for c in range(n_clusters)]
+        draws = rng.integers(0, n_clusters, size=(n_boot, n_clusters))
+        boot = np.array([statistic(arr[np.concatenate([members[c] for c in d])]) for d in draws])
+    else:
+        raise UserError(f"statistic must be 'mean' or a callable, got {statistic!r}")
+    low, high = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def cluster_bootstrap_ratio(
+    numerator: Sequence[float] | np.ndarray | torch.Tensor,
+    denominator: Sequence[float] | np.ndarray | torch.Tensor,
+    numerator_clusters: Sequence | np.ndarray | torch.Tensor | None = None,
+    denominator_clusters: Sequence | np.ndarray | torch.Tensor | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile interval of mean(numerator) / mean(denominator), each side's clusters resampled on its own."""
+    alpha = _check_level(level)
+    if n_boot < 1:
+        raise UserError(f"n_boot must be at least 1, got {n_boot}")
+    rng = np.random.default_rng(seed)
+    means = []
+    for values, clusters, what in (
+        (numerator, numerator_clusters, "numerator"),
+        (denominator, denominator_clusters, "denominator"),
+    ):
+        arr = _values(values, f"{what} values")
+        if arr.ndim != 1:
+            raise UserError(f"{what} values must be 1-D, got shape {arr.shape}")
+        # Without labels every value is its own cluster (e.g. per-prompt denoising strengths).
+        labels = np.arange(len(arr)) if clusters is None else clusters
+        index, n_clusters = _labels(labels, len(arr))
+        if what == "denominator" and arr.mean() <= 0:
+            raise UserError(f"a ratio interval needs a positive denominator mean, got {arr.mean()}")
+        means.append(_bootstrap_means(arr, index, n_clusters, n_boot, rng))
+    # The two sides are different prompts (memorised against other), so they are resampled independently.
+    low, high = np.quantile(means[0] / means[1], [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def jackknife_interval(
+    stat_fn: Callable[[torch.Tensor | np.ndarray], float],
+    features: torch.Tensor | np.ndarray,
+    clusters: Sequence | np.ndarray | torch.Tensor,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
+    """(estimate, low, high): delete-one-cluster jackknife standard error with a t quantile (P − 1 d.f.)."""
+    alpha = _check_level(level)
+    index, n_clusters = _labels(clusters, len(features))
+    estimate = float(stat_fn(features))
+    replicates = np.empty(n_clusters)
+    for c in range(n_clusters):
+        keep = index != c
+        subset = features[torch.from_numpy(keep)] if torch.is_tensor(features) else features[keep]
+        replicates[c] = stat_fn(subset)
+    if not np.isfinite(replicates).all() or not np.isfinite(estimate):
+        raise FloatingPointError("a jackknife replicate of the statistic is not finite")
+    # The jackknife standard error (Efron & Tibshirani 1993, ch. 11), deleting one whole cluster at a time:
+    # clusters are the independent units, the images within one prompt are not.
+    se = np.sqrt((n_clusters - 1) / n_clusters * np.sum((replicates - replicates.mean()) ** 2))
+    half = _t_quantile(1 - alpha / 2, n_clusters - 1) * float(se)
+    return estimate, estimate - half, estimate + half
+
+
+def wilson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval (Wilson 1927) for a binomial proportion: (low, high) in [0, 1]."""
+    alpha = _check_level(level)
+    if trials < 1 or not 0 <= successes <= trials:
+        raise UserError(f"need 0 ≤ successes ≤ trials and trials ≥ 1, got {successes} of {trials}")
+    z = NormalDist().inv_cdf(1 - alpha / 2)
+    p = successes / trials
+    denom = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denom
+    half = z / denom * float(np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)))
+    # Algebraically inside [0, 1] (exactly 0 at no successes); the clip only removes float rounding.
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def extraction_interval(result: ExtractionResult, level: float = 0.95) -> tuple[int, float, float]:
+    """(prompts with an extraction, low, high): Wilson interval on that count out of the attacked prompts."""
+    if not isinstance(result, ExtractionResult):
+        raise UserError(f"expected an ExtractionResult, got {type(result).__name__}")
+    attacked = int(result.settings["n_prompts"])
+    hit = len({prompt for prompt, _, _ in result.extracted})
+    low, high = wilson_interval(hit, attacked, level)
+    return hit, low * attacked, high * attacked
+
+
+def seed_interval(
+    values: Sequence[float] | np.ndarray | torch.Tensor, level: float = 0.95
+) -> tuple[float, float, float]:
+    """(mean, low, high) of a metric measured once per sampling seed: Student t with n − 1 d.f."""
+    alpha = _check_level(level)
+    arr = _values(values, "seed values")
+    if arr.ndim != 1 or len(arr) < 2:
+        raise UserError(f"a seed interval needs at least 2 values (one per seed), got {arr.shape}")
+    mean = float(arr.mean())
+    quantile = _t_quantile(1 - alpha / 2, len(arr) - 1)
+    half = quantile * float(arr.std(ddof=1)) / float(np.sqrt(len(arr)))
+    return mean, mean - half, mean + half
+
+
+def noise_floor(
+    reference_feats: torch.Tensor | np.ndarray,
+    n: int,
+    repeats: int = 50,
+    seed: int = 0,
+    reference_n: int | None = None,
+    kid: bool = True,
+    level: float = 0.95,
+) -> dict:
+    """FID (and KID) between disjoint random subsets of real held-out features: what "nothing wrong" scores."""
+    alpha = _check_level(level)
+    feats = _as_float64(reference_feats, "held-out")
+    m = n if reference_n is None else reference_n
+    if n < 2 or m < 2 or repeats < 1:
+        raise UserError(
+            f"noise floor needs n ≥ 2, reference_n ≥ 2, repeats ≥ 1; got {n}, {m}, {repeats}"
+        )
+    if len(feats) < n + m:
+        raise UserError(
+            f"noise floor needs {n + m} held-out samples (two disjoint subsets of {m} and {n}), got {len(feats)}"
+        )
+    rng = np.random.default_rng(seed)
+    values: dict[str, list[float]] = {"fid": [], "kid": []} if kid else {"fid": []}
+    for _ in range(repeats):
+        perm = rng.permutation(len(feats))
+        # The first m play the reference, the next n the generated set, as the evaluation compares them.
+        ref, fake = feats[perm[:m]], feats[perm[m : m + n]]
+        values["fid"].append(frechet_distance(ref, fake))
+        if kid:
+            values["kid"].append(kernel_inception_distance(ref, fake))
+    out: dict = {"n": n, "reference_n": m, "repeats": repeats, "level": level}
+    for name, vals in values.items():
+        vals = np.asarray(vals)
+        low, high = np.quantile(vals, [alpha / 2, 1 - alpha / 2])
+        out[name] = {"mean": float(vals.mean()), "low": float(low), "high": float(high)}
+    return out
