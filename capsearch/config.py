@@ -81,7 +81,6 @@ class TrainSpec(_Strict):
     steps: int = Field(300, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-4, gt=0)
-    lr_1d: float | None = Field(None, gt=0)
     lr_schedule: str = "constant"
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -184,7 +183,6 @@ class BaselineTrain(_Strict):
     """Training settings one baseline method uses instead of the spec's train values."""
 
     lr: float | None = Field(None, gt=0)
-    lr_1d: float | None = Field(None, gt=0)
     steps: int | None = Field(None, ge=1)
 
 
@@ -233,7 +231,6 @@ class SpaceSpec(_Strict):
 
     groups: list[GroupSpec]
     lr: Any = None
-    lr_1d: Any = None
     steps: Any = None
     mitigations: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"none": {}})
 
@@ -488,6 +485,7 @@ def check_units(spec: Spec, source: str = "spec") -> dict[str, Any]:
                     f"{owner[unit.name]!r}; groups must not overlap"
                 )
             owner[unit.name] = group.name
+    _check_baselines_cover(spec, owner, source)
     total = sum(u.numel for u in units)
     covered = sum(u.numel for u in units if u.name in owner)
     return {
@@ -497,6 +495,30 @@ def check_units(spec: Spec, source: str = "spec") -> dict[str, Any]:
         "grouped_parameters": covered,
         "note": note,
     }
+
+
+def _check_baselines_cover(spec: Spec, owner: dict[str, str], source: str) -> None:
+    """A baseline must be its method on the whole UNet: every unit it trains there is in a group allowing it."""
+    from capsearch.methods import trained_units
+    from capsearch.space import FROZEN
+
+    groups = {g.name: g for g in spec.search_space.groups}
+    for i, method in enumerate(spec.baselines.methods):
+        if method in FROZEN:
+            continue
+        unet, _ = unet_for_validation(spec.model)
+        left = [
+            u
+            for u in trained_units(unet, {"method": method})
+            if u.name not in owner or method not in groups[owner[u.name]].methods
+        ]
+        if left:
+            raise UserError(
+                f"{source}: baselines.methods[{i}]: baseline {method!r} would leave {len(left)} "
+                f"unit(s) ({sum(u.numel for u in left):,} parameters) that {method} trains on the "
+                f"whole UNet outside every group allowing {method}, e.g. {left[0].name}; add them "
+                "to such a group or drop the baseline"
+            )
 
 
 # --- error messages ---------------------------------------------------------------------------------

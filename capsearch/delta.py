@@ -22,6 +22,9 @@ DELTA_FILE = "delta.safetensors"
 SPEC_FILE = "spec.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name pipe.load_lora_weights looks for
 FORMAT = "capsearch-delta"
+# 2: `attention` is the paper's whole-transformer-block tuning (version 1's is now `attn_proj`), SV-DIFF
+# shifts norm-layer weights too, and only a method with a second parameter set carries `lr_1d`.
+FORMAT_VERSION = 2
 # Config keys that fix every parameter shape; a delta only fits a base UNet that agrees on them.
 _SHAPE_KEYS = (
     "in_channels",
@@ -70,7 +73,7 @@ def save_delta(unet: torch.nn.Module, path: str | Path, base_model: str | None =
     safetensors.torch.save_file(tensors, str(folder / DELTA_FILE), metadata={"format": "pt"})
     meta = {
         "format": FORMAT,
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "capsearch_version": __version__,
         "base_model": base_model,
         "methods": spec,
@@ -95,7 +98,25 @@ def read_spec(path: str | Path) -> dict[str, Any]:
         raise UserError(f"cannot read {spec_path}: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "methods" not in meta:
         raise UserError(f"{spec_path} is not a capsearch delta spec")
+    if meta.get("format_version", 1) < 2:
+        meta["methods"] = [_from_version_1(entry) for entry in meta["methods"]]
     return meta
+
+
+def _from_version_1(entry: Any) -> Any:
+    """A method entry written by format version 1, as the methods of version 2 name the same thing."""
+    if not isinstance(entry, dict):
+        return entry
+    entry = dict(entry)
+    if entry.get("method") == "attention":
+        entry["method"] = "attn_proj"  # version 1's attention trained q/k/v/out only
+    if entry.get("method") == "svdiff":
+        entry.setdefault("shift_norms", False)  # version 1 shifted Linear/Conv2d weights only
+    else:
+        # Version 1 let any entry carry lr_1d (a rate for its 1-D tensors); rates do not change what
+        # a delta holds, so it is dropped where the method now has no second parameter set.
+        entry.pop("lr_1d", None)
+    return entry
 
 
 def load_delta(base_unet: torch.nn.Module, path: str | Path) -> torch.nn.Module:

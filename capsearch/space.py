@@ -2,9 +2,10 @@
 
 Each unit group chooses one allowed method (or `frozen`); only the chosen method's hyper-parameters are
 suggested, so Optuna never samples a LoRA rank for a group that DiffFit trains. Parameter names are
-`GROUP.method`, `GROUP.METHOD.KEY`, `lr`, `lr_1d`, `steps`, `mitigation` and `mitigation.NAME.KEY`.
-A method may carry its own `lr` / `lr_1d` (`GROUP.METHOD.lr`): that group then trains at that rate
-instead of the run's, so PEFT methods and full fine-tuning each get a rate that suits them.
+`GROUP.method`, `GROUP.METHOD.KEY`, `lr`, `steps`, `mitigation` and `mitigation.NAME.KEY`.
+A method may carry its own `lr` (`GROUP.METHOD.lr`): that group then trains at that rate instead of
+the run's, so PEFT methods and full fine-tuning each get a rate that suits them. A method with a second
+parameter set (SV-DIFF's norm-layer shifts) may also carry `lr_1d`, that set's rate.
 The paper's baselines are fixed points of the same space (`baseline_points`).
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 from capsearch.errors import UserError
 
 FROZEN = ("frozen", "freeze")  # a group left untouched: no method entry at all
-RESERVED_GROUP_NAMES = ("lr", "lr_1d", "steps", "mitigation", "baseline")
+RESERVED_GROUP_NAMES = ("lr", "steps", "mitigation", "baseline")
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,6 @@ class SearchSpace:
     groups: tuple[Group, ...]
     mitigations: Mapping[str, Choice]
     lr: Param | None = None
-    lr_1d: Param | None = None
     steps: Param | None = None
 
 
@@ -192,21 +192,18 @@ def build_space(space_spec: Any) -> SearchSpace:
         name: _mitigation_choice(name, raw, f"space.mitigations.{name}")
         for name, raw in space_spec.mitigations.items()
     }
-    lr = lr_1d = steps = None
-    for key in ("lr", "lr_1d"):
-        raw = getattr(space_spec, key)
-        if raw is not None:
-            p = parse_param(raw, f"space.{key}", log_default=True)
-            for v in param_values(p):
-                if not _positive_number(v):
-                    raise UserError(f"space.{key}: {v!r} is not a positive number")
-            lr, lr_1d = (p, lr_1d) if key == "lr" else (lr, p)
+    lr = steps = None
+    if space_spec.lr is not None:
+        lr = parse_param(space_spec.lr, "space.lr", log_default=True)
+        for v in param_values(lr):
+            if not _positive_number(v):
+                raise UserError(f"space.lr: {v!r} is not a positive number")
     if space_spec.steps is not None:
         steps = parse_param(space_spec.steps, "space.steps")
         for v in param_values(steps):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise UserError(f"space.steps: {v!r} is not a positive integer")
-    return SearchSpace(tuple(groups), mitigations, lr, lr_1d, steps)
+    return SearchSpace(tuple(groups), mitigations, lr, steps)
 
 
 def _positive_number(v: Any) -> bool:
@@ -214,7 +211,7 @@ def _positive_number(v: Any) -> bool:
 
 
 def _method_choice(method: str, raw: Mapping[str, Any], where: str) -> Choice:
-    from capsearch.methods import RATE_KEYS, get_method, make_config
+    from capsearch.methods import RATE_KEYS, entry_rates, get_method, make_config
 
     if method in FROZEN:
         if raw:
@@ -227,6 +224,10 @@ def _method_choice(method: str, raw: Mapping[str, Any], where: str) -> Choice:
     params = {}
     for key, value in raw.items():
         if key in RATE_KEYS:  # the method's own learning rate(s), searched on a log scale
+            try:
+                entry_rates(registered, {key: 1.0})  # lr_1d only where the method has a second set
+            except UserError as exc:
+                raise UserError(f"{where}: {exc}") from None
             p = parse_param(value, f"{where}.{key}", log_default=True)
             for v in param_values(p):
                 if not _positive_number(v):
@@ -307,7 +308,7 @@ def define_space(trial: Any, space: SearchSpace) -> dict[str, Any]:
         method = trial.suggest_categorical(f"{group.name}.method", list(group.methods))
         for key, p in group.methods[method].params.items():
             suggest_param(trial, f"{group.name}.{method}.{key}", p)
-    for name in ("lr", "lr_1d", "steps"):
+    for name in ("lr", "steps"):
         p = getattr(space, name)
         if p is not None and p.searched:
             suggest_param(trial, name, p)
@@ -362,9 +363,9 @@ def params_to_mitigations(params: Mapping[str, Any], space: SearchSpace) -> list
 
 
 def params_to_train(params: Mapping[str, Any], space: SearchSpace) -> dict[str, Any]:
-    """Training settings the space decides (lr, lr_1d, steps), fixed or sampled."""
+    """Training settings the space decides (lr, steps), fixed or sampled."""
     out = {}
-    for name in ("lr", "lr_1d", "steps"):
+    for name in ("lr", "steps"):
         p = getattr(space, name)
         if p is not None:
             out[name] = _value(params, name, p)
@@ -410,7 +411,7 @@ def baseline_points(
 ) -> list[Baseline]:
     """Each baseline method × mitigation as a fixed point: the method on every group allowing it.
 
-    `train` holds per-method overrides of lr / lr_1d / steps, `defaults` the spec's train values.
+    `train` holds per-method overrides of lr / steps, `defaults` the spec's train values.
     Freeze trains nothing, so it runs once whatever the mitigations.
     """
     points = []
@@ -439,7 +440,7 @@ def baseline_points(
         if not frozen and not used:
             raise UserError(f"{where}: no group of space.groups allows {method!r}")
         overrides = dict(train.get(method, {}))
-        settings = {k: overrides.get(k, defaults.get(k)) for k in ("lr", "lr_1d", "steps")}
+        settings = {k: overrides.get(k, defaults.get(k)) for k in ("lr", "steps")}
         for name, value in settings.items():
             p = getattr(space, name)
             if p is None or not p.searched:

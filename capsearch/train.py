@@ -29,8 +29,7 @@ class TrainConfig:
 
     steps: int = 300
     batch_size: int = 16
-    lr: float = 1e-4
-    lr_1d: float | None = None  # SV-DIFF's separate rate for 1-D parameters (Han et al. 2023)
+    lr: float = 1e-4  # method entries may carry their own (capsearch.methods.optimizer_groups)
     lr_schedule: str = "constant"  # any diffusers.optimization scheduler name
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -50,8 +49,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise UserError(f"train.{name} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0 or (self.lr_1d is not None and self.lr_1d <= 0):
-            raise UserError("train.lr and train.lr_1d must be positive")
+        if self.lr <= 0:
+            raise UserError(f"train.lr must be positive, got {self.lr}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise UserError(
                 f"train.mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}"
@@ -202,7 +201,7 @@ def finetune(
     n_trainable = sum(p.numel() for p in trainable)
     total = sum(p.numel() for p in unet.parameters())
     if trainable:
-        groups_ = optimizer_groups(unet, config.lr, config.lr_1d, config.weight_decay)
+        groups_ = optimizer_groups(unet, config.lr, config.weight_decay)
         opt = torch.optim.AdamW(groups_, lr=config.lr)
         lr_sched = get_scheduler(
             config.lr_schedule,

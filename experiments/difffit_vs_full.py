@@ -55,7 +55,7 @@ def main() -> None:
         t0 = time.time()
         steps = 1 if name == "freeze" else args.steps
         res = (
-            finetune(pipe, spec, data, TrainConfig(steps=steps, lr=lr, lr_1d=lr), quiet=True)
+            finetune(pipe, spec, data, TrainConfig(steps=steps, lr=lr), quiet=True)
             if name != "freeze"
             else None
         )

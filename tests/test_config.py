@@ -206,7 +206,8 @@ def test_searched_steps_and_learning_rate_choices_hold_the_baselines(tmp_path, c
         tmp_path, data, capsys
     )
     spec = load_spec(write(tmp_path, modified(**{"baselines.methods": ["lora"],
-                                                 "space.steps": {"choices": [100, 300]}})))  # fmt: skip
+                                                 "space.steps": {"choices": [100, 300]}})),
+                     check_model=False)  # fmt: skip
     assert spec.baseline("lora").params["steps"] == 300
 
 
@@ -219,7 +220,7 @@ def test_a_method_may_search_its_own_learning_rate(tmp_path, capsys):
             "baselines.methods": ["difffit"],
         }
     )
-    spec = load_spec(write(tmp_path, data))
+    spec = load_spec(write(tmp_path, data), check_model=False)  # MINIMAL's groups miss units
     p = spec.search_space.groups[1].methods["difffit"].params["lr"]
     assert p.kind == "float" and p.log  # rates are searched on a log scale
     point = spec.baseline("difffit").params
@@ -231,6 +232,34 @@ def test_a_method_may_search_its_own_learning_rate(tmp_path, capsys):
     assert "space.groups[1].methods.difffit.lr: -0.001 is not a positive number" in line
     bad = modified(**{"space.groups[1].methods.difffit": {"lr": [0, 1.0e-2]}})
     assert "methods.difffit.lr: a log range needs low > 0" in validate_error(tmp_path, bad, capsys)
+
+
+def test_lr_1d_is_a_rate_of_a_methods_second_set_only(tmp_path, capsys):
+    line = validate_error(tmp_path, modified(**{"train.lr_1d": 1.0e-3}), capsys)
+    assert "train.lr_1d: unknown key" in line  # no global 1-D rate any more
+    line = validate_error(tmp_path, modified(**{"space.lr_1d": [1.0e-4, 1.0e-3]}), capsys)
+    assert "space.lr_1d: unknown key" in line
+    data = modified(**{"space.groups[1].methods.difffit": {"lr": 1.0e-3, "lr_1d": 1.0e-3}})
+    line = validate_error(tmp_path, data, capsys)
+    assert "methods.difffit: difffit.lr_1d: difffit trains one parameter set" in line
+    data = modified(**{"space.groups[1].methods.svdiff": {"lr": 1.0e-3, "lr_1d": 1.0e-6}})
+    spec = load_spec(write(tmp_path, data))
+    assert spec.search_space.groups[1].methods["svdiff"].params["lr_1d"].value == 1.0e-6
+
+
+def test_a_baseline_must_be_its_method_on_the_whole_unet(tmp_path, capsys):
+    data = modified(**{"space.groups[1].methods.full": {}, "baselines.methods": ["full"]})
+    line = validate_error(tmp_path, data, capsys)
+    assert "baselines.methods[0]: baseline 'full' would leave" in line
+    assert "e.g. conv_in" in line
+    # Attn Tuning trains the attention blocks only: groups covering them are enough for it.
+    attn = {"name": "attn", "units": "**.attentions", "methods": {"frozen": {}, "attention": {}}}
+    data = {**MINIMAL, "space": {"groups": [attn]}, "baselines": {"methods": ["attention"]}}
+    spec = load_spec(write(tmp_path, data))
+    assert spec.baseline("attention").params["attn.method"] == "attention"
+    attn["units"] = "**.attentions:*_attn"  # its feed-forwards, norms and proj_in/out left out
+    line = validate_error(tmp_path, data, capsys)
+    assert "baseline 'attention' would leave" in line and ".attentions.0:" in line
 
 
 def test_asha_needs_probes_and_a_scalar_objective(tmp_path, capsys):
@@ -267,7 +296,7 @@ def test_extends_deep_merges_and_lists_replace(tmp_path):
         "train": {"steps": 7},
         "baselines": {"methods": ["freeze", "lora"]},
     }
-    spec = load_spec(write(tmp_path / "sub", override, "exp.yaml"))
+    spec = load_spec(write(tmp_path / "sub", override, "exp.yaml"), check_model=False)
     assert spec.train.steps == 7 and spec.train.lr == pytest.approx(2.0e-4)
     assert [b.name for b in spec.baseline_points] == ["freeze", "lora"]
     assert spec.name == "exp"

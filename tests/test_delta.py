@@ -20,7 +20,13 @@ from capsearch.delta import (
     save_delta,
 )
 from capsearch.errors import UserError
-from capsearch.methods import apply_methods, get_method, method_names, optimizer_groups
+from capsearch.methods import (
+    applied_spec,
+    apply_methods,
+    get_method,
+    method_names,
+    optimizer_groups,
+)
 from capsearch.models_config import TINY_UNET_CONFIG, build_tiny_unet
 
 
@@ -54,7 +60,7 @@ def trained(spec, inputs, steps: int = 2) -> torch.nn.Module:
     if not apply_methods(unet, spec):
         return unet.eval()
     x, t, ehs = inputs
-    opt = torch.optim.AdamW(optimizer_groups(unet, 1e-2, lr_1d=5e-2))
+    opt = torch.optim.AdamW(optimizer_groups(unet, 1e-2))
     for _ in range(steps):
         loss = (unet(x, t, encoder_hidden_states=ehs).sample - 1.0).pow(2).mean()
         opt.zero_grad()
@@ -130,6 +136,31 @@ def test_merge_folds_everything_in_place(inputs) -> None:
     assert not any(m._forward_hooks for m in unet.modules())
     assert set(unet.state_dict()) == set(build_tiny_unet().state_dict())
     assert (run(unet, inputs) - adapted).abs().max().item() <= 1e-5
+
+
+def test_a_version_1_delta_still_loads(inputs, tmp_path: Path) -> None:
+    """Deltas written before `attention` became whole-block tuning, SV-DIFF shifted norms, and lr_1d
+    was confined to methods with a second parameter set load as the same model."""
+    spec = [
+        {"method": "attn_proj", "units": "mid_block", "lr": 1e-3},
+        {"method": "svdiff", "units": "down_blocks", "shift_norms": False, "lr_1d": 5e-2},
+    ]
+    unet = trained(spec, inputs)
+    adapted = run(unet, inputs)
+    save_delta(unet, tmp_path)
+    meta = json.loads((tmp_path / SPEC_FILE).read_text())
+    assert meta["format_version"] == 2
+    # Rewrite spec.json as version 1 wrote it.
+    meta["format_version"] = 1
+    meta["methods"][0]["method"] = "attention"
+    meta["methods"][0]["lr_1d"] = 2e-3  # version 1 let any entry carry a 1-D rate
+    del meta["methods"][1]["shift_norms"]
+    (tmp_path / SPEC_FILE).write_text(json.dumps(meta))
+    loaded = load_delta(build_tiny_unet().eval(), tmp_path)
+    assert torch.equal(run(loaded, inputs), adapted)
+    recorded = applied_spec(loaded)
+    assert [e["method"] for e in recorded] == ["attn_proj", "svdiff"]
+    assert "lr_1d" not in recorded[0] and recorded[1]["lr_1d"] == 5e-2
 
 
 # ---- errors ------------------------------------------------------------------------------------------

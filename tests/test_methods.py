@@ -130,6 +130,20 @@ def count_difffit(base, units, cfg) -> int:
 
 
 def count_attention(base, units, cfg) -> int:
+    """Attn Tuning: every parameter of the units inside `*.attentions.N` blocks."""
+    return sum(u.numel for u in units if ".attentions." in f".{u.block}.")
+
+
+def count_svdiff(base, units, cfg) -> int:
+    """One shift per singular value, min(m, n) for an m × n (conv: out × in·kh·kw) weight, plus one
+    per norm-layer weight (a 1 × C matrix has one singular value)."""
+    mods = _modules(base, units)
+    shifts = sum(min(_fan(m)[0], _fan(m)[1] * _fan(m)[2]) for m in _adaptable(base, units))
+    norms = sum(1 for _, m in mods if _is_norm(m) and m.weight is not None)
+    return shifts + (norms if cfg.shift_norms else 0)
+
+
+def count_attn_proj(base, units, cfg) -> int:
     kinds = {"both": ("self_attn", "cross_attn"), "self": ("self_attn",), "cross": ("cross_attn",)}
     ends = ("to_q", "to_k", "to_v") + (() if cfg.qkv_only else ("to_out.0",))
     chosen = [u for u in units if u.kind in kinds[cfg.which]]
@@ -142,6 +156,7 @@ ANALYTIC: dict[str, Callable[[torch.nn.Module, Sequence[Unit], MethodConfig], in
     "freeze": lambda base, units, cfg: 0,
     "full": lambda base, units, cfg: sum(u.numel for u in units),
     "attention": count_attention,
+    "attn_proj": count_attn_proj,
     "bitfit": lambda base, units, cfg: sum(
         m.bias.numel() for _, m in _modules(base, units) if getattr(m, "bias", None) is not None
     ),
@@ -149,10 +164,7 @@ ANALYTIC: dict[str, Callable[[torch.nn.Module, Sequence[Unit], MethodConfig], in
         p.numel() for _, m in _modules(base, units) if _is_norm(m) for p in m.parameters()
     ),
     "difffit": count_difffit,
-    # SV-DIFF: one shift per singular value, min(m, n) for an m × n (conv: out × in·kh·kw) weight
-    "svdiff": lambda base, units, cfg: sum(
-        min(_fan(m)[0], _fan(m)[1] * _fan(m)[2]) for m in _adaptable(base, units)
-    ),
+    "svdiff": count_svdiff,
     # LoRA: A is r × in·k·k, B is out × r
     "lora": lambda base, units, cfg: sum(
         cfg.rank * (_fan(m)[1] * _fan(m)[2] + _fan(m)[0]) for m in _adaptable(base, units)
@@ -223,8 +235,9 @@ def test_empty_selection_is_freeze(name: str, inputs, base_output) -> None:
 @pytest.mark.parametrize(
     "spec, name",
     [
-        ({"method": "attention", "which": "cross", "qkv_only": True}, "attention"),
-        ({"method": "attention", "which": "self"}, "attention"),
+        ({"method": "attn_proj", "which": "cross", "qkv_only": True}, "attn_proj"),
+        ({"method": "attn_proj", "which": "self"}, "attn_proj"),
+        ({"method": "attention", "units": ["*:attn_norm", "*:proj", "*:conv"]}, "attention"),
         ({"method": "difffit", "gamma_on": ["attn1", "ff", "resnet"], "units": "*"}, "difffit"),
         ({"method": "difffit", "gamma_shape": "scalar", "train_bias": False}, "difffit"),
         ({"method": "lora", "rank": 2, "alpha": 8, "units": ["*:conv", "*:proj"]}, "lora"),
@@ -232,6 +245,7 @@ def test_empty_selection_is_freeze(name: str, inputs, base_output) -> None:
         ({"method": "lokr", "rank": 8, "units": "*:ff"}, "lokr"),
         ({"method": "oft", "block_size": 16, "units": "*"}, "oft"),
         ({"method": "svdiff", "units": "*:conv"}, "svdiff"),
+        ({"method": "svdiff", "units": "*", "shift_norms": False}, "svdiff"),
     ],
 )
 def test_hyper_parameter_variants(spec: dict, name: str, inputs, base_output) -> None:
@@ -321,6 +335,10 @@ def test_in_place_training_survives_adapter_injection() -> None:
         [{"method": "difffit", "units": "*"}, {"method": "lora", "units": "mid_block:self_attn"}],
         [{"method": "lora", "units": "mid_block"}, {"method": "loha", "units": "mid_block:ff"}],
         [{"method": "svdiff", "units": "conv_in"}, {"method": "svdiff", "units": "*:conv"}],
+        [
+            {"method": "svdiff", "units": "mid_block:norm"},
+            {"method": "difffit", "units": "mid_block"},
+        ],
     ],
 )
 def test_incompatible_entries_are_refused(spec: list) -> None:
@@ -334,7 +352,7 @@ def test_compatible_sharing_is_allowed() -> None:
     apply_methods(
         unet,
         [
-            {"method": "svdiff", "units": "*:conv"},
+            {"method": "svdiff", "units": "**.resnets:conv"},
             {"method": "difffit", "units": "*", "gamma_on": ["attn1", "attn2", "ff", "resnet"]},
             {"method": "full", "units": "mid_block:ff"},
             {"method": "attention", "units": "mid_block"},
@@ -350,7 +368,10 @@ def test_compatible_sharing_is_allowed() -> None:
         ({"method": "lora", "rnak": 4}, "rnak"),
         ({"method": "lora", "rank": "four"}, "lora.rank"),
         ({"method": "lora", "rank": 0}, "lora.rank"),
-        ({"method": "attention", "which": "all"}, "attention.which"),
+        ({"method": "attn_proj", "which": "all"}, "attn_proj.which"),
+        ({"method": "attention", "which": "self"}, "which"),
+        ({"method": "difffit", "lr_1d": 1e-3}, "difffit.lr_1d: difffit trains one parameter set"),
+        ({"method": "full", "lr": 1e-4, "lr_1d": 1e-3}, "full.lr_1d"),
         ({"method": "difffit", "gamma_on": ["attn3"]}, "attn3"),
         ({"units": "*"}, "method"),
         ({"method": "bitfit", "units": "up_blocks.9"}, "up_blocks.9"),
@@ -396,40 +417,94 @@ def test_counts_on_sd15_shapes_are_analytic() -> None:
         assert count_trainable(unet) == ANALYTIC[name](base, units, cfg), name
 
 
+# ---- the baselines' sizes on SD v1.5, from the authors' definitions (no capsearch unit logic) --------
+
+
+def _sd15_meta() -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    from capsearch.models_config import SD15_UNET_CONFIG
+
+    with torch.device("meta"):
+        return UNet2DConditionModel(**SD15_UNET_CONFIG)
+
+
+def _independent_counts(unet: torch.nn.Module) -> dict[str, int]:
+    """Trainable counts of the baselines computed straight from parameter names and layer shapes."""
+    import re
+
+    named = dict(unet.named_parameters())
+    modules = dict(unet.named_modules())
+    linear_conv = [m for m in modules.values() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    norms = [m for m in modules.values() if _is_norm(m)]
+    projection = re.compile(r"\.attn[12]\.to_(q|k|v|out\.0)\.(weight|bias)$")
+    # DiffFit (Xie et al. 2023): every bias, every norm's scale and shift, and one γ per output channel
+    # of the attention and feed-forward branches (capsearch's default gamma_on: attn1, attn2, ff).
+    gamma_on = ("attn1.to_out.0", "attn2.to_out.0", "ff.net.2")
+    difffit = sum(p.numel() for n, p in named.items() if n.endswith(".bias"))
+    difffit += sum(m.weight.numel() for m in norms)
+    difffit += sum(m.out_features for n, m in modules.items() if n.endswith(gamma_on))
+    return {
+        "full": sum(p.numel() for p in named.values()),
+        # Dutt et al.'s code (adaptors.enable_attention_update): every name containing "attentions"
+        "attention": sum(p.numel() for n, p in named.items() if "attentions" in n),
+        "attn_proj": sum(p.numel() for n, p in named.items() if projection.search(n)),
+        # SVDiff: one δ per singular value of each weight (conv: out × in·kh·kw), one per norm weight
+        "svdiff": sum(min(m.weight.shape[0], m.weight[0].numel()) for m in linear_conv)
+        + len(norms),
+        "difffit": difffit,
+    }
+
+
+def test_baseline_sizes_on_sd15_follow_the_authors_definitions() -> None:
+    expected = _independent_counts(_sd15_meta())
+    total = expected["full"]
+    for name, count in expected.items():
+        unet = _sd15_meta()
+        apply_methods(unet, {"method": name})
+        assert count_trainable(unet) == count, name
+    # The figures the docs quote (docs/methods.md, "Sizes")
+    assert total == 859_520_964
+    assert round(expected["attention"] / 1e6, 1) == 267.2
+    assert round(100 * expected["attention"] / total, 1) == 31.1
+    assert round(expected["attn_proj"] / 1e6, 1) == 93.5
+    assert round(100 * expected["attn_proj"] / total, 1) == 10.9
+    assert expected["svdiff"] == 222_696 + 109  # spectral shifts + one per affine norm layer
+
+
 # ---- optimizer groups ------------------------------------------------------------------------------
 
 
-def test_optimizer_groups_split_one_dimensional_parameters() -> None:
+def test_optimizer_groups_split_decay_not_rates_by_dimension() -> None:
     unet = build_tiny_unet()
     apply_methods(
         unet,
         [{"method": "svdiff", "units": "down_blocks"}, {"method": "full", "units": "mid_block"}],
     )
-    groups = optimizer_groups(unet, lr=1e-4, lr_1d=1e-3, weight_decay=0.1)
+    groups = optimizer_groups(unet, lr=1e-4, weight_decay=0.1)
     by_name = {g["name"]: g for g in groups}
-    assert by_name["matrices"]["lr"] == 1e-4 and by_name["matrices"]["weight_decay"] == 0.1
-    assert by_name["vectors"]["lr"] == 1e-3 and by_name["vectors"]["weight_decay"] == 0.0
+    assert set(by_name) == {"matrices", "vectors"}
+    assert {g["lr"] for g in groups} == {1e-4}  # no global 1-D rate: biases and norms at the run's
+    assert by_name["matrices"]["weight_decay"] == 0.1 and by_name["vectors"]["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for p in by_name["matrices"]["params"])
     assert all(p.ndim < 2 for p in by_name["vectors"]["params"])
     grouped = [id(p) for g in groups for p in g["params"]]
     trainable = [id(p) for p in unet.parameters() if p.requires_grad]
     assert sorted(grouped) == sorted(trainable)
-    single = optimizer_groups(unet, lr=1e-4)
-    assert {g["lr"] for g in single} == {1e-4}
     torch.optim.AdamW(groups)  # accepted as is
 
 
-def test_an_entry_learns_at_its_own_rates() -> None:
+def test_an_entry_learns_at_its_own_rate() -> None:
     unet = build_tiny_unet()
     apply_methods(
         unet,
         [
             {"method": "full", "units": "mid_block"},
             {"method": "difffit", "units": "down_blocks", "lr": 3e-3},
-            {"method": "lora", "units": "up_blocks.1.attentions", "lr": 5e-4, "lr_1d": 2e-3},
+            {"method": "lora", "units": "up_blocks.1.attentions", "lr": 5e-4},
         ],
     )
-    groups = optimizer_groups(unet, lr=1e-4, lr_1d=1e-3, weight_decay=0.1)
+    groups = optimizer_groups(unet, lr=1e-4, weight_decay=0.1)
     rate = {id(p): g["lr"] for g in groups for p in g["params"]}
     decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     named = dict(unet.named_parameters())
@@ -439,13 +514,13 @@ def test_an_entry_learns_at_its_own_rates() -> None:
         p = named[name]
         if name.startswith("down_blocks"):  # DiffFit's own rate for all its parameters
             expected = 3e-3
-        elif name.startswith("up_blocks"):  # LoRA matrices at its lr (no 1-D parameters here)
-            expected = 5e-4 if p.ndim >= 2 else 2e-3
-        else:  # the run's rates
-            expected = 1e-4 if p.ndim >= 2 else 1e-3
+        elif name.startswith("up_blocks"):  # LoRA's own rate
+            expected = 5e-4
+        else:  # full fine-tuning at the run's rate, its biases and norms included
+            expected = 1e-4
         assert rate[id(p)] == expected, name
         assert decay[id(p)] == (0.1 if p.ndim >= 2 else 0.0), name
-    assert {g["name"] for g in groups} >= {
+    assert {g["name"] for g in groups} == {
         "matrices",
         "vectors",
         "vectors@0.003",
@@ -454,7 +529,29 @@ def test_an_entry_learns_at_its_own_rates() -> None:
     # The rates are part of the recorded spec, so a saved delta re-applies them.
     recorded = applied_spec(unet)
     assert recorded[1]["lr"] == 3e-3 and "lr" not in recorded[0]
-    assert recorded[2]["lr_1d"] == 2e-3
+
+
+def _is_norm_shift(unet: torch.nn.Module, name: str) -> bool:
+    """A δ on the weight of a GroupNorm/LayerNorm (found from the module tree, not the method)."""
+    owner, found, _ = name.partition(".parametrizations.weight.")
+    return bool(found) and _is_norm(unet.get_submodule(owner))
+
+
+@pytest.mark.parametrize("rates", [{"lr": 1e-3, "lr_1d": 1e-6}, {"lr_1d": 1e-6}])
+def test_svdiff_lr_1d_is_the_rate_of_its_norm_layer_shifts(rates: dict) -> None:
+    """SVDiff (Han et al. 2023; svdiff-pytorch) trains spectral shifts at lr and norm shifts at lr_1d."""
+    unet = build_tiny_unet()
+    names = apply_methods(unet, {"method": "svdiff", "units": "*", **rates})
+    norms = [n for n in names if _is_norm_shift(unet, n)]
+    affine = [m for m in build_tiny_unet().modules() if _is_norm(m) and m.weight is not None]
+    assert len(norms) == len(affine) > 0
+    named = dict(unet.named_parameters())
+    assert all(named[n].ndim == 1 for n in names)  # every δ is 1-D: only the role tells them apart
+    groups = optimizer_groups(unet, lr=1e-4, weight_decay=0.1)
+    rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for name in names:
+        expected = rates["lr_1d"] if name in norms else rates.get("lr", 1e-4)
+        assert rate[id(named[name])] == expected, name
 
 
 def test_a_later_entry_without_rates_takes_the_run_rates_back() -> None:

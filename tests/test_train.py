@@ -221,3 +221,32 @@ def test_mixed_precision_on_cpu_is_a_clear_error(data):
             _cfg(mixed_precision="bf16"),
             quiet=True,
         )
+
+
+def test_the_optimizer_trains_each_entry_at_its_own_rates(data):
+    """No global 1-D rate: full fine-tuning's biases train at train.lr; SV-DIFF's norm-layer shifts at
+    its entry's lr_1d, its spectral shifts at its lr."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    pipe = load_pipeline("tiny:random")
+    rates = {}
+
+    def record(optimizer, args, kwargs):
+        names = {id(p): n for n, p in pipe.unet.named_parameters()}
+        for group in optimizer.param_groups:
+            rates.update({names[id(p)]: group["lr"] for p in group["params"]})
+
+    spec = [
+        {"method": "full", "units": "mid_block.resnets.0"},
+        {"method": "svdiff", "units": "up_blocks.0", "lr": 3e-3, "lr_1d": 1e-6},
+    ]
+    handle = register_optimizer_step_post_hook(record)
+    try:
+        res = finetune(pipe, spec, data, _cfg(steps=1, lr=2e-4), quiet=True)
+    finally:
+        handle.remove()
+    assert res.status == "ok"
+    assert {rates[n] for n in rates if n.startswith("mid_block")} == {2e-4}
+    norm_shifts = {n for n in rates if ".norm" in n and ".parametrizations." in n}
+    assert norm_shifts and {rates[n] for n in norm_shifts} == {1e-6}
+    assert {rates[n] for n in rates if n.startswith("up_blocks") and n not in norm_shifts} == {3e-3}

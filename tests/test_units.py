@@ -204,3 +204,34 @@ def test_cli_methods_and_units(capsys: pytest.CaptureFixture[str]) -> None:
     assert "mid_block.attentions.0:ff" in capsys.readouterr().out
     assert main(["units", "--select", "up_blocks.9"]) == 2
     assert "up_blocks.9" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["tiny", "sd15"])
+def test_attention_block_units_hold_exactly_the_attentions_parameters(
+    model: str, request: pytest.FixtureRequest
+) -> None:
+    """The units in `*.attentions.N` blocks are what the paper's Attn Tuning trains (names with
+    "attentions", Dutt et al.'s code), so the `attention` method can select by unit."""
+    from capsearch.methods.attention import in_attention_block
+
+    unet = request.getfixturevalue(model)
+    by_units = {p for u in list_units(unet) if in_attention_block(u) for p in u.params}
+    assert by_units == {n for n, _ in unet.named_parameters() if "attentions" in n}
+
+
+def test_trained_units_maps_new_parameters_to_their_units() -> None:
+    from capsearch.methods import trained_units
+
+    def names(spec: dict) -> set[str]:
+        return {u.name for u in trained_units(build_tiny_unet(), spec)}
+
+    everything = {u.name for u in list_units(build_tiny_unet())}
+    assert names({"method": "full"}) == everything
+    assert names({"method": "svdiff"}) == everything  # δ under `parametrizations`
+    assert names({"method": "lora", "units": "mid_block:*_attn"}) == {
+        "mid_block.attentions.0:self_attn",
+        "mid_block.attentions.0:cross_attn",
+    }  # lora_A / lora_B under the wrapped layer
+    attention = names({"method": "attention"})
+    assert attention and all(".attentions." in n for n in attention)
+    assert names({"method": "freeze"}) == set()

@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="method hyper-parameter (repeatable)",
+        help="method hyper-parameter (repeatable); lr=... is the method's own rate, lr_1d=... its "
+        "second set's (svdiff: the norm-layer shifts)",
     )
     p.add_argument(
         "--spec",
@@ -37,7 +38,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--lr-1d", type=float, default=None)
     p.add_argument("--lr-schedule", default="constant")
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
@@ -116,7 +116,6 @@ def _train(args: argparse.Namespace) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
-        lr_1d=args.lr_1d,
         lr_schedule=args.lr_schedule,
         warmup_steps=args.warmup_steps,
         mixed_precision=args.mixed_precision,

@@ -3,8 +3,10 @@
 A trial's method spec is a list of entries `{"method": "difffit", "units": "down_blocks.*", **hyper}`;
 `apply_methods` freezes the whole UNet, applies each entry to its units in order and returns the
 trainable parameter names (the mask ω of the paper's `θ0 + ω ⊙ Δφ`). An entry may also carry its own
-learning rates, `lr` (all its parameters) and `lr_1d` (its 1-D ones), which `optimizer_groups` uses
-instead of the run's: PEFT methods want rates ~30x full fine-tuning's (docs/models.md).
+learning rate `lr`, which `optimizer_groups` uses instead of the run's: PEFT methods want rates ~30x
+full fine-tuning's (docs/models.md). A method with a second parameter set that trains at another rate
+(SV-DIFF's norm-layer shifts, Han et al. 2023) declares it at registration; its entries may carry
+`lr_1d` for that set, and any other method's entry is refused one.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Keys of a method entry that are not the method's hyper-parameters: the entry's own learning rates.
+# Keys of a method entry that are not the method's hyper-parameters: the entry's own learning rates,
+# `lr` for its parameters and `lr_1d` for its second set (only methods that register one).
 RATE_KEYS = ("lr", "lr_1d")
 
 __all__ = [
@@ -34,6 +37,7 @@ __all__ = [
     "claim",
     "count_trainable",
     "get_method",
+    "has_weight",
     "make_config",
     "mark_trainable",
     "method_names",
@@ -41,6 +45,7 @@ __all__ = [
     "register_method",
     "resolve_module",
     "trainable_names",
+    "trained_units",
 ]
 
 
@@ -58,6 +63,8 @@ class Method:
     apply: Callable[..., list[str]]
     example_units: str | tuple[str, ...] = "*"
     fold: Callable[[Any], None] | None = field(default=None)
+    # (unet, trainable parameter name) -> whether it belongs to the method's second set (`lr_1d`)
+    secondary: Callable[[Any, str], bool] | None = field(default=None)
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -69,19 +76,21 @@ def register_method(
     *,
     example_units: str | Sequence[str] = "*",
     fold: Callable[[Any], None] | None = None,
+    secondary: Callable[[Any, str], bool] | None = None,
 ) -> Callable[[Callable[..., list[str]]], Callable[..., list[str]]]:
     """Register `apply(unet, units, cfg) -> trainable names` under a method name.
 
     `example_units` is a selection that is non-empty on the tiny UNet (used by the registry-wide tests);
     `fold(unet)` folds what the method added into plain weights (for methods that add modules or hooks
-    that torch parametrizations or peft do not already cover).
+    that torch parametrizations or peft do not already cover); `secondary(unet, name)` tells which of
+    the method's trainable parameters form its second set, trained at an entry's `lr_1d`.
     """
 
     def decorate(apply: Callable[..., list[str]]) -> Callable[..., list[str]]:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is registered twice")
         units = example_units if isinstance(example_units, str) else tuple(example_units)
-        _REGISTRY[name] = Method(name, config, apply, units, fold)
+        _REGISTRY[name] = Method(name, config, apply, units, fold, secondary)
         return apply
 
     return decorate
@@ -178,6 +187,12 @@ def resolve_module(unet: torch.nn.Module, name: str) -> torch.nn.Module:
     return module
 
 
+def has_weight(module: torch.nn.Module) -> bool:
+    """Whether the module holds a weight, plain or reparametrised (so claims see SV-DIFF's shifts)."""
+    parametrizations = getattr(module, "parametrizations", {})
+    return "weight" in module._parameters or "weight" in parametrizations
+
+
 def mark_trainable(unet: torch.nn.Module, params: Iterable[torch.nn.Parameter]) -> list[str]:
     """Set requires_grad on the given parameters and return their names in the UNet."""
     wanted = {id(p) for p in params}
@@ -227,23 +242,26 @@ def apply_methods(
         params = dict(entry)
         method = get_method(params.pop("method"))
         selection = params.pop("units", "*")
-        rates = entry_rates(method.name, params)
+        rates = entry_rates(method, params)
         cfg = make_config(method, params)
         resolved.append((method, selection, select_units(units, selection), cfg, rates))
 
     unet.requires_grad_(False)
     unet.__dict__["_capsearch_claims"] = {}
-    recorded, own_rates = [], {}
+    recorded: list[dict[str, Any]] = []
+    own_rates: dict[str, float] = {}
     for method, selection, chosen, cfg, rates in resolved:
         names = method.apply(unet, chosen, cfg) if chosen else []
         if chosen and not names and method.name != "freeze":
             log.warning("method %r trains nothing on units %r", method.name, selection)
-        if rates:
-            # A parameter two entries train takes the rates of the later entry.
-            own_rates.update(dict.fromkeys(names, rates))
-        else:
-            for name in names:
+        for name in names:
+            # A parameter two entries train takes the rate of the later entry (the run's, if none).
+            second = "lr_1d" in rates and method.secondary is not None
+            rate = rates["lr_1d"] if second and method.secondary(unet, name) else rates.get("lr")
+            if rate is None:
                 own_rates.pop(name, None)
+            else:
+                own_rates[name] = rate
         recorded.append(
             {"method": method.name, "units": selection, **dataclasses.asdict(cfg), **rates}
         )
@@ -252,14 +270,20 @@ def apply_methods(
     return trainable_names(unet)
 
 
-def entry_rates(method: str, params: dict[str, Any]) -> dict[str, float]:
-    """Pop and check an entry's own learning rates (`lr`, `lr_1d`) from its hyper-parameters."""
+def entry_rates(method: Method, params: dict[str, Any]) -> dict[str, float]:
+    """Pop and check an entry's own learning rates (`lr`, and `lr_1d` where the method has a second set)."""
     rates = {}
     for key in RATE_KEYS:
         if key in params:
             value = params.pop(key)
+            if key == "lr_1d" and method.secondary is None:
+                takers = ", ".join(m.name for m in _REGISTRY.values() if m.secondary) or "none"
+                raise UserError(
+                    f"{method.name}.lr_1d: {method.name} trains one parameter set, at lr; "
+                    f"lr_1d is the rate of a method's second set (methods with one: {takers})"
+                )
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise UserError(f"{method}.{key} must be a positive number, got {value!r}")
+                raise UserError(f"{method.name}.{key} must be a positive number, got {value!r}")
             rates[key] = float(value)
     return rates
 
@@ -270,16 +294,15 @@ def applied_spec(unet: torch.nn.Module) -> list[dict[str, Any]] | None:
 
 
 def optimizer_groups(
-    unet: torch.nn.Module, lr: float, lr_1d: float | None = None, weight_decay: float = 0.0
+    unet: torch.nn.Module, lr: float, weight_decay: float = 0.0
 ) -> list[dict[str, Any]]:
-    """AdamW parameter groups over the trainable parameters; 1-D ones get `lr_1d` and no decay.
+    """AdamW parameter groups over the trainable parameters, at the run's `lr` or their entry's own rate.
 
-    1-D parameters (SV-DIFF's δ, DiffFit's γ, biases, norms) never get weight decay: decay would pull γ
-    toward 0 rather than its identity value 1. SV-DIFF trains δ with its own, larger rate (Han et al.
-    2023), which `lr_1d` provides. A method entry with its own `lr` gives it to all of its parameters
-    (and its own `lr_1d`, if any, to its 1-D ones) in place of the run's rates. Groups are named
-    `matrices` / `vectors`, with `@lr` appended for an entry's own rate. An empty list means nothing is
-    trainable.
+    A method entry with its own `lr` gives it to its parameters, and its `lr_1d` (methods with a second
+    set only, e.g. SV-DIFF's norm-layer shifts) to that set. 1-D parameters (SV-DIFF's δ, DiffFit's γ,
+    biases, norms) never get weight decay: decay would pull γ toward 0 rather than its identity value 1.
+    Groups are named `matrices` / `vectors`, with `@RATE` appended for an entry's own rate. An empty
+    list means nothing is trainable.
     """
     own = unet.__dict__.get("_capsearch_rates", {})
     groups: dict[tuple[str, float], dict[str, Any]] = {}
@@ -287,23 +310,34 @@ def optimizer_groups(
         if not p.requires_grad:
             continue
         kind = "matrices" if p.ndim >= 2 else "vectors"
-        rates = own.get(name)
-        if rates is None:
-            rate = lr if kind == "matrices" or lr_1d is None else lr_1d
-            label = kind
-        else:
-            rate = (
-                rates.get("lr", lr)
-                if kind == "matrices"
-                else rates.get("lr_1d", rates.get("lr", lr))
-            )
-            label = f"{kind}@{rate:g}"
+        rate = own.get(name)
+        label = kind if rate is None else f"{kind}@{rate:g}"
+        rate = lr if rate is None else rate
         key = (label, rate)
         if key not in groups:
             decay = weight_decay if kind == "matrices" else 0.0
             groups[key] = {"name": label, "params": [], "lr": rate, "weight_decay": decay}
         groups[key]["params"].append(p)
     return list(groups.values())
+
+
+def trained_units(
+    unet: torch.nn.Module, spec: Mapping[str, Any] | Sequence[Mapping[str, Any]]
+) -> list[Unit]:
+    """The units of a base UNet in which `spec` trains something (applied to the UNet, which it adapts)."""
+    units = list_units(unet)
+    owner = {module: unit.name for unit in units for module in unit.modules}
+    hit = set()
+    for name in apply_methods(unet, spec):
+        parts = name.split(".")
+        # A trainable name starts with the module it changes (`X.weight`, `X.parametrizations...`,
+        # `X.lora_A...`, `X.difffit_gamma`): the longest known module prefix is its owner.
+        for cut in range(len(parts) - 1, 0, -1):
+            unit = owner.get(".".join(parts[:cut]))
+            if unit is not None:
+                hit.add(unit)
+                break
+    return [u for u in units if u.name in hit]
 
 
 def unit_modules(units: Sequence[Unit]) -> list[str]:
@@ -316,6 +350,7 @@ def unit_modules(units: Sequence[Unit]) -> list[str]:
 from capsearch.methods import freeze as _freeze  # noqa: E402,F401
 from capsearch.methods import full as _full  # noqa: E402,F401
 from capsearch.methods import attention as _attention  # noqa: E402,F401
+from capsearch.methods import attn_proj as _attn_proj  # noqa: E402,F401
 from capsearch.methods import bitfit as _bitfit  # noqa: E402,F401
 from capsearch.methods import norm as _norm  # noqa: E402,F401
 from capsearch.methods import difffit as _difffit  # noqa: E402,F401

@@ -1,6 +1,10 @@
-"""Attention tuning: train the query/key/value/output projections of self- and/or cross-attention.
+"""Attention tuning, the paper's "Attn Tuning" baseline: every parameter of the UNet's transformer blocks.
 
-The paper's "Attn" baseline (Dutt et al. 2024, Table 1) fine-tunes the attention matrices only.
+Dutt et al. 2024 (Table 1) fine-tune "attention"; their code (Raman1121/Diffusion_Memorization_HPO,
+`adaptors.enable_attention_update`) unfreezes every UNet parameter whose name contains `attentions`,
+i.e. the whole Transformer2DModel blocks: GroupNorm, proj_in/out, attn1, attn2, the LayerNorms and
+the feed-forward. On SD v1.5 that is 267.2M parameters (31.1% of the UNet). The narrower q/k/v/out
+variant is `attn_proj`.
 """
 
 from __future__ import annotations
@@ -10,45 +14,35 @@ from dataclasses import dataclass
 
 import torch
 
-from capsearch.errors import UserError
 from capsearch.methods import (
     MethodConfig,
     claim,
+    has_weight,
     mark_trainable,
     register_method,
     resolve_module,
+    unit_modules,
 )
 from capsearch.units import Unit
 
-_KINDS = {"both": ("self_attn", "cross_attn"), "self": ("self_attn",), "cross": ("cross_attn",)}
-_QKV = (".to_q", ".to_k", ".to_v")
-_OUT = (".to_out.0",)
+
+def in_attention_block(unit: Unit) -> bool:
+    """Whether the unit lies inside a `*.attentions.N` block (a Transformer2DModel)."""
+    return "attentions" in unit.block.split(".")
 
 
 @dataclass
 class Attention(MethodConfig):
-    """Which attention to train and whether to leave the output projection frozen."""
-
-    which: str = "both"  # "both" | "self" | "cross"
-    qkv_only: bool = False  # True: only to_q/to_k/to_v, not to_out
-
-    def __post_init__(self) -> None:
-        if self.which not in _KINDS:
-            raise UserError(
-                f"attention.which must be one of {', '.join(_KINDS)}, got {self.which!r}"
-            )
+    """No hyper-parameters: every parameter of the chosen units inside attention blocks is trained."""
 
 
-@register_method("attention", Attention)
+@register_method("attention", Attention, example_units="mid_block")
 def apply(unet: torch.nn.Module, units: Sequence[Unit], cfg: Attention) -> list[str]:
-    """Unfreeze the projection weights (and biases) of the chosen attentions; return their names."""
-    suffixes = _QKV if cfg.qkv_only else _QKV + _OUT
+    """Unfreeze every parameter of the units that lie in attention blocks; return their names."""
     params = []
-    for unit in units:
-        if unit.kind not in _KINDS[cfg.which]:
-            continue
-        for name in unit.modules:
-            if name.endswith(suffixes):
-                claim(unet, name, "train", "attention")
-                params.extend(resolve_module(unet, name).parameters(recurse=False))
+    for name in unit_modules([u for u in units if in_attention_block(u)]):
+        module = resolve_module(unet, name)
+        if has_weight(module):
+            claim(unet, name, "train", "attention")
+        params.extend(module.parameters(recurse=False))
     return mark_trainable(unet, params)

@@ -18,6 +18,7 @@ from capsearch.errors import UserError
 from capsearch.methods import (
     MethodConfig,
     claim,
+    has_weight,
     mark_trainable,
     register_method,
     resolve_module,
@@ -118,7 +119,7 @@ def apply(unet: torch.nn.Module, units: Sequence[Unit], cfg: DiffFit) -> list[st
     for name in unit_modules(units):
         module = resolve_module(unet, name)
         if cfg.train_norm and is_norm(module):
-            if "weight" in module._parameters:
+            if has_weight(module):
                 claim(unet, name, "train", "difffit")
             params.extend(module.parameters(recurse=False))
         elif cfg.train_bias and module._parameters.get("bias") is not None:

@@ -10,6 +10,7 @@ import torch
 from capsearch.methods import (
     MethodConfig,
     claim,
+    has_weight,
     mark_trainable,
     register_method,
     resolve_module,
@@ -29,7 +30,7 @@ def apply(unet: torch.nn.Module, units: Sequence[Unit], cfg: Full) -> list[str]:
     params = []
     for name in unit_modules(units):
         module = resolve_module(unet, name)
-        if "weight" in module._parameters:
+        if has_weight(module):
             claim(unet, name, "train", "full")
         params.extend(module.parameters(recurse=False))
     return mark_trainable(unet, params)

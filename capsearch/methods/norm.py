@@ -10,6 +10,7 @@ import torch
 from capsearch.methods import (
     MethodConfig,
     claim,
+    has_weight,
     mark_trainable,
     register_method,
     resolve_module,
@@ -37,7 +38,7 @@ def apply(unet: torch.nn.Module, units: Sequence[Unit], cfg: Norm) -> list[str]:
     for name in unit_modules(units):
         module = resolve_module(unet, name)
         if is_norm(module):
-            if "weight" in module._parameters:
+            if has_weight(module):
                 claim(unet, name, "train", "norm")
             params.extend(module.parameters(recurse=False))
     return mark_trainable(unet, params)

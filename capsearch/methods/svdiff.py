@@ -9,6 +9,13 @@ W = U·diag(σ)·Vᵀ, and only a shift δ of its singular values is trained (pa
 The second line is the same matrix; it keeps W itself in place of R, so δ = 0 returns W bit for bit.
 U, σ, Vᵀ are buffers (recomputed from the base weight when a delta is loaded); δ is the only parameter.
 The weight is a torch parametrization, so merging is `remove_parametrizations(leave_parametrized=True)`.
+
+Norm layers are shifted too, as in SVDiff's code (mkshing/svdiff-pytorch, which the paper's authors
+also use): a GroupNorm/LayerNorm weight w is a 1 × C matrix with one singular value ‖w‖, so its shift is
+one scalar per layer and rescales the whole weight, w ↦ w·ReLU(‖w‖ + δ)/‖w‖. Those norm-layer shifts
+are the method's second parameter set: that code trains the spectral shifts at 1e-3 and the norm
+shifts at a separate, much smaller rate, 1e-6 (an entry's `lr` and `lr_1d` here). Every δ is 1-D, so
+the split is by role, not by tensor dimension. Norm biases stay frozen, as there.
 """
 
 from __future__ import annotations
@@ -22,12 +29,17 @@ from torch.nn.utils import parametrize
 from capsearch.methods import (
     MethodConfig,
     claim,
+    has_weight,
     mark_trainable,
     register_method,
     resolve_module,
     unit_modules,
 )
+from capsearch.methods.norm import is_norm
 from capsearch.units import Unit
+
+_PARAMETRIZED = ".parametrizations."
+LAYERS = (torch.nn.Linear, torch.nn.Conv2d)  # weights whose whole spectrum is shifted
 
 
 class SpectralShift(torch.nn.Module):
@@ -35,6 +47,7 @@ class SpectralShift(torch.nn.Module):
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
+        # A 1-D norm weight becomes a C × 1 matrix: one singular value, its norm.
         matrix = weight.detach().reshape(weight.shape[0], -1).float()
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         # Not persistent: they are a function of the frozen base weight, so deltas stay small.
@@ -52,22 +65,27 @@ class SpectralShift(torch.nn.Module):
 
 @dataclass
 class SVDiff(MethodConfig):
-    """No hyper-parameters: every Linear/Conv2d weight in the units gets a spectral shift.
+    """Whether norm-layer weights get a shift too (SVDiff's own code does; off reproduces δ on W only)."""
 
-    Train δ with its own learning rate through `optimizer_groups(..., lr_1d=...)` (the paper uses a
-    larger rate for the 1-D spectral shifts).
-    """
+    shift_norms: bool = True
 
 
-@register_method("svdiff", SVDiff)
+def is_norm_shift(unet: torch.nn.Module, name: str) -> bool:
+    """Whether a trainable parameter is the spectral shift of a norm layer's weight (the second set)."""
+    owner, found, _ = name.partition(_PARAMETRIZED)
+    return bool(found) and is_norm(unet.get_submodule(owner))
+
+
+@register_method("svdiff", SVDiff, secondary=is_norm_shift)
 def apply(unet: torch.nn.Module, units: Sequence[Unit], cfg: SVDiff) -> list[str]:
-    """Reparametrise the units' Linear/Conv2d weights by a spectral shift; return the δ names."""
+    """Reparametrise the units' Linear/Conv2d (and norm) weights by a spectral shift; return the δ names."""
     deltas = []
     for name in unit_modules(units):
         module = resolve_module(unet, name)
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+        norm = cfg.shift_norms and is_norm(module)
+        if not has_weight(module) or not (isinstance(module, LAYERS) or norm):
             continue
-        claim(unet, name, "reparam", "svdiff")
+        claim(unet, name, "reparam", "svdiff")  # refuses a weight another entry already changes
         shift = SpectralShift(module.weight)
         parametrize.register_parametrization(module, "weight", shift)
         deltas.append(shift.delta)
