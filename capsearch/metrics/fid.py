@@ -107,7 +107,7 @@ def frechet_distance_from_stats(
     mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
 ) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2)."""
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = (
         np.atleast_2d(sigma1).astype(np.float64),
         np.atleast_2d(sigma2).astype(np.float64),
