@@ -27,7 +27,13 @@ from pydantic import (
 
 from capsearch.errors import UserError
 from capsearch.reward import OBJECTIVES
-from capsearch.space import Baseline, SearchSpace, build_space
+from capsearch.space import (
+    Baseline,
+    SearchSpace,
+    base_mitigations,
+    build_space,
+    check_base_mitigations,
+)
 
 
 class _Loader(yaml.SafeLoader):
@@ -76,7 +82,7 @@ class DataSpec(_Strict):
 
 
 class TrainSpec(_Strict):
-    """Training defaults of every trial (capsearch.train.TrainConfig without its mitigations)."""
+    """Training defaults of every trial (capsearch.train.TrainConfig; its mitigations: below)."""
 
     steps: int = Field(300, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -85,7 +91,7 @@ class TrainSpec(_Strict):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_accum: int = Field(1, ge=1)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     gradient_checkpointing: bool = False
     ema_decay: float | None = Field(None, gt=0, lt=1)
     seed: int = 0
@@ -93,6 +99,10 @@ class TrainSpec(_Strict):
     max_grad_norm: float = Field(1.0, ge=0)
     checkpoint_every: int = Field(0, ge=0)
     probe_every: int = Field(0, ge=0)
+    # Every trial, baselines included, trains with these mitigations stacked under the one it chooses:
+    # caption dropout (Dutt et al.'s code and Stable Diffusion train with 0.1), then `mitigations`.
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    mitigations: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class EvalSpec(_Strict):
@@ -423,8 +433,10 @@ def _check_consistency(spec: Spec) -> None:
             )
         if spec.train.probe_every < 1:
             raise UserError("train.probe_every: asha needs held-out probes; set it above 0")
-    if spec.resources.gpu == 0 and spec.train.mixed_precision != "no":
-        raise UserError("train.mixed_precision: needs a GPU; set resources.gpu or use no")
+    if spec.resources.gpu == 0 and spec.train.mixed_precision not in ("auto", "no"):
+        raise UserError("train.mixed_precision: needs a GPU; set resources.gpu or use auto or no")
+    base = base_mitigations(spec.train.caption_dropout, spec.train.mitigations)
+    check_base_mitigations(base, spec.search_space)
 
 
 # --- model checks -----------------------------------------------------------------------------------

@@ -263,6 +263,7 @@ class TrialSearch(OptunaSearch):
 def trial_settings(spec: Spec, params: dict[str, Any], baseline: str | None) -> dict[str, Any]:
     """Method spec, training settings (mitigations included) and group choices of a trial."""
     from capsearch.space import (
+        base_mitigations,
         group_choices,
         params_to_method_spec,
         params_to_mitigations,
@@ -274,7 +275,9 @@ def trial_settings(spec: Spec, params: dict[str, Any], baseline: str | None) -> 
     train.update(params_to_train(params, space))
     if baseline:
         train.update(spec.baseline(baseline).train)
-    train["mitigations"] = params_to_mitigations(params, space)
+    # Every trial's base mitigations, then its chosen one: recorded here, so reports show them all.
+    base = base_mitigations(train.pop("caption_dropout"), train["mitigations"])
+    train["mitigations"] = params_to_mitigations(params, space, base)
     return {
         "method_spec": params_to_method_spec(params, space),
         "train": train,

@@ -260,8 +260,14 @@ def _mitigation_choice(name: str, raw: Mapping[str, Any], where: str) -> Choice:
         if key not in KNOWN[name]:
             raise UserError(f"{where}.{key}: unknown parameter (allowed: {', '.join(KNOWN[name])})")
         p = parse_param(value, f"{where}.{key}")
+        allowed = KNOWN[name][key]
         for v in param_values(p):
-            integer = KNOWN[name][key] is int
+            if isinstance(allowed, tuple):  # a named choice, e.g. rwa's mode
+                if v not in allowed:
+                    choices = ", ".join(allowed)
+                    raise UserError(f"{where}.{key}: must be one of {choices}, got {v!r}")
+                continue
+            integer = allowed is int
             ok = isinstance(v, int) if integer else isinstance(v, (int, float))
             if isinstance(v, bool) or not ok:
                 kind = "an integer" if integer else "a number"
@@ -346,20 +352,48 @@ def params_to_method_spec(params: Mapping[str, Any], space: SearchSpace) -> list
     return spec
 
 
-def params_to_mitigations(params: Mapping[str, Any], space: SearchSpace) -> list[dict[str, Any]]:
-    """The training mitigations of a trial, as capsearch.train expects them ([] for none)."""
+def params_to_mitigations(
+    params: Mapping[str, Any], space: SearchSpace, base: Sequence[Mapping[str, Any]] = ()
+) -> list[dict[str, Any]]:
+    """A trial's training mitigations as capsearch.train expects them: `base`, then the chosen one."""
+    from capsearch.mitigations import Mitigations
+
     name = params.get("mitigation", "none")
     if name not in space.mitigations:
         raise UserError(f"trial parameter mitigation={name!r} is not allowed")
-    if name == "none":
-        return []
-    choice = space.mitigations[name]
-    return [
-        {
-            "name": name,
-            **{k: _value(params, f"mitigation.{name}.{k}", p) for k, p in choice.params.items()},
-        }
-    ]
+    stacked = [dict(m) for m in base]
+    if name != "none":
+        choice = space.mitigations[name]
+        values = {k: _value(params, f"mitigation.{name}.{k}", p) for k, p in choice.params.items()}
+        stacked.append({"name": name, **values})
+    Mitigations.parse(stacked, vocabulary=["word"])  # one line if a mitigation is there twice
+    return stacked
+
+
+def base_mitigations(
+    caption_dropout: float, others: Sequence[Mapping[str, Any]] = ()
+) -> list[dict[str, Any]]:
+    """The mitigations of every trial, baselines included: caption dropout (when above 0), then others."""
+    dropout = [{"name": "caption_dropout", "p": caption_dropout}] if caption_dropout > 0 else []
+    return dropout + [dict(m) for m in others]
+
+
+def check_base_mitigations(base: Sequence[Mapping[str, Any]], space: SearchSpace) -> None:
+    """Base mitigations must parse, and none may also be a choice of space.mitigations."""
+    from capsearch.mitigations import Mitigations
+
+    try:
+        Mitigations.parse(list(base), vocabulary=["word"])
+    except UserError as exc:
+        hint = " (train.caption_dropout counts)" if "caption_dropout" in str(exc) else ""
+        raise UserError(f"train.mitigations: {exc}{hint}") from None
+    names = {m["name"] for m in base}
+    for name in space.mitigations:
+        if name in names:
+            raise UserError(
+                f"space.mitigations.{name}: train already applies {name} to every trial "
+                f"(train.caption_dropout, train.mitigations); remove it from one of them"
+            )
 
 
 def params_to_train(params: Mapping[str, Any], space: SearchSpace) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from capsearch.mitigations import Mitigations, vocabulary_words
 from capsearch.progress import loss_bar
 
 Callback = Callable[[str, dict], None]
+PRECISIONS = ("auto", "no", "fp16", "bf16")
 
 
 @dataclass
@@ -34,7 +35,7 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     grad_accum: int = 1
-    mixed_precision: str = "no"  # no | fp16 | bf16 (GPU)
+    mixed_precision: str = "auto"  # auto: bf16 or fp16 on a GPU, no on CPU (resolve_precision)
     gradient_checkpointing: bool = False
     ema_decay: float | None = None
     seed: int = 0
@@ -51,9 +52,9 @@ class TrainConfig:
                 raise UserError(f"train.{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UserError(f"train.lr must be positive, got {self.lr}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
+        if self.mixed_precision not in PRECISIONS:
             raise UserError(
-                f"train.mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}"
+                f"train.mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}"
             )
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise UserError("train.ema_decay must be in (0, 1)")
@@ -74,6 +75,7 @@ class TrainResult:
     mitigation_counts: dict = field(default_factory=dict)
     skipped_images: int = 0
     message: str = ""
+    mixed_precision: str = "no"  # the precision the fine-tune ran at (auto resolved)
 
 
 def _load_training_images(data, size: int):
@@ -177,22 +179,21 @@ def finetune(
     quiet: bool = False,
 ) -> TrainResult:
     """Fine-tune pipe.unet in place with a method spec on a dataset folder; return what happened."""
-    from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
 
     from capsearch.delta import save_delta
     from capsearch.methods import apply_methods, optimizer_groups
 
     config.check()
-    mit = Mitigations.parse(config.mitigations, vocabulary_words(pipe.tokenizer))
+    mit = Mitigations.parse(config.mitigations)
+    if mit.rwa:
+        mit.words = vocabulary_words(pipe.tokenizer)
     use_cuda = torch.cuda.is_available() and pipe.device.type == "cuda"
-    if config.mixed_precision != "no" and not use_cuda:
-        raise UserError(
-            f"train.mixed_precision={config.mixed_precision} needs a GPU; use 'no' on CPU"
-        )
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not use_cuda)
+    precision = resolve_precision(config.mixed_precision, use_cuda)
+    accelerator = _accelerator(precision, use_cuda)
     torch.manual_seed(config.seed)
     ds, images, captions, groups = _load_training_images(data, config.size)
+    mit.fix_captions(captions, groups, config.seed)  # fixed RWA: once per record, before training
     names = apply_methods(pipe.unet, method_spec)
     unet = pipe.unet
     if config.gradient_checkpointing:
@@ -209,6 +210,9 @@ def finetune(
             num_warmup_steps=config.warmup_steps,
             num_training_steps=config.steps,
         )
+        # Through accelerate, fp16 gradients are unscaled before clipping and overflow steps skipped
+        # (GradScaler); the UNet's forward runs under autocast until _plain_unet undoes it.
+        unet, opt, lr_sched = accelerator.prepare(unet, opt, lr_sched)
     else:
         opt = lr_sched = None
     unet.train()
@@ -254,19 +258,18 @@ def finetune(
                 ):  # epoch-wise shuffling from the seeded generator
                     order += torch.randperm(len(images), generator=gen).tolist()
                 idx, order = order[: config.batch_size], order[config.batch_size :]
-                texts, touched = mit.captions([captions[i] for i in idx], captions, rng)
+                texts, dropped, touched = mit.captions(idx, captions, rng)
                 with torch.no_grad():
                     x0 = latents_of(images[idx].to(pipe.device))
                     ehs = pipe.encode_prompts(texts)
-                    ehs, t2 = mit.embeddings(ehs, gen)
+                    ehs, t2 = mit.embeddings(ehs, dropped, gen)
                 touched.update(t2)
                 noise = torch.randn(x0.shape, generator=gen).to(x0)
                 t = torch.randint(
                     0, pipe.scheduler.config.num_train_timesteps, (len(idx),), generator=gen
                 ).to(x0.device)
                 noisy = pipe.scheduler.add_noise(x0, noise, t)
-                with accelerator.autocast():
-                    pred = unet(noisy, t, encoder_hidden_states=ehs).sample
+                pred = unet(noisy, t, encoder_hidden_states=ehs).sample  # autocast: prepare()
                 target = _target(pipe, x0, noise, t)
                 per_sample = (
                     F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
@@ -274,7 +277,8 @@ def finetune(
                 if mit.threshold:
                     from capsearch.metrics.denoising import threshold_scores
 
-                    scores = threshold_scores(unet, noisy, t, ehs, uncond, cond_pred=pred)
+                    with torch.no_grad():  # the scores choose samples; no gradient through them
+                        scores = threshold_scores(unet, noisy, t, ehs, uncond, cond_pred=pred)
                     keep = mit.keep_mask(scores)
                     touched["threshold"] = int((~keep).sum())
                     per_sample = per_sample[keep] if keep.any() else per_sample[:0]
@@ -291,10 +295,11 @@ def finetune(
                 for k, v in touched.items():
                     counts[k] = counts.get(k, 0) + v
             if opt is not None:
-                if config.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-                opt.step()
-                lr_sched.step()
+                if config.max_grad_norm:  # on unscaled gradients: accelerate unscales fp16's first
+                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                opt.step()  # skipped by the GradScaler when fp16 gradients overflowed
+                if not accelerator.optimizer_step_was_skipped:
+                    lr_sched.step()
                 opt.zero_grad(set_to_none=True)
                 if ema is not None:
                     with torch.no_grad():
@@ -334,6 +339,7 @@ def finetune(
         bar(None, None)
         if log_f:
             log_f.close()
+        pipe.unet = unet = _plain_unet(accelerator, unet)
     if ema is not None and status == "ok":
         with torch.no_grad():
             for p, e in zip(trainable, ema):
@@ -352,6 +358,7 @@ def finetune(
         mitigation_counts=counts,
         skipped_images=ds.skipped,
         message=message,
+        mixed_precision=precision,
     )
     _emit(callbacks, "end", asdict(result))
     if out_dir:
@@ -383,10 +390,12 @@ def _save_checkpoint(
     if ema is not None:
         named.update({f"__ema__.{i}": e.contiguous() for i, e in enumerate(ema)})
     save_file(named, str(tmp / "trainable.safetensors"))
+    scaler = getattr(opt, "scaler", None)  # fp16's GradScaler, held by accelerate's optimizer
     torch.save(
         {
             "opt": opt.state_dict() if opt else None,
             "lr": lr_sched.state_dict() if lr_sched else None,
+            "scaler": scaler.state_dict() if scaler else None,
             "gen": gen.get_state(),
         },
         tmp / "state.pt",
@@ -427,10 +436,50 @@ def _load_checkpoint(path: Path, unet, opt, lr_sched, gen, rng, ema):
     if opt is not None and state["opt"] is not None:
         opt.load_state_dict(state["opt"])
         lr_sched.load_state_dict(state["lr"])
+    scaler = getattr(opt, "scaler", None)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     gen.set_state(state["gen"])
     meta = json.loads((path / "state.json").read_text())
     rng.setstate(_rng_from_json(meta["rng"]))
     return meta["step"], meta["losses"], meta["probes"], meta["counts"], meta["order"]
+
+
+def resolve_precision(requested: str, cuda: bool) -> str:
+    """A fine-tune's autocast precision: auto is bf16 on a GPU that has it, else fp16; no on CPU."""
+    if requested == "auto":
+        if not cuda:
+            return "no"
+        # bf16 has fp32's exponent range: no loss scaling, no skipped steps (Ampere and later)
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if requested != "no" and not cuda:
+        raise UserError(f"train.mixed_precision={requested} needs a GPU; use auto or no on CPU")
+    return requested
+
+
+def _accelerator(precision: str, cuda: bool):
+    """An Accelerator for one fine-tune on the UNet's own device (the pipeline placed it already)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one process-wide state that refuses a second precision; one process may
+    # fine-tune several times (tests, experiments), each at its own precision.
+    AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=precision, cpu=not cuda, device_placement=False)
+
+
+def _plain_unet(accelerator, unet: torch.nn.Module) -> torch.nn.Module:
+    """The UNet as it was before accelerator.prepare: its class's forward, no autocast wrapper."""
+    if not getattr(unet, "_is_accelerate_prepared", False):
+        return unet
+    wrapped = "_original_forward" in unet.__dict__
+    unet = accelerator.unwrap_model(unet, keep_fp32_wrapper=False)
+    # unwrap_model leaves the original forward bound on the instance and the prepared flag set; drop
+    # both so sampling and saving see the plain module and a later fine-tune prepares it afresh.
+    if wrapped:
+        unet.__dict__.pop("forward", None)
+    unet.__dict__.pop("_is_accelerate_prepared", None)
+    return unet
 
 
 def _rng_to_json(state):

@@ -99,9 +99,54 @@ def test_baselines_are_points_of_the_space(spec):
     assert points["lora"].params["lr"] == pytest.approx(2.0e-4)  # its baselines.train override
     settings = trial_settings(spec, dict(points["difffit"].params), "difffit")
     assert [e["method"] for e in settings["method_spec"]] == ["difffit", "difffit"]
-    assert (
-        settings["train"]["lr"] == pytest.approx(1.0e-4) and settings["train"]["mitigations"] == []
-    )
+    assert settings["train"]["lr"] == pytest.approx(1.0e-4)
+    assert settings["train"]["mitigations"] == [{"name": "caption_dropout", "p": 0.1}]  # default
+
+
+def test_trial_mitigations_stack_base_ones_under_the_chosen_one(spec):
+    """Caption dropout and train.mitigations reach every trial, baselines too, under its choice."""
+    from capsearch.search import trial_settings
+    from capsearch.train import TrainConfig
+
+    data = json.loads(json.dumps(SPEC))
+    data["train"].update(caption_dropout=0.2, mitigations=[{"name": "gni", "sigma": 0.01}])
+    data["baselines"]["mitigations"] = ["none", "rwa"]
+    stacked = spec_from_dict(data)
+    params = dict(stacked.baseline("difffit+rwa").params)
+    settings = trial_settings(stacked, params, "difffit+rwa")
+    assert settings["train"]["mitigations"] == [
+        {"name": "caption_dropout", "p": 0.2},
+        {"name": "gni", "sigma": 0.01},
+        {"name": "rwa", "k": 2, "p": 0.5},
+    ]
+    assert "caption_dropout" not in settings["train"]
+    TrainConfig(**settings["train"]).check()  # the record is what the trial trains with
+    data["train"].update(caption_dropout=0.0, mitigations=[])
+    none = trial_settings(spec_from_dict(data), params, "difffit+rwa")
+    assert none["train"]["mitigations"] == [{"name": "rwa", "k": 2, "p": 0.5}]
+
+
+@pytest.mark.parametrize(
+    "train, space_mitigations, match",
+    [
+        ({}, {"none": {}, "caption_dropout": {"p": [0.0, 0.3]}}, "caption_dropout: train already"),
+        (
+            {"mitigations": [{"name": "caption_dropout", "p": 0.2}]},
+            {"none": {}},
+            "train.mitigations: mitigation caption_dropout is listed twice",
+        ),
+        ({"mitigations": [{"name": "gni", "sigma": 0.1}]}, {"none": {}, "gni": {}}, "space.mit"),
+        ({"mitigations": [{"name": "rwa", "mode": "once"}]}, {"none": {}}, "must be one of"),
+    ],
+)
+def test_a_mitigation_twice_in_a_trial_is_one_line(train, space_mitigations, match):
+    from capsearch.errors import UserError
+
+    data = json.loads(json.dumps(SPEC))
+    data["train"].update(train)
+    data["space"]["mitigations"] = space_mitigations
+    with pytest.raises(UserError, match=match):
+        spec_from_dict(data)
 
 
 def test_plan_trials_enqueues_baselines_with_their_names(spec, tmp_path):
@@ -209,7 +254,10 @@ def test_run_trial_records_success_failure_and_nan(spec, tmp_path, monkeypatch):
     assert record["reward"] == pytest.approx(
         compute_reward(record["metrics"], spec.objective.weights.model_dump())
     )
-    assert calls[0][1].mitigations == [{"name": "rwa", "k": 2, "p": 0.5}]
+    assert calls[0][1].mitigations == [
+        {"name": "caption_dropout", "p": 0.1},
+        {"name": "rwa", "k": 2, "p": 0.5},
+    ]
     assert reported == [{"training_step": 2, "heldout_loss": 0.3}]
     saved = json.loads((trial_dir(tmp_path, 7) / "result.json").read_text())
     assert saved["status"] == "ok" and saved["groups"]["attn"].startswith("lora(rank=4")

@@ -1,15 +1,16 @@
-"""The inner loop: determinism, bit-identical resume, mitigations, NaN handling, corrupt images."""
+"""The inner loop: determinism, resume, mitigations in the loop, EMA, mixed precision, NaN, corrupt data."""
 
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from capsearch.errors import UserError
-from capsearch.mitigations import Mitigations
 from capsearch.models import load_pipeline
 from capsearch.train import TrainConfig, finetune
 from capsearch.worlds.phantom import write_phantom_dataset
@@ -44,18 +45,20 @@ def test_only_trainable_parameters_change_and_seed_is_deterministic(data):
         assert torch.equal(value, _trained(pipe_b.unet)[name])
 
 
-def test_resume_is_bit_identical(data, tmp_path):
+@pytest.mark.parametrize(
+    "mitigations",
+    [
+        [{"name": "rwa", "k": 1, "p": 0.5}],
+        [{"name": "caption_dropout", "p": 0.3}, {"name": "rwa", "k": 4, "p": 1.0, "mode": "fixed"}],
+    ],
+    ids=["rwa-per-draw", "dropout+rwa-fixed"],
+)
+def test_resume_is_bit_identical(data, tmp_path, mitigations):
     spec = [{"method": "lora", "units": "*:*_attn", "rank": 2}]
     straight = load_pipeline("tiny:random")
-    finetune(
-        straight,
-        spec,
-        data,
-        _cfg(steps=6, mitigations=[{"name": "rwa", "k": 1, "p": 0.5}]),
-        quiet=True,
-    )
+    finetune(straight, spec, data, _cfg(steps=6, mitigations=mitigations), quiet=True)
     first = load_pipeline("tiny:random")
-    cfg = _cfg(steps=6, checkpoint_every=3, mitigations=[{"name": "rwa", "k": 1, "p": 0.5}])
+    cfg = _cfg(steps=6, checkpoint_every=3, mitigations=mitigations)
     import capsearch.train as train_mod
 
     original = train_mod._save_checkpoint
@@ -88,44 +91,6 @@ def test_nan_loss_stops_with_status_and_no_model(data, tmp_path):
     assert res.status == "nan" and "non-finite" in res.message
     assert not (tmp_path / "delta").exists()
     assert json.loads((tmp_path / "train_result.json").read_text())["status"] == "nan"
-
-
-def test_threshold_drops_top_samples_and_counts(data):
-    pipe = load_pipeline("tiny:random")
-    res = finetune(
-        pipe,
-        [{"method": "norm", "units": "*"}],
-        data,
-        _cfg(steps=2, batch_size=8, mitigations=[{"name": "threshold", "percentile": 50}]),
-        quiet=True,
-    )
-    # 50th percentile of 8 scores keeps the lower half: about 4 dropped per step.
-    assert 4 <= res.mitigation_counts["threshold"] <= 10
-
-
-def test_rwa_inserts_fresh_words_each_draw():
-    m = Mitigations.parse(
-        [{"name": "rwa", "k": 2, "p": 1.0}], ["alpha", "beta", "gamma", "delta", "omega"]
-    )
-    rng = random.Random(0)
-    a, counts = m.captions(["small left effusion"], [], rng)
-    b, _ = m.captions(["small left effusion"], [], rng)
-    assert counts == {"rwa": 1}
-    assert len(a[0].split()) == 5 and a != b
-
-
-@pytest.mark.parametrize(
-    "items, match",
-    [
-        ([{"name": "nope"}], "unknown mitigation"),
-        ([{"name": "rwa", "q": 1}], "unknown parameter"),
-        ([{"name": "threshold"}], "exactly one"),
-        ([{"name": "caption_dropout", "p": 3}], r"\[0, 1\]"),
-    ],
-)
-def test_bad_mitigations_are_user_errors(items, match):
-    with pytest.raises(UserError, match=match):
-        Mitigations.parse(items, ["word"])
 
 
 def test_corrupt_image_is_skipped_not_fatal(data, tmp_path):
@@ -191,25 +156,80 @@ def test_cli_train_writes_delta_and_log(data, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_grad_accum_checkpointing_ema_and_warmup_schedule_run(data):
-    """Options of the loop: accumulation, gradient checkpointing (same result), EMA and warm-up schedules."""
+def test_gradient_checkpointing_gives_the_same_result(data):
     spec = [{"method": "bitfit", "units": "mid_block"}]
     plain, ckpt = load_pipeline("tiny:random"), load_pipeline("tiny:random")
     finetune(plain, spec, data, _cfg(steps=2), quiet=True)
     finetune(ckpt, spec, data, _cfg(steps=2, gradient_checkpointing=True), quiet=True)
     a, b = _trained(plain.unet), _trained(ckpt.unet)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    ema = load_pipeline("tiny:random")
-    res = finetune(
-        ema,
-        spec,
-        data,
-        _cfg(steps=2, grad_accum=2, ema_decay=0.5, lr_schedule="cosine", warmup_steps=1),
-        quiet=True,
-    )
-    assert res.status == "ok" and res.steps == 2
-    c = _trained(ema.unet)
-    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_ema_is_the_recursive_average_of_the_parameter_trajectory(data):
+    """With decay d, EMA_k = lerp(EMA_{k-1}, θ_k, 1 − d) from EMA_0 = θ_0, over every optimizer step."""
+    pipe = load_pipeline("tiny:random")
+    start = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    trajectory = []  # trainable parameters right after each optimizer step
+
+    def record(optimizer, args, kwargs):
+        trajectory.append(_trained(pipe.unet))
+
+    handle = register_optimizer_step_post_hook(record)
+    try:
+        cfg = _cfg(steps=4, grad_accum=2, ema_decay=0.6, lr_schedule="cosine", warmup_steps=1)
+        res = finetune(pipe, [{"method": "bitfit", "units": "mid_block"}], data, cfg, quiet=True)
+    finally:
+        handle.remove()
+    assert res.status == "ok" and len(trajectory) == 4
+    ema = {n: start[n] for n in trajectory[0]}
+    for theta in trajectory:
+        ema = {n: torch.lerp(ema[n], theta[n], 1 - 0.6) for n in ema}
+    final = _trained(pipe.unet)
+    assert final.keys() == ema.keys()
+    assert all(torch.allclose(final[n], ema[n], rtol=1e-6, atol=1e-8) for n in ema)
+    assert any(not torch.allclose(final[n], trajectory[-1][n]) for n in ema)  # not the last step
+
+
+def test_threshold_drops_the_strongest_samples_and_they_get_no_gradient(data, monkeypatch):
+    """Wen et al.'s mitigation: samples whose ‖ε(x_t,e_p) − ε(x_t,e_∅)‖ exceeds the batch's limit leave
+    the loss; the step's gradient is that of the kept samples' loss alone."""
+    import capsearch.metrics.denoising as denoising
+    import capsearch.train as train_mod
+
+    seen = {"scores": [], "targets": [], "outputs": [], "grads": []}
+    real_scores, real_target = denoising.threshold_scores, train_mod._target
+
+    def scores(*args, **kwargs):
+        seen["scores"].append(real_scores(*args, **kwargs))
+        return seen["scores"][-1]
+
+    def target(*args):
+        seen["targets"].append(real_target(*args))
+        return seen["targets"][-1]
+
+    def on_forward(module, args, output):
+        seen["outputs"].append(output.sample.detach().clone())
+        if output.sample.requires_grad:  # the conditional prediction the loss is built on
+            output.sample.register_hook(lambda g: seen["grads"].append(g.clone()))
+
+    monkeypatch.setattr(denoising, "threshold_scores", scores)
+    monkeypatch.setattr(train_mod, "_target", target)
+    pipe = load_pipeline("tiny:random")
+    pipe.unet.register_forward_hook(on_forward)
+    cfg = _cfg(steps=1, batch_size=8, mitigations=[{"name": "threshold", "percentile": 50}])
+    res = finetune(pipe, [{"method": "norm", "units": "*"}], data, cfg, quiet=True)
+    cond, uncond = seen["outputs"]  # one conditional and one unconditional forward per step
+    strength = seen["scores"][0]
+    assert torch.allclose(strength, (cond - uncond).flatten(1).float().norm(dim=1))
+    dropped = strength > torch.quantile(strength, 0.5)
+    assert res.mitigation_counts["threshold"] == int(dropped.sum()) == 4
+    grad = seen["grads"][0]
+    assert torch.all(grad[dropped] == 0)
+    assert torch.all(grad[~dropped].flatten(1).abs().sum(1) > 0)
+    pred, tgt = cond.clone().requires_grad_(True), seen["targets"][0].detach()
+    kept = F.mse_loss(pred[~dropped], tgt[~dropped], reduction="none").flatten(1).mean(1).mean()
+    kept.backward()
+    assert torch.allclose(grad, pred.grad, rtol=1e-5, atol=1e-12)
 
 
 def test_mixed_precision_on_cpu_is_a_clear_error(data):
@@ -221,6 +241,127 @@ def test_mixed_precision_on_cpu_is_a_clear_error(data):
             _cfg(mixed_precision="bf16"),
             quiet=True,
         )
+
+
+class _RecordingAccelerator(Accelerator):
+    """Records the gradient norms it clips; fakes an fp16 overflow on chosen backward calls."""
+
+    norms: list[float]
+    backward_calls: int = 0
+    overflow_at: tuple[int, ...] = ()
+
+    @property
+    def mixed_precision(self) -> str:
+        return "fp16" if self.scaler is not None else super().mixed_precision
+
+    def backward(self, loss, **kwargs):
+        self.backward_calls += 1
+        if self.backward_calls in self.overflow_at:
+            loss = loss * float("inf")  # what an fp16 overflow leaves in the gradients
+        super().backward(loss, **kwargs)
+
+    def clip_grad_norm_(self, parameters, max_norm, norm_type=2):
+        norm = super().clip_grad_norm_(parameters, max_norm, norm_type)
+        self.norms.append(float(norm))
+        return norm
+
+
+def _cpu_accelerator(scale: float | None, overflow_at: tuple[int, ...] = ()) -> Accelerator:
+    """fp16's loss scaling on CPU (scale, unscale, skip) through accelerate's own GradScaler path."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import AutocastKwargs
+
+    AcceleratorState._reset_state()
+    acc = _RecordingAccelerator(cpu=True, device_placement=False)
+    acc.norms, acc.overflow_at = [], overflow_at
+    if scale:  # what Accelerator(mixed_precision="fp16") sets up on a GPU
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10**6)
+        acc.native_amp = True
+        acc.autocast_handler = AutocastKwargs(enabled=False)  # an fp32 forward: same numbers
+    return acc
+
+
+def test_fp16_loss_scaling_clips_unscaled_gradients(data, monkeypatch):
+    import capsearch.train as train_mod
+
+    spec, cfg = [{"method": "bitfit", "units": "mid_block"}], _cfg(steps=3, max_grad_norm=1e-4)
+    runs = {}
+    for scale in (None, 2.0**12):
+        acc = _cpu_accelerator(scale)
+        monkeypatch.setattr(train_mod, "_accelerator", lambda precision, cuda, acc=acc: acc)
+        pipe = load_pipeline("tiny:random")
+        assert finetune(pipe, spec, data, cfg, quiet=True).status == "ok"
+        runs[scale] = (acc, _trained(pipe.unet))
+    (plain, ref), (scaled, got) = runs[None], runs[2.0**12]
+    assert scaled.scaler.get_scale() == 2.0**12  # no step overflowed
+    assert all(n > 1e-4 for n in plain.norms)  # clipping binds at every step
+    # the norm clipping saw is the true one, not 4096 times it
+    assert scaled.norms == pytest.approx(plain.norms, rel=1e-5)
+    assert all(torch.allclose(ref[k], got[k], rtol=1e-5, atol=1e-8) for k in ref)
+
+
+def test_fp16_overflow_step_is_skipped_and_the_schedule_waits(data, tmp_path, monkeypatch):
+    import capsearch.train as train_mod
+
+    acc = _cpu_accelerator(2.0**12, overflow_at=(1,))
+    monkeypatch.setattr(train_mod, "_accelerator", lambda precision, cuda: acc)
+    saved, original = [], train_mod._save_checkpoint
+
+    def save(path, step, unet, opt, lr_sched, *rest):
+        saved.append((step, lr_sched.state_dict()["last_epoch"], _trained(unet)))
+        original(path, step, unet, opt, lr_sched, *rest)
+
+    monkeypatch.setattr(train_mod, "_save_checkpoint", save)
+    pipe = load_pipeline("tiny:random")
+    start = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    cfg = _cfg(steps=2, checkpoint_every=1, lr_schedule="linear")  # lr × 1, then × 0.5
+    spec = [{"method": "bitfit", "units": "mid_block"}]
+    res = finetune(pipe, spec, data, cfg, out_dir=tmp_path, quiet=True)
+    assert res.status == "ok" and acc.scaler.get_scale() == 2.0**11  # backed off once
+    (step1, epoch1, after1), (step2, epoch2, after2) = saved
+    assert (step1, epoch1) == (1, 0) and all(torch.equal(v, start[k]) for k, v in after1.items())
+    assert (step2, epoch2) == (2, 1)
+    assert any(not torch.equal(v, start[k]) for k, v in after2.items())
+    state = torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=True)
+    assert state["scaler"]["scale"] == 2.0**11  # resumes with the scaler where it was
+    # after training the UNet is the plain module again: no autocast wrapper, ready to prepare anew
+    unet = pipe.unet
+    assert "forward" not in unet.__dict__ and "_original_forward" not in unet.__dict__
+    assert not getattr(unet, "_is_accelerate_prepared", False)
+    assert unet.forward.__func__ is type(unet).forward
+
+
+def test_auto_precision_is_bf16_where_the_gpu_has_it(monkeypatch):
+    from capsearch.train import resolve_precision
+
+    assert resolve_precision("auto", cuda=False) == "no"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", cuda=True) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", cuda=True) == "fp16"
+    assert resolve_precision("fp16", cuda=True) == "fp16"
+    with pytest.raises(UserError, match="needs a GPU"):
+        resolve_precision("fp16", cuda=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "auto"])
+def test_mixed_precision_trains_on_a_gpu(data, precision):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    pipe = load_pipeline("tiny:random").to("cuda")
+    start = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    spec = [{"method": "full", "units": "*:*_attn"}]
+    res = finetune(pipe, spec, data, _cfg(steps=5, mixed_precision=precision), quiet=True)
+    assert res.status == "ok" and torch.isfinite(torch.tensor(res.final_loss))
+    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    assert res.mixed_precision == (expected if precision == "auto" else precision)
+    trained = _trained(pipe.unet)
+    assert all(v.dtype == torch.float32 for v in trained.values())  # fp32 master weights
+    assert any(not torch.equal(v, start[k]) for k, v in trained.items())
+    assert "forward" not in pipe.unet.__dict__  # sampling runs the plain module
 
 
 def test_the_optimizer_trains_each_entry_at_its_own_rates(data):

@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--lr-schedule", default="constant")
     p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--ema-decay", type=float, default=None)
     p.add_argument(
@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="NAME[:k=v,...]",
-        help="e.g. rwa:k=2,p=0.5 or threshold:percentile=90",
+        help="repeatable; e.g. caption_dropout:p=0.1, rwa:k=4,p=1,mode=fixed, threshold:percentile=90",
     )
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--probe-every", type=int, default=0)
