@@ -331,6 +331,31 @@ def test_fp16_overflow_step_is_skipped_and_the_schedule_waits(data, tmp_path, mo
     assert unet.forward.__func__ is type(unet).forward
 
 
+def test_autocast_runs_during_training_and_is_undone_afterwards(data, monkeypatch):
+    """accelerate's prepare wraps the UNet's forward in autocast (bf16 here, on CPU); after training
+    pipe.unet computes in fp32 again, as sampling and saving expect."""
+    from accelerate.state import AcceleratorState
+
+    import capsearch.train as train_mod
+
+    def bf16_on_cpu(precision, cuda):
+        AcceleratorState._reset_state()
+        return Accelerator(mixed_precision="bf16", cpu=True, device_placement=False)
+
+    monkeypatch.setattr(train_mod, "_accelerator", bf16_on_cpu)
+    pipe = load_pipeline("tiny:random")
+    dtypes = []
+    pipe.unet.conv_in.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    res = finetune(
+        pipe, [{"method": "bitfit", "units": "mid_block"}], data, _cfg(steps=1), quiet=True
+    )
+    assert res.status == "ok" and set(dtypes) == {torch.bfloat16}
+    assert "forward" not in pipe.unet.__dict__
+    with torch.no_grad():
+        pipe.unet(torch.randn(1, *pipe.latent_shape), 10, pipe.encode_prompts(["x"]))
+    assert dtypes[-1] == torch.float32
+
+
 def test_auto_precision_is_bf16_where_the_gpu_has_it(monkeypatch):
     from capsearch.train import resolve_precision
 
