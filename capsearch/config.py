@@ -66,6 +66,9 @@ class PhantomData(_Strict):
     seed: int = 0
     dup_fraction: float = Field(0.05, ge=0.0, le=1.0)
     dup_copies: int = Field(10, ge=1)
+    # Images per held-out split (validate, test); None: evaluate.reference_ratio × the most samples an
+    # evaluation generates, so that every FID reference is large enough (held-out phantoms cost nothing).
+    held_out_images: int | None = Field(None, ge=0)
 
 
 class DataSpec(_Strict):
@@ -106,9 +109,9 @@ class TrainSpec(_Strict):
 
 
 class EvalSpec(_Strict):
-    """Evaluation settings of every trial (capsearch.evaluate.EvalConfig)."""
+    """Evaluation settings of every searched trial (capsearch.evaluate.EvalConfig)."""
 
-    n_prompts: int = Field(24, ge=1)
+    n_prompts: int = Field(24, ge=2)
     n_per_prompt: int = Field(4, ge=1)
     steps: int = Field(20, ge=1)
     guidance: float = 3.0
@@ -121,10 +124,61 @@ class EvalSpec(_Strict):
     strength_prompts: int = Field(8, ge=1)
     strength_n: int = Field(2, ge=1)
     extractor: Literal["auto", "phantom", "xrv"] = "auto"
-    fid_reference: str = "train"
-    prompt_split: str = "test"
+    split: Literal["validate", "test"] = "validate"
+    reference_ratio: float = Field(4.0, ge=1)
+    bootstrap: int = Field(1000, ge=100)
+    noise_floor_repeats: int = Field(20, ge=2)
     batch_size: int = Field(64, ge=1)
     cache_dir: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("fid_reference", "prompt_split"):
+                if key in data:
+                    raise ValueError(
+                        f"{key} was removed: prompts and the FID reference both come from the "
+                        "held-out evaluate.split (validate while searching, test in the final stage)"
+                    )
+        return data
+
+    @property
+    def samples(self) -> int:
+        """Generated samples compared with the FID reference."""
+        return self.n_prompts * self.n_per_prompt
+
+
+class FinalSpec(_Strict):
+    """The final stage: baselines and the top searched trials re-evaluated on fresh sampling seeds.
+
+    Unset counts take the search's evaluation values. The report's best trial and `export --trial best`
+    use this re-evaluation, on a split the search never saw.
+    """
+
+    enabled: bool = True
+    top_k: int = Field(2, ge=0)
+    split: Literal["validate", "test"] = "test"
+    seed: int = 1000
+    n_prompts: int | None = Field(None, ge=2)
+    n_per_prompt: int | None = Field(None, ge=1)
+    extraction_prompts: int | None = Field(None, ge=0)
+    extraction_n: int | None = Field(None, ge=1)
+    strength_prompts: int | None = Field(None, ge=1)
+    strength_n: int | None = Field(None, ge=1)
+
+    def settings(self, evaluate: EvalSpec) -> dict[str, Any]:
+        """The evaluation settings of the final stage: the search's, with this stage's overrides."""
+        out = evaluate.model_dump()
+        for key, value in self.model_dump(exclude={"enabled", "top_k"}).items():
+            if value is not None:
+                out[key] = value
+        return out
+
+    def samples(self, evaluate: EvalSpec) -> int:
+        """Generated samples per re-evaluated trial."""
+        s = self.settings(evaluate)
+        return s["n_prompts"] * s["n_per_prompt"]
 
 
 class RewardWeights(_Strict):
@@ -267,6 +321,7 @@ class Spec(_Strict):
     data: DataSpec = Field(default_factory=lambda: DataSpec(phantom=PhantomData()))
     train: TrainSpec = Field(default_factory=TrainSpec)
     evaluate: EvalSpec = Field(default_factory=EvalSpec)
+    final: FinalSpec = Field(default_factory=FinalSpec)
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
     search: SearchSettings = Field(default_factory=SearchSettings)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
@@ -433,6 +488,10 @@ def _check_consistency(spec: Spec) -> None:
             )
         if spec.train.probe_every < 1:
             raise UserError("train.probe_every: asha needs held-out probes; set it above 0")
+    if spec.final.enabled and spec.final.seed == spec.evaluate.seed:
+        raise UserError(
+            "final.seed: must differ from evaluate.seed (the final stage samples on fresh seeds)"
+        )
     if spec.resources.gpu == 0 and spec.train.mixed_precision not in ("auto", "no"):
         raise UserError("train.mixed_precision: needs a GPU; set resources.gpu or use auto or no")
     base = base_mitigations(spec.train.caption_dropout, spec.train.mitigations)

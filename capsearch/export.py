@@ -14,13 +14,14 @@ from capsearch.report import (
     best_config_yaml,
     best_trial,
     display_name,
+    final_view,
     load_trials,
     read_run_spec,
 )
 
 
 def select_trial(records: list[dict[str, Any]], which: str = "best") -> dict[str, Any]:
-    """The trial named `which`: best (highest reward), tNNN, NNN, or a baseline name."""
+    """The trial named `which`: best (highest final-stage reward, else search reward), tNNN, NNN, or a baseline."""
     if not records:
         raise UserError("the run has no finished trials yet")
     if which == "best":
@@ -59,8 +60,9 @@ def export_trial(run_dir: Path, out: Path, which: str = "best") -> Path:
     (out / "method_spec.yaml").write_text(
         f"# trial {name} of {run_dir}\n# base model: {spec.model}\n" + best_config_yaml(record)
     )
-    for extra in ("metrics.json", "samples.png"):
+    for extra in ("metrics.json", "samples.png", "final/metrics.json", "final/samples.png"):
         if (Path(record["dir"]) / extra).is_file():
+            (out / extra).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(Path(record["dir"]) / extra, out / extra)
     pipe = load_pipeline(spec.model)
     unet = load_delta(pipe.unet, delta)
@@ -71,24 +73,41 @@ def export_trial(run_dir: Path, out: Path, which: str = "best") -> Path:
 
 def model_card(record: dict[str, Any], base_model: str, name: str) -> str:
     """A model card (Hugging Face README.md) with the trial's method, settings and metrics."""
-    metrics = record.get("metrics", {})
+    final = record.get("final")
+    view = final_view(record) if final else record
+    metrics, intervals = view.get("metrics", {}), view.get("intervals") or {}
+    where = (
+        f"the final re-evaluation ({final.get('split')} split, sampling seed {final.get('seed')}, "
+        "on images the search never scored)"
+        if final
+        else "the search's evaluation (no final re-evaluation: the numbers it was selected on)"
+    )
     front = {
         "library_name": "diffusers",
         "base_model": base_model,
         "tags": ["capsearch", "text-to-image", "chest-x-ray", "memorisation-mitigation"],
     }
     rows = [
-        ("FID ↓", metrics.get("fid"), ".2f"),
-        ("AMD ↑", metrics.get("amd"), ".3f"),
-        ("image-text score ↑", metrics.get("alignment"), ".3f"),
-        ("extracted images ↓", metrics.get("extracted"), ".0f"),
-        ("denoising-strength ratio (memorised/other) ↓", metrics.get("strength_ratio"), ".2f"),
-        ("trainable % of the UNet", metrics.get("trainable_pct"), ".4f"),
-        ("reward ↑", record.get("reward"), ".3f"),
+        ("FID ↓ (held-out reference)", "fid", ".2f"),
+        ("KID ↓ (held-out reference)", "kid", ".4f"),
+        ("AMD ↑", "amd", ".3f"),
+        ("AMD of real held-out images (reference)", "amd_heldout", ".3f"),
+        ("image-text score ↑", "alignment", ".3f"),
+        ("extracted images ↓", "extracted", ".0f"),
+        ("denoising-strength ratio (memorised/other) ↓", "strength_ratio", ".2f"),
+        ("trainable % of the UNet", "trainable_pct", ".4f"),
     ]
-    table = "\n".join(
-        f"| {label} | {format(value, fmt)} |" for label, value, fmt in rows if value is not None
-    )
+    lines = []
+    for label, key, fmt in rows:
+        value = metrics.get(key)
+        if value is None:
+            continue
+        ci = intervals.get(key)
+        shown = f"[{format(ci[0], fmt)}, {format(ci[1], fmt)}]" if ci else "–"
+        lines.append(f"| {label} | {format(value, fmt)} | {shown} |")
+    if view.get("reward") is not None:
+        lines.append(f"| reward ↑ | {view['reward']:.3f} | – |")
+    table = "\n".join(lines)
     settings = json.dumps(record.get("train", {}), indent=2, default=str)
     return f"""---
 {yaml.safe_dump(front, sort_keys=False).strip()}
@@ -109,12 +128,15 @@ VAE) are the base model's.
 - `delta/` — only the trained tensors and the method spec (`capsearch.delta.load_delta` applies them
   to the base UNet).
 - `method_spec.yaml` — the method per unit group, training settings and mitigations.
-- `metrics.json`, `samples.png` — the trial's evaluation.
+- `metrics.json`, `samples.png` — the trial's evaluation during the search; `final/` — its final
+  re-evaluation, if it was a finalist.
 
 ## Evaluation
 
-| metric | value |
-|---|---:|
+From {where}; 95% intervals resample or delete whole prompts (capsearch docs/metrics.md).
+
+| metric | value | 95% interval |
+|---|---:|---:|
 {table}
 
 Evaluated on {record.get("trainable", 0):,} trainable of {record.get("total", 0):,} UNet parameters.

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from capsearch.errors import UserError
+from capsearch.final import COMPARED, read_final, separation
 
 if TYPE_CHECKING:
     from capsearch.config import Spec
@@ -81,6 +82,9 @@ def load_trials(run_dir: Path, finished_only: bool = True) -> list[dict[str, Any
             continue
         record.setdefault("status", "running")
         record["dir"] = str(sub)
+        final = read_final(sub)
+        if final is not None:
+            record["final"] = final
         if not finished_only or record["status"] in FINISHED:
             records.append(record)
     return records
@@ -151,6 +155,15 @@ def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _cell(record: dict[str, Any], key: str, spec: str, intervals: bool) -> str:
+    """A metric with its 95% interval, e.g. `157.34 [150.12, 165.01]` (the value alone if it has none)."""
+    text = _fmt(_num(record, key), spec)
+    ci = (record.get("intervals") or {}).get(key)
+    if intervals and ci and text != "–":
+        text += f" [{format(ci[0], spec)}, {format(ci[1], spec)}]"
+    return text
+
+
 def ordered(records: list[dict[str, Any]], spec: Spec | None = None) -> list[dict[str, Any]]:
     """Baselines first (in spec order), then searched trials by reward, best first."""
     order = {b.name: i for i, b in enumerate(spec.baseline_points)} if spec else {}
@@ -169,13 +182,25 @@ def ordered(records: list[dict[str, Any]], spec: Spec | None = None) -> list[dic
 
 
 def best_trial(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The finished trial with the highest reward (None if none succeeded)."""
+    """The best trial: highest reward in the final re-evaluation if any trial has one, else in the search.
+
+    A winner is chosen on an evaluation it was not searched on whenever the final stage ran; the
+    search's own reward only decides runs without a final stage (None if no trial succeeded).
+    """
+    final = [r for r in records if _num(r.get("final") or {}, "reward") is not None]
+    if final:
+        return max(final, key=lambda r: _num(r["final"], "reward"))
     ok = [r for r in records if r.get("status") == "ok" and _num(r, "reward") is not None]
     return max(ok, key=lambda r: _num(r, "reward")) if ok else None
 
 
-def table_rows(records: list[dict[str, Any]], compact: bool = False) -> list[list[str]]:
-    """Rows in the paper's format: trial, method, FID, AMD, image-text, extracted, trainable %, reward."""
+def table_rows(
+    records: list[dict[str, Any]], compact: bool = False, intervals: bool = False
+) -> list[list[str]]:
+    """Rows in the paper's format: trial, method, FID, AMD, image-text, extracted, trainable %, reward.
+
+    With `intervals`, each metric carries its 95% interval (docs/metrics.md, "Intervals").
+    """
     rows = []
     for r in records:
         rows.append(
@@ -184,10 +209,10 @@ def table_rows(records: list[dict[str, Any]], compact: bool = False) -> list[lis
                 (compact_name(r) + ("*" if r.get("baseline") else ""))
                 if compact
                 else display_name(r) + (" (baseline)" if r.get("baseline") else ""),
-                _fmt(_num(r, "fid"), ".2f"),
-                _fmt(_num(r, "amd"), ".3f"),
-                _fmt(_num(r, "alignment"), ".2f"),
-                _fmt(_num(r, "extracted"), ".0f"),
+                _cell(r, "fid", ".2f", intervals),
+                _cell(r, "amd", ".3f", intervals),
+                _cell(r, "alignment", ".2f", intervals),
+                _cell(r, "extracted", ".0f", intervals),
                 _fmt(_num(r, "trainable_pct"), ".3g" if compact else ".3f"),
                 _fmt(_num(r, "reward"), ".3f"),
                 str(r.get("status", "")),
@@ -201,8 +226,8 @@ COLUMNS = ["trial", "method", "FID ↓", "AMD ↑", "image-text ↑", "extracted
 SHORT_COLUMNS = ["trial", "method", "FID↓", "AMD↑", "txt↑", "ext↓", "train%", "reward↑", "status"]
 
 
-def results_table(records: list[dict[str, Any]], title: str = "") -> Any:
-    """A rich table of trial records (running ones included if given)."""
+def results_table(records: list[dict[str, Any]], title: str = "", intervals: bool = False) -> Any:
+    """A rich table of trial records (running ones included if given), metrics ± their intervals."""
     from rich.table import Table
 
     show_status = any(r.get("status") != "ok" for r in records)  # all ok: the column says nothing
@@ -211,7 +236,7 @@ def results_table(records: list[dict[str, Any]], title: str = "") -> Any:
     for i, column in enumerate(columns):
         table.add_column(column, justify="left" if i in (0, 1, 8) else "right",
                          no_wrap=i != 1, overflow="fold", min_width=18 if i == 1 else None)  # fmt: skip
-    for record, row in zip(records, table_rows(records, compact=True)):
+    for record, row in zip(records, table_rows(records, compact=True, intervals=intervals)):
         style = "bold" if record.get("baseline") else None
         table.add_row(*row[: len(columns)], style=style)
     return table
@@ -315,7 +340,7 @@ def write_report(run_dir: Path) -> Path:
         "by the attack ↓ (Dutt et al. 2024, Tables 1–2); trainable % of the UNet's parameters.",
         "",
     ]
-    rows = table_rows(done)
+    rows = table_rows(done, intervals=True)
     if spec.objective.mode == "pareto":
         front = set(
             pareto_front([{**r.get("metrics", {}), **r} for r in done], spec.objective.pareto)
@@ -325,11 +350,11 @@ def write_report(run_dir: Path) -> Path:
     else:
         rows = [row[:-1] for row in rows]
         header = COLUMNS[:-1]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for record, row in zip(done, rows):
-        if record.get("baseline"):
-            row[1] = f"**{row[1]}**"
-        lines.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
+    lines += _markdown_table(header, rows, done)
+    lines += _noise_floor_lines(done, "searched")
+    finals = [final_view(r) for r in done if r.get("final")]
+    if finals:
+        lines += _final_lines(spec, finals)
     plot = pareto_plot(done, run_dir / PARETO_FILE)
     if plot is not None:
         lines += [
@@ -343,11 +368,18 @@ def write_report(run_dir: Path) -> Path:
     best = best_trial(done)
     if best is not None:
         name = Path(best["dir"]).name
+        chosen = (
+            f"final reward {_num(best['final'], 'reward'):.3f} on the {best['final'].get('split')} "
+            f"split (search reward {_num(best, 'reward'):.3f})"
+            if best.get("final")
+            else f"reward {_num(best, 'reward'):.3f} (no final re-evaluation: chosen on the "
+            "evaluation it was searched on)"
+        )
         lines += [
             "",
             "## Best configuration",
             "",
-            f"Trial {name} ({display_name(best)}), reward {_num(best, 'reward'):.3f}. "
+            f"Trial {name} ({display_name(best)}), {chosen}. "
             f"Export it with `capsearch export {run_dir} --trial {name} --out EXPORT`.",
             "",
             "```yaml",
@@ -373,11 +405,97 @@ def write_report(run_dir: Path) -> Path:
     return path
 
 
+def final_view(record: dict[str, Any]) -> dict[str, Any]:
+    """A trial record seen through its final re-evaluation (metrics, intervals and reward replaced)."""
+    final = record["final"]
+    return {
+        **record,
+        "metrics": final.get("metrics", {}),
+        "intervals": final.get("intervals", {}),
+        "noise_floor": final.get("noise_floor"),
+        "reward": final.get("reward"),
+    }
+
+
+def _markdown_table(header: list[str], rows: list[list[str]], records: list[dict]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for record, row in zip(records, rows):
+        if record.get("baseline"):
+            row[1] = f"**{row[1]}**"
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
+    return lines
+
+
+def _noise_floor_lines(records: list[dict[str, Any]], what: str) -> list[str]:
+    """One paragraph: FID and KID between disjoint sets of real held-out images at the sample count."""
+    floors = [r.get("noise_floor") for r in records if r.get("noise_floor")]
+    if not floors:
+        return []
+    f = floors[0]
+    parts = []
+    for key, label, fmt in (("fid", "FID", ".2f"), ("kid", "KID", ".4f")):
+        if isinstance(f.get(key), dict):
+            v = f[key]
+            parts.append(
+                f"{label} {format(v['mean'], fmt)} (95% of repeats in "
+                f"[{format(v['low'], fmt)}, {format(v['high'], fmt)}])"
+            )
+    if not parts:
+        return []
+    return [
+        "",
+        f"Noise floor of the {what} evaluation: real held-out images against other real held-out "
+        f"images, {f.get('n', '?')} of each, score " + " and ".join(parts) + ". A difference "
+        "between trials smaller than this spread is not a difference. Intervals are 95%: FID and KID "
+        "by a delete-one-prompt jackknife, AMD and image-text score by resampling prompts, extracted "
+        'images by resampling attacked prompts (docs/metrics.md, "Intervals").',
+    ]
+
+
+def _final_lines(spec: Spec, finals: list[dict[str, Any]]) -> list[str]:
+    """The final re-evaluation's table and, per metric, how the best separates from each baseline."""
+    first = finals[0]["final"]
+    lines = [
+        "",
+        "## Final re-evaluation",
+        "",
+        f"Every baseline and the top {spec.final.top_k} searched trials, evaluated again from their "
+        f"saved deltas on the {first.get('split')} split (the search used "
+        f"{spec.evaluate.split}) with sampling seed {first.get('seed')} "
+        f"({spec.final.samples(spec.evaluate)} samples each). The best trial is chosen here.",
+        "",
+    ]
+    finals = sorted(finals, key=lambda r: (not r.get("baseline"), -(_num(r, "reward") or -1e9)))
+    rows = [row[:-1] for row in table_rows(finals, intervals=True)]
+    lines += _markdown_table(COLUMNS[:-1], rows, finals)
+    lines += _noise_floor_lines(finals, "final")
+    scored = [r for r in finals if _num(r, "reward") is not None]
+    if not scored:
+        return lines
+    best = max(scored, key=lambda r: _num(r, "reward"))
+    others = [r for r in finals if r.get("baseline") and r["dir"] != best["dir"]]
+    if not others:
+        return lines
+    name = Path(best["dir"]).name
+    lines += [
+        "",
+        f"Does the best ({name}, {display_name(best)}) separate from each baseline? *better*/*worse*: "
+        "the two 95% intervals do not overlap; *overlap*: within noise.",
+        "",
+        "| baseline | " + " | ".join(COMPARED) + " |",
+        "|---|" + "---|" * len(COMPARED),
+    ]
+    for r in others:
+        cells = [separation(best, r, m) for m in COMPARED]
+        lines.append(f"| {display_name(r)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _objective_text(spec: Spec) -> str:
     if spec.objective.mode == "pareto":
         return "Pareto front over " + ", ".join(spec.objective.pareto)
     w = spec.objective.weights
     return (
-        f"reward = −{w.fid:g}·ln FID + {w.alignment:g}·image-text + {w.amd:g}·AMD "
+        f"reward = −{w.fid:g}·ln FID + {w.alignment:g}·image-text − {w.amd:g}·max(0, 1 − AMD/AMD_heldout) "
         f"− {w.extracted:g}·extracted fraction"
     )

@@ -2,13 +2,21 @@
 
 The scalar reward (docs/search.md) is
 
-    reward = −w_fid·ln(FID) + w_align·alignment + w_amd·AMD − w_ext·extracted_fraction
+    reward = −w_fid·ln(FID) + w_align·alignment − w_amd·max(0, 1 − AMD / AMD_heldout)
+             − w_ext·extracted_fraction
 
 Each term is of order one and scale-free where it matters: ln makes FID ratios count, not absolute
 distances (halving FID is worth ln 2 ≈ 0.69 whatever the feature extractor's scale); the image-text
-score lies in [0, 1] (phantom finding agreement) or [−1, 1] (BioViL-T cosine); AMD, a mean cosine
-distance, lies in [0, 2]; the extracted fraction (images extracted per attacked prompt, Carlini et
-al. 2023) in [0, 1]. A weight of 0 drops its term, missing metric included.
+score lies in [0, 1] (phantom finding agreement) or [−1, 1] (BioViL-T cosine); the extracted fraction
+(images extracted per attacked prompt, Carlini et al. 2023) in [0, 1].
+
+The AMD term is a shortfall, not AMD itself. AMD (Dutt et al. 2024) grows with distance from the
+training images, and a model that never learnt the domain (Freeze) sits farthest from them: a reward
+that added AMD would pay for learning nothing. AMD_heldout is the same distance for real held-out
+images of the domain, at the same sample count: what a model that learnt the domain without copying
+reaches. Generating closer to the training set than that is copying, penalised in proportion (0 to 1);
+generating farther earns nothing, since being off the domain is FID's business. A weight of 0 drops
+its term, missing metric included.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ OBJECTIVES: dict[str, str] = {
 _TERMS: dict[str, tuple[str, float]] = {
     "fid": ("fid", -1.0),
     "alignment": ("alignment", 1.0),
-    "amd": ("amd", 1.0),
+    "amd": ("amd", -1.0),  # enters as the shortfall max(0, 1 − AMD / AMD_heldout)
     "extracted_fraction": ("extracted", -1.0),
 }
 _FID_FLOOR = 1e-6  # ln(0) guard: an FID of exactly 0 only happens on identical feature sets
@@ -53,8 +61,22 @@ def reward_terms(metrics: Mapping[str, Any], weights: Mapping[str, float]) -> di
             raise ValueError(f"metric {metric} is not finite ({value})")
         if metric == "fid":
             value = math.log(max(value, _FID_FLOOR))
+        elif metric == "amd":
+            value = amd_shortfall(value, metrics.get("amd_heldout"))
         terms[metric] = sign * weight * value
     return terms
+
+
+def amd_shortfall(amd: float, amd_heldout: Any) -> float:
+    """max(0, 1 − AMD / AMD_heldout): how much closer to the training set than held-out real images."""
+    if amd_heldout is None:
+        raise ValueError(
+            "metric amd_heldout is missing (the AMD term needs the held-out reference)"
+        )
+    reference = float(amd_heldout)
+    if not math.isfinite(reference) or reference <= 0:
+        raise ValueError(f"metric amd_heldout must be positive, got {reference}")
+    return max(0.0, 1.0 - amd / reference)
 
 
 def compute_reward(metrics: Mapping[str, Any], weights: Mapping[str, float]) -> float:

@@ -22,10 +22,12 @@ from ray.tune.search.optuna import OptunaSearch
 
 from capsearch.config import Spec, read_yaml, spec_from_dict
 from capsearch.errors import UserError
+from capsearch.final import run_final_stage
 from capsearch.report import (
     PARAMS_FILE,
     RESULT_FILE,
     SPEC_FILE,
+    final_view,
     load_trials,
     ordered,
     results_table,
@@ -37,8 +39,8 @@ from capsearch.reward import OBJECTIVES, compute_reward
 
 STUDY_FILE = "optuna.db"
 TINY_MODELS = ("tiny", "tiny:random")
-REPORTED = ("fid", "alignment", "amd", "extracted", "extracted_fraction", "strength_ratio",
-            "trainable_pct", "reward")  # fmt: skip
+REPORTED = ("fid", "kid", "alignment", "amd", "amd_heldout", "extracted", "extracted_fraction",
+            "strength_ratio", "trainable_pct", "reward")  # fmt: skip
 
 
 # --- run folder and one-time preparation -------------------------------------------------------------
@@ -95,8 +97,19 @@ def prepare_data(spec: Spec, run_dir: Path, console: Any = None) -> Path:
 
         if console is not None:
             console.print(f"generating the phantom data set in {root} (once)")
-        write_phantom_dataset(root, **spec.data.phantom.model_dump(), progress=console is not None)
+        settings = spec.data.phantom.model_dump()
+        if settings["held_out_images"] is None:
+            settings["held_out_images"] = held_out_images_needed(spec)
+        write_phantom_dataset(root, **settings, progress=console is not None)
     return root
+
+
+def held_out_images_needed(spec: Spec) -> int:
+    """Images each held-out split needs: reference_ratio × the most samples any evaluation compares."""
+    samples = [spec.evaluate.samples] + (
+        [spec.final.samples(spec.evaluate)] if spec.final.enabled else []
+    )
+    return math.ceil(spec.evaluate.reference_ratio * max(samples))
 
 
 def uses_phantom_scorer(spec: Spec) -> bool:
@@ -228,11 +241,11 @@ class TrialSearch(OptunaSearch):
     """OptunaSearch that stores probe losses as intermediate values and failed trials as failed."""
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        """Record a probe's held-out loss (single-objective studies only: Optuna's limit)."""
+        """Record a probe's score (capsearch.probe; single-objective studies only: Optuna's limit)."""
         ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None or isinstance(self.metric, list) or "heldout_loss" not in result:
+        if ot_trial is None or isinstance(self.metric, list) or "probe_score" not in result:
             return
-        ot_trial.report(float(result["heldout_loss"]), step=int(result.get("training_step", 0)))
+        ot_trial.report(float(result["probe_score"]), step=int(result.get("training_step", 0)))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         """Tell Optuna: complete with finite objectives, pruned if stopped early, failed otherwise."""
@@ -335,7 +348,7 @@ def _train_and_evaluate(spec, record, folder, run_dir, data_root, report) -> dic
     import torch
 
     from capsearch.delta import save_delta
-    from capsearch.evaluate import EvalConfig, evaluate
+    from capsearch.evaluate import EvalConfig, evaluate, scalar_metrics
     from capsearch.methods import apply_methods
     from capsearch.models import load_pipeline
     from capsearch.space import FROZEN
@@ -356,8 +369,8 @@ def _train_and_evaluate(spec, record, folder, run_dir, data_root, report) -> dic
         )  # ASHA must never stop a baseline: it only sees searched trials' probes
 
         def on_event(event: str, payload: dict) -> None:
-            if probes_to_ray and event == "probe" and "heldout_loss" in payload:
-                keys = ("heldout_loss", "strength_ratio")
+            if probes_to_ray and event == "probe" and "probe_score" in payload:
+                keys = ("probe_score", "heldout_loss", "train_loss", "loss_gap", "strength_ratio")
                 report(
                     {
                         "training_step": payload["step"],
@@ -383,13 +396,14 @@ def _train_and_evaluate(spec, record, folder, run_dir, data_root, report) -> dic
     settings["cache_dir"] = settings["cache_dir"] or str(Path(run_dir) / "cache")
     started = time.time()
     metrics = evaluate(pipe, data_root, EvalConfig(**settings), out_dir=folder)
-    scalars = {k: v for k, v in metrics.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+    scalars = scalar_metrics(metrics)
     scalars["trainable_pct"] = out["trainable_pct"]
     return {
         **out,
         "status": "ok",
         "metrics": scalars,
+        "intervals": metrics["intervals"],
+        "noise_floor": metrics["noise_floor"],
         "eval_seconds": round(time.time() - started, 1),
     }
 
@@ -453,7 +467,7 @@ class TrialRecords(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """A trial that ended without writing its record was stopped by the scheduler."""
-        self._settle(trial, "stopped", "stopped early by ASHA (held-out loss behind its rung)")
+        self._settle(trial, "stopped", "stopped early by ASHA (probe score behind its rung)")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """A trial whose worker failed outside capsearch's own error handling."""
@@ -492,21 +506,26 @@ def run_search(
     ensure_scorer(spec, data_root, console)
     study = open_study(spec, run_dir)
     pending = plan_trials(spec, study, run_dir)
-    if pending:
-        started_here = not ray.is_initialized()
-        if started_here:
-            prepare_ray_start()
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                     logging_level="WARNING")  # fmt: skip
-        try:
-            _check_resources(spec)
+    started_here = not ray.is_initialized()
+    if started_here:
+        prepare_ray_start()
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 logging_level="WARNING")  # fmt: skip
+    try:
+        _check_resources(spec)
+        if pending:
             _tune(spec, run_dir, data_root, pending, [TrialRecords(run_dir), *callbacks])
-        finally:
-            if started_here:
-                ray.shutdown()
+        run_final_stage(spec, run_dir, data_root, console)
+    finally:
+        if started_here:
+            ray.shutdown()
     if console is not None:
         records = ordered(load_trials(run_dir), spec)
         console.print(results_table(records, title=f"{spec.name}: {len(records)} trials"))
+        finals = [final_view(r) for r in records if r.get("final")]
+        if finals:
+            title = f"final re-evaluation ({spec.final.split} split, seed {spec.final.seed}), 95% intervals"
+            console.print(results_table(finals, title=title, intervals=True))
     return write_report(run_dir)
 
 
@@ -554,7 +573,7 @@ def _tune(spec: Spec, run_dir: Path, data_root: Path, pending: int, callbacks: l
     )
     sched = spec.search.scheduler
     scheduler = (
-        ASHAScheduler(time_attr="training_step", metric="heldout_loss", mode="min",
+        ASHAScheduler(time_attr="training_step", metric="probe_score", mode="min",
                       max_t=max_steps(spec), grace_period=sched.grace_period,
                       reduction_factor=sched.reduction_factor,
                       stop_last_trials=False)  # a trial's last probe must not stop its evaluation

@@ -100,72 +100,10 @@ def _load_training_images(data, size: int):
     return ds, torch.stack(pixels), captions, groups
 
 
-class _Probe:
-    """Cheap mid-training probe: held-out loss on a fixed batch and the text-conditional strength ratio."""
-
-    def __init__(self, pipe, ds, captions, groups, size: int, gen_seed: int) -> None:
-        from capsearch.data import ImageCaptionDataset
-
-        g = torch.Generator().manual_seed(gen_seed)
-        held = ImageCaptionDataset(ds.root, split="validate", size=size)
-        imgs = [t for t in (held.load(i) for i in range(min(len(held), 32))) if t is not None]
-        self.x0 = torch.stack(imgs) if imgs else None
-        self.held_caps = held.captions[: len(imgs)]
-        if self.x0 is not None:
-            self.noise = torch.randn(self.x0.shape, generator=g)
-            self.t = torch.randint(50, 950, (len(imgs),), generator=g)
-        mem = sorted({c for c, gr in zip(captions, groups) if gr is not None})[:8]
-        other = sorted({c for c, gr in zip(captions, groups) if gr is None})[:8]
-        self.mem, self.other = mem, other
-        self.z = torch.randn((8, *pipe.latent_shape), generator=g)
-
-    @torch.no_grad()
-    def __call__(self, pipe, latents_of) -> dict:
-        from capsearch.metrics.denoising import threshold_scores
-
-        unet = pipe.unet
-        was = unet.training
-        unet.eval()
-        out = {}
-        if self.x0 is not None:
-            x0 = latents_of(self.x0.to(pipe.device))
-            noisy = pipe.scheduler.add_noise(x0, self.noise.to(x0), self.t.to(x0.device))
-            pred = unet(
-                noisy,
-                self.t.to(x0.device),
-                encoder_hidden_states=pipe.encode_prompts(self.held_caps),
-            ).sample
-            out["heldout_loss"] = F.mse_loss(
-                pred.float(), _target(pipe, x0, self.noise.to(x0), self.t.to(x0.device)).float()
-            ).item()
-        if self.mem and self.other:
-            uncond = pipe.encode_prompts([""])
-            t = torch.tensor(
-                int(pipe.scheduler.config.num_train_timesteps * 0.8), device=pipe.device
-            )
-
-            def strength(prompts):
-                z = self.z[: len(prompts)].to(pipe.device, pipe.dtype)
-                return (
-                    threshold_scores(unet, z, t, pipe.encode_prompts(prompts), uncond).mean().item()
-                )
-
-            out["strength_memorised"], out["strength_other"] = (
-                strength(self.mem),
-                strength(self.other),
-            )
-            out["strength_ratio"] = out["strength_memorised"] / max(out["strength_other"], 1e-12)
-        unet.train(was)
-        return out
-
-
 def _target(pipe, x0, noise, t):
-    kind = pipe.scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return pipe.scheduler.get_velocity(x0, noise, t)
-    raise UserError(f"unsupported scheduler prediction_type {kind!r}")
+    from capsearch.probe import diffusion_target
+
+    return diffusion_target(pipe, x0, noise, t)
 
 
 def finetune(
@@ -221,16 +159,6 @@ def finetune(
     rng = random.Random(config.seed)
     ema = [p.detach().clone() for p in trainable] if config.ema_decay else None
     start, losses, probes, counts, order = 0, [], [], {}, []
-    ckpt = Path(out_dir) / "checkpoint" if out_dir else None
-    if resume and ckpt is not None and ckpt.exists():
-        start, losses, probes, counts, order = _load_checkpoint(
-            ckpt, unet, opt, lr_sched, gen, rng, ema
-        )
-    probe = (
-        _Probe(pipe, ds, captions, groups, config.size, config.seed + 7)
-        if config.probe_every
-        else None
-    )
     vae = pipe.vae
 
     def latents_of(x):
@@ -242,6 +170,17 @@ def finetune(
             * vae.config.scaling_factor
         )
 
+    probe = None
+    if config.probe_every:  # its base measurement comes before any training (or resumed state)
+        from capsearch.probe import Probe
+
+        probe = Probe(pipe, ds.root, images, captions, groups, config.size, config.seed + 7)
+        probe.measure_base(pipe, latents_of)
+    ckpt = Path(out_dir) / "checkpoint" if out_dir else None
+    if resume and ckpt is not None and ckpt.exists():
+        start, losses, probes, counts, order = _load_checkpoint(
+            ckpt, unet, opt, lr_sched, gen, rng, ema
+        )
     uncond = pipe.encode_prompts([""]) if mit.threshold else None  # frozen text encoder: once
     bar = loss_bar(not quiet, "fine-tune", config.steps, start)
     t0, status, message, step = time.time(), "ok", "", start

@@ -326,3 +326,30 @@ def test_deep_merge_does_not_mutate():
     base = {"a": {"b": 1, "c": [1, 2]}}
     merged = deep_merge(base, {"a": {"c": [3]}})
     assert merged == {"a": {"b": 1, "c": [3]}} and base == {"a": {"b": 1, "c": [1, 2]}}
+
+
+def test_fid_reference_is_held_out_and_the_final_stage_samples_fresh_seeds(tmp_path, capsys):
+    line = validate_error(tmp_path, modified(**{"evaluate.fid_reference": "train"}), capsys)
+    assert line.endswith("evaluate: fid_reference was removed: prompts and the FID reference both "
+                         "come from the held-out evaluate.split (validate while searching, test "
+                         "in the final stage)")  # fmt: skip
+    line = validate_error(tmp_path, modified(**{"evaluate.split": "train"}), capsys)
+    assert "evaluate.split: Input should be 'validate' or 'test'" in line
+    line = validate_error(tmp_path, modified(**{"final.seed": 0}), capsys)
+    assert "final.seed: must differ from evaluate.seed" in line
+    spec = load_spec(ROOT / "search_spaces/tiny.yaml")
+    assert spec.evaluate.split == "validate" and spec.final.split == "test"
+    final = spec.final.settings(spec.evaluate)
+    assert final["split"] == "test" and final["seed"] != spec.evaluate.seed
+    assert final["n_prompts"] > spec.evaluate.n_prompts  # the finalists get more samples
+    assert final["extraction_n"] == spec.evaluate.extraction_n  # unset: the search's value
+
+
+def test_phantom_held_out_images_follow_the_largest_evaluation():
+    from capsearch.search import held_out_images_needed
+
+    spec = load_spec(ROOT / "search_spaces/tiny.yaml")
+    samples = max(spec.evaluate.samples, spec.final.samples(spec.evaluate))
+    assert held_out_images_needed(spec) == 4 * samples
+    off = load_spec(ROOT / "search_spaces/tiny.yaml", ["final.enabled=false"])
+    assert held_out_images_needed(off) == 4 * off.evaluate.samples

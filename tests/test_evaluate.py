@@ -24,7 +24,9 @@ SMALL = EvalConfig(
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantom")
-    write_phantom_dataset(root, patients=16, size=32, seed=5, dup_fraction=0.2, dup_copies=3)
+    write_phantom_dataset(
+        root, patients=16, size=32, seed=5, dup_fraction=0.2, dup_copies=3, held_out_images=30
+    )
     return root
 
 
@@ -41,7 +43,16 @@ def test_evaluate_writes_every_metric_with_settings(data, tmp_path):
     ):
         assert key in m
     assert m["fid"] > 0 and 0 <= m["alignment"] <= 1 and m["amd"] >= 0
+    # every metric with a 95% interval around it, and the reference's own noise floor
+    for key in ("fid", "kid", "amd", "alignment", "extracted", "strength_ratio"):
+        low, high = m["intervals"][key]
+        assert low <= m[key] <= high, key
+    assert m["intervals"]["fid"][1] > m["intervals"]["fid"][0]  # 3 prompts: a real spread
+    floor = m["noise_floor"]
+    assert floor["n"] == 6 and floor["fid"]["low"] <= floor["fid"]["mean"] <= floor["fid"]["high"]
+    assert 0 < m["amd_heldout"] <= 2 and m["capped_prompts"] == 0
     saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["settings"]["split"] == "validate" and saved["settings"]["reference_images"] >= 24
     assert saved["settings"]["samples"] == 6 and saved["settings"]["world"] == "phantom"
     assert (
         saved["settings"]["extraction_guidance"] == SMALL.guidance
@@ -101,13 +112,29 @@ def test_eval_cli(data, tmp_path, capsys):
     assert main(["eval", "--data", str(data), "--out", str(tmp_path), "--n-prompts", "0"]) == 2
 
 
+def test_fid_reference_is_held_out_and_large_enough(data, tmp_path):
+    import dataclasses
+
+    from capsearch.errors import UserError
+
+    pipe = load_pipeline("tiny:random")
+    with pytest.raises(UserError, match="held-out split"):
+        evaluate(pipe, data, dataclasses.replace(SMALL, split="train"))
+    with pytest.raises(UserError, match="reference_ratio"):  # 30 images < 10 × 6 samples
+        evaluate(pipe, data, dataclasses.replace(SMALL, reference_ratio=10.0))
+    bare = tmp_path / "bare"
+    write_phantom_dataset(bare, patients=2, size=32, seed=1)  # too few patients to hold any out
+    with pytest.raises(UserError, match="no 'validate' images"):
+        evaluate(pipe, bare, SMALL)
+
+
 @pytest.mark.slow
 def test_freeze_scores_worse_fid_than_full_finetune(tmp_path):
     """Control: the shapes-pretrained base is far from X-rays until it is fine-tuned on them."""
     from capsearch.train import TrainConfig, finetune
 
     root = tmp_path / "data"
-    write_phantom_dataset(root, patients=120, size=64, seed=1)
+    write_phantom_dataset(root, patients=120, size=64, seed=1, held_out_images=256)
     cfg = EvalConfig(
         n_prompts=16, n_per_prompt=4, extraction_prompts=2, extraction_n=4, strength_prompts=2
     )

@@ -245,3 +245,23 @@ def test_refuses_a_folder_with_other_files(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="other files"):
         write_phantom_dataset(tmp_path, patients=2, size=32)
     assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_held_out_patients_are_added_without_touching_the_training_set(tmp_path):
+    plain = write_phantom_dataset(tmp_path / "a", patients=12, size=32, seed=4, dup_fraction=0.2)
+    more = write_phantom_dataset(
+        tmp_path / "b", patients=12, size=32, seed=4, dup_fraction=0.2, held_out_images=25
+    )
+    a = [json.loads(line) for line in plain.read_text().splitlines()]
+    b = [json.loads(line) for line in more.read_text().splitlines()]
+    assert b[: len(a)] == a  # the first patients, their splits and duplicates are unchanged
+    for name in {r["file_name"] for r in a}:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    splits = {s: [r for r in b if r["split"] == s] for s in ("train", "validate", "test")}
+    assert len(splits["validate"]) >= 25 and len(splits["test"]) >= 25
+    assert splits["train"] == [r for r in a if r["split"] == "train"]
+    patients = {s: {r["patient_id"] for r in rows} for s, rows in splits.items()}
+    assert not (patients["train"] & patients["validate"] or patients["train"] & patients["test"])
+    assert not patients["validate"] & patients["test"]
+    with pytest.raises(UserError, match="held-out-images"):
+        write_phantom_dataset(tmp_path / "c", patients=2, size=32, held_out_images=-1)

@@ -163,7 +163,8 @@ def test_export_loads_with_stock_diffusers_and_reproduces_the_samples(tmp_path, 
     assert {p.name for p in out.iterdir()} >= {"unet", "delta", "method_spec.yaml", "README.md"}
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: diffusers\nbase_model: tiny:random")
-    assert "| FID ↓ | 20.00 |" in card
+    assert "| FID ↓ (held-out reference) | 20.00 | – |" in card
+    assert "no final re-evaluation" in card
     assert yaml.safe_load((out / "method_spec.yaml").read_text())["methods"] == entries
 
     fresh = load_pipeline("tiny:random")
@@ -180,3 +181,44 @@ def test_export_loads_with_stock_diffusers_and_reproduces_the_samples(tmp_path, 
     assert json.loads((out / "delta" / "spec.json").read_text())["base_model"] == "tiny:random"
     assert main(["export", str(run), "--out", str(out)]) == 2  # never overwrites an export
     assert "not empty" in capsys.readouterr().err
+
+
+def add_final(folder: Path, fid: float, reward: float, ci: tuple[float, float]) -> None:
+    (folder / "final").mkdir()
+    m = metrics(fid, 0.1, 0, 0.5)
+    write_json(folder / "final" / "result.json", {
+        "trial": folder.name, "split": "test", "seed": 1000, "metrics": m, "reward": reward,
+        "intervals": {"fid": list(ci), "amd": [0.09, 0.11], "alignment": [0.4, 0.6],
+                      "extracted": [0.0, 1.0]},
+        "noise_floor": {"n": 48, "fid": {"mean": 3.0, "low": 2.0, "high": 4.5}},
+    })  # fmt: skip
+
+
+def test_the_final_stage_picks_the_best_and_compares_it_with_each_baseline(run, tmp_path):
+    from capsearch.final import finalists, separation
+
+    # Search reward prefers t002; on the fresh test-split evaluation DiffFit (t001) comes out ahead.
+    add_final(trial_dir(run, 0), 300.0, -4.2, (280.0, 320.0))
+    add_final(trial_dir(run, 1), 14.0, -1.7, (12.0, 16.0))
+    add_final(trial_dir(run, 2), 15.0, -2.0, (13.0, 17.5))
+    records = load_trials(run)
+    assert [r["number"] for r in finalists(records, top_k=1)] == [0, 1, 2]
+    assert [r["number"] for r in finalists(records, top_k=0)] == [0, 1]
+    assert select_trial(records)["number"] == 1  # export --trial best follows the final stage
+    text = write_report(run).read_text()
+    final = text.split("## Final re-evaluation")[1].split("\n## ")[0]
+    assert "on the test split" in final and "14.00 [12.00, 16.00]" in final
+    assert "Noise floor of the final evaluation" in final and "FID 3.00" in final
+    assert "| Freeze | better | n/a | overlap | overlap | overlap |" in final
+    assert "Trial t001 (DiffFit), final reward -1.700 on the test split" in text
+    best = {"intervals": {"fid": [12.0, 16.0]}}
+    assert separation(best, {"intervals": {"fid": [17.0, 20.0]}}, "fid") == "better"
+    assert separation(best, {"intervals": {"fid": [5.0, 11.0]}}, "fid") == "worse"
+    assert separation(best, {"intervals": {"fid": [15.0, 20.0]}}, "fid") == "overlap"
+    assert separation({"intervals": {"amd": [0.3, 0.4]}}, {"intervals": {"amd": [0.1, 0.2]}},
+                      "amd") == "better"  # fmt: skip
+    from capsearch.export import model_card
+
+    card = model_card(select_trial(records), "tiny:random", "t001")
+    assert "| FID ↓ (held-out reference) | 14.00 | [12.00, 16.00] |" in card
+    assert "final re-evaluation (test split, sampling seed 1000" in card

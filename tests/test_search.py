@@ -203,8 +203,9 @@ def test_resume_counts_finished_trials_and_settles_interrupted_ones(spec, tmp_pa
 
 def test_reward_formula_and_pareto_front():
     weights = {"fid": 1.0, "alignment": 2.0, "amd": 0.5, "extracted": 3.0}
-    m = {"fid": 20.0, "alignment": 0.6, "amd": 0.1, "extracted_fraction": 0.25}
-    expected = -math.log(20.0) + 2 * 0.6 + 0.5 * 0.1 - 3 * 0.25
+    m = {"fid": 20.0, "alignment": 0.6, "amd": 0.1, "amd_heldout": 0.2, "extracted_fraction": 0.25}
+    # AMD enters as its shortfall against real held-out images: max(0, 1 − 0.1/0.2) = 0.5.
+    expected = -math.log(20.0) + 2 * 0.6 - 0.5 * 0.5 - 3 * 0.25
     assert compute_reward(m, weights) == pytest.approx(expected)
     assert compute_reward({**m, "fid": 10.0}, weights) - compute_reward(
         m, weights
@@ -212,6 +213,8 @@ def test_reward_formula_and_pareto_front():
     assert set(reward_terms({"fid": 5.0}, {"fid": 1.0, "amd": 0.0})) == {"fid"}
     with pytest.raises(ValueError, match="amd is missing"):
         compute_reward({"fid": 5.0}, {"fid": 1.0, "amd": 1.0})
+    with pytest.raises(ValueError, match="amd_heldout is missing"):
+        compute_reward({"fid": 5.0, "amd": 0.3}, {"fid": 1.0, "amd": 1.0})
     with pytest.raises(ValueError, match="not finite"):
         compute_reward({"fid": float("nan")}, {"fid": 1.0})
     rows = [{"fid": 10, "amd": 0.1}, {"fid": 20, "amd": 0.3}, {"fid": 30, "amd": 0.2}, {"fid": 5}]
@@ -219,8 +222,9 @@ def test_reward_formula_and_pareto_front():
 
 
 def fake_evaluate(pipe, data_root, config, out_dir=None):
-    metrics = {"fid": 12.0, "alignment": 0.5, "amd": 0.2, "extracted": 1,
-               "extracted_fraction": 0.125, "strength_ratio": 1.1, "settings": {"x": 1}}  # fmt: skip
+    metrics = {"fid": 12.0, "alignment": 0.5, "amd": 0.2, "amd_heldout": 0.25, "extracted": 1,
+               "extracted_fraction": 0.125, "strength_ratio": 1.1, "settings": {"x": 1},
+               "intervals": {"fid": [10.0, 14.0]}, "noise_floor": {"n": 8}}  # fmt: skip
     if out_dir is not None:
         (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics))
     return metrics
@@ -241,7 +245,7 @@ def test_run_trial_records_success_failure_and_nan(spec, tmp_path, monkeypatch):
 
         apply_methods(pipe.unet, entries)
         for cb in callbacks:
-            cb("probe", {"step": 2, "heldout_loss": 0.3})
+            cb("probe", {"step": 2, "heldout_loss": 0.3, "probe_score": 0.4})
         save_delta(pipe.unet, Path(out_dir) / "delta")
         return TrainResult("ok", config.steps, 0.1, 123, 1000, 0.5)
 
@@ -258,7 +262,8 @@ def test_run_trial_records_success_failure_and_nan(spec, tmp_path, monkeypatch):
         {"name": "caption_dropout", "p": 0.1},
         {"name": "rwa", "k": 2, "p": 0.5},
     ]
-    assert reported == [{"training_step": 2, "heldout_loss": 0.3}]
+    assert reported == [{"training_step": 2, "probe_score": 0.4, "heldout_loss": 0.3}]
+    assert record["intervals"] == {"fid": [10.0, 14.0]} and record["noise_floor"] == {"n": 8}
     saved = json.loads((trial_dir(tmp_path, 7) / "result.json").read_text())
     assert saved["status"] == "ok" and saved["groups"]["attn"].startswith("lora(rank=4")
     assert final_result(record)["reward"] == pytest.approx(record["reward"])
@@ -308,11 +313,11 @@ def test_searcher_records_failures_pruning_and_probes(spec, tmp_path):
     )  # fmt: skip
     configs = {name: searcher.suggest(name) for name in ("ok", "error", "stopped")}
     assert all("_number" in c and "attn.method" in c for c in configs.values())
-    searcher.on_trial_result("stopped", {"training_step": 50, "heldout_loss": 0.25})
+    searcher.on_trial_result("stopped", {"training_step": 50, "probe_score": 0.25})
     searcher.on_trial_complete("ok", {"status": "ok", "reward": 0.5, "fid": 3.0, "trial": "t000"})
     searcher.on_trial_complete("error", {"status": "error", "error": "boom"})
     # Ray hands the probe that made ASHA stop a trial to on_trial_complete only
-    searcher.on_trial_complete("stopped", {"training_step": 100, "heldout_loss": 0.3})
+    searcher.on_trial_complete("stopped", {"training_step": 100, "probe_score": 0.3})
     trials = {t.user_attrs.get("ray_trial_id"): t for t in optuna.load_study(
         study_name=spec.search.study_name, storage=study_storage(tmp_path)).trials}  # fmt: skip
     assert trials["ok"].state == optuna.trial.TrialState.COMPLETE and trials["ok"].value == 0.5
@@ -351,6 +356,12 @@ MICRO = {
                 "methods": {"frozen": {}, "difffit": {}, "lora": {"rank": [2, 4]}},
             },  # fmt: skip
             {"name": "res", "units": "mid_block.resnets", "methods": {"frozen": {}, "difffit": {}}},
+            # the rest of the UNet, so that the DiffFit baseline is DiffFit on the whole UNet
+            {
+                "name": "rest",
+                "units": ["down_blocks", "up_blocks", "conv_in", "time_embedding", "conv_out"],
+                "methods": {"frozen": {}, "difffit": {}},
+            },
         ]
     },
 }
@@ -380,11 +391,23 @@ def test_a_real_search_runs_reports_resumes_and_exports(tmp_path, capsys):
         "freeze",
     ]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    # the final stage re-evaluated both baselines and the searched trial on the test split
+    finals = {r["trial"]: r["final"] for r in records if r.get("final")}
+    assert len(finals) == 3 and {f["split"] for f in finals.values()} == {"test"}
+    assert all(
+        f["seed"] == 1000 and "reward" in f and f["intervals"]["fid"] for f in finals.values()
+    )
+    report = (run / "report.md").read_text()
+    assert "## Final re-evaluation" in report and "Noise floor" in report
+    stamps = {t: (run / "trials" / t / "final" / "result.json").stat().st_mtime for t in finals}
     # without --resume the folder is refused; with it nothing is rerun
     assert main(["run", str(spec_path), "--out", str(run)]) == 2
     assert "already holds a search" in capsys.readouterr().err
     assert main(["run", str(spec_path), "--out", str(run), "--resume"]) == 0
     assert len(load_trials(run)) == 3 and len(study.trials) == 3
+    assert stamps == {
+        t: (run / "trials" / t / "final" / "result.json").stat().st_mtime for t in finals
+    }
     assert main(["status", str(run)]) == 0
     assert "3 ok" in capsys.readouterr().out
     assert main(["export", str(run), "--trial", "difffit", "--out", str(tmp_path / "e")]) == 0

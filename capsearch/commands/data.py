@@ -38,6 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     phantom.add_argument(
         "--dup-copies", type=int, default=10, help="copies of each duplicated image (default 10)"
     )
+    phantom.add_argument(
+        "--held-out-images",
+        type=int,
+        default=0,
+        help="add held-out patients until validate and test each hold this many images (default 0)",
+    )
     phantom.set_defaults(func=_phantom)
 
     mimic = actions.add_parser(
@@ -75,6 +81,7 @@ def _phantom(args: argparse.Namespace) -> int:
         seed=args.seed,
         dup_fraction=args.dup_fraction,
         dup_copies=args.dup_copies,
+        held_out_images=args.held_out_images,
         progress=True,
     )
     records = read_metadata(path.parent)

@@ -204,6 +204,25 @@ def _validate(out: Path, patients: int, size: int, dup_fraction: float, dup_copi
             )
 
 
+def _held_out_patients(patients: int, seed: int, splits: list[str], images: int) -> list[str]:
+    """Splits of extra held-out patients, drawn until validate and test each hold `images` images.
+
+    They are patients `patients`, `patients + 1`, ... of the same world (their own random streams), so
+    the training set and the 80/10/10 split of the first `patients` do not change; each extra patient
+    goes to whichever held-out split has fewer images so far.
+    """
+    count = {"validate": 0, "test": 0}
+    for index, split in enumerate(splits):
+        if split in count:
+            count[split] += sum(len(s.views) for s in _plan_patient(index, seed)[1])
+    extra: list[str] = []
+    while min(count.values()) < images:
+        split = min(count, key=lambda k: (count[k], k == "validate"))  # ties: test first
+        count[split] += sum(len(s.views) for s in _plan_patient(patients + len(extra), seed)[1])
+        extra.append(split)
+    return extra
+
+
 def write_phantom_dataset(
     out: Path,
     patients: int = 200,
@@ -211,13 +230,22 @@ def write_phantom_dataset(
     seed: int = 0,
     dup_fraction: float = 0.0,
     dup_copies: int = 10,
+    held_out_images: int = 0,
     progress: bool = False,
 ) -> Path:
-    """Write a phantom image folder (PNG files + metadata.jsonl) and return the metadata path."""
+    """Write a phantom image folder (PNG files + metadata.jsonl) and return the metadata path.
+
+    `patients` are split 80/10/10 into train/validate/test by patient; `held_out_images` > 0 adds
+    held-out patients until the validate and the test split each hold at least that many images (held-out
+    references for FID cost nothing in this world, and never change the training set).
+    """
     out = Path(out)
     _validate(out, patients, size, dup_fraction, dup_copies)
+    if held_out_images < 0:
+        raise UserError(f"--held-out-images must be at least 0, got {held_out_images}")
     splits = _assign_splits(patients, seed)
-    plans = [_plan_patient(i, seed) for i in range(patients)]
+    splits += _held_out_patients(patients, seed, splits, held_out_images)
+    plans = [_plan_patient(i, seed) for i in range(len(splits))]
     rows: list[dict] = []
     jobs: list[tuple[Anatomy, _Study, int]] = []
     for (anatomy, studies), split in zip(plans, splits, strict=True):
