@@ -197,7 +197,7 @@ def best_trial(records: list[dict[str, Any]]) -> dict[str, Any] | None:
 def table_rows(
     records: list[dict[str, Any]], compact: bool = False, intervals: bool = False
 ) -> list[list[str]]:
-    """Rows in the paper's format: trial, method, FID, AMD, image-text, extracted, trainable %, reward.
+    """Rows in the paper's format: trial, method, FID, KID, AMD, image-text, extracted, trainable %, reward.
 
     With `intervals`, each metric carries its 95% interval (docs/metrics.md, "Intervals").
     """
@@ -210,6 +210,7 @@ def table_rows(
                 if compact
                 else display_name(r) + (" (baseline)" if r.get("baseline") else ""),
                 _cell(r, "fid", ".2f", intervals),
+                _cell(r, "kid", ".4f", intervals),
                 _cell(r, "amd", ".3f", intervals),
                 _cell(r, "alignment", ".2f", intervals),
                 _cell(r, "extracted", ".0f", intervals),
@@ -221,9 +222,10 @@ def table_rows(
     return rows
 
 
-COLUMNS = ["trial", "method", "FID ↓", "AMD ↑", "image-text ↑", "extracted ↓", "trainable %",
-           "reward ↑", "status"]  # fmt: skip
-SHORT_COLUMNS = ["trial", "method", "FID↓", "AMD↑", "txt↑", "ext↓", "train%", "reward↑", "status"]
+COLUMNS = ["trial", "method", "FID ↓", "KID ↓", "AMD ↑", "image-text ↑", "extracted ↓",
+           "trainable %", "reward ↑", "status"]  # fmt: skip
+SHORT_COLUMNS = ["trial", "method", "FID↓", "KID↓", "AMD↑", "txt↑", "ext↓", "train%", "reward↑",
+                 "status"]  # fmt: skip
 
 
 def results_table(records: list[dict[str, Any]], title: str = "", intervals: bool = False) -> Any:
@@ -234,7 +236,7 @@ def results_table(records: list[dict[str, Any]], title: str = "", intervals: boo
     columns = SHORT_COLUMNS if show_status else SHORT_COLUMNS[:-1]
     table = Table(title=title or None, caption="* baseline", padding=(0, 1))
     for i, column in enumerate(columns):
-        table.add_column(column, justify="left" if i in (0, 1, 8) else "right",
+        table.add_column(column, justify="left" if i in (0, 1, 9) else "right",
                          no_wrap=i != 1, overflow="fold", min_width=18 if i == 1 else None)  # fmt: skip
     for record, row in zip(records, table_rows(records, compact=True, intervals=intervals)):
         style = "bold" if record.get("baseline") else None

@@ -74,13 +74,13 @@ def test_report_has_paper_table_plot_best_config_and_failures(run):
     path = write_report(run)
     text = path.read_text()
     assert (
-        "| trial | method | FID ↓ | AMD ↑ | image-text ↑ | extracted ↓ | trainable % | reward ↑ |"
+        "| trial | method | FID ↓ | KID ↓ | AMD ↑ | image-text ↑ | extracted ↓ | trainable % | reward ↑ |"
         in text
     )
     rows = [line for line in text.splitlines() if line.startswith("| t00")]
-    assert rows[0].startswith("| t000 | **Freeze (baseline)** | 300.00 | 0.800 |")
+    assert rows[0].startswith("| t000 | **Freeze (baseline)** | 300.00 | – | 0.800 |")
     assert rows[1].startswith("| t001 | **DiffFit (baseline)** | 15.00")
-    assert "| t002 | attn=difffit | 12.00 | 0.070 | 0.50 | 4 | 0.300 | -1.900 |" in text
+    assert "| t002 | attn=difffit | 12.00 | – | 0.070 | 0.50 | 4 | 0.300 | -1.900 |" in text
     assert (
         "t003" not in "\n".join(rows[:3]) and "t004" not in text
     )  # failed listed apart, running not
