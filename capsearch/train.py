@@ -6,12 +6,11 @@ Only the UNet changes (θ0 + ω ⊙ Δφ, Dutt et al. 2024 eq. 1); text encoder 
 from __future__ import annotations
 
 import json
-import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +18,20 @@ import torch.nn.functional as F
 from capsearch.errors import UserError
 from capsearch.mitigations import Mitigations, vocabulary_words
 from capsearch.progress import loss_bar
+from capsearch.train_state import TrainState
+
+# bound here under private names: the tests wrap this module's _save_checkpoint
+from capsearch.train_state import load_checkpoint as _load_checkpoint
+from capsearch.train_state import save_checkpoint as _save_checkpoint
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from accelerate.scheduler import AcceleratedScheduler
+    from torch.optim.lr_scheduler import LRScheduler
+
+    from capsearch.data import ImageCaptionDataset
+    from capsearch.models import Pipeline
+    from capsearch.probe import Probe
 
 Callback = Callable[[str, dict], None]
 PRECISIONS = ("auto", "no", "fp16", "bf16")
@@ -117,51 +130,72 @@ def finetune(
     quiet: bool = False,
 ) -> TrainResult:
     """Fine-tune pipe.unet in place with a method spec on a dataset folder; return what happened."""
-    from diffusers.optimization import get_scheduler
-
-    from capsearch.delta import save_delta
-    from capsearch.methods import apply_methods, optimizer_groups
-
     config.check()
     mit = Mitigations.parse(config.mitigations)
     if mit.rwa:
         mit.words = vocabulary_words(pipe.tokenizer)
-    use_cuda = torch.cuda.is_available() and pipe.device.type == "cuda"
-    precision = resolve_precision(config.mixed_precision, use_cuda)
-    accelerator = _accelerator(precision, use_cuda)
-    torch.manual_seed(config.seed)
-    ds, images, captions, groups = _load_training_images(data, config.size)
-    mit.fix_captions(captions, groups, config.seed)  # fixed RWA: once per record, before training
-    names = apply_methods(pipe.unet, method_spec)
-    unet = pipe.unet
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    trainable = [p for p in unet.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
-    total = sum(p.numel() for p in unet.parameters())
-    if trainable:
-        groups_ = optimizer_groups(unet, config.lr, config.weight_decay)
-        opt = torch.optim.AdamW(groups_, lr=config.lr)
-        lr_sched = get_scheduler(
-            config.lr_schedule,
-            opt,
-            num_warmup_steps=config.warmup_steps,
-            num_training_steps=config.steps,
-        )
-        # Through accelerate, fp16 gradients are unscaled before clipping and overflow steps skipped
-        # (GradScaler); the UNet's forward runs under autocast until _plain_unet undoes it.
-        unet, opt, lr_sched = accelerator.prepare(unet, opt, lr_sched)
-    else:
-        opt = lr_sched = None
-    unet.train()
-    pipe.text_encoder.requires_grad_(False).eval()
-    gen = torch.Generator().manual_seed(config.seed)
-    rng = random.Random(config.seed)
-    ema = [p.detach().clone() for p in trainable] if config.ema_decay else None
-    start, losses, probes, counts, order = 0, [], [], {}, []
-    vae = pipe.vae
+    run = _set_up(pipe, method_spec, data, config, mit)
+    state = TrainState.begin(config.seed, run.trainable if config.ema_decay else None)
+    ckpt = Path(out_dir) / "checkpoint" if out_dir else None
+    start = 0
+    if resume and ckpt is not None and ckpt.exists():
+        start = _load_checkpoint(ckpt, run.unet, run.optimizer, run.scheduler, state)
+    bar = loss_bar(not quiet, "fine-tune", config.steps, start)
+    out = _Outcome(steps=start, loss=state.losses[-1][1] if state.losses else float("nan"))
+    books = _Bookkeeper(run, callbacks, out_dir, ckpt)
+    try:
+        for step in range(start, config.steps):
+            step_loss = 0.0
+            for _ in range(config.grad_accum):
+                loss, touched = _loss(run, state)  # add_noise → unet → mse_loss
+                if not torch.isfinite(loss):
+                    raise _NonFiniteLoss(
+                        f"non-finite loss at step {step + 1}; training stopped, no model saved"
+                    )
+                if run.optimizer is not None:
+                    run.accelerator.backward(loss / config.grad_accum)
+                step_loss += loss.item() / config.grad_accum
+                state.count(touched)
+            if run.optimizer is not None:
+                _optimizer_step(run, state)
+            out.loss = step_loss
+            books.after_step(state, step + 1, step_loss)
+            bar(step + 1, step_loss)
+            out.steps = step + 1
+    except _NonFiniteLoss as stop:
+        out.status, out.message = "nan", str(stop)
+    except KeyboardInterrupt:
+        out.status, out.message = "stopped", f"interrupted at step {out.steps}"
+    finally:
+        bar(None, None)
+        books.close()
+        pipe.unet = run.unet = _plain_unet(run.accelerator, run.unet)
+    return _wrap_up(run, state, out, books)
 
-    def latents_of(x):
+
+@dataclass
+class _Run:
+    """The fixed parts of one fine-tune, built by _set_up before the first step."""
+
+    pipe: Pipeline
+    config: TrainConfig
+    mit: Mitigations
+    accelerator: Accelerator
+    precision: str  # resolved: no, fp16 or bf16
+    unet: torch.nn.Module  # prepared by accelerate (autocast forward) until _plain_unet
+    optimizer: torch.optim.Optimizer | None  # None when the method spec trains nothing
+    scheduler: AcceleratedScheduler | None
+    trainable: list[torch.nn.Parameter]
+    n_names: int  # trainable parameter names apply_methods reported
+    dataset: ImageCaptionDataset
+    images: torch.Tensor
+    captions: list[str]
+    uncond: torch.Tensor | None = None  # the empty prompt's embedding, for the threshold mitigation
+    probe: Probe | None = None  # with probe_every: the held-out loss and memorisation signals
+
+    def latents_of(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] as the UNet's input: VAE latents, or the pixels of a pixel-space model."""
+        vae = self.pipe.vae
         if vae is None:
             return x
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
@@ -170,218 +204,202 @@ def finetune(
             * vae.config.scaling_factor
         )
 
-    probe = None
-    if config.probe_every:  # its base measurement comes before any training (or resumed state)
-        from capsearch.probe import Probe
 
-        probe = Probe(pipe, ds.root, images, captions, groups, config.size, config.seed + 7)
-        probe.measure_base(pipe, latents_of)
-    ckpt = Path(out_dir) / "checkpoint" if out_dir else None
-    if resume and ckpt is not None and ckpt.exists():
-        start, losses, probes, counts, order = _load_checkpoint(
-            ckpt, unet, opt, lr_sched, gen, rng, ema
-        )
-    uncond = pipe.encode_prompts([""]) if mit.threshold else None  # frozen text encoder: once
-    bar = loss_bar(not quiet, "fine-tune", config.steps, start)
-    t0, status, message, step = time.time(), "ok", "", start
-    loss_value = losses[-1][1] if losses else float("nan")
-    if out_dir:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-    log_f = open(Path(out_dir) / "train_log.jsonl", "a") if out_dir else None
-    try:
-        for step in range(start, config.steps):
-            step_loss = 0.0
-            for _ in range(config.grad_accum):
-                while (
-                    len(order) < config.batch_size
-                ):  # epoch-wise shuffling from the seeded generator
-                    order += torch.randperm(len(images), generator=gen).tolist()
-                idx, order = order[: config.batch_size], order[config.batch_size :]
-                texts, dropped, touched = mit.captions(idx, captions, rng)
-                with torch.no_grad():
-                    x0 = latents_of(images[idx].to(pipe.device))
-                    ehs = pipe.encode_prompts(texts)
-                    ehs, t2 = mit.embeddings(ehs, dropped, gen)
-                touched.update(t2)
-                noise = torch.randn(x0.shape, generator=gen).to(x0)
-                t = torch.randint(
-                    0, pipe.scheduler.config.num_train_timesteps, (len(idx),), generator=gen
-                ).to(x0.device)
-                noisy = pipe.scheduler.add_noise(x0, noise, t)
-                pred = unet(noisy, t, encoder_hidden_states=ehs).sample  # autocast: prepare()
-                target = _target(pipe, x0, noise, t)
-                per_sample = (
-                    F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
-                )
-                if mit.threshold:
-                    from capsearch.metrics.denoising import threshold_scores
-
-                    with torch.no_grad():  # the scores choose samples; no gradient through them
-                        scores = threshold_scores(unet, noisy, t, ehs, uncond, cond_pred=pred)
-                    keep = mit.keep_mask(scores)
-                    touched["threshold"] = int((~keep).sum())
-                    per_sample = per_sample[keep] if keep.any() else per_sample[:0]
-                loss = per_sample.mean() if len(per_sample) else pred.sum() * 0.0
-                if not torch.isfinite(loss):
-                    status, message = (
-                        "nan",
-                        f"non-finite loss at step {step + 1}; training stopped, no model saved",
-                    )
-                    raise _Stop
-                if opt is not None:
-                    accelerator.backward(loss / config.grad_accum)
-                step_loss += loss.item() / config.grad_accum
-                for k, v in touched.items():
-                    counts[k] = counts.get(k, 0) + v
-            if opt is not None:
-                if config.max_grad_norm:  # on unscaled gradients: accelerate unscales fp16's first
-                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-                opt.step()  # skipped by the GradScaler when fp16 gradients overflowed
-                if not accelerator.optimizer_step_was_skipped:
-                    lr_sched.step()
-                opt.zero_grad(set_to_none=True)
-                if ema is not None:
-                    with torch.no_grad():
-                        torch._foreach_lerp_(
-                            ema, [p.detach() for p in trainable], 1 - config.ema_decay
-                        )
-            loss_value = step_loss
-            done = step + 1
-            if done % 10 == 0 or done == config.steps:
-                losses.append([done, round(loss_value, 6)])
-                _emit(
-                    callbacks,
-                    "step",
-                    {"step": done, "loss": loss_value, "mitigations": dict(counts)},
-                )
-                if log_f:
-                    log_f.write(
-                        json.dumps({"step": done, "loss": loss_value, "mitigations": counts}) + "\n"
-                    )
-            if probe is not None and done % config.probe_every == 0:
-                p = {"step": done, **probe(pipe, latents_of)}
-                probes.append(p)
-                _emit(callbacks, "probe", p)
-                if log_f:
-                    log_f.write(json.dumps({"probe": p}) + "\n")
-            if ckpt is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
-                _save_checkpoint(
-                    ckpt, done, unet, opt, lr_sched, gen, rng, ema, losses, probes, counts, order
-                )
-            bar(done, loss_value)
-            step = done
-    except _Stop:
-        pass
-    except KeyboardInterrupt:
-        status, message = "stopped", f"interrupted at step {step}"
-    finally:
-        bar(None, None)
-        if log_f:
-            log_f.close()
-        pipe.unet = unet = _plain_unet(accelerator, unet)
-    if ema is not None and status == "ok":
-        with torch.no_grad():
-            for p, e in zip(trainable, ema):
-                p.copy_(e)
-    if out_dir and status != "nan":
-        save_delta(unet, Path(out_dir) / "delta", base_model=getattr(pipe, "spec", None))
-    result = TrainResult(
-        status=status,
-        steps=step,
-        final_loss=loss_value,
-        trainable=n_trainable,
-        total=total,
-        seconds=round(time.time() - t0, 2),
-        losses=losses,
-        probes=probes,
-        mitigation_counts=counts,
-        skipped_images=ds.skipped,
-        message=message,
-        mixed_precision=precision,
-    )
-    _emit(callbacks, "end", asdict(result))
-    if out_dir:
-        (Path(out_dir) / "train_result.json").write_text(
-            json.dumps({**asdict(result), "trainable_names": len(names)}, indent=2)
-        )
-    return result
-
-
-class _Stop(Exception):
+class _NonFiniteLoss(Exception):
     pass
 
 
-def _emit(callbacks: Sequence[Callback], event: str, payload: dict) -> None:
-    for cb in callbacks:
-        cb(event, payload)
+@dataclass
+class _Outcome:
+    """How far a fine-tune got: status ok | nan | stopped, steps done and the last step's loss."""
+
+    steps: int
+    loss: float
+    status: str = "ok"
+    message: str = ""
+    started: float = field(default_factory=time.time)
 
 
-def _save_checkpoint(
-    path: Path, step, unet, opt, lr_sched, gen, rng, ema, losses, probes, counts, order
-) -> None:
-    """Write the resumable state to a temporary folder, then swap it in (atomic on one filesystem)."""
-    from safetensors.torch import save_file
+def _set_up(
+    pipe: Pipeline, method_spec: list[dict] | dict, data, config: TrainConfig, mit: Mitigations
+) -> _Run:
+    """Seed, load the images, apply the methods, prepare UNet, optimizer and LR schedule; probe base."""
+    from capsearch.methods import apply_methods
 
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    named = {n: p.detach().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
-    if ema is not None:
-        named.update({f"__ema__.{i}": e.contiguous() for i, e in enumerate(ema)})
-    save_file(named, str(tmp / "trainable.safetensors"))
-    scaler = getattr(opt, "scaler", None)  # fp16's GradScaler, held by accelerate's optimizer
-    torch.save(
-        {
-            "opt": opt.state_dict() if opt else None,
-            "lr": lr_sched.state_dict() if lr_sched else None,
-            "scaler": scaler.state_dict() if scaler else None,
-            "gen": gen.get_state(),
-        },
-        tmp / "state.pt",
+    use_cuda = torch.cuda.is_available() and pipe.device.type == "cuda"
+    precision = resolve_precision(config.mixed_precision, use_cuda)
+    accelerator = _accelerator(precision, use_cuda)
+    torch.manual_seed(config.seed)
+    ds, images, captions, groups = _load_training_images(data, config.size)
+    mit.fix_captions(captions, groups, config.seed)  # fixed RWA: once per record, before training
+    names = apply_methods(pipe.unet, method_spec)
+    unet, opt, lr_sched = pipe.unet, None, None
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    if trainable:
+        # Through accelerate, fp16 gradients are unscaled before clipping and overflow steps skipped
+        # (GradScaler); the UNet's forward runs under autocast until _plain_unet undoes it.
+        unet, opt, lr_sched = accelerator.prepare(unet, *_optimizer(unet, config))
+    unet.train()
+    pipe.text_encoder.requires_grad_(False).eval()
+    run = _Run(
+        pipe=pipe,
+        config=config,
+        mit=mit,
+        accelerator=accelerator,
+        precision=precision,
+        unet=unet,
+        optimizer=opt,
+        scheduler=lr_sched,
+        trainable=trainable,
+        n_names=len(names),
+        dataset=ds,
+        images=images,
+        captions=captions,
     )
-    meta = {
-        "step": step,
-        "rng": _rng_to_json(rng.getstate()),
-        "losses": losses,
-        "probes": probes,
-        "counts": counts,
-        "order": order,  # the rest of the current epoch's permutation
-    }
-    (tmp / "state.json").write_text(json.dumps(meta))
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    if mit.threshold:
+        run.uncond = pipe.encode_prompts([""])  # frozen text encoder: once
+    if config.probe_every:  # its base measurement comes before any training (or resumed state)
+        from capsearch.probe import Probe
+
+        run.probe = Probe(pipe, ds.root, images, captions, groups, config.size, config.seed + 7)
+        run.probe.measure_base(pipe, run.latents_of)
+    return run
 
 
-def _load_checkpoint(path: Path, unet, opt, lr_sched, gen, rng, ema):
-    from safetensors.torch import load_file
+def _optimizer(
+    unet: torch.nn.Module, config: TrainConfig
+) -> tuple[torch.optim.Optimizer, LRScheduler]:
+    """AdamW over the method entries' parameter groups (their own rates), and the LR schedule."""
+    from diffusers.optimization import get_scheduler
 
-    tensors = load_file(str(path / "trainable.safetensors"))
-    params = dict(unet.named_parameters())
+    from capsearch.methods import optimizer_groups
+
+    opt = torch.optim.AdamW(optimizer_groups(unet, config.lr, config.weight_decay), lr=config.lr)
+    schedule = get_scheduler(
+        config.lr_schedule,
+        opt,
+        num_warmup_steps=config.warmup_steps,
+        num_training_steps=config.steps,
+    )
+    return opt, schedule
+
+
+def _loss(run: _Run, state: TrainState) -> tuple[torch.Tensor, dict[str, int]]:
+    """One micro-batch's diffusion loss and how many of its samples each mitigation touched."""
+    pipe, mit = run.pipe, run.mit
+    idx = state.next_batch(run.config.batch_size, len(run.images))
+    texts, dropped, touched = mit.captions(idx, run.captions, state.rng)
     with torch.no_grad():
-        for name, value in tensors.items():
-            if name.startswith("__ema__."):
-                if ema is not None:
-                    ema[int(name.split(".")[1])].copy_(value)
-            elif name in params:
-                params[name].copy_(value)
-            else:
-                raise UserError(
-                    f"checkpoint {path} does not match this method spec (unknown tensor {name})"
-                )
-    state = torch.load(path / "state.pt", weights_only=True)  # tensors and plain containers only
-    if opt is not None and state["opt"] is not None:
-        opt.load_state_dict(state["opt"])
-        lr_sched.load_state_dict(state["lr"])
-    scaler = getattr(opt, "scaler", None)
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    gen.set_state(state["gen"])
-    meta = json.loads((path / "state.json").read_text())
-    rng.setstate(_rng_from_json(meta["rng"]))
-    return meta["step"], meta["losses"], meta["probes"], meta["counts"], meta["order"]
+        x0 = run.latents_of(run.images[idx].to(pipe.device))
+        ehs, noised = mit.embeddings(pipe.encode_prompts(texts), dropped, state.gen)
+    touched.update(noised)
+    noise = torch.randn(x0.shape, generator=state.gen).to(x0)
+    t = torch.randint(
+        0, pipe.scheduler.config.num_train_timesteps, (len(idx),), generator=state.gen
+    ).to(x0.device)
+    noisy = pipe.scheduler.add_noise(x0, noise, t)
+    pred = run.unet(noisy, t, encoder_hidden_states=ehs).sample  # autocast: prepare()
+    target = _target(pipe, x0, noise, t)
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+    if mit.threshold:
+        from capsearch.metrics.denoising import threshold_scores
+
+        with torch.no_grad():  # the scores choose samples; no gradient through them
+            scores = threshold_scores(run.unet, noisy, t, ehs, run.uncond, cond_pred=pred)
+        keep = mit.keep_mask(scores)
+        touched["threshold"] = int((~keep).sum())
+        per_sample = per_sample[keep] if keep.any() else per_sample[:0]
+    # all samples dropped: a zero that is still part of the graph, so backward and the step run
+    return (per_sample.mean() if len(per_sample) else pred.sum() * 0.0), touched
+
+
+def _optimizer_step(run: _Run, state: TrainState) -> None:
+    """Clip, step and schedule on the accumulated gradients, then move the EMA towards the weights."""
+    config, accelerator = run.config, run.accelerator
+    if config.max_grad_norm:  # on unscaled gradients: accelerate unscales fp16's first
+        accelerator.clip_grad_norm_(run.trainable, config.max_grad_norm)
+    run.optimizer.step()  # skipped by the GradScaler when fp16 gradients overflowed
+    if not accelerator.optimizer_step_was_skipped:
+        run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if state.ema is not None:  # EMA_k = lerp(EMA_{k-1}, θ_k, 1 − decay), every optimizer step
+        with torch.no_grad():
+            weights = [p.detach() for p in run.trainable]
+            torch._foreach_lerp_(state.ema, weights, 1 - config.ema_decay)
+
+
+class _Bookkeeper:
+    """A fine-tune's records: callbacks, train_log.jsonl, probes and checkpoints on their schedule."""
+
+    def __init__(
+        self, run: _Run, callbacks: Sequence[Callback], out_dir: Path | None, ckpt: Path | None
+    ) -> None:
+        self.run, self.callbacks, self.checkpoint = run, callbacks, ckpt
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.log = None
+        if self.out_dir:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.log = open(self.out_dir / "train_log.jsonl", "a")
+
+    def after_step(self, state: TrainState, done: int, loss: float) -> None:
+        """Log every 10 steps and the last; probe and checkpoint every probe_every/checkpoint_every."""
+        run, config = self.run, self.run.config
+        if done % 10 == 0 or done == config.steps:
+            state.losses.append([done, round(loss, 6)])
+            entry = {"step": done, "loss": loss, "mitigations": dict(state.counts)}
+            self.report("step", entry, entry)
+        if run.probe is not None and done % config.probe_every == 0:
+            probe = {"step": done, **run.probe(run.pipe, run.latents_of)}
+            state.probes.append(probe)
+            self.report("probe", probe, {"probe": probe})
+        if self.checkpoint and config.checkpoint_every and done % config.checkpoint_every == 0:
+            _save_checkpoint(self.checkpoint, done, run.unet, run.optimizer, run.scheduler, state)
+
+    def report(self, event: str, payload: dict, line: dict | None = None) -> None:
+        """Send an event to every callback; with an out_dir, append `line` to train_log.jsonl."""
+        for cb in self.callbacks:
+            cb(event, payload)
+        if self.log and line is not None:
+            self.log.write(json.dumps(line) + "\n")
+
+    def close(self) -> None:
+        """Close train_log.jsonl."""
+        if self.log:
+            self.log.close()
+
+
+def _wrap_up(run: _Run, state: TrainState, out: _Outcome, books: _Bookkeeper) -> TrainResult:
+    """Keep the EMA weights, save the delta and train_result.json, report the end; the result."""
+    from capsearch.delta import save_delta
+
+    if state.ema is not None and out.status == "ok":
+        with torch.no_grad():
+            for p, e in zip(run.trainable, state.ema):
+                p.copy_(e)
+    if books.out_dir and out.status != "nan":
+        save_delta(run.unet, books.out_dir / "delta", base_model=getattr(run.pipe, "spec", None))
+    result = TrainResult(
+        status=out.status,
+        steps=out.steps,
+        final_loss=out.loss,
+        trainable=sum(p.numel() for p in run.trainable),
+        total=sum(p.numel() for p in run.unet.parameters()),
+        seconds=round(time.time() - out.started, 2),
+        losses=state.losses,
+        probes=state.probes,
+        mitigation_counts=state.counts,
+        skipped_images=run.dataset.skipped,
+        message=out.message,
+        mixed_precision=run.precision,
+    )
+    books.report("end", asdict(result))
+    if books.out_dir:
+        (books.out_dir / "train_result.json").write_text(
+            json.dumps({**asdict(result), "trainable_names": run.n_names}, indent=2)
+        )
+    return result
 
 
 def resolve_precision(requested: str, cuda: bool) -> str:
@@ -419,11 +437,3 @@ def _plain_unet(accelerator, unet: torch.nn.Module) -> torch.nn.Module:
         unet.__dict__.pop("forward", None)
     unet.__dict__.pop("_is_accelerate_prepared", None)
     return unet
-
-
-def _rng_to_json(state):
-    return [state[0], list(state[1]), state[2]]
-
-
-def _rng_from_json(data):
-    return (data[0], tuple(data[1]), data[2])
