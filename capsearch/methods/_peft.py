@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from capsearch.methods import claim, resolve_module, unit_modules
+from capsearch.methods.base import claim, resolve_module, unit_modules
 from capsearch.units import Unit
 
 # One adapter name for every entry: peft activates the newest adapter name on every layer it manages,

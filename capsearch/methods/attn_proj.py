@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from capsearch.errors import UserError
-from capsearch.methods import (
+from capsearch.methods.base import (
     MethodConfig,
     claim,
     mark_trainable,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from capsearch.errors import UserError
-from capsearch.methods import (
+from capsearch.methods.base import (
     MethodConfig,
     claim,
     has_weight,

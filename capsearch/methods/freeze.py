@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from capsearch.methods import MethodConfig, register_method
+from capsearch.methods.base import MethodConfig, register_method
 from capsearch.units import Unit
 
 

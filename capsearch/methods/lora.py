@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from capsearch.errors import UserError
-from capsearch.methods import MethodConfig, register_method
 from capsearch.methods._peft import inject
+from capsearch.methods.base import MethodConfig, register_method
 from capsearch.units import Unit
 
 

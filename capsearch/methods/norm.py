@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from capsearch.methods import (
+from capsearch.methods.base import (
     MethodConfig,
     claim,
     has_weight,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils import parametrize
 
-from capsearch.methods import (
+from capsearch.methods.base import (
     MethodConfig,
     claim,
     has_weight,
