@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
+from capsearch.commands import data, methods, pretrain, sample, search, train
+from capsearch.commands import eval as eval_command  # `eval` would shadow the builtin
 from capsearch.errors import UserError
 
-# Each module defines `register(subparsers)`, adding its subcommand(s) with `set_defaults(func=...)`.
-COMMAND_MODULES = [
-    "capsearch.commands.data",
-    "capsearch.commands.pretrain",
-    "capsearch.commands.models",
-    "capsearch.commands.methods",
-    "capsearch.commands.train",
-    "capsearch.commands.eval",
-    "capsearch.commands.search",
-]
+# Each module defines `register(subparsers)`, adding its subcommand(s) with `set_defaults(func=...)`,
+# and imports what its handlers need inside them, so that `capsearch --help` stays fast.
+COMMAND_MODULES = [data, pretrain, sample, methods, train, eval_command, search]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,13 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version="capsearch 0.1.0")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # stage not built yet
-                continue
-            raise
+    for module in COMMAND_MODULES:
         module.register(sub)
     return parser
 
