@@ -85,10 +85,9 @@ class EvalConfig:
 
 def _scorers(pipe, name: str):
     """(feature extractor, image-text scorer, world) for a pipeline."""
-    from capsearch.features import get_extractor
+    from capsearch.features import get_extractor, resolve_extractor
 
-    if name == "auto":
-        name = "phantom" if pipe.vae is None else "xrv"
+    name = resolve_extractor(name, pipe)
     extractor = get_extractor(name)
     if name == "phantom":
         return extractor, extractor.scorer, "phantom"

@@ -9,12 +9,13 @@ import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
 from capsearch.errors import UserError
+from capsearch.models import TINY_MODELS
 
 XRV_WEIGHTS = "densenet121-res224-mimic_ch"
 BIOVIL_T_HUB_ID = "microsoft/BiomedVLP-BioViL-T"
@@ -267,6 +268,22 @@ def get_extractor(name: str) -> FeatureExtractor:
             f"unknown feature extractor {name!r}; choose one of {', '.join(EXTRACTORS)}"
         )
     return EXTRACTORS[name]()
+
+
+def resolve_extractor(name: str, model: str | Path | Any) -> str:
+    """The extractor a name means: "auto" is the phantom scorer for a pixel-space model, xrv otherwise.
+
+    `model` is a loaded pipeline (pixel space: no VAE) or a model as `load_pipeline` takes it (pixel
+    space: a tiny model or a folder without vae/; a hub id is SD-style, with a VAE).
+    """
+    if name != "auto":
+        return name
+    if isinstance(model, (str, Path)):
+        folder = Path(model).expanduser()
+        pixel_space = model in TINY_MODELS or (folder.is_dir() and not (folder / "vae").is_dir())
+    else:
+        pixel_space = model.vae is None
+    return "phantom" if pixel_space else "xrv"
 
 
 # --- on-disk cache --------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from capsearch.models_config import TINY_SCHEDULER_CONFIG, TINY_TEXT_CONFIG, bui
 ASSETS = Path(__file__).parent / "assets"
 TINY_BASE = ASSETS / "tiny_base"
 TOKENIZER_DIR = ASSETS / "tokenizer"
+# The tiny models `load_pipeline` knows by name: pixel space, without a VAE.
+TINY_MODELS = ("tiny", "tiny:random")
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from capsearch.errors import UserError
+from capsearch.features import weights_fingerprint
 from capsearch.progress import rich_bar
 
 SCORER_DIR = Path(__file__).parent / "assets" / "scorer"
@@ -118,11 +119,7 @@ class PhantomScorer(nn.Module):
 
     def fingerprint(self) -> str:
         """SHA-256 of the configuration and every weight and buffer."""
-        digest = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
-        for name, tensor in sorted(self.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()
+        return weights_fingerprint(self, json.dumps(self.config, sort_keys=True))
 
 
 def finding_agreement(predicted: Sequence[set[str]], named: Sequence[set[str]]) -> torch.Tensor:

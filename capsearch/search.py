@@ -114,10 +114,9 @@ def held_out_images_needed(spec: Spec) -> int:
 
 def uses_phantom_scorer(spec: Spec) -> bool:
     """Whether evaluation scores with the phantom scorer (pixel-space models under extractor auto)."""
-    if spec.evaluate.extractor != "auto":
-        return spec.evaluate.extractor == "phantom"
-    folder = Path(spec.model).expanduser()  # a hub id is SD-style, with a VAE
-    return spec.model in TINY_MODELS or (folder.is_dir() and not (folder / "vae").is_dir())
+    from capsearch.features import resolve_extractor
+
+    return resolve_extractor(spec.evaluate.extractor, spec.model) == "phantom"
 
 
 def ensure_scorer(spec: Spec, data_root: Path, console: Any = None) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +22,8 @@ from capsearch.features import (
     get_extractor,
     load_biovil_t,
     load_xrv_densenet,
+    resolve_extractor,
+    weights_fingerprint,
 )
 from capsearch.scorer import PhantomScorer
 
@@ -139,6 +144,34 @@ def test_phantom_features_and_fingerprint():
     with torch.no_grad():
         scorer.head.bias += 1
     assert PhantomFeatures(scorer).fingerprint != before
+
+
+def test_scorer_fingerprint_is_its_config_and_weights_digest():
+    torch.manual_seed(0)
+    scorer = PhantomScorer(["a", "b", "c"])
+    # The digest feature caches were keyed on before the scorer shared weights_fingerprint.
+    digest = hashlib.sha256(json.dumps(scorer.config, sort_keys=True).encode())
+    for name, tensor in sorted(scorer.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    assert scorer.fingerprint() == digest.hexdigest()
+    config = json.dumps(scorer.config, sort_keys=True)
+    assert scorer.fingerprint() == weights_fingerprint(scorer, config)
+
+
+def test_auto_extractor_is_the_phantom_scorer_in_pixel_space(tmp_path: Path):
+    assert resolve_extractor("xrv", "tiny") == "xrv"
+    assert resolve_extractor("phantom", "runwayml/stable-diffusion-v1-5") == "phantom"
+    assert resolve_extractor("auto", "tiny") == "phantom"
+    assert resolve_extractor("auto", "tiny:random") == "phantom"
+    # a hub id is SD-style, with a VAE
+    assert resolve_extractor("auto", "runwayml/stable-diffusion-v1-5") == "xrv"
+    (tmp_path / "unet").mkdir()
+    assert resolve_extractor("auto", str(tmp_path)) == "phantom"
+    (tmp_path / "vae").mkdir()
+    assert resolve_extractor("auto", tmp_path) == "xrv"
+    assert resolve_extractor("auto", SimpleNamespace(vae=None)) == "phantom"
+    assert resolve_extractor("auto", SimpleNamespace(vae=torch.nn.Identity())) == "xrv"
 
 
 def test_get_extractor_rejects_unknown_names():
