@@ -1,9 +1,64 @@
-"""Test-wide settings: one torch thread (tiny models; avoids oversubscription when processes share 2 cores)."""
+"""Test-wide settings: one torch thread (tiny models; avoids oversubscription when processes share 2 cores).
+
+Also the fixtures and helpers that several test files share (`from conftest import ...`).
+"""
 
 import os
+from collections.abc import Iterator
 
+import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module, restored afterwards (code under test may have raised it)."""
+    # The test machine's two cores are shared; one intra-op thread avoids oversubscription stalls.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def unet_inputs(
+    seed: int, timesteps: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two random samples, their timesteps and text states, shaped for the tiny UNet."""
+    from capsearch.models_config import TINY_UNET_CONFIG
+
+    g = torch.Generator().manual_seed(seed)
+    size, channels = TINY_UNET_CONFIG["sample_size"], TINY_UNET_CONFIG["in_channels"]
+    x = torch.randn(2, channels, size, size, generator=g)
+    ehs = torch.randn(2, 77, TINY_UNET_CONFIG["cross_attention_dim"], generator=g)
+    return x, torch.tensor(list(timesteps)), ehs
+
+
+def run_unet(unet: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The UNet's prediction for inputs from unet_inputs, without gradients."""
+    x, t, ehs = inputs
+    with torch.no_grad():
+        return unet(x, t, encoder_hidden_states=ehs).sample
+
+
+def example_spec(name: str) -> dict:
+    """A one-entry spec of a method on units where it trains something on the tiny UNet."""
+    from capsearch.methods import get_method
+
+    units = get_method(name).example_units
+    return {"method": name, "units": units if isinstance(units, str) else list(units)}
+
+
+def mid_block_groups() -> list[dict]:
+    """Search-space groups over the tiny UNet's mid block: its attentions and its resnets."""
+    return [
+        {
+            "name": "attn",
+            "units": "mid_block.attentions",
+            "methods": {"frozen": {}, "difffit": {}, "lora": {"rank": [2, 4]}},
+        },
+        {"name": "res", "units": "mid_block.resnets", "methods": {"frozen": {}, "difffit": {}}},
+    ]

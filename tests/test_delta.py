@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import example_spec, run_unet, unet_inputs
 
 from capsearch import __version__
 from capsearch.delta import (
@@ -23,35 +23,17 @@ from capsearch.errors import UserError
 from capsearch.methods import (
     applied_spec,
     apply_methods,
-    get_method,
     method_names,
     optimizer_groups,
 )
 from capsearch.models_config import TINY_UNET_CONFIG, build_tiny_unet
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    # The test machine's two cores are shared; one intra-op thread avoids oversubscription stalls.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    size, channels = TINY_UNET_CONFIG["sample_size"], TINY_UNET_CONFIG["in_channels"]
-    x = torch.randn(2, channels, size, size, generator=g)
-    ehs = torch.randn(2, 77, TINY_UNET_CONFIG["cross_attention_dim"], generator=g)
-    return x, torch.tensor([3, 400]), ehs
-
-
-def run(unet: torch.nn.Module, inputs) -> torch.Tensor:
-    x, t, ehs = inputs
-    with torch.no_grad():
-        return unet(x, t, encoder_hidden_states=ehs).sample
+    return unet_inputs(seed=1, timesteps=(3, 400))
 
 
 def trained(spec, inputs, steps: int = 2) -> torch.nn.Module:
@@ -67,11 +49,6 @@ def trained(spec, inputs, steps: int = 2) -> torch.nn.Module:
         loss.backward()
         opt.step()
     return unet.eval()
-
-
-def example_spec(name: str) -> dict:
-    units = get_method(name).example_units
-    return {"method": name, "units": units if isinstance(units, str) else list(units)}
 
 
 MIXED = [
@@ -91,7 +68,7 @@ def test_delta_round_trip_and_merged_export(case: str, inputs, tmp_path: Path) -
     from diffusers import UNet2DConditionModel
 
     unet = trained(CASES[case], inputs)
-    adapted = run(unet, inputs)
+    adapted = run_unet(unet, inputs)
     save_delta(unet, tmp_path / "delta", base_model="tiny:random")
 
     meta = json.loads((tmp_path / "delta" / SPEC_FILE).read_text())
@@ -106,13 +83,13 @@ def test_delta_round_trip_and_merged_export(case: str, inputs, tmp_path: Path) -
     assert saved == {n for n, p in unet.named_parameters() if p.requires_grad}
 
     loaded = load_delta(build_tiny_unet().eval(), tmp_path / "delta")
-    assert torch.equal(run(loaded, inputs), adapted)
+    assert torch.equal(run_unet(loaded, inputs), adapted)
 
     merged = merge(loaded)
     assert type(merged) is UNet2DConditionModel
     merged.save_pretrained(tmp_path / "merged")
     stock = UNet2DConditionModel.from_pretrained(tmp_path / "merged").eval()
-    assert (run(stock, inputs) - adapted).abs().max().item() <= 1e-5
+    assert (run_unet(stock, inputs) - adapted).abs().max().item() <= 1e-5
 
 
 def test_delta_is_small_for_peft_methods(inputs, tmp_path: Path) -> None:
@@ -127,7 +104,7 @@ def test_delta_is_small_for_peft_methods(inputs, tmp_path: Path) -> None:
 
 def test_merge_folds_everything_in_place(inputs) -> None:
     unet = trained(MIXED, inputs, steps=1)
-    adapted = run(unet, inputs)
+    adapted = run_unet(unet, inputs)
     merged = merge(unet)
     assert merged is unet
     assert not any(
@@ -135,7 +112,7 @@ def test_merge_folds_everything_in_place(inputs) -> None:
     )
     assert not any(m._forward_hooks for m in unet.modules())
     assert set(unet.state_dict()) == set(build_tiny_unet().state_dict())
-    assert (run(unet, inputs) - adapted).abs().max().item() <= 1e-5
+    assert (run_unet(unet, inputs) - adapted).abs().max().item() <= 1e-5
 
 
 def test_a_version_1_delta_still_loads(inputs, tmp_path: Path) -> None:
@@ -146,7 +123,7 @@ def test_a_version_1_delta_still_loads(inputs, tmp_path: Path) -> None:
         {"method": "svdiff", "units": "down_blocks", "shift_norms": False, "lr_1d": 5e-2},
     ]
     unet = trained(spec, inputs)
-    adapted = run(unet, inputs)
+    adapted = run_unet(unet, inputs)
     save_delta(unet, tmp_path)
     meta = json.loads((tmp_path / SPEC_FILE).read_text())
     assert meta["format_version"] == 2
@@ -157,7 +134,7 @@ def test_a_version_1_delta_still_loads(inputs, tmp_path: Path) -> None:
     del meta["methods"][1]["shift_norms"]
     (tmp_path / SPEC_FILE).write_text(json.dumps(meta))
     loaded = load_delta(build_tiny_unet().eval(), tmp_path)
-    assert torch.equal(run(loaded, inputs), adapted)
+    assert torch.equal(run_unet(loaded, inputs), adapted)
     recorded = applied_spec(loaded)
     assert [e["method"] for e in recorded] == ["attn_proj", "svdiff"]
     assert "lr_1d" not in recorded[0] and recorded[1]["lr_1d"] == 5e-2
@@ -216,7 +193,7 @@ def test_lora_export_round_trips_through_diffusers(inputs, tmp_path: Path) -> No
         {"method": "lora", "units": "down_blocks.1:conv", "rank": 2},  # a second rank, on convs
     ]
     unet = trained(spec, inputs)
-    adapted = run(unet, inputs)
+    adapted = run_unet(unet, inputs)
     export_lora(unet, tmp_path)
     assert (tmp_path / LORA_FILE).is_file()
 
@@ -226,7 +203,7 @@ def test_lora_export_round_trips_through_diffusers(inputs, tmp_path: Path) -> No
     assert all(".lora_A.weight" in k or ".lora_B.weight" in k for k in state_dict)
     fresh = build_tiny_unet().eval()
     StableDiffusionLoraLoaderMixin.load_lora_into_unet(state_dict, network_alphas, unet=fresh)
-    assert (run(fresh, inputs) - adapted).abs().max().item() <= 1e-5
+    assert (run_unet(fresh, inputs) - adapted).abs().max().item() <= 1e-5
 
 
 def test_lora_export_refuses_other_methods(inputs, tmp_path: Path) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
+from conftest import example_spec, run_unet, unet_inputs
 
 from capsearch.errors import UserError
 from capsearch.methods import (
@@ -18,44 +19,23 @@ from capsearch.methods import (
     method_names,
     optimizer_groups,
 )
-from capsearch.models_config import TINY_UNET_CONFIG, build_tiny_unet
+from capsearch.models_config import build_tiny_unet
 from capsearch.units import Unit, select_units
 
 METHODS = method_names()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    # The test machine's two cores are shared; one intra-op thread avoids oversubscription stalls.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    size, channels = TINY_UNET_CONFIG["sample_size"], TINY_UNET_CONFIG["in_channels"]
-    x = torch.randn(2, channels, size, size, generator=g)
-    ehs = torch.randn(2, 77, TINY_UNET_CONFIG["cross_attention_dim"], generator=g)
-    return x, torch.tensor([10, 700]), ehs
-
-
-def run(unet: torch.nn.Module, inputs) -> torch.Tensor:
-    x, t, ehs = inputs
-    with torch.no_grad():
-        return unet(x, t, encoder_hidden_states=ehs).sample
+    return unet_inputs(seed=0, timesteps=(10, 700))
 
 
 @pytest.fixture(scope="module")
 def base_output(inputs) -> torch.Tensor:
-    return run(build_tiny_unet().eval(), inputs)
-
-
-def example_spec(name: str) -> dict:
-    units = get_method(name).example_units
-    return {"method": name, "units": units if isinstance(units, str) else list(units)}
+    return run_unet(build_tiny_unet().eval(), inputs)
 
 
 def adam_step(unet: torch.nn.Module, inputs, lr: float = 1e-2) -> None:
@@ -190,7 +170,7 @@ ANALYTIC: dict[str, Callable[[torch.nn.Module, Sequence[Unit], MethodConfig], in
 def test_starts_at_the_base_output(name: str, inputs, base_output) -> None:
     unet = build_tiny_unet().eval()
     apply_methods(unet, example_spec(name))
-    assert (run(unet, inputs) - base_output).abs().max().item() <= 1e-5
+    assert (run_unet(unet, inputs) - base_output).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -229,7 +209,7 @@ def test_empty_selection_is_freeze(name: str, inputs, base_output) -> None:
     assert apply_methods(unet, {"method": name, "units": []}) == []
     assert count_trainable(unet) == 0
     assert set(unet.state_dict()) == keys
-    assert torch.equal(run(unet, inputs), base_output)
+    assert torch.equal(run_unet(unet, inputs), base_output)
 
 
 @pytest.mark.parametrize(
@@ -256,7 +236,7 @@ def test_hyper_parameter_variants(spec: dict, name: str, inputs, base_output) ->
     unet = build_tiny_unet().eval()
     apply_methods(unet, spec)
     assert count_trainable(unet) == expected > 0
-    assert (run(unet, inputs) - base_output).abs().max().item() <= 1e-5
+    assert (run_unet(unet, inputs) - base_output).abs().max().item() <= 1e-5
 
 
 def test_oft_leaves_out_kxk_convs() -> None:
@@ -288,7 +268,7 @@ def test_mixed_entries_add_up(inputs, base_output) -> None:
     names = apply_methods(unet, spec)
     assert count_trainable(unet) == separate
     assert len(names) == len(set(names))
-    assert (run(unet, inputs) - base_output).abs().max().item() <= 1e-5
+    assert (run_unet(unet, inputs) - base_output).abs().max().item() <= 1e-5
     recorded = applied_spec(unet)
     assert [e["method"] for e in recorded] == [e["method"] for e in spec]
     assert recorded[2]["rank"] == 2 and recorded[2]["alpha"] == 4.0  # defaults filled in
@@ -311,7 +291,7 @@ def test_every_lora_entry_stays_active(inputs, base_output) -> None:
         for module in first:
             for layer in module.lora_B.values():
                 layer.weight.normal_()
-    assert (run(unet, inputs) - base_output).abs().max().item() > 1e-3
+    assert (run_unet(unet, inputs) - base_output).abs().max().item() > 1e-3
 
 
 def test_in_place_training_survives_adapter_injection() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import mid_block_groups
 
 from capsearch.cli import main
 from capsearch.export import select_trial
@@ -18,16 +19,7 @@ SPEC = {
     "model": "tiny:random",
     "evaluate": {"steps": 3, "guidance": 2.0},
     "baselines": {"methods": ["freeze", "difffit"]},
-    "space": {
-        "groups": [
-            {
-                "name": "attn",
-                "units": "mid_block.attentions",
-                "methods": {"frozen": {}, "difffit": {}, "lora": {"rank": [2, 4]}},
-            },  # fmt: skip
-            {"name": "res", "units": "mid_block.resnets", "methods": {"frozen": {}, "difffit": {}}},
-        ]
-    },
+    "space": {"groups": mid_block_groups()},
 }
 PROMPTS = ["small left pleural effusion", "no acute cardiopulmonary process"]
 

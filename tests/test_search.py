@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import mid_block_groups
 
 from capsearch.config import spec_from_dict
 from capsearch.report import load_trials, trial_dir
@@ -350,12 +351,7 @@ MICRO = {
     "baselines": {"methods": ["freeze", "difffit"]},
     "space": {
         "groups": [
-            {
-                "name": "attn",
-                "units": "mid_block.attentions",
-                "methods": {"frozen": {}, "difffit": {}, "lora": {"rank": [2, 4]}},
-            },  # fmt: skip
-            {"name": "res", "units": "mid_block.resnets", "methods": {"frozen": {}, "difffit": {}}},
+            *mid_block_groups(),
             # the rest of the UNet, so that the DiffFit baseline is DiffFit on the whole UNet
             {
                 "name": "rest",
