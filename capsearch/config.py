@@ -8,25 +8,24 @@ from __future__ import annotations
 
 import copy
 import re
-import types
-import typing
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     PrivateAttr,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
 from capsearch.errors import UserError
+from capsearch.metrics.table import reward_metrics
 from capsearch.reward import OBJECTIVES
+from capsearch.settings import EvalSettings, Strict, TrainSettings, first_error
 from capsearch.space import (
     Baseline,
     SearchSpace,
@@ -54,11 +53,7 @@ def _none_to_empty(value: Any) -> Any:
     return value
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class PhantomData(_Strict):
+class PhantomData(Strict):
     """The phantom chest-X-ray world, generated into the run folder on first use."""
 
     patients: int = Field(200, ge=1)
@@ -71,7 +66,7 @@ class PhantomData(_Strict):
     held_out_images: int | None = Field(None, ge=0)
 
 
-class DataSpec(_Strict):
+class DataSpec(Strict):
     """Training data: generated phantoms, or an existing image folder with metadata."""
 
     phantom: PhantomData | None = None
@@ -84,72 +79,7 @@ class DataSpec(_Strict):
         return self
 
 
-class TrainSpec(_Strict):
-    """Training defaults of every trial (capsearch.train.TrainConfig; its mitigations: below)."""
-
-    steps: int = Field(300, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    lr_schedule: str = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_accum: int = Field(1, ge=1)
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    gradient_checkpointing: bool = False
-    ema_decay: float | None = Field(None, gt=0, lt=1)
-    seed: int = 0
-    size: int = Field(32, ge=8)
-    max_grad_norm: float = Field(1.0, ge=0)
-    checkpoint_every: int = Field(0, ge=0)
-    probe_every: int = Field(0, ge=0)
-    # Every trial, baselines included, trains with these mitigations stacked under the one it chooses:
-    # caption dropout (Dutt et al.'s code and Stable Diffusion train with 0.1), then `mitigations`.
-    caption_dropout: float = Field(0.1, ge=0, le=1)
-    mitigations: list[dict[str, Any]] = Field(default_factory=list)
-
-
-class EvalSpec(_Strict):
-    """Evaluation settings of every searched trial (capsearch.evaluate.EvalConfig)."""
-
-    n_prompts: int = Field(24, ge=2)
-    n_per_prompt: int = Field(4, ge=1)
-    steps: int = Field(20, ge=1)
-    guidance: float = 3.0
-    seed: int = 0
-    extraction_prompts: int = Field(8, ge=0)
-    extraction_n: int = Field(16, ge=1)
-    extraction_threshold: float | None = None
-    extraction_guidance: float | None = None
-    min_clique: int = Field(3, ge=2)
-    strength_prompts: int = Field(8, ge=1)
-    strength_n: int = Field(2, ge=1)
-    extractor: Literal["auto", "phantom", "xrv"] = "auto"
-    split: Literal["validate", "test"] = "validate"
-    reference_ratio: float = Field(4.0, ge=1)
-    bootstrap: int = Field(1000, ge=100)
-    noise_floor_repeats: int = Field(20, ge=2)
-    batch_size: int = Field(64, ge=1)
-    cache_dir: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _removed_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for key in ("fid_reference", "prompt_split"):
-                if key in data:
-                    raise ValueError(
-                        f"{key} was removed: prompts and the FID reference both come from the "
-                        "held-out evaluate.split (validate while searching, test in the final stage)"
-                    )
-        return data
-
-    @property
-    def samples(self) -> int:
-        """Generated samples compared with the FID reference."""
-        return self.n_prompts * self.n_per_prompt
-
-
-class FinalSpec(_Strict):
+class FinalSpec(Strict):
     """The final stage: baselines and the top searched trials re-evaluated on fresh sampling seeds.
 
     Unset counts take the search's evaluation values. The report's best trial and `export --trial best`
@@ -167,30 +97,30 @@ class FinalSpec(_Strict):
     strength_prompts: int | None = Field(None, ge=1)
     strength_n: int | None = Field(None, ge=1)
 
-    def settings(self, evaluate: EvalSpec) -> dict[str, Any]:
+    def settings(self, evaluate: EvalSettings) -> EvalSettings:
         """The evaluation settings of the final stage: the search's, with this stage's overrides."""
         out = evaluate.model_dump()
         for key, value in self.model_dump(exclude={"enabled", "top_k"}).items():
             if value is not None:
                 out[key] = value
-        return out
+        return EvalSettings.parse(out, "final")
 
-    def samples(self, evaluate: EvalSpec) -> int:
+    def samples(self, evaluate: EvalSettings) -> int:
         """Generated samples per re-evaluated trial."""
-        s = self.settings(evaluate)
-        return s["n_prompts"] * s["n_per_prompt"]
+        return self.settings(evaluate).samples
 
 
-class RewardWeights(_Strict):
-    """Weights of the scalar reward's terms (see capsearch.reward)."""
+# Weights of the scalar reward's terms: one field per metric with a reward term in the metric table
+# (capsearch.metrics.table), its default the table's (fid, amd, alignment, extracted: 1.0 each).
+RewardWeights = create_model(
+    "RewardWeights",
+    __base__=Strict,
+    __doc__="Weights of the scalar reward's terms (see capsearch.reward).",
+    **{m.reward: (float, Field(m.reward_default, ge=0)) for m in reward_metrics()},
+)
 
-    fid: float = Field(1.0, ge=0)
-    alignment: float = Field(1.0, ge=0)
-    amd: float = Field(1.0, ge=0)
-    extracted: float = Field(1.0, ge=0)
 
-
-class ObjectiveSpec(_Strict):
+class ObjectiveSpec(Strict):
     """A scalar reward, or a Pareto front over several metrics."""
 
     mode: Literal["reward", "pareto"] = "reward"
@@ -210,7 +140,7 @@ class ObjectiveSpec(_Strict):
         return names
 
 
-class SchedulerSpec(_Strict):
+class SchedulerSpec(Strict):
     """Trial scheduler: fifo (every trial runs to the end) or ASHA early stopping on probe losses."""
 
     name: Literal["fifo", "asha"] = "fifo"
@@ -218,7 +148,7 @@ class SchedulerSpec(_Strict):
     reduction_factor: float = Field(3.0, gt=1)
 
 
-class SearchSettings(_Strict):
+class SearchSettings(Strict):
     """The outer loop: sampler, budget, parallelism and scheduler."""
 
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
@@ -236,21 +166,21 @@ class SearchSettings(_Strict):
         return {"name": value} if isinstance(value, str) else value
 
 
-class ResourcesSpec(_Strict):
+class ResourcesSpec(Strict):
     """What one trial reserves on the Ray cluster."""
 
     cpu: int = Field(1, ge=1)
     gpu: float = Field(0.0, ge=0)
 
 
-class BaselineTrain(_Strict):
+class BaselineTrain(Strict):
     """Training settings one baseline method uses instead of the spec's train values."""
 
     lr: float | None = Field(None, gt=0)
     steps: int | None = Field(None, ge=1)
 
 
-class BaselinesSpec(_Strict):
+class BaselinesSpec(Strict):
     """The paper's baselines, enqueued as fixed trials: methods × mitigations."""
 
     methods: list[str] = Field(default_factory=list)
@@ -265,7 +195,7 @@ class BaselinesSpec(_Strict):
         return names
 
 
-class GroupSpec(_Strict):
+class GroupSpec(Strict):
     """A named selection of units and the methods (with hyper-parameters) it may be trained with."""
 
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -290,7 +220,7 @@ class GroupSpec(_Strict):
         return value
 
 
-class SpaceSpec(_Strict):
+class SpaceSpec(Strict):
     """The searched space: unit groups, learning rates, steps and mitigations."""
 
     groups: list[GroupSpec]
@@ -311,7 +241,7 @@ class SpaceSpec(_Strict):
         return value
 
 
-class Spec(_Strict):
+class Spec(Strict):
     """A whole search spec, validated; `search_space` and `baseline_points` are derived from it."""
 
     extends: str | None = None
@@ -319,8 +249,8 @@ class Spec(_Strict):
     description: str = ""
     model: str = "tiny"
     data: DataSpec = Field(default_factory=lambda: DataSpec(phantom=PhantomData()))
-    train: TrainSpec = Field(default_factory=TrainSpec)
-    evaluate: EvalSpec = Field(default_factory=EvalSpec)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    evaluate: EvalSettings = Field(default_factory=EvalSettings)
     final: FinalSpec = Field(default_factory=FinalSpec)
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
     search: SearchSettings = Field(default_factory=SearchSettings)
@@ -437,6 +367,8 @@ def load_spec(path: str | Path, overrides: Iterable[str] = (), check_model: bool
     data.setdefault("name", path.stem)
     spec = spec_from_dict(data, source=str(path))
     if check_model:
+        from capsearch.coverage import check_units
+
         check_units(spec, source=str(path))
     return spec
 
@@ -446,7 +378,7 @@ def spec_from_dict(data: dict[str, Any], source: str = "spec") -> Spec:
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
-        raise UserError(f"{source}: {_first_error(exc)}") from None
+        raise UserError(f"{source}: {first_error(exc, Spec)}") from None
     try:
         spec._search_space = build_space(spec.space)
         spec._baseline_points = _baselines(spec)
@@ -457,8 +389,9 @@ def spec_from_dict(data: dict[str, Any], source: str = "spec") -> Spec:
 
 
 def _baselines(spec: Spec) -> list[Baseline]:
+    from capsearch.baselines import baseline_points
     from capsearch.methods import get_method
-    from capsearch.space import FROZEN, baseline_points
+    from capsearch.space import FROZEN
 
     for i, method in enumerate(spec.baselines.methods):
         if method not in FROZEN:
@@ -496,155 +429,3 @@ def _check_consistency(spec: Spec) -> None:
         raise UserError("train.mixed_precision: needs a GPU; set resources.gpu or use auto or no")
     base = base_mitigations(spec.train.caption_dropout, spec.train.mitigations)
     check_base_mitigations(base, spec.search_space)
-
-
-# --- model checks -----------------------------------------------------------------------------------
-
-
-def unet_for_validation(model: str) -> tuple[Any, str]:
-    """The model's UNet built on the meta device (shapes only) and a note on where its config came from."""
-    import json
-
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from capsearch.models import TINY_BASE
-    from capsearch.models_config import SD15_UNET_CONFIG, TINY_UNET_CONFIG
-
-    config, note = None, ""
-    if model in ("tiny", "tiny:random"):
-        shipped = TINY_BASE / "unet" / "config.json"
-        config = json.loads(shipped.read_text()) if model == "tiny" and shipped.is_file() else None
-        config = config or dict(TINY_UNET_CONFIG)
-    else:
-        local = Path(model).expanduser() / "unet" / "config.json"
-        if local.is_file():
-            config = json.loads(local.read_text())
-        elif re.fullmatch(r"[\w.-]+/[\w.-]+", model):
-            try:
-                from huggingface_hub import try_to_load_from_cache
-
-                cached = try_to_load_from_cache(model, "unet/config.json")
-            except Exception:
-                cached = None
-            if isinstance(cached, str):
-                config = json.loads(Path(cached).read_text())
-        if config is None:
-            config = dict(SD15_UNET_CONFIG)
-            note = f"model {model!r} is not available here; units checked against SD v1.5's shapes"
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    return unet, note
-
-
-def check_units(spec: Spec, source: str = "spec") -> dict[str, Any]:
-    """Check every group's unit selection against the model; return coverage numbers for reports."""
-    from capsearch.units import list_units, select_units
-
-    unet, note = unet_for_validation(spec.model)
-    units = list_units(unet)
-    owner: dict[str, str] = {}
-    for i, group in enumerate(spec.search_space.groups):
-        try:
-            chosen = select_units(units, list(group.units))
-        except UserError as exc:
-            raise UserError(f"{source}: space.groups[{i}].units: {exc}") from None
-        for unit in chosen:
-            if unit.name in owner:
-                raise UserError(
-                    f"{source}: space.groups[{i}].units: unit {unit.name} is also in group "
-                    f"{owner[unit.name]!r}; groups must not overlap"
-                )
-            owner[unit.name] = group.name
-    _check_baselines_cover(spec, owner, source)
-    total = sum(u.numel for u in units)
-    covered = sum(u.numel for u in units if u.name in owner)
-    return {
-        "units": len(units),
-        "grouped_units": len(owner),
-        "parameters": total,
-        "grouped_parameters": covered,
-        "note": note,
-    }
-
-
-def _check_baselines_cover(spec: Spec, owner: dict[str, str], source: str) -> None:
-    """A baseline must be its method on the whole UNet: every unit it trains there is in a group allowing it."""
-    from capsearch.methods import trained_units
-    from capsearch.space import FROZEN
-
-    groups = {g.name: g for g in spec.search_space.groups}
-    for i, method in enumerate(spec.baselines.methods):
-        if method in FROZEN:
-            continue
-        unet, _ = unet_for_validation(spec.model)
-        left = [
-            u
-            for u in trained_units(unet, {"method": method})
-            if u.name not in owner or method not in groups[owner[u.name]].methods
-        ]
-        if left:
-            raise UserError(
-                f"{source}: baselines.methods[{i}]: baseline {method!r} would leave {len(left)} "
-                f"unit(s) ({sum(u.numel for u in left):,} parameters) that {method} trains on the "
-                f"whole UNet outside every group allowing {method}, e.g. {left[0].name}; add them "
-                "to such a group or drop the baseline"
-            )
-
-
-# --- error messages ---------------------------------------------------------------------------------
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = tuple(err["loc"])
-    path = _format_loc(loc)
-    if err["type"] == "extra_forbidden":
-        allowed = _allowed_keys(loc[:-1])
-        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
-        return f"{path}: unknown key{hint}"
-    if err["type"] == "missing":
-        return f"{path}: missing (required)"
-    msg = re.sub(r"^(Value|Assertion) error, ", "", err["msg"])
-    if err["type"] not in ("value_error",) and "input" in err:
-        shown = repr(err["input"])
-        msg += f", got {shown if len(shown) <= 60 else shown[:57] + '...'}"
-    return f"{path}: {msg}" if path else msg
-
-
-def _format_loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _allowed_keys(loc: tuple) -> list[str]:
-    cls: Any = Spec
-    skip = 0
-    for part in loc:
-        if skip:
-            skip -= 1
-            continue
-        field = cls.model_fields.get(part) if isinstance(part, str) else None
-        if field is None:
-            return []
-        cls, skip = _descend(field.annotation)
-        if cls is None:
-            return []
-    return list(cls.model_fields)
-
-
-def _descend(annotation: Any) -> tuple[Any, int]:
-    """(model class inside an annotation, how many list indices / dict keys come before its fields)."""
-    origin = typing.get_origin(annotation)
-    if origin in (list, dict):
-        model, skip = _descend(typing.get_args(annotation)[-1])
-        return model, skip + 1
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            if arg is not type(None):
-                return _descend(arg)
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation, 0
-    return None, 0

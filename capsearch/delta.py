@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
 DELTA_FILE = "delta.safetensors"
-SPEC_FILE = "spec.json"
+# The delta's method entries, base model and format (named spec.json since the first deltas: kept).
+METHODS_FILE = "spec.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name pipe.load_lora_weights looks for
 FORMAT = "capsearch-delta"
 # 2: `attention` is the paper's whole-transformer-block tuning (version 1's is now `attn_proj`), SV-DIFF
@@ -80,7 +81,7 @@ def save_delta(unet: torch.nn.Module, path: str | Path, base_model: str | None =
         "trainable_parameters": sum(t.numel() for t in tensors.values()),
         "unet_shape": _shape_config(unet),
     }
-    (folder / SPEC_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (folder / METHODS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 
 
@@ -89,9 +90,9 @@ def read_spec(path: str | Path) -> dict[str, Any]:
     folder = Path(path)
     if not folder.is_dir():
         raise UserError(f"delta folder {folder} does not exist")
-    spec_path = folder / SPEC_FILE
+    spec_path = folder / METHODS_FILE
     if not spec_path.is_file():
-        raise UserError(f"{folder} is not a capsearch delta: {SPEC_FILE} is missing")
+        raise UserError(f"{folder} is not a capsearch delta: {METHODS_FILE} is missing")
     try:
         meta = json.loads(spec_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:

@@ -10,14 +10,8 @@ from typing import Any
 import yaml
 
 from capsearch.errors import UserError
-from capsearch.report import (
-    best_config_yaml,
-    best_trial,
-    display_name,
-    final_view,
-    load_trials,
-    read_run_spec,
-)
+from capsearch.report import best_config_yaml, display_name, final_view
+from capsearch.runs import best_trial, load_trials, read_run_spec
 
 
 def select_trial(records: list[dict[str, Any]], which: str = "best") -> dict[str, Any]:
@@ -87,19 +81,12 @@ def model_card(record: dict[str, Any], base_model: str, name: str) -> str:
         "base_model": base_model,
         "tags": ["capsearch", "text-to-image", "chest-x-ray", "memorisation-mitigation"],
     }
-    rows = [
-        ("FID ↓ (held-out reference)", "fid", ".2f"),
-        ("KID ↓ (held-out reference)", "kid", ".4f"),
-        ("AMD ↑", "amd", ".3f"),
-        ("AMD of real held-out images (reference)", "amd_heldout", ".3f"),
-        ("image-text score ↑", "alignment", ".3f"),
-        ("extracted images ↓", "extracted", ".0f"),
-        ("denoising-strength ratio (memorised/other) ↓", "strength_ratio", ".2f"),
-        ("trainable % of the UNet", "trainable_pct", ".4f"),
-    ]
+    from capsearch.metrics.table import METRICS
+
     lines = []
-    for label, key, fmt in rows:
-        value = metrics.get(key)
+    for metric in METRICS:  # the metric table's rows (capsearch.metrics.table)
+        label, key, fmt = metric.label, metric.name, metric.fmt
+        value = metrics.get(key) if metric.card else None
         if value is None:
             continue
         ci = intervals.get(key)

@@ -10,22 +10,21 @@ the report's best trial and `capsearch export --trial best` come from it.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from capsearch.errors import UserError
+from capsearch.metrics.table import column_metrics
+from capsearch.runs import FINAL_DIR, RESULT_FILE, load_trials, write_json
 
 if TYPE_CHECKING:
     from capsearch.config import Spec
 
-FINAL_DIR = "final"
-FINAL_RESULT = "result.json"
 # Metrics whose intervals the report compares between the best trial and each baseline, with the
-# direction that is better.
-COMPARED = {"fid": "min", "kid": "min", "alignment": "max", "amd": "max", "extracted": "min"}
+# direction that is better: the results tables' columns (capsearch.metrics.table).
+COMPARED = {m.name: m.direction for m in column_metrics() if m.direction is not None}
 
 
 def _reward(record: dict[str, Any]) -> float | None:
@@ -53,7 +52,7 @@ def reevaluate(spec: Spec, record: dict[str, Any], data_root: Path, run_dir: Pat
     import torch
 
     from capsearch.delta import load_delta
-    from capsearch.evaluate import EvalConfig, evaluate, scalar_metrics
+    from capsearch.metrics.evaluate import evaluate, scalar_metrics
     from capsearch.models import load_pipeline
     from capsearch.reward import compute_reward
 
@@ -66,15 +65,17 @@ def reevaluate(spec: Spec, record: dict[str, Any], data_root: Path, run_dir: Pat
     if spec.resources.gpu > 0 and torch.cuda.is_available():
         pipe.to("cuda")
     settings = spec.final.settings(spec.evaluate)
-    settings["cache_dir"] = settings["cache_dir"] or str(Path(run_dir) / "cache")
+    settings = settings.model_copy(
+        update={"cache_dir": settings.cache_dir or str(Path(run_dir) / "cache")}
+    )
     out = final_dir(record)
-    metrics = evaluate(pipe, data_root, EvalConfig(**settings), out_dir=out)
+    metrics = evaluate(pipe, data_root, settings, out_dir=out)
     scalars = scalar_metrics(metrics)
     scalars["trainable_pct"] = record.get("metrics", {}).get("trainable_pct")
     result = {
         "trial": record.get("trial"),
-        "split": settings["split"],
-        "seed": settings["seed"],
+        "split": settings.split,
+        "seed": settings.seed,
         "metrics": {k: v for k, v in scalars.items() if v is not None},
         "intervals": metrics["intervals"],
         "noise_floor": metrics["noise_floor"],
@@ -84,9 +85,7 @@ def reevaluate(spec: Spec, record: dict[str, Any], data_root: Path, run_dir: Pat
         result["reward"] = compute_reward(result["metrics"], spec.objective.weights.model_dump())
     except ValueError as exc:
         result["error"] = f"no reward: {exc}"
-    from capsearch.report import write_json
-
-    write_json(out / FINAL_RESULT, result)
+    write_json(out / RESULT_FILE, result)
     return result
 
 
@@ -106,12 +105,10 @@ def _task(spec_data: dict, record: dict, data_root: str, run_dir: str, threads: 
 
 def run_final_stage(spec: Spec, run_dir: Path, data_root: Path, console: Any = None) -> list[dict]:
     """Re-evaluate the finalists that have no final result yet (in Ray tasks when Ray is up)."""
-    from capsearch.report import load_trials
-
     if not spec.final.enabled:
         return []
     chosen = finalists(load_trials(run_dir), spec.final.top_k)
-    todo = [r for r in chosen if not (final_dir(r) / FINAL_RESULT).is_file()]
+    todo = [r for r in chosen if not (final_dir(r) / RESULT_FILE).is_file()]
     if not todo:
         return []
     if console is not None:
@@ -140,15 +137,6 @@ def run_final_stage(spec: Spec, run_dir: Path, data_root: Path, console: Any = N
             what = result.get("error") or f"reward {result.get('reward', float('nan')):.3f}"
             console.print(f"  final {name}: {what} ({len(results)}/{len(todo)})")
     return results
-
-
-def read_final(record_dir: Path) -> dict[str, Any] | None:
-    """A trial's final re-evaluation result, or None if it has none (or it is unreadable)."""
-    path = Path(record_dir) / FINAL_DIR / FINAL_RESULT
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def separation(best: dict[str, Any], other: dict[str, Any], metric: str) -> str:

@@ -1,13 +1,10 @@
-"""Results of a search run: trial records, the results table, the Pareto plot and report.md.
+"""Results of a search run as people read them: trial names, results tables, the Pareto plot, report.md.
 
-A run folder holds `spec.yaml` (the resolved spec), `optuna.db` (the Optuna study), and one folder per
-trial, `trials/tNNN/` (NNN: the Optuna trial number) with `params.json` when it starts and
-`result.json` when it ends, next to its `delta/`, `metrics.json` and `samples.png`.
+The run folder itself (layout, records, best trial) is capsearch.runs.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -15,18 +12,19 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from capsearch.errors import UserError
-from capsearch.final import COMPARED, read_final, separation
+from capsearch.final import COMPARED, separation
+from capsearch.metrics.table import column_metrics
+from capsearch.runs import (
+    PARETO_FILE,
+    REPORT_FILE,
+    best_trial,
+    load_trials,
+    read_run_spec,
+    record_value,
+)
 
 if TYPE_CHECKING:
     from capsearch.config import Spec
-
-SPEC_FILE = "spec.yaml"
-PARAMS_FILE = "params.json"
-RESULT_FILE = "result.json"
-REPORT_FILE = "report.md"
-PARETO_FILE = "pareto.png"
-FINISHED = ("ok", "error", "nan", "stopped")  # "interrupted" and "running" trials do not count
 
 # The paper's names (Dutt et al. 2024, Tables 1-2) for the baseline methods and mitigations.
 PAPER_NAMES = {
@@ -38,56 +36,6 @@ PAPER_NAMES = {
     "rwa": "RWA",
     "threshold": "Threshold Mitigation",
 }
-
-
-def trial_dir(run_dir: Path, number: int) -> Path:
-    """The folder of the trial with that Optuna number."""
-    return Path(run_dir) / "trials" / f"t{number:03d}"
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (a reader never sees half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
-def read_run_spec(run_dir: Path) -> Spec:
-    """The resolved spec a run folder was started with (UserError if it is not a run folder)."""
-    from capsearch.config import read_yaml, spec_from_dict
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run folder {run_dir} does not exist")
-    if not (run_dir / SPEC_FILE).is_file():
-        raise UserError(f"{run_dir} is not a capsearch run folder (no {SPEC_FILE})")
-    return spec_from_dict(read_yaml(run_dir / SPEC_FILE), source=str(run_dir / SPEC_FILE))
-
-
-def load_trials(run_dir: Path, finished_only: bool = True) -> list[dict[str, Any]]:
-    """Trial records in Optuna order; with finished_only=False also running/interrupted ones."""
-    folder = Path(run_dir) / "trials"
-    records = []
-    for sub in sorted(folder.glob("t*")) if folder.is_dir() else []:
-        record = None
-        for name in (RESULT_FILE, PARAMS_FILE):
-            path = sub / name
-            if path.is_file():
-                try:
-                    record = json.loads(path.read_text())
-                    break
-                except (OSError, json.JSONDecodeError):
-                    continue  # a result being written: fall back to the start record
-        if record is None:
-            continue
-        record.setdefault("status", "running")
-        record["dir"] = str(sub)
-        final = read_final(sub)
-        if final is not None:
-            record["final"] = final
-        if not finished_only or record["status"] in FINISHED:
-            records.append(record)
-    return records
 
 
 def display_name(record: dict[str, Any]) -> str:
@@ -114,12 +62,21 @@ def method_summary(record: dict[str, Any]) -> str:
             units = "/".join(entry.get("units", []))
             parts.append(f"{units}={entry['method']}" + (f"({text})" if text else ""))
     text = " ".join(parts) or "all frozen"
-    for m in record.get("train", {}).get("mitigations", []):
+    for m in trial_mitigations(record):
         hyper = ",".join(f"{k}={_short(v)}" for k, v in m.items() if k != "name")
         text += f" · {m['name']}" + (f"({hyper})" if hyper else "")
     if "lr" in params:
         text += f" · lr={_short(params['lr'])}"
     return text
+
+
+def trial_mitigations(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every mitigation a trial trained with, caption dropout first (records of either version)."""
+    train = record.get("train", {})
+    mitigations = list(train.get("mitigations", []))
+    if train.get("caption_dropout"):  # version 2: its own field; version 1: among the mitigations
+        mitigations.insert(0, {"name": "caption_dropout", "p": train["caption_dropout"]})
+    return mitigations
 
 
 def compact_name(record: dict[str, Any]) -> str:
@@ -129,7 +86,7 @@ def compact_name(record: dict[str, Any]) -> str:
     methods = [m.split("(")[0] for m in record["groups"].values() if m not in ("frozen", "freeze")]
     counts = {m: methods.count(m) for m in dict.fromkeys(methods)}
     text = " ".join(f"{m}×{n}" if n > 1 else m for m, n in counts.items()) or "all frozen"
-    text += "".join(f" +{m['name']}" for m in record.get("train", {}).get("mitigations", []))
+    text += "".join(f" +{m['name']}" for m in trial_mitigations(record))
     lr = record.get("params", {}).get("lr")
     return text + (f" lr {_short(lr)}" if lr is not None else "")
 
@@ -142,22 +99,13 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def _num(record: dict[str, Any], key: str) -> float | None:
-    value = record.get("metrics", {}).get(key, record.get(key))
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
 def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
 def _cell(record: dict[str, Any], key: str, spec: str, intervals: bool) -> str:
     """A metric with its 95% interval, e.g. `157.34 [150.12, 165.01]` (the value alone if it has none)."""
-    text = _fmt(_num(record, key), spec)
+    text = _fmt(record_value(record, key), spec)
     ci = (record.get("intervals") or {}).get(key)
     if intervals and ci and text != "–":
         text += f" [{format(ci[0], spec)}, {format(ci[1], spec)}]"
@@ -174,30 +122,17 @@ def ordered(records: list[dict[str, Any]], spec: Spec | None = None) -> list[dic
     searched = sorted(
         (r for r in records if not r.get("baseline")),
         key=lambda r: (
-            -(_num(r, "reward") if _num(r, "reward") is not None else -math.inf),
+            -(record_value(r, "reward") if record_value(r, "reward") is not None else -math.inf),
             r.get("number", 0),
         ),
     )
     return baselines + searched
 
 
-def best_trial(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The best trial: highest reward in the final re-evaluation if any trial has one, else in the search.
-
-    A winner is chosen on an evaluation it was not searched on whenever the final stage ran; the
-    search's own reward only decides runs without a final stage (None if no trial succeeded).
-    """
-    final = [r for r in records if _num(r.get("final") or {}, "reward") is not None]
-    if final:
-        return max(final, key=lambda r: _num(r["final"], "reward"))
-    ok = [r for r in records if r.get("status") == "ok" and _num(r, "reward") is not None]
-    return max(ok, key=lambda r: _num(r, "reward")) if ok else None
-
-
 def table_rows(
     records: list[dict[str, Any]], compact: bool = False, intervals: bool = False
 ) -> list[list[str]]:
-    """Rows in the paper's format: trial, method, FID, KID, AMD, image-text, extracted, trainable %, reward.
+    """Rows in the paper's format: trial, method, the table's metric columns, trainable %, reward.
 
     With `intervals`, each metric carries its 95% interval (docs/metrics.md, "Intervals").
     """
@@ -209,22 +144,20 @@ def table_rows(
                 (compact_name(r) + ("*" if r.get("baseline") else ""))
                 if compact
                 else display_name(r) + (" (baseline)" if r.get("baseline") else ""),
-                _cell(r, "fid", ".2f", intervals),
-                _cell(r, "kid", ".4f", intervals),
-                _cell(r, "amd", ".3f", intervals),
-                _cell(r, "alignment", ".2f", intervals),
-                _cell(r, "extracted", ".0f", intervals),
-                _fmt(_num(r, "trainable_pct"), ".3g" if compact else ".3f"),
-                _fmt(_num(r, "reward"), ".3f"),
+                *(_cell(r, m.name, m.fmt, intervals) for m in column_metrics(compact)),
+                _fmt(record_value(r, "trainable_pct"), ".3g" if compact else ".3f"),
+                _fmt(record_value(r, "reward"), ".3f"),
                 str(r.get("status", "")),
             ]
         )
     return rows
 
 
-COLUMNS = ["trial", "method", "FID ↓", "KID ↓", "AMD ↑", "image-text ↑", "extracted ↓",
-           "trainable %", "reward ↑", "status"]  # fmt: skip
-SHORT_COLUMNS = ["trial", "method", "FID↓", "KID↓", "AMD↑", "txt↑", "ext↓", "train%", "reward↑",
+# The metric columns come from the metric table (capsearch.metrics.table), in its order.
+COLUMNS = ["trial", "method", *(m.label for m in column_metrics()), "trainable %", "reward ↑",
+           "status"]  # fmt: skip
+# The terminal's narrower table shows the metrics of the progress lines only.
+SHORT_COLUMNS = ["trial", "method", *(m.short for m in column_metrics(True)), "train%", "reward↑",
                  "status"]  # fmt: skip
 
 
@@ -236,77 +169,12 @@ def results_table(records: list[dict[str, Any]], title: str = "", intervals: boo
     columns = SHORT_COLUMNS if show_status else SHORT_COLUMNS[:-1]
     table = Table(title=title or None, caption="* baseline", padding=(0, 1))
     for i, column in enumerate(columns):
-        table.add_column(column, justify="left" if i in (0, 1, 9) else "right",
+        table.add_column(column, justify="left" if i in (0, 1, len(SHORT_COLUMNS) - 1) else "right",
                          no_wrap=i != 1, overflow="fold", min_width=18 if i == 1 else None)  # fmt: skip
     for record, row in zip(records, table_rows(records, compact=True, intervals=intervals)):
         style = "bold" if record.get("baseline") else None
         table.add_row(*row[: len(columns)], style=style)
     return table
-
-
-def pareto_plot(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """FID against AMD, extracted images as colour, baselines labelled; None if nothing to plot."""
-    from capsearch.reward import pareto_front
-
-    points = [r for r in records if _num(r, "fid") is not None and _num(r, "amd") is not None]
-    if not points:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fid = [_num(r, "fid") for r in points]
-    amd = [_num(r, "amd") for r in points]
-    ext = [_num(r, "extracted") or 0.0 for r in points]
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    front = sorted(
-        pareto_front([{"fid": f, "amd": a} for f, a in zip(fid, amd)], ["fid", "amd"]),
-        key=lambda i: fid[i],
-    )
-    if len(front) > 1:
-        ax.step(
-            [fid[i] for i in front],
-            [amd[i] for i in front],
-            where="post",
-            color="0.6",
-            lw=1,
-            zorder=1,
-            label="Pareto front",
-        )
-    for is_base, marker in ((True, "s"), (False, "o")):
-        idx = [i for i, r in enumerate(points) if bool(r.get("baseline")) == is_base]
-        if idx:
-            sc = ax.scatter(
-                [fid[i] for i in idx],
-                [amd[i] for i in idx],
-                c=[ext[i] for i in idx],
-                cmap="viridis",
-                vmin=min(ext),
-                vmax=max(max(ext), min(ext) + 1),
-                marker=marker,
-                s=60,
-                edgecolors="k",
-                zorder=2,
-                label="baselines" if is_base else "searched",
-            )
-    for i, r in enumerate(points):
-        label = display_name(r) if r.get("baseline") else Path(r.get("dir", "")).name
-        ax.annotate(label, (fid[i], amd[i]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    if max(fid) / max(min(fid), 1e-9) > 20:
-        ax.set_xscale("log")
-    else:
-        ax.ticklabel_format(axis="x", useOffset=False)
-    ax.ticklabel_format(axis="y", useOffset=False)
-    fig.colorbar(sc, ax=ax, label="extracted images ↓")
-    ax.set_xlabel("FID ↓")
-    ax.set_ylabel("AMD ↑ (mean min. cosine distance to training set)")
-    ax.set_title("Quality against memorisation")
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def best_config_yaml(record: dict[str, Any]) -> str:
@@ -357,6 +225,8 @@ def write_report(run_dir: Path) -> Path:
     finals = [final_view(r) for r in done if r.get("final")]
     if finals:
         lines += _final_lines(spec, finals)
+    from capsearch.plots import pareto_plot
+
     plot = pareto_plot(done, run_dir / PARETO_FILE)
     if plot is not None:
         lines += [
@@ -371,10 +241,10 @@ def write_report(run_dir: Path) -> Path:
     if best is not None:
         name = Path(best["dir"]).name
         chosen = (
-            f"final reward {_num(best['final'], 'reward'):.3f} on the {best['final'].get('split')} "
-            f"split (search reward {_num(best, 'reward'):.3f})"
+            f"final reward {record_value(best['final'], 'reward'):.3f} on the {best['final'].get('split')} "
+            f"split (search reward {record_value(best, 'reward'):.3f})"
             if best.get("final")
-            else f"reward {_num(best, 'reward'):.3f} (no final re-evaluation: chosen on the "
+            else f"reward {record_value(best, 'reward'):.3f} (no final re-evaluation: chosen on the "
             "evaluation it was searched on)"
         )
         lines += [
@@ -467,14 +337,16 @@ def _final_lines(spec: Spec, finals: list[dict[str, Any]]) -> list[str]:
         f"({spec.final.samples(spec.evaluate)} samples each). The best trial is chosen here.",
         "",
     ]
-    finals = sorted(finals, key=lambda r: (not r.get("baseline"), -(_num(r, "reward") or -1e9)))
+    finals = sorted(
+        finals, key=lambda r: (not r.get("baseline"), -(record_value(r, "reward") or -1e9))
+    )
     rows = [row[:-1] for row in table_rows(finals, intervals=True)]
     lines += _markdown_table(COLUMNS[:-1], rows, finals)
     lines += _noise_floor_lines(finals, "final")
-    scored = [r for r in finals if _num(r, "reward") is not None]
+    scored = [r for r in finals if record_value(r, "reward") is not None]
     if not scored:
         return lines
-    best = max(scored, key=lambda r: _num(r, "reward"))
+    best = max(scored, key=lambda r: record_value(r, "reward"))
     others = [r for r in finals if r.get("baseline") and r["dir"] != best["dir"]]
     if not others:
         return lines

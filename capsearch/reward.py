@@ -25,58 +25,27 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-# Every metric a Pareto search may use, with the direction that is better.
-OBJECTIVES: dict[str, str] = {
-    "fid": "min",
-    "alignment": "max",
-    "amd": "max",
-    "extracted": "min",
-    "extracted_fraction": "min",
-    "strength_ratio": "min",
-    "trainable_pct": "min",
-}
+from capsearch.metrics.table import objectives, reward_metrics
 
-# Reward terms: metric name -> (weight key, sign); FID enters through its logarithm.
-_TERMS: dict[str, tuple[str, float]] = {
-    "fid": ("fid", -1.0),
-    "alignment": ("alignment", 1.0),
-    "amd": ("amd", -1.0),  # enters as the shortfall max(0, 1 − AMD / AMD_heldout)
-    "extracted_fraction": ("extracted", -1.0),
-}
-_FID_FLOOR = 1e-6  # ln(0) guard: an FID of exactly 0 only happens on identical feature sets
+# Every metric a Pareto search may use, with the direction that is better (capsearch.metrics.table).
+OBJECTIVES: dict[str, str] = objectives()
 
 
 def reward_terms(metrics: Mapping[str, Any], weights: Mapping[str, float]) -> dict[str, float]:
-    """Each weighted term of the reward (zero-weight terms are left out)."""
+    """Each weighted term of the reward (zero-weight terms are left out), from the metric table."""
     terms = {}
-    for metric, (weight_key, sign) in _TERMS.items():
-        weight = float(weights.get(weight_key, 0.0))
+    for metric in reward_metrics():
+        weight = float(weights.get(metric.reward, 0.0))
         if weight == 0.0:
             continue
-        value = metrics.get(metric)
+        value = metrics.get(metric.name)
         if value is None:
-            raise ValueError(f"metric {metric} is missing")
+            raise ValueError(f"metric {metric.name} is missing")
         value = float(value)
         if not math.isfinite(value):
-            raise ValueError(f"metric {metric} is not finite ({value})")
-        if metric == "fid":
-            value = math.log(max(value, _FID_FLOOR))
-        elif metric == "amd":
-            value = amd_shortfall(value, metrics.get("amd_heldout"))
-        terms[metric] = sign * weight * value
+            raise ValueError(f"metric {metric.name} is not finite ({value})")
+        terms[metric.name] = weight * metric.term(value, metrics)
     return terms
-
-
-def amd_shortfall(amd: float, amd_heldout: Any) -> float:
-    """max(0, 1 − AMD / AMD_heldout): how much closer to the training set than held-out real images."""
-    if amd_heldout is None:
-        raise ValueError(
-            "metric amd_heldout is missing (the AMD term needs the held-out reference)"
-        )
-    reference = float(amd_heldout)
-    if not math.isfinite(reference) or reference <= 0:
-        raise ValueError(f"metric amd_heldout must be positive, got {reference}")
-    return max(0.0, 1.0 - amd / reference)
 
 
 def compute_reward(metrics: Mapping[str, Any], weights: Mapping[str, float]) -> float:

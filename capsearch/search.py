@@ -12,140 +12,30 @@ import json
 import math
 import os
 import time
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from capsearch.config import Spec, read_yaml, spec_from_dict
+from capsearch.config import Spec
 from capsearch.errors import UserError
 from capsearch.final import run_final_stage
-from capsearch.report import (
+from capsearch.inputs import check_inputs, ensure_scorer, prepare_data
+from capsearch.report import final_view, ordered, results_table, write_report
+from capsearch.reward import OBJECTIVES
+from capsearch.runs import (
     PARAMS_FILE,
     RESULT_FILE,
-    SPEC_FILE,
-    final_view,
+    STUDY_FILE,
     load_trials,
-    ordered,
-    results_table,
+    prepare_run_dir,
     trial_dir,
     write_json,
-    write_report,
 )
-from capsearch.reward import OBJECTIVES, compute_reward
-
-STUDY_FILE = "optuna.db"
-TINY_MODELS = ("tiny", "tiny:random")
-REPORTED = ("fid", "kid", "alignment", "amd", "amd_heldout", "extracted", "extracted_fraction",
-            "strength_ratio", "trainable_pct", "reward")  # fmt: skip
-
+from capsearch.trial import REPORTED
 
 # --- run folder and one-time preparation -------------------------------------------------------------
-
-
-def prepare_run_dir(spec: Spec, out: Path, resume: bool) -> Path:
-    """Create the run folder with spec.yaml, or check that a resumed run was started with this spec."""
-    import yaml
-
-    run_dir = Path(out).resolve()
-    saved = run_dir / SPEC_FILE
-    data = spec.to_dict()
-    if saved.is_file():
-        if not resume:
-            raise UserError(
-                f"{run_dir} already holds a search; finish it with --resume or choose another --out"
-            )
-        old = spec_from_dict(read_yaml(saved), source=str(saved)).to_dict()
-        where = first_difference(old, data)
-        if where is not None:
-            raise UserError(
-                f"the spec differs from the one {run_dir} was started with (at {where})"
-            )
-        return run_dir
-    if resume:
-        raise UserError(f"nothing to resume: {run_dir} holds no search ({SPEC_FILE} is missing)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(yaml.safe_dump(data, sort_keys=False))
-    return run_dir
-
-
-def first_difference(a: Any, b: Any, path: str = "") -> str | None:
-    """The first YAML path where two plain data trees differ, or None."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in list(a) + [k for k in b if k not in a]:
-            where = first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
-            if where is not None:
-                return where
-        return None
-    return None if a == b else (path or "<top>")
-
-
-def prepare_data(spec: Spec, run_dir: Path, console: Any = None) -> Path:
-    """The training data folder: an existing one, or phantoms generated into the run folder once."""
-    from capsearch.data import metadata_path
-
-    if spec.data.path is not None:
-        root = Path(spec.data.path).expanduser().resolve()
-        metadata_path(root)
-        return root
-    root = run_dir / "data"
-    if not (root / "metadata.jsonl").is_file():
-        from capsearch.worlds.phantom import write_phantom_dataset
-
-        if console is not None:
-            console.print(f"generating the phantom data set in {root} (once)")
-        settings = spec.data.phantom.model_dump()
-        if settings["held_out_images"] is None:
-            settings["held_out_images"] = held_out_images_needed(spec)
-        write_phantom_dataset(root, **settings, progress=console is not None)
-    return root
-
-
-def held_out_images_needed(spec: Spec) -> int:
-    """Images each held-out split needs: reference_ratio × the most samples any evaluation compares."""
-    samples = [spec.evaluate.samples] + (
-        [spec.final.samples(spec.evaluate)] if spec.final.enabled else []
-    )
-    return math.ceil(spec.evaluate.reference_ratio * max(samples))
-
-
-def uses_phantom_scorer(spec: Spec) -> bool:
-    """Whether evaluation scores with the phantom scorer (pixel-space models under extractor auto)."""
-    from capsearch.features import resolve_extractor
-
-    return resolve_extractor(spec.evaluate.extractor, spec.model) == "phantom"
-
-
-def ensure_scorer(spec: Spec, data_root: Path, console: Any = None) -> None:
-    """Train the phantom scorer once if evaluation needs it and it is not installed."""
-    if not uses_phantom_scorer(spec):
-        return
-    from capsearch.scorer import SCORER_DIR, load_scorer, train_scorer
-
-    try:
-        load_scorer()
-    except UserError:
-        if spec.data.phantom is None:
-            raise
-        if console is not None:
-            console.print(f"training the phantom scorer into {SCORER_DIR} (once)")
-        train_scorer(data_root, SCORER_DIR, epochs=10, size=32, progress=console is not None)
-
-
-def check_inputs(spec: Spec) -> None:
-    """Fail before the run folder is made if the base model or the data folder is not here."""
-    from capsearch import models
-    from capsearch.data import metadata_path
-
-    if spec.model in TINY_MODELS:
-        models.load_pipeline(spec.model)
-    else:
-        models._resolve_folder(spec.model)  # the resolution every trial's load_pipeline does
-    if spec.data.path is not None:
-        metadata_path(Path(spec.data.path).expanduser())
 
 
 # --- the Optuna study -------------------------------------------------------------------------------
@@ -237,7 +127,26 @@ def _finite(value: Any) -> float | None:
 
 
 class TrialSearch(OptunaSearch):
-    """OptunaSearch that stores probe losses as intermediate values and failed trials as failed."""
+    """OptunaSearch that plans each trial it proposes, stores probe scores and failed trials as failed."""
+
+    def __init__(self, *args: Any, spec: Spec, run_dir: Path, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.spec, self.run_dir = spec, Path(run_dir)
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        """Optuna's parameters with the trial's plan, built and validated here, once, in the driver."""
+        from capsearch.trial import build_plan
+
+        config = super().suggest(trial_id)
+        if not isinstance(config, dict) or "_number" not in config:
+            return config
+        params = {k: v for k, v in config.items() if k not in ("_number", "baseline")}
+        try:
+            plan = build_plan(self.spec, params, config.get("baseline"), int(config["_number"]),
+                              self.run_dir)  # fmt: skip
+        except UserError as exc:
+            return {**config, "plan_error": str(exc)}
+        return {**config, "plan": plan.model_dump(mode="json")}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """Record a probe's score (capsearch.probe; single-objective studies only: Optuna's limit)."""
@@ -269,166 +178,21 @@ class TrialSearch(OptunaSearch):
             super().on_trial_complete(trial_id, None, error=not stopped)
 
 
-# --- one trial --------------------------------------------------------------------------------------
+def _trainable(config: dict, run_dir: str, data_root: str) -> None:
+    """The Ray Tune function trainable: one planned trial, reporting probes and then its result."""
+    from capsearch.trial import TrialPlan, failed_record, final_result, run_trial
 
-
-def trial_settings(spec: Spec, params: dict[str, Any], baseline: str | None) -> dict[str, Any]:
-    """Method spec, training settings (mitigations included) and group choices of a trial."""
-    from capsearch.space import (
-        base_mitigations,
-        group_choices,
-        params_to_method_spec,
-        params_to_mitigations,
-        params_to_train,
-    )
-
-    space = spec.search_space
-    train = spec.train.model_dump()
-    train.update(params_to_train(params, space))
-    if baseline:
-        train.update(spec.baseline(baseline).train)
-    # Every trial's base mitigations, then its chosen one: recorded here, so reports show them all.
-    base = base_mitigations(train.pop("caption_dropout"), train["mitigations"])
-    train["mitigations"] = params_to_mitigations(params, space, base)
-    return {
-        "method_spec": params_to_method_spec(params, space),
-        "train": train,
-        "groups": group_choices(params, space),
-    }
-
-
-def run_trial(
-    spec: Spec,
-    params: dict[str, Any],
-    baseline: str | None,
-    number: int,
-    run_dir: Path,
-    data_root: Path,
-    report: Callable[[dict], None] | None = None,
-) -> dict[str, Any]:
-    """Fine-tune, evaluate and score one trial; any failure is recorded, never raised."""
-    import torch
-
-    folder = trial_dir(run_dir, number)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(spec.resources.cpu)
-    record: dict[str, Any] = {
-        "trial": folder.name,
-        "number": number,
-        "baseline": baseline,
-        "params": params,
-        "status": "running",
-        "started": time.time(),
-    }
-    started = time.time()
-    try:
-        write_json(folder / PARAMS_FILE, record)
-        record.update(trial_settings(spec, params, baseline))
-        write_json(folder / PARAMS_FILE, record)
-        record.update(_train_and_evaluate(spec, record, folder, run_dir, data_root, report))
-    except UserError as exc:
-        record.update(status="error", error=str(exc))
-    except Exception as exc:  # a failing trial must not stop the search: record it and move on
-        record.update(status="error", error=f"{type(exc).__name__}: {exc}")
-        (folder / "error.txt").write_text(traceback.format_exc())
-    record["seconds"] = round(time.time() - started, 1)
-    if record["status"] == "ok":
-        try:
-            record["reward"] = compute_reward(
-                record["metrics"], spec.objective.weights.model_dump()
-            )
-        except ValueError as exc:
-            record.update(status="error", error=f"no reward: {exc}")
-    write_json(folder / RESULT_FILE, record)
-    return record
-
-
-def _train_and_evaluate(spec, record, folder, run_dir, data_root, report) -> dict[str, Any]:
-    import torch
-
-    from capsearch.delta import save_delta
-    from capsearch.evaluate import EvalConfig, evaluate, scalar_metrics
-    from capsearch.methods import apply_methods
-    from capsearch.models import load_pipeline
-    from capsearch.space import FROZEN
-    from capsearch.train import TrainConfig, finetune
-
-    pipe = load_pipeline(spec.model)
-    if spec.resources.gpu > 0 and torch.cuda.is_available():
-        pipe.to("cuda")
-    total = sum(p.numel() for p in pipe.unet.parameters())
-    out: dict[str, Any] = {"total": total, "trainable": 0, "steps": 0}
-    entries = record["method_spec"]
-    if all(e["method"] in FROZEN for e in entries):  # Freeze: the base model as it is, no training
-        apply_methods(pipe.unet, [{"method": "freeze", "units": []}])
-        save_delta(pipe.unet, folder / "delta", base_model=spec.model)
+    if "plan_error" in config:  # the driver could not build the plan: record why, train nothing
+        number = int(config["_number"])
+        folder = trial_dir(Path(run_dir), number)
+        folder.mkdir(parents=True, exist_ok=True)
+        params = {k: v for k, v in config.items() if k not in ("_number", "baseline", "plan_error")}
+        record = failed_record(folder.name, number, config.get("baseline"), params,
+                               config["plan_error"])  # fmt: skip
+        write_json(folder / RESULT_FILE, record)
     else:
-        probes_to_ray = report is not None and (
-            not record["baseline"] or spec.search.scheduler.name == "fifo"
-        )  # ASHA must never stop a baseline: it only sees searched trials' probes
-
-        def on_event(event: str, payload: dict) -> None:
-            if probes_to_ray and event == "probe" and "probe_score" in payload:
-                keys = ("probe_score", "heldout_loss", "train_loss", "loss_gap", "strength_ratio")
-                report(
-                    {
-                        "training_step": payload["step"],
-                        **{k: payload[k] for k in keys if k in payload},
-                    }
-                )
-
-        result = finetune(pipe, entries, data_root, TrainConfig(**record["train"]),
-                          callbacks=[on_event], out_dir=folder, quiet=True)  # fmt: skip
-        out.update(
-            trainable=result.trainable,
-            steps=result.steps,
-            train_seconds=result.seconds,
-            final_loss=result.final_loss,
-            mitigation_counts=result.mitigation_counts,
-        )
-        if result.status == "stopped":  # Ctrl-C reached the trial: leave it unfinished for --resume
-            raise KeyboardInterrupt
-        if result.status != "ok":
-            return {**out, "status": result.status, "error": result.message or result.status}
-    out["trainable_pct"] = 100.0 * out["trainable"] / max(total, 1)
-    settings = spec.evaluate.model_dump()
-    settings["cache_dir"] = settings["cache_dir"] or str(Path(run_dir) / "cache")
-    started = time.time()
-    metrics = evaluate(pipe, data_root, EvalConfig(**settings), out_dir=folder)
-    scalars = scalar_metrics(metrics)
-    scalars["trainable_pct"] = out["trainable_pct"]
-    return {
-        **out,
-        "status": "ok",
-        "metrics": scalars,
-        "intervals": metrics["intervals"],
-        "noise_floor": metrics["noise_floor"],
-        "eval_seconds": round(time.time() - started, 1),
-    }
-
-
-def final_result(record: dict[str, Any]) -> dict[str, Any]:
-    """What a trial reports to Ray when it ends: status, finite metrics and reward, error line."""
-    out: dict[str, Any] = {
-        "status": record["status"],
-        "trial": record["trial"],
-        "training_step": record.get("steps", 0),
-    }
-    for key in REPORTED:
-        value = _finite(record.get("metrics", {}).get(key, record.get(key)))
-        if value is not None:
-            out[key] = value
-    if record.get("error"):
-        out["error"] = str(record["error"]).splitlines()[0][:300]
-    return out
-
-
-def _trainable(config: dict, spec_data: dict, run_dir: str, data_root: str) -> None:
-    """The Ray Tune function trainable: one trial, reporting probes and then its final result."""
-    spec = spec_from_dict(spec_data, source=SPEC_FILE)
-    params = {k: v for k, v in config.items() if k not in ("_number", "baseline")}
-    record = run_trial(spec, params, config.get("baseline"), int(config["_number"]),
-                       Path(run_dir), Path(data_root), report=tune.report)  # fmt: skip
+        plan = TrialPlan.model_validate(config["plan"])
+        record = run_trial(plan, Path(run_dir), Path(data_root), report=tune.report)
     tune.report(final_result(record))
 
 
@@ -523,8 +287,11 @@ def run_search(
         console.print(results_table(records, title=f"{spec.name}: {len(records)} trials"))
         finals = [final_view(r) for r in records if r.get("final")]
         if finals:
-            title = f"final re-evaluation ({spec.final.split} split, seed {spec.final.seed}), 95% intervals"
-            console.print(results_table(finals, title=title, intervals=True))
+            title = (
+                f"final re-evaluation ({spec.final.split} split, seed {spec.final.seed}); "
+                "95% intervals in report.md"
+            )
+            console.print(results_table(finals, title=title))
     return write_report(run_dir)
 
 
@@ -569,6 +336,8 @@ def _tune(spec: Spec, run_dir: Path, data_root: Path, pending: int, callbacks: l
         sampler=make_sampler(spec),
         study_name=spec.search.study_name,
         storage=study_storage(run_dir),
+        spec=spec,
+        run_dir=run_dir,
     )
     sched = spec.search.scheduler
     scheduler = (
@@ -578,9 +347,7 @@ def _tune(spec: Spec, run_dir: Path, data_root: Path, pending: int, callbacks: l
                       stop_last_trials=False)  # a trial's last probe must not stop its evaluation
         if sched.name == "asha" else FIFOScheduler()
     )  # fmt: skip
-    trainable = tune.with_parameters(
-        _trainable, spec_data=spec.to_dict(), run_dir=str(run_dir), data_root=str(data_root)
-    )
+    trainable = tune.with_parameters(_trainable, run_dir=str(run_dir), data_root=str(data_root))
     resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     tuner = tune.Tuner(
         tune.with_resources(trainable, resources),

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from capsearch.errors import UserError
 from capsearch.mitigations import Mitigations, vocabulary_words
 from capsearch.progress import loss_bar
+from capsearch.settings import TrainSettings
 from capsearch.train_state import TrainState
 
 # bound here under private names: the tests wrap this module's _save_checkpoint
@@ -35,42 +36,6 @@ if TYPE_CHECKING:
 
 Callback = Callable[[str, dict], None]
 PRECISIONS = ("auto", "no", "fp16", "bf16")
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of one fine-tune."""
-
-    steps: int = 300
-    batch_size: int = 16
-    lr: float = 1e-4  # method entries may carry their own (capsearch.methods.optimizer_groups)
-    lr_schedule: str = "constant"  # any diffusers.optimization scheduler name
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_accum: int = 1
-    mixed_precision: str = "auto"  # auto: bf16 or fp16 on a GPU, no on CPU (resolve_precision)
-    gradient_checkpointing: bool = False
-    ema_decay: float | None = None
-    seed: int = 0
-    size: int = 32
-    max_grad_norm: float = 1.0
-    checkpoint_every: int = 0
-    probe_every: int = 0
-    mitigations: list[dict] = field(default_factory=list)
-
-    def check(self) -> None:
-        """Reject impossible values with one line naming the field."""
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise UserError(f"train.{name} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise UserError(f"train.lr must be positive, got {self.lr}")
-        if self.mixed_precision not in PRECISIONS:
-            raise UserError(
-                f"train.mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}"
-            )
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise UserError("train.ema_decay must be in (0, 1)")
 
 
 @dataclass
@@ -123,15 +88,14 @@ def finetune(
     pipe,
     method_spec: list[dict] | dict,
     data,
-    config: TrainConfig,
+    config: TrainSettings,
     callbacks: Sequence[Callback] = (),
     out_dir: Path | None = None,
     resume: bool = False,
     quiet: bool = False,
 ) -> TrainResult:
     """Fine-tune pipe.unet in place with a method spec on a dataset folder; return what happened."""
-    config.check()
-    mit = Mitigations.parse(config.mitigations)
+    mit = Mitigations.parse(config.all_mitigations())
     if mit.rwa:
         mit.words = vocabulary_words(pipe.tokenizer)
     run = _set_up(pipe, method_spec, data, config, mit)
@@ -178,7 +142,7 @@ class _Run:
     """The fixed parts of one fine-tune, built by _set_up before the first step."""
 
     pipe: Pipeline
-    config: TrainConfig
+    config: TrainSettings
     mit: Mitigations
     accelerator: Accelerator
     precision: str  # resolved: no, fp16 or bf16
@@ -221,7 +185,7 @@ class _Outcome:
 
 
 def _set_up(
-    pipe: Pipeline, method_spec: list[dict] | dict, data, config: TrainConfig, mit: Mitigations
+    pipe: Pipeline, method_spec: list[dict] | dict, data, config: TrainSettings, mit: Mitigations
 ) -> _Run:
     """Seed, load the images, apply the methods, prepare UNet, optimizer and LR schedule; probe base."""
     from capsearch.methods import apply_methods
@@ -269,7 +233,7 @@ def _set_up(
 
 
 def _optimizer(
-    unet: torch.nn.Module, config: TrainConfig
+    unet: torch.nn.Module, config: TrainSettings
 ) -> tuple[torch.optim.Optimizer, LRScheduler]:
     """AdamW over the method entries' parameter groups (their own rates), and the LR schedule."""
     from diffusers.optimization import get_scheduler

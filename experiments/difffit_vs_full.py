@@ -12,9 +12,9 @@ import json
 import time
 from pathlib import Path
 
-from capsearch.evaluate import EvalConfig, evaluate
+from capsearch.metrics.evaluate import EvalSettings, evaluate
 from capsearch.models import load_pipeline
-from capsearch.train import TrainConfig, finetune
+from capsearch.train import TrainSettings, finetune
 from capsearch.worlds.phantom import write_phantom_dataset
 
 RUNS = {
@@ -43,8 +43,9 @@ def main() -> None:
     lrs = {k: float(v) for k, v in (item.split("=") for item in args.lr)}
     data = args.out / "data"
     if not (data / "metadata.jsonl").exists():
-        write_phantom_dataset(data, patients=args.patients, size=64, seed=0)
-    ecfg = EvalConfig(
+        # held-out patients for a FID reference of 4x the 128 samples (never the training images)
+        write_phantom_dataset(data, patients=args.patients, size=64, seed=0, held_out_images=512)
+    ecfg = EvalSettings(
         n_prompts=32, n_per_prompt=4, extraction_prompts=4, extraction_n=8, strength_prompts=4
     )
     results = {}
@@ -55,7 +56,9 @@ def main() -> None:
         t0 = time.time()
         steps = 1 if name == "freeze" else args.steps
         res = (
-            finetune(pipe, spec, data, TrainConfig(steps=steps, lr=lr), quiet=True)
+            finetune(
+                pipe, spec, data, TrainSettings(steps=steps, lr=lr, caption_dropout=0.0), quiet=True
+            )
             if name != "freeze"
             else None
         )

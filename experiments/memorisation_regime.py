@@ -20,7 +20,7 @@ import torch
 from capsearch.data import read_metadata
 from capsearch.metrics.memorisation import memorisation_probe, memorised_captions
 from capsearch.models import load_pipeline
-from capsearch.train import TrainConfig, finetune
+from capsearch.train import TrainSettings, finetune
 from capsearch.worlds.phantom import write_phantom_dataset
 
 
@@ -87,14 +87,12 @@ def main() -> None:
             )
         )
 
-    cfg = TrainConfig(
+    cfg = TrainSettings(
         steps=args.steps,
         lr=args.lr,
         warmup_steps=50,
         lr_schedule=args.schedule,
-        mitigations=(
-            [{"name": "caption_dropout", "p": args.caption_dropout}] if args.caption_dropout else []
-        ),
+        caption_dropout=args.caption_dropout,
     )
     if args.every and args.steps % args.every:
         raise SystemExit("--steps must be a multiple of --every")

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
 from capsearch.cli import main
-from capsearch.config import (
-    EvalSpec,
-    TrainSpec,
-    apply_overrides,
-    check_units,
-    deep_merge,
-    load_spec,
-    resolve_extends,
-)
+from capsearch.config import apply_overrides, deep_merge, load_spec, resolve_extends
+from capsearch.coverage import check_units
 from capsearch.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,17 +84,19 @@ def test_unet_spec_checks_units_against_sd15_shapes():
     assert spec.evaluate.extractor == "xrv" and spec.train.size == 512
 
 
-def test_train_and_eval_sections_mirror_the_dataclasses():
-    from capsearch.evaluate import EvalConfig
-    from capsearch.train import TrainConfig
+def test_one_settings_class_per_stage():
+    """The spec's train/evaluate sections are the classes the stages take: no twins to drift apart."""
+    from capsearch.config import Spec
+    from capsearch.settings import EvalSettings, TrainSettings
 
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    # caption_dropout is spec shorthand: trial_settings folds it into the trial's mitigations
-    assert set(TrainSpec.model_fields) == train_fields | {"caption_dropout"}
-    assert set(EvalSpec.model_fields) == {f.name for f in dataclasses.fields(EvalConfig)}
-    for field in dataclasses.fields(TrainConfig):
-        if field.name in TrainSpec.model_fields and field.name != "mitigations":
-            assert TrainSpec.model_fields[field.name].default == field.default, field.name
+    assert Spec.model_fields["train"].annotation is TrainSettings
+    assert Spec.model_fields["evaluate"].annotation is EvalSettings
+    spec = load_spec(ROOT / "search_spaces/tiny.yaml")
+    assert isinstance(spec.train, TrainSettings) and isinstance(spec.evaluate, EvalSettings)
+    with pytest.raises(
+        UserError, match=r"^train\.steps: Input should be greater than or equal to 1"
+    ):
+        TrainSettings.parse({"steps": 0}, "train")
 
 
 @pytest.mark.parametrize(
@@ -340,13 +334,13 @@ def test_fid_reference_is_held_out_and_the_final_stage_samples_fresh_seeds(tmp_p
     spec = load_spec(ROOT / "search_spaces/tiny.yaml")
     assert spec.evaluate.split == "validate" and spec.final.split == "test"
     final = spec.final.settings(spec.evaluate)
-    assert final["split"] == "test" and final["seed"] != spec.evaluate.seed
-    assert final["n_prompts"] > spec.evaluate.n_prompts  # the finalists get more samples
-    assert final["extraction_n"] == spec.evaluate.extraction_n  # unset: the search's value
+    assert final.split == "test" and final.seed != spec.evaluate.seed
+    assert final.n_prompts > spec.evaluate.n_prompts  # the finalists get more samples
+    assert final.extraction_n == spec.evaluate.extraction_n  # unset: the search's value
 
 
 def test_phantom_held_out_images_follow_the_largest_evaluation():
-    from capsearch.search import held_out_images_needed
+    from capsearch.inputs import held_out_images_needed
 
     spec = load_spec(ROOT / "search_spaces/tiny.yaml")
     samples = max(spec.evaluate.samples, spec.final.samples(spec.evaluate))

@@ -13,7 +13,7 @@ from capsearch import __version__
 from capsearch.delta import (
     DELTA_FILE,
     LORA_FILE,
-    SPEC_FILE,
+    METHODS_FILE,
     export_lora,
     load_delta,
     merge,
@@ -71,7 +71,7 @@ def test_delta_round_trip_and_merged_export(case: str, inputs, tmp_path: Path) -
     adapted = run_unet(unet, inputs)
     save_delta(unet, tmp_path / "delta", base_model="tiny:random")
 
-    meta = json.loads((tmp_path / "delta" / SPEC_FILE).read_text())
+    meta = json.loads((tmp_path / "delta" / METHODS_FILE).read_text())
     assert meta["capsearch_version"] == __version__ and meta["base_model"] == "tiny:random"
     assert [e["method"] for e in meta["methods"]] == [
         e["method"] for e in (CASES[case] if isinstance(CASES[case], list) else [CASES[case]])
@@ -125,14 +125,14 @@ def test_a_version_1_delta_still_loads(inputs, tmp_path: Path) -> None:
     unet = trained(spec, inputs)
     adapted = run_unet(unet, inputs)
     save_delta(unet, tmp_path)
-    meta = json.loads((tmp_path / SPEC_FILE).read_text())
+    meta = json.loads((tmp_path / METHODS_FILE).read_text())
     assert meta["format_version"] == 2
     # Rewrite spec.json as version 1 wrote it.
     meta["format_version"] = 1
     meta["methods"][0]["method"] = "attention"
     meta["methods"][0]["lr_1d"] = 2e-3  # version 1 let any entry carry a 1-D rate
     del meta["methods"][1]["shift_norms"]
-    (tmp_path / SPEC_FILE).write_text(json.dumps(meta))
+    (tmp_path / METHODS_FILE).write_text(json.dumps(meta))
     loaded = load_delta(build_tiny_unet().eval(), tmp_path)
     assert torch.equal(run_unet(loaded, inputs), adapted)
     recorded = applied_spec(loaded)
@@ -158,15 +158,15 @@ def test_load_refuses_damaged_deltas(damage: str, inputs, tmp_path: Path) -> Non
     if damage == "no_folder":
         folder = tmp_path / "missing"
     elif damage == "no_spec":
-        (folder / SPEC_FILE).unlink()
+        (folder / METHODS_FILE).unlink()
     elif damage == "bad_json":
-        (folder / SPEC_FILE).write_text("{not json")
+        (folder / METHODS_FILE).write_text("{not json")
     elif damage == "no_tensors":
         (folder / DELTA_FILE).unlink()
     else:
-        meta = json.loads((folder / SPEC_FILE).read_text())
+        meta = json.loads((folder / METHODS_FILE).read_text())
         meta["methods"][0]["units"] = "up_blocks"  # spec no longer matches the tensors
-        (folder / SPEC_FILE).write_text(json.dumps(meta))
+        (folder / METHODS_FILE).write_text(json.dumps(meta))
     with pytest.raises(UserError):
         load_delta(build_tiny_unet(), folder)
 

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from capsearch.evaluate import EvalConfig, evaluate
+from capsearch.metrics.evaluate import EvalSettings, evaluate
 from capsearch.models import load_pipeline
 from capsearch.worlds.phantom import write_phantom_dataset
 
-SMALL = EvalConfig(
+SMALL = EvalSettings(
     n_prompts=3,
     n_per_prompt=2,
     steps=2,
@@ -51,6 +51,8 @@ def test_evaluate_writes_every_metric_with_settings(data, tmp_path):
     floor = m["noise_floor"]
     assert floor["n"] == 6 and floor["fid"]["low"] <= floor["fid"]["mean"] <= floor["fid"]["high"]
     assert 0 < m["amd_heldout"] <= 2 and m["capped_prompts"] == 0
+    # computed through the metric table from the attack's samples of memorised captions
+    assert 0 <= m["nearest_own"] <= 1
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["settings"]["split"] == "validate" and saved["settings"]["reference_images"] >= 24
     assert saved["settings"]["samples"] == 6 and saved["settings"]["world"] == "phantom"
@@ -61,8 +63,6 @@ def test_evaluate_writes_every_metric_with_settings(data, tmp_path):
 
 
 def test_the_attack_samples_at_its_own_guidance(data, monkeypatch):
-    import dataclasses
-
     import capsearch.metrics as metrics
 
     seen = []
@@ -73,7 +73,7 @@ def test_the_attack_samples_at_its_own_guidance(data, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(metrics, "extraction_attack", spy)
-    config = dataclasses.replace(SMALL, extraction_guidance=1.0)
+    config = SMALL.model_copy(update=dict(extraction_guidance=1.0))
     m = evaluate(load_pipeline("tiny:random"), data, config)
     assert seen == [1.0] and m["settings"]["extraction_guidance"] == 1.0
     assert m["settings"]["guidance"] == 3.0
@@ -113,15 +113,17 @@ def test_eval_cli(data, tmp_path, capsys):
 
 
 def test_fid_reference_is_held_out_and_large_enough(data, tmp_path):
-    import dataclasses
-
     from capsearch.errors import UserError
 
     pipe = load_pipeline("tiny:random")
-    with pytest.raises(UserError, match="held-out split"):
-        evaluate(pipe, data, dataclasses.replace(SMALL, split="train"))
+    from capsearch.settings import EvalSettings
+
+    with pytest.raises(UserError, match="split: Input should be 'validate' or 'test'"):
+        EvalSettings.parse({**SMALL.model_dump(), "split": "train"}, "eval")
+    with pytest.raises(UserError, match="held-out split"):  # even past validation
+        evaluate(pipe, data, SMALL.model_copy(update=dict(split="train")))
     with pytest.raises(UserError, match="reference_ratio"):  # 30 images < 10 × 6 samples
-        evaluate(pipe, data, dataclasses.replace(SMALL, reference_ratio=10.0))
+        evaluate(pipe, data, SMALL.model_copy(update=dict(reference_ratio=10.0)))
     bare = tmp_path / "bare"
     write_phantom_dataset(bare, patients=2, size=32, seed=1)  # too few patients to hold any out
     with pytest.raises(UserError, match="no 'validate' images"):
@@ -131,17 +133,21 @@ def test_fid_reference_is_held_out_and_large_enough(data, tmp_path):
 @pytest.mark.slow
 def test_freeze_scores_worse_fid_than_full_finetune(tmp_path):
     """Control: the shapes-pretrained base is far from X-rays until it is fine-tuned on them."""
-    from capsearch.train import TrainConfig, finetune
+    from capsearch.train import TrainSettings, finetune
 
     root = tmp_path / "data"
     write_phantom_dataset(root, patients=120, size=64, seed=1, held_out_images=256)
-    cfg = EvalConfig(
+    cfg = EvalSettings(
         n_prompts=16, n_per_prompt=4, extraction_prompts=2, extraction_n=4, strength_prompts=2
     )
     frozen = evaluate(load_pipeline("tiny"), root, cfg)
     pipe = load_pipeline("tiny")
     finetune(
-        pipe, [{"method": "full", "units": "*"}], root, TrainConfig(steps=200, lr=1e-4), quiet=True
+        pipe,
+        [{"method": "full", "units": "*"}],
+        root,
+        TrainSettings(steps=200, lr=1e-4),
+        quiet=True,
     )
     tuned = evaluate(pipe, root, cfg)
     assert tuned["fid"] < 0.5 * frozen["fid"]

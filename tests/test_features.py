@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from capsearch.errors import UserError
-from capsearch.features import (
+from capsearch.metrics.features import (
     BioViLT,
     FeatureExtractor,
     PhantomFeatures,
@@ -25,7 +25,7 @@ from capsearch.features import (
     resolve_extractor,
     weights_fingerprint,
 )
-from capsearch.scorer import PhantomScorer
+from capsearch.metrics.scorer import PhantomScorer
 
 
 def _images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:

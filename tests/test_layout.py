@@ -15,11 +15,9 @@ MAX_LINES = 400
 # Modules allowed over MAX_LINES, with their line counts when they were listed. They are being split:
 # delete an entry once its module is under the limit (test_long_module_allow_list_is_current says when).
 LONG_MODULES = {
-    "capsearch/config.py",  # 650 lines
-    "capsearch/report.py",  # 503 lines
-    "capsearch/search.py",  # 603 lines
-    "capsearch/space.py",  # 525 lines
-    "capsearch/train.py",  # 439 lines
+    "capsearch/config.py",  # 431 lines: the spec's schema, one class per section, and its loading
+    "capsearch/space.py",  # 419 lines: parsing, define-by-run and trial parameters of one space
+    "capsearch/train.py",  # 403 lines: the training loop and the helpers its tests patch in place
 }
 
 

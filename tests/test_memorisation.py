@@ -14,19 +14,19 @@ import torch
 from capsearch.data import read_metadata
 from capsearch.metrics.memorisation import memorisation_probe
 from capsearch.models import load_pipeline
-from capsearch.train import TrainConfig, finetune
+from capsearch.train import TrainSettings, finetune
 from capsearch.worlds.phantom import write_phantom_dataset
 
 # The cheapest regime found (experiments/memorisation_regime.py, docs/metrics.md).
 # Caption dropout 0.1 (as Stable Diffusion was trained) keeps the unconditional branch in the phantom
 # world, so Wen et al.'s strength separates memorised captions clearly (1.36x; 1.06x without it).
 STEPS = 2000
-REGIME = TrainConfig(
+REGIME = TrainSettings(
     steps=STEPS,
     lr=3e-4,
     warmup_steps=50,
     lr_schedule="cosine",
-    mitigations=[{"name": "caption_dropout", "p": 0.1}],
+    caption_dropout=0.1,
 )
 
 

@@ -489,7 +489,7 @@ def test_alignment_score_averages_a_scorer():
 def phantom_world(tmp_path_factory):
     """A 30-patient phantom dataset at 32 px, the shipped scorer, and training-set features."""
     from capsearch.data import ImageCaptionDataset
-    from capsearch.features import PhantomFeatures
+    from capsearch.metrics.features import PhantomFeatures
     from capsearch.worlds.phantom import write_phantom_dataset
 
     root = tmp_path_factory.mktemp("phantom") / "data"

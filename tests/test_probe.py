@@ -7,7 +7,7 @@ import torch
 
 from capsearch.models import load_pipeline
 from capsearch.probe import Probe, probe_score
-from capsearch.train import TrainConfig, finetune
+from capsearch.train import TrainSettings, finetune
 from capsearch.worlds.phantom import write_phantom_dataset
 
 
@@ -71,7 +71,7 @@ def test_fitting_the_training_batch_opens_the_gap(data):
 def test_finetune_reports_the_probe_with_every_signal(data):
     pipe = load_pipeline("tiny:random")
     seen = []
-    config = TrainConfig(steps=4, batch_size=4, lr=1e-3, probe_every=2)
+    config = TrainSettings(steps=4, batch_size=4, lr=1e-3, probe_every=2)
     result = finetune(
         pipe,
         [{"method": "bitfit", "units": "mid_block"}],

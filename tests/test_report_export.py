@@ -12,7 +12,8 @@ from conftest import mid_block_groups
 
 from capsearch.cli import main
 from capsearch.export import select_trial
-from capsearch.report import load_trials, trial_dir, write_json, write_report
+from capsearch.report import write_report
+from capsearch.runs import load_trials, trial_dir, write_json
 
 SPEC = {
     "name": "synthetic",
@@ -66,13 +67,13 @@ def test_report_has_paper_table_plot_best_config_and_failures(run):
     path = write_report(run)
     text = path.read_text()
     assert (
-        "| trial | method | FID ↓ | KID ↓ | AMD ↑ | image-text ↑ | extracted ↓ | trainable % | reward ↑ |"
-        in text
+        "| trial | method | FID ↓ | KID ↓ | AMD ↑ | image-text ↑ | extracted ↓ | own-image NN ↓ | trainable % "
+        "| reward ↑ |" in text
     )
     rows = [line for line in text.splitlines() if line.startswith("| t00")]
     assert rows[0].startswith("| t000 | **Freeze (baseline)** | 300.00 | – | 0.800 |")
     assert rows[1].startswith("| t001 | **DiffFit (baseline)** | 15.00")
-    assert "| t002 | attn=difffit | 12.00 | – | 0.070 | 0.50 | 4 | 0.300 | -1.900 |" in text
+    assert "| t002 | attn=difffit | 12.00 | – | 0.070 | 0.50 | 4 | – | 0.300 | -1.900 |" in text
     assert (
         "t003" not in "\n".join(rows[:3]) and "t004" not in text
     )  # failed listed apart, running not
@@ -155,7 +156,7 @@ def test_export_loads_with_stock_diffusers_and_reproduces_the_samples(tmp_path, 
     assert {p.name for p in out.iterdir()} >= {"unet", "delta", "method_spec.yaml", "README.md"}
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: diffusers\nbase_model: tiny:random")
-    assert "| FID ↓ (held-out reference) | 20.00 | – |" in card
+    assert "| FID ↓ | 20.00 | – |" in card
     assert "no final re-evaluation" in card
     assert yaml.safe_load((out / "method_spec.yaml").read_text())["methods"] == entries
 
@@ -201,7 +202,7 @@ def test_the_final_stage_picks_the_best_and_compares_it_with_each_baseline(run, 
     final = text.split("## Final re-evaluation")[1].split("\n## ")[0]
     assert "on the test split" in final and "14.00 [12.00, 16.00]" in final
     assert "Noise floor of the final evaluation" in final and "FID 3.00" in final
-    assert "| Freeze | better | n/a | overlap | overlap | overlap |" in final
+    assert "| Freeze | better | n/a | overlap | overlap | overlap | n/a |" in final
     assert "Trial t001 (DiffFit), final reward -1.700 on the test split" in text
     best = {"intervals": {"fid": [12.0, 16.0]}}
     assert separation(best, {"intervals": {"fid": [17.0, 20.0]}}, "fid") == "better"
@@ -212,5 +213,18 @@ def test_the_final_stage_picks_the_best_and_compares_it_with_each_baseline(run, 
     from capsearch.export import model_card
 
     card = model_card(select_trial(records), "tiny:random", "t001")
-    assert "| FID ↓ (held-out reference) | 14.00 | [12.00, 16.00] |" in card
+    assert "| FID ↓ | 14.00 | [12.00, 16.00] |" in card
     assert "final re-evaluation (test split, sampling seed 1000" in card
+
+
+def test_committed_records_of_the_first_format_still_report(tmp_path):
+    """Version-1 records (before the trial plan) under experiments/results stay readable."""
+    import shutil
+
+    demo = Path(__file__).resolve().parents[1] / "experiments" / "results" / "demo_tiny"
+    run = shutil.copytree(demo, tmp_path / "demo")
+    records = load_trials(run)
+    assert len(records) == 8 and {r["version"] for r in records} == {1}
+    assert select_trial(records)["trial"] == "t007"  # chosen by the final re-evaluation
+    text = write_report(run).read_text()
+    assert "## Final re-evaluation" in text and "caption_dropout(p=0.1) · threshold" in text

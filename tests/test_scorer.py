@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from capsearch.errors import UserError
-from capsearch.scorer import (
+from capsearch.metrics.scorer import (
     SCORER_DIR,
     PhantomScorer,
     auroc,
@@ -111,7 +111,7 @@ def test_train_scorer_writes_a_loadable_model(phantoms: Path, tmp_path: Path):
 )
 def test_shipped_scorer_reads_fresh_phantoms(phantoms: Path):
     from capsearch.data import ImageCaptionDataset
-    from capsearch.scorer import evaluate_scorer
+    from capsearch.metrics.scorer import evaluate_scorer
 
     model = load_scorer()
     assert model.report["auroc_macro"] > 0.8  # its own held-out split, recorded at training time

@@ -13,8 +13,8 @@ import yaml
 from conftest import mid_block_groups
 
 from capsearch.config import spec_from_dict
-from capsearch.report import load_trials, trial_dir
 from capsearch.reward import compute_reward, pareto_front, reward_terms
+from capsearch.runs import load_trials, trial_dir
 from capsearch.space import (
     define_space,
     params_to_method_spec,
@@ -84,7 +84,7 @@ def test_define_by_run_suggests_only_the_chosen_methods_parameters(spec):
 
 
 def test_baselines_are_points_of_the_space(spec):
-    from capsearch.search import trial_settings
+    from capsearch.trial import build_plan
 
     points = {b.name: b for b in spec.baseline_points}
     assert list(points) == ["freeze", "difffit", "lora"]
@@ -98,33 +98,33 @@ def test_baselines_are_points_of_the_space(spec):
         and points["lora"].params["mid.method"] == "frozen"
     )
     assert points["lora"].params["lr"] == pytest.approx(2.0e-4)  # its baselines.train override
-    settings = trial_settings(spec, dict(points["difffit"].params), "difffit")
-    assert [e["method"] for e in settings["method_spec"]] == ["difffit", "difffit"]
-    assert settings["train"]["lr"] == pytest.approx(1.0e-4)
-    assert settings["train"]["mitigations"] == [{"name": "caption_dropout", "p": 0.1}]  # default
+    plan = build_plan(spec, dict(points["difffit"].params), "difffit", 1, Path("run"))
+    assert [e["method"] for e in plan.method_spec] == ["difffit", "difffit"]
+    assert plan.train.lr == pytest.approx(1.0e-4)
+    assert plan.train.caption_dropout == 0.1 and plan.train.mitigations == []  # the default
+    assert plan.evaluate.cache_dir == str(Path("run") / "cache")
 
 
 def test_trial_mitigations_stack_base_ones_under_the_chosen_one(spec):
     """Caption dropout and train.mitigations reach every trial, baselines too, under its choice."""
-    from capsearch.search import trial_settings
-    from capsearch.train import TrainConfig
+    from capsearch.trial import TrialPlan, build_plan
 
     data = json.loads(json.dumps(SPEC))
     data["train"].update(caption_dropout=0.2, mitigations=[{"name": "gni", "sigma": 0.01}])
     data["baselines"]["mitigations"] = ["none", "rwa"]
     stacked = spec_from_dict(data)
     params = dict(stacked.baseline("difffit+rwa").params)
-    settings = trial_settings(stacked, params, "difffit+rwa")
-    assert settings["train"]["mitigations"] == [
+    plan = build_plan(stacked, params, "difffit+rwa", 3, Path("run"))
+    assert plan.train.all_mitigations() == [
         {"name": "caption_dropout", "p": 0.2},
         {"name": "gni", "sigma": 0.01},
         {"name": "rwa", "k": 2, "p": 0.5},
     ]
-    assert "caption_dropout" not in settings["train"]
-    TrainConfig(**settings["train"]).check()  # the record is what the trial trains with
+    # the plan is what the trial trains with: it survives its JSON round trip unchanged
+    assert TrialPlan.model_validate(json.loads(plan.model_dump_json())) == plan
     data["train"].update(caption_dropout=0.0, mitigations=[])
-    none = trial_settings(spec_from_dict(data), params, "difffit+rwa")
-    assert none["train"]["mitigations"] == [{"name": "rwa", "k": 2, "p": 0.5}]
+    none = build_plan(spec_from_dict(data), params, "difffit+rwa", 3, Path("run"))
+    assert none.train.all_mitigations() == [{"name": "rwa", "k": 2, "p": 0.5}]
 
 
 @pytest.mark.parametrize(
@@ -170,7 +170,7 @@ def test_plan_trials_enqueues_baselines_with_their_names(spec, tmp_path):
 
 
 def test_resume_counts_finished_trials_and_settles_interrupted_ones(spec, tmp_path):
-    from capsearch.report import write_json
+    from capsearch.runs import write_json
     from capsearch.search import open_study, plan_trials
 
     study = open_study(spec, tmp_path)
@@ -232,10 +232,14 @@ def fake_evaluate(pipe, data_root, config, out_dir=None):
 
 
 def test_run_trial_records_success_failure_and_nan(spec, tmp_path, monkeypatch):
-    import capsearch.evaluate
+    import capsearch.metrics.evaluate
     import capsearch.train
-    from capsearch.search import final_result, run_trial
     from capsearch.train import TrainResult
+    from capsearch.trial import build_plan, final_result, run_trial
+
+    def run(params, baseline, number, report=None):
+        plan = build_plan(spec, params, baseline, number, tmp_path)
+        return run_trial(plan, tmp_path, tmp_path, report=report)
 
     calls = []
 
@@ -251,15 +255,15 @@ def test_run_trial_records_success_failure_and_nan(spec, tmp_path, monkeypatch):
         return TrainResult("ok", config.steps, 0.1, 123, 1000, 0.5)
 
     monkeypatch.setattr(capsearch.train, "finetune", fake_finetune)
-    monkeypatch.setattr(capsearch.evaluate, "evaluate", fake_evaluate)
+    monkeypatch.setattr(capsearch.metrics.evaluate, "evaluate", fake_evaluate)
     reported = []
     params = dict(spec.baseline("lora").params, mitigation="rwa", **{"mitigation.rwa.k": 2})
-    record = run_trial(spec, params, None, 7, tmp_path, tmp_path, report=reported.append)
+    record = run(params, None, 7, report=reported.append)
     assert record["status"] == "ok" and record["trainable"] == 123
     assert record["reward"] == pytest.approx(
         compute_reward(record["metrics"], spec.objective.weights.model_dump())
     )
-    assert calls[0][1].mitigations == [
+    assert calls[0][1].all_mitigations() == [
         {"name": "caption_dropout", "p": 0.1},
         {"name": "rwa", "k": 2, "p": 0.5},
     ]
@@ -273,7 +277,7 @@ def test_run_trial_records_success_failure_and_nan(spec, tmp_path, monkeypatch):
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(capsearch.train, "finetune", broken)
-    record = run_trial(spec, params, None, 8, tmp_path, tmp_path)
+    record = run(params, None, 8)
     assert record["status"] == "error" and "out of memory" in record["error"]
     assert (trial_dir(tmp_path, 8) / "error.txt").is_file()
     assert final_result(record) == {"status": "error", "trial": "t008", "training_step": 0,
@@ -281,18 +285,19 @@ def test_run_trial_records_success_failure_and_nan(spec, tmp_path, monkeypatch):
 
     monkeypatch.setattr(capsearch.train, "finetune",
                         lambda *a, **kw: TrainResult("nan", 2, math.nan, 5, 10, 0.1, message="diverged"))  # fmt: skip
-    record = run_trial(spec, params, None, 9, tmp_path, tmp_path)
+    record = run(params, None, 9)
     assert record["status"] == "nan" and record["error"] == "diverged" and "reward" not in record
 
 
 def test_freeze_trains_nothing_and_keeps_a_delta(spec, tmp_path, monkeypatch):
-    import capsearch.evaluate
+    import capsearch.metrics.evaluate
     import capsearch.train
-    from capsearch.search import run_trial
+    from capsearch.trial import build_plan, run_trial
 
     monkeypatch.setattr(capsearch.train, "finetune", lambda *a, **kw: pytest.fail("trained"))
-    monkeypatch.setattr(capsearch.evaluate, "evaluate", fake_evaluate)
-    record = run_trial(spec, dict(spec.baseline("freeze").params), "freeze", 0, tmp_path, tmp_path)
+    monkeypatch.setattr(capsearch.metrics.evaluate, "evaluate", fake_evaluate)
+    plan = build_plan(spec, dict(spec.baseline("freeze").params), "freeze", 0, tmp_path)
+    record = run_trial(plan, tmp_path, tmp_path)
     assert (
         record["status"] == "ok"
         and record["trainable"] == 0
@@ -311,9 +316,14 @@ def test_searcher_records_failures_pruning_and_probes(spec, tmp_path):
         space=functools.partial(define_space, space=spec.search_space),
         metric="reward", mode="max", sampler=make_sampler(spec),
         study_name=spec.search.study_name, storage=study_storage(tmp_path),
+        spec=spec, run_dir=tmp_path,
     )  # fmt: skip
     configs = {name: searcher.suggest(name) for name in ("ok", "error", "stopped")}
     assert all("_number" in c and "attn.method" in c for c in configs.values())
+    # each proposal carries its plan, built and validated in the driver
+    for config in configs.values():
+        assert config["plan"]["number"] == config["_number"]
+        assert config["plan"]["params"]["attn.method"] == config["attn.method"]
     searcher.on_trial_result("stopped", {"training_step": 50, "probe_score": 0.25})
     searcher.on_trial_complete("ok", {"status": "ok", "reward": 0.5, "fid": 3.0, "trial": "t000"})
     searcher.on_trial_complete("error", {"status": "error", "error": "boom"})
@@ -365,7 +375,7 @@ MICRO = {
 
 def test_a_real_search_runs_reports_resumes_and_exports(tmp_path, capsys):
     from capsearch.cli import main
-    from capsearch.scorer import CONFIG_FILE, SCORER_DIR
+    from capsearch.metrics.scorer import CONFIG_FILE, SCORER_DIR
 
     if not (SCORER_DIR / CONFIG_FILE).is_file():
         pytest.skip("the phantom scorer is not installed (capsearch pretrain scorer)")
@@ -458,7 +468,7 @@ def test_default_run_dir(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_asha_stops_searched_trials_but_never_baselines(tmp_path, capsys):
     from capsearch.cli import main
-    from capsearch.scorer import CONFIG_FILE, SCORER_DIR
+    from capsearch.metrics.scorer import CONFIG_FILE, SCORER_DIR
 
     if not (SCORER_DIR / CONFIG_FILE).is_file():
         pytest.skip("the phantom scorer is not installed (capsearch pretrain scorer)")

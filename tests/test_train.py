@@ -12,7 +12,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from capsearch.errors import UserError
 from capsearch.models import load_pipeline
-from capsearch.train import TrainConfig, finetune
+from capsearch.train import TrainSettings, finetune
 from capsearch.worlds.phantom import write_phantom_dataset
 
 
@@ -28,7 +28,7 @@ def _trained(unet):
 
 
 def _cfg(**kw):
-    return TrainConfig(**{"steps": 4, "batch_size": 4, "lr": 1e-3, **kw})
+    return TrainSettings(**{"steps": 4, "batch_size": 4, "lr": 1e-3, "caption_dropout": 0.0, **kw})
 
 
 def test_only_trainable_parameters_change_and_seed_is_deterministic(data):

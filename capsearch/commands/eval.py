@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields
 from pathlib import Path
 
 from capsearch.errors import UserError
@@ -12,7 +11,7 @@ from capsearch.errors import UserError
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `eval`."""
-    from capsearch.evaluate import EvalConfig
+    from capsearch.settings import EvalSettings, add_flags
 
     p = sub.add_parser(
         "eval",
@@ -27,28 +26,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", default="auto")
-    for f in fields(EvalConfig):
-        kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], str)
-        p.add_argument(
-            f"--{f.name.replace('_', '-')}", type=kind, default=None, help=f"default {f.default}"
-        )
+    add_flags(p, EvalSettings)
     p.set_defaults(func=_eval)
 
 
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from capsearch.evaluate import EvalConfig, evaluate
+    from capsearch.metrics.evaluate import evaluate
     from capsearch.models import load_pipeline
+    from capsearch.settings import EvalSettings, flag_values
 
     if not args.data.is_dir():
         raise UserError(f"data folder {args.data} does not exist")
-    overrides = {
-        f.name: getattr(args, f.name)
-        for f in fields(EvalConfig)
-        if getattr(args, f.name) is not None
-    }
-    config = EvalConfig(**overrides)
+    config = EvalSettings.parse(flag_values(args, EvalSettings), "eval")
     pipe = load_pipeline(args.model)
     if args.delta:
         from capsearch.delta import load_delta

@@ -82,7 +82,7 @@ def _shapes(args: argparse.Namespace) -> int:
 def _scorer(args: argparse.Namespace) -> int:
     if not args.data.is_dir():
         raise UserError(f"phantom dataset folder {args.data} does not exist")
-    from capsearch.scorer import train_scorer
+    from capsearch.metrics.scorer import train_scorer
 
     result = train_scorer(
         args.data, args.out, epochs=args.epochs, size=args.size, seed=args.seed, progress=True

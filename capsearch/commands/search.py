@@ -89,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
             import ray
 
             ray.shutdown()
-    from capsearch.report import load_trials
+    from capsearch.runs import load_trials
 
     console.print(f"report: {report}")
     cut = [r for r in load_trials(out, finished_only=False) if r.get("status") == "running"]
@@ -183,7 +183,9 @@ def _progress(run_dir: Path) -> Any:
     from ray import tune
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from capsearch.report import RESULT_FILE, display_name, trial_dir
+    from capsearch.metrics.table import METRICS
+    from capsearch.report import display_name
+    from capsearch.runs import RESULT_FILE, trial_dir
 
     class Printer(tune.Callback):
         def setup(self, total_num_samples: int = 0, **info: Any) -> None:
@@ -202,8 +204,8 @@ def _progress(run_dir: Path) -> Any:
             path = trial_dir(Path(run_dir), int(trial.config.get("_number", 0))) / RESULT_FILE
             record = json.loads(path.read_text()) if path.is_file() else {"status": "?"}
             m = record.get("metrics", {})
-            labels = {"fid": "FID", "amd": "AMD", "alignment": "txt", "extracted": "ext"}
-            text = " ".join(f"{v} {m[k]:.3g}" for k, v in labels.items() if k in m)
+            shown = [metric for metric in METRICS if metric.progress and metric.name in m]
+            text = " ".join(f"{metric.short.rstrip('↑↓')} {m[metric.name]:.3g}" for metric in shown)
             if "reward" in record:
                 text += f" → {record['reward']:.3f}"
             if record.get("error"):
@@ -226,7 +228,8 @@ def _progress(run_dir: Path) -> Any:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from capsearch.config import check_units, load_spec
+    from capsearch.config import load_spec
+    from capsearch.coverage import check_units
 
     spec = load_spec(args.spec, args.overrides, check_model=False)
     coverage = check_units(spec, source=str(args.spec))
@@ -255,7 +258,8 @@ def _status(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from capsearch.report import load_trials, ordered, read_run_spec, results_table
+    from capsearch.report import ordered, results_table
+    from capsearch.runs import load_trials, read_run_spec
 
     spec = read_run_spec(args.run_dir)
     records = ordered(load_trials(args.run_dir, finished_only=False), spec)

@@ -11,6 +11,8 @@ from capsearch.errors import UserError
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `train`."""
+    from capsearch.settings import TrainSettings, add_flags
+
     p = sub.add_parser(
         "train", help="fine-tune one model with one method (the inner loop, by hand)"
     )
@@ -35,27 +37,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="JSON method spec (list of {method, units, ...}); overrides --method",
     )
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--lr-schedule", default="constant")
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--ema-decay", type=float, default=None)
-    p.add_argument(
-        "--size", type=int, default=None, help="training resolution (default: the model's)"
-    )
-    p.add_argument("--seed", type=int, default=0)
+    # One flag per TrainSettings field (--steps, --lr, --caption-dropout, ...), its default the class's.
+    add_flags(p, TrainSettings, skip=("mitigations",))
     p.add_argument(
         "--mitigation",
         action="append",
         default=[],
         metavar="NAME[:k=v,...]",
-        help="repeatable; e.g. caption_dropout:p=0.1, rwa:k=4,p=1,mode=fixed, threshold:percentile=90",
+        help="repeatable, stacked after --caption-dropout; e.g. rwa:k=4,p=1,mode=fixed, "
+        "threshold:percentile=90",
     )
-    p.add_argument("--checkpoint-every", type=int, default=0)
-    p.add_argument("--probe-every", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--out", type=Path, required=True)
@@ -87,7 +78,8 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     from capsearch.models import load_pipeline
-    from capsearch.train import TrainConfig, finetune
+    from capsearch.settings import TrainSettings, flag_values
+    from capsearch.train import finetune
 
     if not args.data.is_dir():
         raise UserError(f"data folder {args.data} does not exist")
@@ -111,22 +103,10 @@ def _train(args: argparse.Namespace) -> int:
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
     pipe.to(device)
-    size = args.size or pipe.unet.config.sample_size * (8 if pipe.vae is not None else 1)
-    cfg = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        lr_schedule=args.lr_schedule,
-        warmup_steps=args.warmup_steps,
-        mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing,
-        ema_decay=args.ema_decay,
-        seed=args.seed,
-        size=size,
-        checkpoint_every=args.checkpoint_every,
-        probe_every=args.probe_every,
-        mitigations=[parse_mitigation(m) for m in args.mitigation],
-    )
+    values = flag_values(args, TrainSettings)
+    values.setdefault("size", pipe.unet.config.sample_size * (8 if pipe.vae is not None else 1))
+    values["mitigations"] = [parse_mitigation(m) for m in args.mitigation]
+    cfg = TrainSettings.parse(values, "train")
     result = finetune(pipe, spec, args.data, cfg, out_dir=args.out, resume=args.resume)
     pct = 100 * result.trainable / max(result.total, 1)
     print(

@@ -47,14 +47,14 @@ def plain_loop(pipe, images, captions, steps: int, batch: int, seed: int) -> flo
 
 def capsearch_loop(data, steps: int, batch: int, seed: int, spec=None) -> float:
     from capsearch.models import load_pipeline
-    from capsearch.train import TrainConfig, finetune
+    from capsearch.train import TrainSettings, finetune
 
     pipe = load_pipeline("tiny:random")
     res = finetune(
         pipe,
         spec or [{"method": "full", "units": "*"}],
         data,
-        TrainConfig(steps=steps, batch_size=batch, seed=seed),
+        TrainSettings(steps=steps, batch_size=batch, seed=seed, caption_dropout=0.0),
         quiet=True,
     )
     return res.steps / res.seconds
@@ -70,13 +70,15 @@ def _status_kb(field: str) -> int:
 def one_method(method: str, data: str, steps: int) -> None:
     """Train one method in this (fresh) process; print step time and peak RSS growth during training."""
     from capsearch.models import load_pipeline
-    from capsearch.train import TrainConfig, finetune
+    from capsearch.train import TrainSettings, finetune
 
     pipe = load_pipeline("tiny:random")
     spec = [{"method": method, "units": "*" if method != "attention" else "*:*_attn"}]
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark (Linux)
     rss0 = _status_kb("VmRSS")
-    res = finetune(pipe, spec, data, TrainConfig(steps=steps, batch_size=16), quiet=True)
+    res = finetune(
+        pipe, spec, data, TrainSettings(steps=steps, batch_size=16, caption_dropout=0.0), quiet=True
+    )
     peak = _status_kb("VmHWM")
     row = {"method": method, "s_per_step": res.seconds / res.steps, "trainable": res.trainable,
            "peak_rss_growth_mb": (peak - rss0) / 1024}  # fmt: skip

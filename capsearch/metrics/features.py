@@ -243,10 +243,10 @@ class BioViLT:
 
 
 class PhantomFeatures:
-    """Penultimate features of the phantom scorer (capsearch.scorer)."""
+    """Penultimate features of the phantom scorer (capsearch.metrics.scorer)."""
 
     def __init__(self, scorer: torch.nn.Module | None = None) -> None:
-        from capsearch.scorer import load_scorer
+        from capsearch.metrics.scorer import load_scorer
 
         self.scorer = scorer if scorer is not None else load_scorer()
         self.input_size = self.scorer.size

@@ -15,77 +15,18 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from capsearch.errors import UserError
-
-HELD_OUT_SPLITS = ("validate", "test")
-
-
-@dataclass
-class EvalConfig:
-    """Sample counts and sampler settings of one evaluation (recorded in metrics.json)."""
-
-    n_prompts: int = 24  # held-out prompts for FID / KID / AMD / image-text score
-    n_per_prompt: int = 4
-    steps: int = 20
-    guidance: float = 3.0
-    seed: int = 0
-    extraction_prompts: int = 8  # memorised captions first, then other training captions
-    extraction_n: int = 16
-    extraction_threshold: float | None = None  # None: the world's default (docs/metrics.md)
-    # Guidance of the attack's samples (None: `guidance`). A model fine-tuned without caption dropout
-    # keeps its base's unconditional prediction, and guidance then buries its copies under texture:
-    # docs/metrics.md measured 9 of 9 memorised images extracted at guidance 1, 2 at 3, 0 at 7.5.
-    extraction_guidance: float | None = None
-    min_clique: int = 3
-    strength_prompts: int = 8
-    strength_n: int = 2
-    extractor: str = (
-        "auto"  # auto: phantom scorer in pixel space (tiny), torchxrayvision DenseNet for latent SD
-    )
-    # Held-out split for the prompts and the FID/KID reference: validate while searching, test in the
-    # final re-evaluation (select on one split, report on another).
-    split: str = "validate"
-    reference_ratio: float = 4.0  # reference images per generated sample, at least
-    bootstrap: int = 1000  # prompt resamplings per bootstrap interval
-    noise_floor_repeats: int = 20
-    batch_size: int = 64
-    cache_dir: str | None = None
-
-    def check(self) -> None:
-        """Reject impossible values with one line naming the field."""
-        for name in ("n_per_prompt", "steps", "extraction_n", "strength_n", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"eval.{name} must be at least 1, got {getattr(self, name)}")
-        if self.n_prompts < 2:
-            raise UserError(
-                f"eval.n_prompts must be at least 2 (intervals resample prompts), got {self.n_prompts}"
-            )
-        if self.extraction_n < self.min_clique:
-            raise UserError("eval.extraction_n must be at least eval.min_clique")
-        if self.split not in HELD_OUT_SPLITS:
-            raise UserError(
-                f"eval.split must be a held-out split ({' or '.join(HELD_OUT_SPLITS)}), got "
-                f"{self.split!r}: FID against training images rewards copying them"
-            )
-        if self.reference_ratio < 1:
-            raise UserError(f"eval.reference_ratio must be at least 1, got {self.reference_ratio}")
-        if self.bootstrap < 100 or self.noise_floor_repeats < 2:
-            raise UserError("eval.bootstrap must be at least 100 and eval.noise_floor_repeats 2")
-
-    @property
-    def samples(self) -> int:
-        """Generated samples compared with the reference."""
-        return self.n_prompts * self.n_per_prompt
+from capsearch.settings import EvalSettings
 
 
 def _scorers(pipe, name: str):
     """(feature extractor, image-text scorer, world) for a pipeline."""
-    from capsearch.features import get_extractor, resolve_extractor
+    from capsearch.metrics.features import get_extractor, resolve_extractor
 
     name = resolve_extractor(name, pipe)
     extractor = get_extractor(name)
@@ -104,6 +45,33 @@ def _interval(low: float, high: float) -> list[float]:
     return [float(low), float(high)]
 
 
+def _recording(pipe, config: EvalSettings, guidance: float, memorised: set[str], ctx) -> Any:
+    """The attack's sampler, keeping the memorised captions' images in the context for table hooks.
+
+    It samples exactly as the attack does with a pipeline (capsearch.metrics.extraction), so the attack's
+    result is the same; only the memorised captions' images are kept (the others can be many).
+    """
+    import torch
+
+    from capsearch.metrics.extraction import _pipeline_generator
+
+    sample = _pipeline_generator(pipe, config.steps, guidance, config.batch_size)
+    kept: list[torch.Tensor] = []
+
+    def run(prompts: list[str], n_per_prompt: int, seed: int) -> torch.Tensor:
+        images = sample(prompts, n_per_prompt, seed)
+        for j, prompt in enumerate(prompts):
+            if prompt in memorised:
+                kept.append(
+                    images[j * n_per_prompt : (j + 1) * n_per_prompt].detach().float().cpu()
+                )
+                ctx.memorised_prompts.append(prompt)
+        ctx.memorised_images = torch.cat(kept) if kept else None
+        return images
+
+    return run
+
+
 def scalar_metrics(metrics: dict) -> dict[str, float]:
     """The finite-or-not numbers of an evaluation's metrics (no intervals, settings or lists)."""
     return {
@@ -114,21 +82,22 @@ def scalar_metrics(metrics: dict) -> dict[str, float]:
 def evaluate(
     pipe,
     data_root,
-    config: EvalConfig | None = None,
+    config: EvalSettings | None = None,
     out_dir: Path | None = None,
     progress: bool = False,
 ) -> dict:
     """Evaluate a pipeline against a dataset folder; write metrics.json and samples.png to out_dir."""
     from capsearch.data import load_images, read_metadata
-    from capsearch.features import cached_features
     from capsearch.metrics import (
         PHANTOM_THRESHOLD,
         alignment_scores,
         extraction_attack,
         nearest_train,
     )
+    from capsearch.metrics.context import EvalContext
     from capsearch.metrics.denoising import denoising_strength_per_prompt
     from capsearch.metrics.extraction import DEFAULT_THRESHOLD
+    from capsearch.metrics.features import cached_features
     from capsearch.metrics.fid import frechet_distance_to
     from capsearch.metrics.intervals import (
         cluster_bootstrap,
@@ -138,10 +107,14 @@ def evaluate(
         noise_floor,
     )
     from capsearch.metrics.kid import kernel_inception_distance_to
+    from capsearch.metrics.table import METRICS
     from capsearch.sample import generate, save_grid
 
-    config = config or EvalConfig()
-    config.check()
+    config = config or EvalSettings()
+    if config.split == "train":  # settings built without validation (model_construct) land here
+        raise UserError(
+            "eval.split must be a held-out split: FID against training images rewards copying"
+        )
     root = Path(data_root)
     t0 = time.time()
     extractor, text_scorer, world = _scorers(pipe, config.extractor)
@@ -235,13 +208,29 @@ def evaluate(
     attack_guidance = (
         config.guidance if config.extraction_guidance is None else config.extraction_guidance
     )
+    ctx = EvalContext(
+        root=root,
+        world=world,
+        seed=rng_seed,
+        bootstrap=config.bootstrap,
+        prompts=prompts,
+        gen=gen,
+        clusters=clusters,
+        gen_feats=gen_feats,
+        ref_feats=ref_feats,
+        train_feats=train_feats,
+        train_records=train,
+        threshold=threshold,
+        attack_prompts=attack_prompts,
+        attack_n=config.extraction_n,
+    )
     attack_settings: dict = {}
     if attack_prompts:
-        train_images = load_images(root, "train", size)
+        ctx.train_images = load_images(root, "train", size)
         ext = extraction_attack(
-            pipe,
+            _recording(pipe, config, attack_guidance, memorised_set, ctx),
             attack_prompts,
-            train_images,
+            ctx.train_images,
             n_per_prompt=config.extraction_n,
             threshold=threshold,
             min_clique=config.min_clique,
@@ -259,6 +248,12 @@ def evaluate(
         metrics["extracted_pairs"] = [list(e) for e in ext.extracted]
         attack_settings = {"attack_prompts": len(attack_prompts)}
         log(f"extraction attack: {ext.count} extracted from {len(attack_prompts)} prompts")
+    for metric in METRICS:  # metrics computed through the table (capsearch.metrics.table)
+        computed = metric.compute(ctx) if metric.compute is not None else None
+        if computed is not None:
+            metrics[metric.name] = computed[0]
+            if computed[1] is not None:
+                intervals[metric.name] = _interval(*computed[1])
     if memorised and others:
         sp = denoising_strength_per_prompt
         kw = dict(
@@ -283,7 +278,7 @@ def evaluate(
     metrics["intervals"] = intervals
     metrics["noise_floor"] = floor
     metrics["settings"] = {
-        **asdict(config),
+        **config.model_dump(),
         "world": world,
         "extractor": extractor.name,
         "extraction_threshold": threshold,

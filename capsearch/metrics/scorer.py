@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from capsearch.errors import UserError
-from capsearch.features import weights_fingerprint
+from capsearch.metrics.features import weights_fingerprint
 from capsearch.progress import rich_bar
 
-SCORER_DIR = Path(__file__).parent / "assets" / "scorer"
-WORLD_DIR = Path(__file__).parent / "worlds"
+SCORER_DIR = Path(__file__).parents[1] / "assets" / "scorer"
+WORLD_DIR = Path(__file__).parents[1] / "worlds"
 WEIGHTS_FILE = "scorer.safetensors"
 CONFIG_FILE = "scorer.json"
 
@@ -374,7 +374,7 @@ def train_scorer(
         "dataset": _dataset_summary(data_dir),
         "world_sha256": phantom_world_digest(),
         "command": command
-        or f"capsearch.scorer.train_scorer({str(data_dir)!r}, {str(out_dir)!r}, epochs={epochs}, "
+        or f"capsearch.metrics.scorer.train_scorer({str(data_dir)!r}, {str(out_dir)!r}, epochs={epochs}, "
         f"size={size}, seed={seed})",
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -1,0 +1,78 @@
+"""Plots of a search run: quality against memorisation (the Pareto plot of report.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from capsearch.runs import record_value
+
+
+def pareto_plot(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """FID against AMD, extracted images as colour, baselines labelled; None if nothing to plot."""
+    from capsearch.report import display_name
+    from capsearch.reward import pareto_front
+
+    points = [
+        r
+        for r in records
+        if record_value(r, "fid") is not None and record_value(r, "amd") is not None
+    ]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fid = [record_value(r, "fid") for r in points]
+    amd = [record_value(r, "amd") for r in points]
+    ext = [record_value(r, "extracted") or 0.0 for r in points]
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    front = sorted(
+        pareto_front([{"fid": f, "amd": a} for f, a in zip(fid, amd)], ["fid", "amd"]),
+        key=lambda i: fid[i],
+    )
+    if len(front) > 1:
+        ax.step(
+            [fid[i] for i in front],
+            [amd[i] for i in front],
+            where="post",
+            color="0.6",
+            lw=1,
+            zorder=1,
+            label="Pareto front",
+        )
+    for is_base, marker in ((True, "s"), (False, "o")):
+        idx = [i for i, r in enumerate(points) if bool(r.get("baseline")) == is_base]
+        if idx:
+            sc = ax.scatter(
+                [fid[i] for i in idx],
+                [amd[i] for i in idx],
+                c=[ext[i] for i in idx],
+                cmap="viridis",
+                vmin=min(ext),
+                vmax=max(max(ext), min(ext) + 1),
+                marker=marker,
+                s=60,
+                edgecolors="k",
+                zorder=2,
+                label="baselines" if is_base else "searched",
+            )
+    for i, r in enumerate(points):
+        label = display_name(r) if r.get("baseline") else Path(r.get("dir", "")).name
+        ax.annotate(label, (fid[i], amd[i]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    if max(fid) / max(min(fid), 1e-9) > 20:
+        ax.set_xscale("log")
+    else:
+        ax.ticklabel_format(axis="x", useOffset=False)
+    ax.ticklabel_format(axis="y", useOffset=False)
+    fig.colorbar(sc, ax=ax, label="extracted images ↓")
+    ax.set_xlabel("FID ↓")
+    ax.set_ylabel("AMD ↑ (mean min. cosine distance to training set)")
+    ax.set_title("Quality against memorisation")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

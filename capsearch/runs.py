@@ -1,0 +1,158 @@
+"""The run folder: its layout, atomic writes, the spec it was started with, trial records, the best trial.
+
+    RUN/spec.yaml           the resolved spec (extends and --set applied)
+    RUN/optuna.db           the Optuna study
+    RUN/trials/tNNN/        one trial (NNN: the Optuna trial number): params.json when it starts (its
+                            plan), result.json when it ends, delta/, metrics.json, samples.png, and
+                            final/ (result.json, metrics.json, samples.png) for a finalist
+    RUN/report.md, RUN/pareto.png
+
+Search, report, export and status read and write the folder through this module only. Trial records
+carry a format version (`RECORD_VERSION`); records written before versions existed read as version 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from capsearch.errors import UserError
+
+if TYPE_CHECKING:
+    from capsearch.config import Spec
+
+SPEC_FILE = "spec.yaml"
+PARAMS_FILE = "params.json"
+RESULT_FILE = "result.json"
+REPORT_FILE = "report.md"
+PARETO_FILE = "pareto.png"
+STUDY_FILE = "optuna.db"
+FINAL_DIR = "final"  # a finalist's re-evaluation: trials/tNNN/final/result.json
+# Version 1: records before the trial plan (method_spec, train with caption dropout among its
+# mitigations, groups at the top); version 2: the plan's fields at the top, train.caption_dropout.
+RECORD_VERSION = 2
+FINISHED = ("ok", "error", "nan", "stopped")  # "interrupted" and "running" trials do not count
+
+
+def trial_dir(run_dir: Path, number: int) -> Path:
+    """The folder of the trial with that Optuna number."""
+    return Path(run_dir) / "trials" / f"t{number:03d}"
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (a reader never sees half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def read_run_spec(run_dir: Path) -> Spec:
+    """The resolved spec a run folder was started with (UserError if it is not a run folder)."""
+    from capsearch.config import read_yaml, spec_from_dict
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist")
+    if not (run_dir / SPEC_FILE).is_file():
+        raise UserError(f"{run_dir} is not a capsearch run folder (no {SPEC_FILE})")
+    return spec_from_dict(read_yaml(run_dir / SPEC_FILE), source=str(run_dir / SPEC_FILE))
+
+
+def load_trials(run_dir: Path, finished_only: bool = True) -> list[dict[str, Any]]:
+    """Trial records in Optuna order; with finished_only=False also running/interrupted ones."""
+    folder = Path(run_dir) / "trials"
+    records = []
+    for sub in sorted(folder.glob("t*")) if folder.is_dir() else []:
+        record = None
+        for name in (RESULT_FILE, PARAMS_FILE):
+            path = sub / name
+            if path.is_file():
+                try:
+                    record = json.loads(path.read_text())
+                    break
+                except (OSError, json.JSONDecodeError):
+                    continue  # a result being written: fall back to the start record
+        if record is None:
+            continue
+        record.setdefault("status", "running")
+        record.setdefault("version", 1)
+        record["dir"] = str(sub)
+        final = read_final(sub)
+        if final is not None:
+            record["final"] = final
+        if not finished_only or record["status"] in FINISHED:
+            records.append(record)
+    return records
+
+
+def prepare_run_dir(spec: Spec, out: Path, resume: bool) -> Path:
+    """Create the run folder with spec.yaml, or check that a resumed run was started with this spec."""
+    import yaml
+
+    from capsearch.config import read_yaml, spec_from_dict
+
+    run_dir = Path(out).resolve()
+    saved = run_dir / SPEC_FILE
+    data = spec.to_dict()
+    if saved.is_file():
+        if not resume:
+            raise UserError(
+                f"{run_dir} already holds a search; finish it with --resume or choose another --out"
+            )
+        old = spec_from_dict(read_yaml(saved), source=str(saved)).to_dict()
+        where = first_difference(old, data)
+        if where is not None:
+            raise UserError(
+                f"the spec differs from the one {run_dir} was started with (at {where})"
+            )
+        return run_dir
+    if resume:
+        raise UserError(f"nothing to resume: {run_dir} holds no search ({SPEC_FILE} is missing)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(yaml.safe_dump(data, sort_keys=False))
+    return run_dir
+
+
+def first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    """The first YAML path where two plain data trees differ, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            where = first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+            if where is not None:
+                return where
+        return None
+    return None if a == b else (path or "<top>")
+
+
+def read_final(record_dir: Path) -> dict[str, Any] | None:
+    """A trial's final re-evaluation result, or None if it has none (or it is unreadable)."""
+    path = Path(record_dir) / FINAL_DIR / RESULT_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def record_value(record: dict[str, Any], key: str) -> float | None:
+    """A record's finite value of a metric (or top-level key such as reward), else None."""
+    value = record.get("metrics", {}).get(key, record.get(key))
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def best_trial(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best trial: highest reward in the final re-evaluation if any trial has one, else in the search.
+
+    A winner is chosen on an evaluation it was not searched on whenever the final stage ran; the
+    search's own reward only decides runs without a final stage (None if no trial succeeded).
+    """
+    final = [r for r in records if record_value(r.get("final") or {}, "reward") is not None]
+    if final:
+        return max(final, key=lambda r: record_value(r["final"], "reward"))
+    ok = [r for r in records if r.get("status") == "ok" and record_value(r, "reward") is not None]
+    return max(ok, key=lambda r: record_value(r, "reward")) if ok else None

@@ -1,0 +1,207 @@
+"""One trial: its plan → apply methods → fine-tune → evaluate → record.
+
+A `TrialPlan` is everything a trial runs: method entries, training settings (mitigations included),
+evaluation settings, seeds, model and resources. The search builds it once, in the driver, from the spec
+and the parameters Optuna proposes (`build_plan`, which validates it); the plan travels to the Ray worker
+as plain data and is written once, as the trial's `params.json`. Any failure of a trial is recorded in
+its `result.json`, never raised into the search.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from capsearch.errors import UserError
+from capsearch.metrics.table import METRICS
+from capsearch.runs import PARAMS_FILE, RECORD_VERSION, RESULT_FILE, trial_dir, write_json
+from capsearch.settings import EvalSettings, Strict, TrainSettings
+
+if TYPE_CHECKING:
+    from capsearch.config import Spec
+
+# What a finished trial reports to Ray (and Optuna's user attributes): every table metric, the reward.
+REPORTED = (*(m.name for m in METRICS), "reward")
+PROBE_KEYS = ("probe_score", "heldout_loss", "train_loss", "loss_gap", "strength_ratio")
+
+
+class TrialPlan(Strict):
+    """Everything one trial runs, built and validated once (build_plan), serialisable as JSON."""
+
+    number: int
+    baseline: str | None = None
+    params: dict[str, Any]  # Optuna's parameters, as proposed
+    model: str
+    method_spec: list[dict[str, Any]]  # method entries for capsearch.methods.apply_methods
+    groups: dict[str, str]  # each unit group's method as short text, for tables
+    train: TrainSettings
+    evaluate: EvalSettings
+    cpu: int
+    gpu: float
+    reward_weights: dict[str, float]
+    report_probes: bool  # probes go to the scheduler (ASHA never sees a baseline's)
+
+
+def build_plan(
+    spec: Spec, params: dict[str, Any], baseline: str | None, number: int, run_dir: Path
+) -> TrialPlan:
+    """The plan of trial `number`: the spec's settings with the trial's parameters applied."""
+    from capsearch.space import (
+        group_choices,
+        params_to_method_spec,
+        params_to_mitigations,
+        params_to_train,
+    )
+
+    space = spec.search_space
+    train = spec.train.model_dump()
+    train.update(params_to_train(params, space))
+    if baseline:
+        train.update(spec.baseline(baseline).train)
+    # The spec's mitigations of every trial, then the chosen one (caption dropout stays its own field).
+    train["mitigations"] = params_to_mitigations(params, space, train["mitigations"])
+    settings = TrainSettings.parse(train, "train")
+    from capsearch.mitigations import Mitigations
+
+    Mitigations.parse(settings.all_mitigations(), vocabulary=["word"])  # one line if one is twice
+    evaluate = spec.evaluate.model_copy(
+        update={"cache_dir": spec.evaluate.cache_dir or str(Path(run_dir) / "cache")}
+    )
+    return TrialPlan(
+        number=number,
+        baseline=baseline,
+        params=dict(params),
+        model=spec.model,
+        method_spec=params_to_method_spec(params, space),
+        groups=group_choices(params, space),
+        train=settings,
+        evaluate=evaluate,
+        cpu=spec.resources.cpu,
+        gpu=spec.resources.gpu,
+        reward_weights=spec.objective.weights.model_dump(),
+        report_probes=not baseline or spec.search.scheduler.name == "fifo",
+    )
+
+
+def run_trial(
+    plan: TrialPlan,
+    run_dir: Path,
+    data_root: Path,
+    report: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune, evaluate and score one planned trial; any failure is recorded, never raised."""
+    import torch
+
+    from capsearch.reward import compute_reward
+
+    folder = trial_dir(run_dir, plan.number)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(plan.cpu)
+    record: dict[str, Any] = {
+        "version": RECORD_VERSION,
+        "trial": folder.name,
+        **plan.model_dump(mode="json"),
+        "status": "running",
+        "started": time.time(),
+    }
+    started = time.time()
+    try:
+        write_json(folder / PARAMS_FILE, record)
+        record.update(_train_and_evaluate(plan, folder, data_root, report))
+    except UserError as exc:
+        record.update(status="error", error=str(exc))
+    except Exception as exc:  # a failing trial must not stop the search: record it and move on
+        record.update(status="error", error=f"{type(exc).__name__}: {exc}")
+        (folder / "error.txt").write_text(traceback.format_exc())
+    record["seconds"] = round(time.time() - started, 1)
+    if record["status"] == "ok":
+        try:
+            record["reward"] = compute_reward(record["metrics"], plan.reward_weights)
+        except ValueError as exc:
+            record.update(status="error", error=f"no reward: {exc}")
+    write_json(folder / RESULT_FILE, record)
+    return record
+
+
+def failed_record(
+    name: str, number: int, baseline: str | None, params: dict[str, Any], error: str
+) -> dict[str, Any]:
+    """The record of a trial whose plan could not be built (its parameters recorded as proposed)."""
+    return {"version": RECORD_VERSION, "trial": name, "number": number, "baseline": baseline,
+            "params": params, "status": "error", "error": error}  # fmt: skip
+
+
+def _train_and_evaluate(plan: TrialPlan, folder: Path, data_root: Path, report) -> dict[str, Any]:
+    import torch
+
+    from capsearch.delta import save_delta
+    from capsearch.methods import apply_methods
+    from capsearch.metrics.evaluate import evaluate, scalar_metrics
+    from capsearch.models import load_pipeline
+    from capsearch.space import FROZEN
+    from capsearch.train import finetune
+
+    pipe = load_pipeline(plan.model)
+    if plan.gpu > 0 and torch.cuda.is_available():
+        pipe.to("cuda")
+    total = sum(p.numel() for p in pipe.unet.parameters())
+    out: dict[str, Any] = {"total": total, "trainable": 0, "steps": 0}
+    entries = plan.method_spec
+    if all(e["method"] in FROZEN for e in entries):  # Freeze: the base model as it is, no training
+        apply_methods(pipe.unet, [{"method": "freeze", "units": []}])
+        save_delta(pipe.unet, folder / "delta", base_model=plan.model)
+    else:
+
+        def on_event(event: str, payload: dict) -> None:
+            if report is not None and plan.report_probes and event == "probe":
+                if "probe_score" in payload:
+                    probe = {k: payload[k] for k in PROBE_KEYS if k in payload}
+                    report({"training_step": payload["step"], **probe})
+
+        result = finetune(pipe, entries, data_root, plan.train, callbacks=[on_event],
+                          out_dir=folder, quiet=True)  # fmt: skip
+        out.update(
+            trainable=result.trainable,
+            steps=result.steps,
+            train_seconds=result.seconds,
+            final_loss=result.final_loss,
+            mitigation_counts=result.mitigation_counts,
+        )
+        if result.status == "stopped":  # Ctrl-C reached the trial: leave it unfinished for --resume
+            raise KeyboardInterrupt
+        if result.status != "ok":
+            return {**out, "status": result.status, "error": result.message or result.status}
+    out["trainable_pct"] = 100.0 * out["trainable"] / max(total, 1)
+    started = time.time()
+    metrics = evaluate(pipe, data_root, plan.evaluate, out_dir=folder)
+    scalars = scalar_metrics(metrics)
+    scalars["trainable_pct"] = out["trainable_pct"]
+    return {
+        **out,
+        "status": "ok",
+        "metrics": scalars,
+        "intervals": metrics["intervals"],
+        "noise_floor": metrics["noise_floor"],
+        "eval_seconds": round(time.time() - started, 1),
+    }
+
+
+def final_result(record: dict[str, Any]) -> dict[str, Any]:
+    """What a trial reports to Ray when it ends: status, finite metrics and reward, error line."""
+    from capsearch.runs import record_value
+
+    out: dict[str, Any] = {
+        "status": record["status"],
+        "trial": record["trial"],
+        "training_step": record.get("steps", 0),
+    }
+    for key in REPORTED:
+        value = record_value(record, key)
+        if value is not None:
+            out[key] = value
+    if record.get("error"):
+        out["error"] = str(record["error"]).splitlines()[0][:300]
+    return out
