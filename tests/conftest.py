@@ -62,3 +62,13 @@ def mid_block_groups() -> list[dict]:
         },
         {"name": "res", "units": "mid_block.resnets", "methods": {"frozen": {}, "difffit": {}}},
     ]
+
+
+def phantom_data(tmp_path_factory: pytest.TempPathFactory, seed: int, held_out_images: int):
+    """A small phantom data set with a memorisation subset (16 patients, 32 px, 20% duplicated 3×)."""
+    from capsearch.worlds.phantom import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("phantom")
+    write_phantom_dataset(root, patients=16, size=32, seed=seed, dup_fraction=0.2, dup_copies=3,
+                          held_out_images=held_out_images)  # fmt: skip
+    return root

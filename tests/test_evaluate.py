@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import phantom_data
 
 from capsearch.metrics.evaluate import EvalSettings, evaluate
 from capsearch.models import load_pipeline
@@ -23,11 +24,7 @@ SMALL = EvalSettings(
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantom")
-    write_phantom_dataset(
-        root, patients=16, size=32, seed=5, dup_fraction=0.2, dup_copies=3, held_out_images=30
-    )
-    return root
+    return phantom_data(tmp_path_factory, seed=5, held_out_images=30)
 
 
 def test_evaluate_writes_every_metric_with_settings(data, tmp_path):

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import phantom_data
 
 from capsearch.models import load_pipeline
 from capsearch.probe import Probe, probe_score
 from capsearch.train import TrainSettings, finetune
-from capsearch.worlds.phantom import write_phantom_dataset
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantom")
-    write_phantom_dataset(
-        root, patients=16, size=32, seed=3, dup_fraction=0.2, dup_copies=3, held_out_images=8
-    )
-    return root
+    return phantom_data(tmp_path_factory, seed=3, held_out_images=8)
 
 
 def test_probe_score_grows_with_either_memorisation_signal():

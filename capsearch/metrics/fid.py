@@ -121,16 +121,24 @@ def frechet_distance_from_stats(
     return _frechet(a, b)
 
 
-def frechet_distance(
+def feature_pair(
     real_feats: torch.Tensor | np.ndarray, fake_feats: torch.Tensor | np.ndarray
-) -> float:
-    """FID between real and generated feature sets [N, D] (float64, Heusel et al. 2017)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Real and generated features as float64 [N, D] arrays of one dimension (one-line errors)."""
     real = _as_float64(real_feats, "real")
     fake = _as_float64(fake_feats, "generated")
     if real.shape[1] != fake.shape[1]:
         raise UserError(
             f"feature dimensions differ: real {real.shape[1]}, generated {fake.shape[1]}"
         )
+    return real, fake
+
+
+def frechet_distance(
+    real_feats: torch.Tensor | np.ndarray, fake_feats: torch.Tensor | np.ndarray
+) -> float:
+    """FID between real and generated feature sets [N, D] (float64, Heusel et al. 2017)."""
+    real, fake = feature_pair(real_feats, fake_feats)
     return _frechet(_gaussian(real), _gaussian(fake))
 
 

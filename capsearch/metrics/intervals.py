@@ -36,6 +36,13 @@ def _check_level(level: float) -> float:
     return 1.0 - level
 
 
+def _check_boot(level: float, n_boot: int) -> float:
+    """α of a bootstrap interval's level, after checking the number of resamplings."""
+    if n_boot < 1:
+        raise UserError(f"n_boot must be at least 1, got {n_boot}")
+    return _check_level(level)
+
+
 def _labels(clusters: Sequence | np.ndarray | torch.Tensor, n: int) -> tuple[np.ndarray, int]:
     """Cluster labels → indices 0..P−1 per sample, and P (at least 2)."""
     raw = clusters.cpu().numpy() if torch.is_tensor(clusters) else np.asarray(clusters)
@@ -87,9 +94,7 @@ def cluster_bootstrap(
     level: float = 0.95,
 ) -> tuple[float, float]:
     """Percentile interval (low, high) of a statistic, resampling whole clusters (prompts) with replacement."""
-    alpha = _check_level(level)
-    if n_boot < 1:
-        raise UserError(f"n_boot must be at least 1, got {n_boot}")
+    alpha = _check_boot(level, n_boot)
     arr = _values(values, "values")
     index, n_clusters = _labels(clusters, len(arr))
     rng = np.random.default_rng(seed)
@@ -117,9 +122,7 @@ def cluster_bootstrap_ratio(
     level: float = 0.95,
 ) -> tuple[float, float]:
     """Percentile interval of mean(numerator) / mean(denominator), each side's clusters resampled on its own."""
-    alpha = _check_level(level)
-    if n_boot < 1:
-        raise UserError(f"n_boot must be at least 1, got {n_boot}")
+    alpha = _check_boot(level, n_boot)
     rng = np.random.default_rng(seed)
     means = []
     for values, clusters, what in (

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from capsearch.errors import UserError
-from capsearch.metrics.fid import _as_float64
+from capsearch.metrics.fid import _as_float64, feature_pair
 
 # Rows of the first set per kernel block: a block is block_rows × N float64, so 2,048 × 10,000 is 160 MB.
 DEFAULT_BLOCK_ROWS = 2048
@@ -59,12 +59,7 @@ def kernel_inception_distance(
     block_rows: int = DEFAULT_BLOCK_ROWS,
 ) -> float:
     """KID: unbiased MMD² over all samples with k(x, y) = (xᵀy/d + 1)³ (may be negative near 0)."""
-    real = _as_float64(real_feats, "real")
-    fake = _as_float64(fake_feats, "generated")
-    if real.shape[1] != fake.shape[1]:
-        raise UserError(
-            f"feature dimensions differ: real {real.shape[1]}, generated {fake.shape[1]}"
-        )
+    real, fake = feature_pair(real_feats, fake_feats)
     kernel = _Kernel(real.shape[1], degree, gamma, coef, block_rows)
     return _mmd2(kernel, real, kernel.within_sum(real), fake)
 
