@@ -222,6 +222,7 @@ def write_report(run_dir: Path) -> Path:
         header = COLUMNS[:-1]
     lines += _markdown_table(header, rows, done)
     lines += _noise_floor_lines(done, "searched")
+    lines += _capped_lines(done)
     finals = [final_view(r) for r in done if r.get("final")]
     if finals:
         lines += _final_lines(spec, finals)
@@ -322,6 +323,21 @@ def _noise_floor_lines(records: list[dict[str, Any]], what: str) -> list[str]:
         "by a delete-one-prompt jackknife, AMD and image-text score by resampling prompts, extracted "
         'images by resampling attacked prompts (docs/metrics.md, "Intervals").',
     ]
+
+
+def _capped_lines(records: list[dict[str, Any]]) -> list[str]:
+    """Whether the attack's clique enumeration was cut short anywhere (its count is then a lower bound)."""
+    capped = {Path(r["dir"]).name: record_value(r, "capped_prompts") for r in records}
+    known = {name: int(n) for name, n in capped.items() if n is not None}
+    if not known:
+        return []
+    hit = {name: n for name, n in known.items() if n > 0}
+    if not hit:
+        return ["", f"The extraction attack enumerated every clique of all {len(known)} trials "
+                "(no prompt hit the cap of 10,000 cliques)."]  # fmt: skip
+    listed = ", ".join(f"{name} ({n} prompt{'s' * (n > 1)})" for name, n in hit.items())
+    return ["", f"The extraction attack's clique enumeration hit its cap in {listed}: their "
+            "extracted counts are lower bounds."]  # fmt: skip
 
 
 def _final_lines(spec: Spec, finals: list[dict[str, Any]]) -> list[str]:

@@ -202,6 +202,8 @@ def test_the_final_stage_picks_the_best_and_compares_it_with_each_baseline(run, 
     final = text.split("## Final re-evaluation")[1].split("\n## ")[0]
     assert "on the test split" in final and "14.00 [12.00, 16.00]" in final
     assert "Noise floor of the final evaluation" in final and "FID 3.00" in final
+    # the attack's capped-clique count reaches the report (the synthetic records carry none)
+    assert "hit its cap" not in text
     assert "| Freeze | better | n/a | overlap | overlap | overlap | n/a |" in final
     assert "Trial t001 (DiffFit), final reward -1.700 on the test split" in text
     best = {"intervals": {"fid": [12.0, 16.0]}}
@@ -228,3 +230,13 @@ def test_committed_records_of_the_first_format_still_report(tmp_path):
     assert select_trial(records)["trial"] == "t007"  # chosen by the final re-evaluation
     text = write_report(run).read_text()
     assert "## Final re-evaluation" in text and "caption_dropout(p=0.1) · threshold" in text
+    assert "enumerated every clique of all 8 trials" in text
+
+
+def test_a_capped_clique_enumeration_is_reported():
+    from capsearch.report import _capped_lines
+
+    records = [{"dir": "x/t000", "metrics": {"capped_prompts": 0}},
+               {"dir": "x/t001", "metrics": {"capped_prompts": 2}}]  # fmt: skip
+    assert "hit its cap in t001 (2 prompts)" in _capped_lines(records)[1]
+    assert _capped_lines([{"dir": "x/t000", "metrics": {}}]) == []
