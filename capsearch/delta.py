@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     import torch
     from diffusers import UNet2DConditionModel
 
+    from capsearch.methods import Applied
+
 DELTA_FILE = "delta.safetensors"
 # The delta's method entries, base model and format (named spec.json since the first deltas: kept).
 METHODS_FILE = "spec.json"
@@ -50,25 +52,26 @@ def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def save_delta(unet: torch.nn.Module, path: str | Path, base_model: str | None = None) -> Path:
-    """Write the trained tensors and the method spec of an adapted UNet into the folder `path`."""
+def save_delta(
+    unet: torch.nn.Module, path: str | Path, *, applied: Applied, base_model: str | None = None
+) -> Path:
+    """Write the trained tensors and the method entries `applied` to `unet` into the folder `path`."""
     import safetensors.torch
 
     from capsearch import __version__
-    from capsearch.methods import applied_spec
 
-    spec = applied_spec(unet)
-    if spec is None:
-        raise UserError(
-            "this UNet has no methods applied (call apply_methods first); nothing to save"
-        )
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors = {
         name: p.detach().to("cpu").contiguous()
         for name, p in unet.named_parameters()
         if p.requires_grad
     }
+    if list(tensors) != applied.names:
+        raise UserError(
+            f"this UNet's {len(tensors)} trainable tensor(s) are not the {len(applied.names)} that "
+            "`applied` names: save the UNet whose apply_methods call returned it"
+        )
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
     if base_model is None:
         base_model = (getattr(unet, "config", {}) or {}).get("_name_or_path") or None
     safetensors.torch.save_file(tensors, str(folder / DELTA_FILE), metadata={"format": "pt"})
@@ -77,7 +80,7 @@ def save_delta(unet: torch.nn.Module, path: str | Path, base_model: str | None =
         "format_version": FORMAT_VERSION,
         "capsearch_version": __version__,
         "base_model": base_model,
-        "methods": spec,
+        "methods": applied.entries,
         "trainable_parameters": sum(t.numel() for t in tensors.values()),
         "unet_shape": _shape_config(unet),
     }
@@ -174,7 +177,7 @@ def merge(unet: torch.nn.Module) -> UNet2DConditionModel:
     import torch
     from torch.nn.utils import parametrize
 
-    from capsearch.methods import get_method, method_names
+    from capsearch.methods import APPLIED_MARK, get_method, method_names
     from capsearch.methods._peft import merge_adapters
 
     with torch.no_grad():
@@ -189,8 +192,7 @@ def merge(unet: torch.nn.Module) -> UNet2DConditionModel:
             if fold is not None:
                 fold(unet)
         merge_adapters(unet)
-    for key in ("_capsearch_spec", "_capsearch_claims", "_capsearch_rates"):
-        unet.__dict__.pop(key, None)
+    unet.__dict__.pop(APPLIED_MARK, None)
     _check_vanilla(unet)
     return unet
 
@@ -230,14 +232,11 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_lora(unet: torch.nn.Module, path: str | Path) -> Path:
+def export_lora(unet: torch.nn.Module, path: str | Path, *, applied: Applied) -> Path:
     """Write the UNet's LoRA as `pytorch_lora_weights.safetensors` for `pipe.load_lora_weights`."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
-    from capsearch.methods import applied_spec
-
-    spec = applied_spec(unet) or []
-    others = sorted({e["method"] for e in spec} - {"lora", "freeze"})
+    others = sorted({e["method"] for e in applied.entries} - {"lora", "freeze"})
     if others:
         raise UserError(
             f"only LoRA exports to the diffusers LoRA format; this UNet also uses {', '.join(others)} "

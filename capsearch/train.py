@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from torch.optim.lr_scheduler import LRScheduler
 
     from capsearch.data import ImageCaptionDataset
+    from capsearch.methods import Applied
     from capsearch.models import Pipeline
     from capsearch.probe import Probe
 
@@ -150,7 +151,7 @@ class _Run:
     optimizer: torch.optim.Optimizer | None  # None when the method spec trains nothing
     scheduler: AcceleratedScheduler | None
     trainable: list[torch.nn.Parameter]
-    n_names: int  # trainable parameter names apply_methods reported
+    applied: Applied  # what apply_methods did: trainable names, entries, their own rates
     dataset: ImageCaptionDataset
     images: torch.Tensor
     captions: list[str]
@@ -196,7 +197,7 @@ def _set_up(
     torch.manual_seed(config.seed)
     ds, images, captions, groups = _load_training_images(data, config.size)
     mit.fix_captions(captions, groups, config.seed)  # fixed RWA: once per record, before training
-    names = apply_methods(pipe.unet, method_spec)
+    applied = apply_methods(pipe.unet, method_spec)
     unet, opt, lr_sched = pipe.unet, None, None
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -204,7 +205,7 @@ def _set_up(
     if trainable:
         # Through accelerate, fp16 gradients are unscaled before clipping and overflow steps skipped
         # (GradScaler); the UNet's forward runs under autocast until _plain_unet undoes it.
-        unet, opt, lr_sched = accelerator.prepare(unet, *_optimizer(unet, config))
+        unet, opt, lr_sched = accelerator.prepare(unet, *_optimizer(applied, unet, config))
     unet.train()
     pipe.text_encoder.requires_grad_(False).eval()
     run = _Run(
@@ -217,7 +218,7 @@ def _set_up(
         optimizer=opt,
         scheduler=lr_sched,
         trainable=trainable,
-        n_names=len(names),
+        applied=applied,
         dataset=ds,
         images=images,
         captions=captions,
@@ -233,14 +234,15 @@ def _set_up(
 
 
 def _optimizer(
-    unet: torch.nn.Module, config: TrainSettings
+    applied: Applied, unet: torch.nn.Module, config: TrainSettings
 ) -> tuple[torch.optim.Optimizer, LRScheduler]:
     """AdamW over the method entries' parameter groups (their own rates), and the LR schedule."""
     from diffusers.optimization import get_scheduler
 
     from capsearch.methods import optimizer_groups
 
-    opt = torch.optim.AdamW(optimizer_groups(unet, config.lr, config.weight_decay), lr=config.lr)
+    groups = optimizer_groups(applied, unet, config.lr, config.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=config.lr)
     schedule = get_scheduler(
         config.lr_schedule,
         opt,
@@ -343,7 +345,8 @@ def _wrap_up(run: _Run, state: TrainState, out: _Outcome, books: _Bookkeeper) ->
             for p, e in zip(run.trainable, state.ema):
                 p.copy_(e)
     if books.out_dir and out.status != "nan":
-        save_delta(run.unet, books.out_dir / "delta", base_model=getattr(run.pipe, "spec", None))
+        base_model = getattr(run.pipe, "spec", None)
+        save_delta(run.unet, books.out_dir / "delta", applied=run.applied, base_model=base_model)
     result = TrainResult(
         status=out.status,
         steps=out.steps,
@@ -361,7 +364,7 @@ def _wrap_up(run: _Run, state: TrainState, out: _Outcome, books: _Bookkeeper) ->
     books.report("end", asdict(result))
     if books.out_dir:
         (books.out_dir / "train_result.json").write_text(
-            json.dumps({**asdict(result), "trainable_names": run.n_names}, indent=2)
+            json.dumps({**asdict(result), "trainable_names": len(run.applied.names)}, indent=2)
         )
     return result
 

@@ -151,8 +151,8 @@ def _train_and_evaluate(plan: TrialPlan, folder: Path, data_root: Path, report) 
     out: dict[str, Any] = {"total": total, "trainable": 0, "steps": 0}
     entries = plan.method_spec
     if all(e["method"] in FROZEN for e in entries):  # Freeze: the base model as it is, no training
-        apply_methods(pipe.unet, [{"method": "freeze", "units": []}])
-        save_delta(pipe.unet, folder / "delta", base_model=plan.model)
+        applied = apply_methods(pipe.unet, [{"method": "freeze", "units": []}])
+        save_delta(pipe.unet, folder / "delta", applied=applied, base_model=plan.model)
     else:
 
         def on_event(event: str, payload: dict) -> None:

@@ -47,9 +47,9 @@ ROWS: list[tuple[str, object, str]] = [
 def measured_bytes(make_unet, spec) -> int:
     """Size of delta.safetensors written by save_delta for the spec on a fresh UNet."""
     unet = make_unet()
-    apply_methods(unet, spec)
+    applied = apply_methods(unet, spec)
     with tempfile.TemporaryDirectory() as tmp:
-        save_delta(unet, tmp)
+        save_delta(unet, tmp, applied=applied)
         return (Path(tmp) / DELTA_FILE).stat().st_size
 
 

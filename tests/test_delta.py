@@ -17,11 +17,12 @@ from capsearch.delta import (
     export_lora,
     load_delta,
     merge,
+    read_spec,
     save_delta,
 )
 from capsearch.errors import UserError
 from capsearch.methods import (
-    applied_spec,
+    Applied,
     apply_methods,
     method_names,
     optimizer_groups,
@@ -36,19 +37,20 @@ def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return unet_inputs(seed=1, timesteps=(3, 400))
 
 
-def trained(spec, inputs, steps: int = 2) -> torch.nn.Module:
+def trained(spec, inputs, steps: int = 2) -> tuple[torch.nn.Module, Applied]:
     """A tiny UNet with the spec applied and a few AdamW steps taken (so deltas are non-trivial)."""
     unet = build_tiny_unet()
-    if not apply_methods(unet, spec):
-        return unet.eval()
+    applied = apply_methods(unet, spec)
+    if not applied.names:
+        return unet.eval(), applied
     x, t, ehs = inputs
-    opt = torch.optim.AdamW(optimizer_groups(unet, 1e-2))
+    opt = torch.optim.AdamW(optimizer_groups(applied, unet, 1e-2))
     for _ in range(steps):
         loss = (unet(x, t, encoder_hidden_states=ehs).sample - 1.0).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return unet.eval()
+    return unet.eval(), applied
 
 
 MIXED = [
@@ -67,9 +69,9 @@ CASES = {name: example_spec(name) for name in method_names()} | {"mixed": MIXED}
 def test_delta_round_trip_and_merged_export(case: str, inputs, tmp_path: Path) -> None:
     from diffusers import UNet2DConditionModel
 
-    unet = trained(CASES[case], inputs)
+    unet, applied = trained(CASES[case], inputs)
     adapted = run_unet(unet, inputs)
-    save_delta(unet, tmp_path / "delta", base_model="tiny:random")
+    save_delta(unet, tmp_path / "delta", applied=applied, base_model="tiny:random")
 
     meta = json.loads((tmp_path / "delta" / METHODS_FILE).read_text())
     assert meta["capsearch_version"] == __version__ and meta["base_model"] == "tiny:random"
@@ -93,8 +95,8 @@ def test_delta_round_trip_and_merged_export(case: str, inputs, tmp_path: Path) -
 
 
 def test_delta_is_small_for_peft_methods(inputs, tmp_path: Path) -> None:
-    unet = trained({"method": "svdiff"}, inputs, steps=1)
-    save_delta(unet, tmp_path)
+    unet, applied = trained({"method": "svdiff"}, inputs, steps=1)
+    save_delta(unet, tmp_path, applied=applied)
     full_bytes = 4 * sum(p.numel() for p in build_tiny_unet().parameters())
     delta_bytes = (tmp_path / DELTA_FILE).stat().st_size
     shifts = sum(p.numel() for p in unet.parameters() if p.requires_grad)
@@ -103,7 +105,7 @@ def test_delta_is_small_for_peft_methods(inputs, tmp_path: Path) -> None:
 
 
 def test_merge_folds_everything_in_place(inputs) -> None:
-    unet = trained(MIXED, inputs, steps=1)
+    unet, _ = trained(MIXED, inputs, steps=1)
     adapted = run_unet(unet, inputs)
     merged = merge(unet)
     assert merged is unet
@@ -113,6 +115,7 @@ def test_merge_folds_everything_in_place(inputs) -> None:
     assert not any(m._forward_hooks for m in unet.modules())
     assert set(unet.state_dict()) == set(build_tiny_unet().state_dict())
     assert (run_unet(unet, inputs) - adapted).abs().max().item() <= 1e-5
+    apply_methods(unet, {"method": "bitfit"})  # a merged UNet is a base UNet again
 
 
 def test_a_version_1_delta_still_loads(inputs, tmp_path: Path) -> None:
@@ -122,9 +125,9 @@ def test_a_version_1_delta_still_loads(inputs, tmp_path: Path) -> None:
         {"method": "attn_proj", "units": "mid_block", "lr": 1e-3},
         {"method": "svdiff", "units": "down_blocks", "shift_norms": False, "lr_1d": 5e-2},
     ]
-    unet = trained(spec, inputs)
+    unet, applied = trained(spec, inputs)
     adapted = run_unet(unet, inputs)
-    save_delta(unet, tmp_path)
+    save_delta(unet, tmp_path, applied=applied)
     meta = json.loads((tmp_path / METHODS_FILE).read_text())
     assert meta["format_version"] == 2
     # Rewrite spec.json as version 1 wrote it.
@@ -135,7 +138,7 @@ def test_a_version_1_delta_still_loads(inputs, tmp_path: Path) -> None:
     (tmp_path / METHODS_FILE).write_text(json.dumps(meta))
     loaded = load_delta(build_tiny_unet().eval(), tmp_path)
     assert torch.equal(run_unet(loaded, inputs), adapted)
-    recorded = applied_spec(loaded)
+    recorded = apply_methods(build_tiny_unet(), read_spec(tmp_path)["methods"]).entries
     assert [e["method"] for e in recorded] == ["attn_proj", "svdiff"]
     assert "lr_1d" not in recorded[0] and recorded[1]["lr_1d"] == 5e-2
 
@@ -143,18 +146,20 @@ def test_a_version_1_delta_still_loads(inputs, tmp_path: Path) -> None:
 # ---- errors ------------------------------------------------------------------------------------------
 
 
-def test_save_needs_applied_methods(tmp_path: Path) -> None:
-    with pytest.raises(UserError):
-        save_delta(build_tiny_unet(), tmp_path)
+def test_save_needs_the_methods_applied_to_that_unet(tmp_path: Path) -> None:
+    applied = apply_methods(build_tiny_unet(), {"method": "bitfit"})
+    with pytest.raises(UserError, match="apply_methods"):
+        save_delta(build_tiny_unet(), tmp_path, applied=applied)
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(
     "damage", ["no_folder", "no_spec", "bad_json", "no_tensors", "wrong_tensors"]
 )
 def test_load_refuses_damaged_deltas(damage: str, inputs, tmp_path: Path) -> None:
-    unet = trained({"method": "bitfit", "units": "mid_block"}, inputs, steps=1)
+    unet, applied = trained({"method": "bitfit", "units": "mid_block"}, inputs, steps=1)
     folder = tmp_path / "delta"
-    save_delta(unet, folder)
+    save_delta(unet, folder, applied=applied)
     if damage == "no_folder":
         folder = tmp_path / "missing"
     elif damage == "no_spec":
@@ -174,7 +179,8 @@ def test_load_refuses_damaged_deltas(damage: str, inputs, tmp_path: Path) -> Non
 def test_load_refuses_another_architecture(inputs, tmp_path: Path) -> None:
     from diffusers import UNet2DConditionModel
 
-    save_delta(trained({"method": "norm", "units": "mid_block"}, inputs, steps=1), tmp_path)
+    unet, applied = trained({"method": "norm", "units": "mid_block"}, inputs, steps=1)
+    save_delta(unet, tmp_path, applied=applied)
     other = dict(TINY_UNET_CONFIG, cross_attention_dim=2 * TINY_UNET_CONFIG["cross_attention_dim"])
     with torch.device("meta"):
         different = UNet2DConditionModel(**other)
@@ -192,9 +198,9 @@ def test_lora_export_round_trips_through_diffusers(inputs, tmp_path: Path) -> No
         {"method": "lora", "units": "*:*_attn", "rank": 4, "alpha": 8},  # α ≠ r: scale must survive
         {"method": "lora", "units": "down_blocks.1:conv", "rank": 2},  # a second rank, on convs
     ]
-    unet = trained(spec, inputs)
+    unet, applied = trained(spec, inputs)
     adapted = run_unet(unet, inputs)
-    export_lora(unet, tmp_path)
+    export_lora(unet, tmp_path, applied=applied)
     assert (tmp_path / LORA_FILE).is_file()
 
     # the two calls pipe.load_lora_weights makes for a UNet
@@ -207,14 +213,14 @@ def test_lora_export_round_trips_through_diffusers(inputs, tmp_path: Path) -> No
 
 
 def test_lora_export_refuses_other_methods(inputs, tmp_path: Path) -> None:
-    unet = trained(
+    unet, applied = trained(
         [{"method": "lora", "units": "mid_block"}, {"method": "svdiff", "units": "up_blocks"}],
         inputs,
         1,
     )
     with pytest.raises(UserError, match="svdiff"):
-        export_lora(unet, tmp_path)
+        export_lora(unet, tmp_path, applied=applied)
     bare = build_tiny_unet()
-    apply_methods(bare, {"method": "bitfit"})
+    applied = apply_methods(bare, {"method": "bitfit"})
     with pytest.raises(UserError):
-        export_lora(bare, tmp_path)
+        export_lora(bare, tmp_path, applied=applied)

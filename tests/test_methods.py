@@ -10,8 +10,8 @@ from conftest import example_spec, run_unet, unet_inputs
 
 from capsearch.errors import UserError
 from capsearch.methods import (
+    Applied,
     MethodConfig,
-    applied_spec,
     apply_methods,
     count_trainable,
     get_method,
@@ -38,9 +38,9 @@ def base_output(inputs) -> torch.Tensor:
     return run_unet(build_tiny_unet().eval(), inputs)
 
 
-def adam_step(unet: torch.nn.Module, inputs, lr: float = 1e-2) -> None:
+def adam_step(applied: Applied, unet: torch.nn.Module, inputs, lr: float = 1e-2) -> None:
     x, t, ehs = inputs
-    opt = torch.optim.AdamW(optimizer_groups(unet, lr, weight_decay=0.01))
+    opt = torch.optim.AdamW(optimizer_groups(applied, unet, lr, weight_decay=0.01))
     loss = (unet(x, t, encoder_hidden_states=ehs).sample - 1.0).pow(2).mean()
     loss.backward()
     opt.step()
@@ -176,12 +176,13 @@ def test_starts_at_the_base_output(name: str, inputs, base_output) -> None:
 @pytest.mark.parametrize("name", METHODS)
 def test_a_step_changes_only_trainable_tensors(name: str, inputs) -> None:
     unet = build_tiny_unet()
-    names = apply_methods(unet, example_spec(name))
+    applied = apply_methods(unet, example_spec(name))
+    names = applied.names
     assert names == [n for n, p in unet.named_parameters() if p.requires_grad]
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     assert set(names) <= set(before)
     if names:
-        adam_step(unet, inputs)
+        adam_step(applied, unet, inputs)
     after = unet.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed <= set(names)
@@ -206,7 +207,7 @@ def test_trainable_count_is_analytic(name: str) -> None:
 def test_empty_selection_is_freeze(name: str, inputs, base_output) -> None:
     unet = build_tiny_unet().eval()
     keys = set(unet.state_dict())
-    assert apply_methods(unet, {"method": name, "units": []}) == []
+    assert apply_methods(unet, {"method": name, "units": []}).names == []
     assert count_trainable(unet) == 0
     assert set(unet.state_dict()) == keys
     assert torch.equal(run_unet(unet, inputs), base_output)
@@ -241,7 +242,7 @@ def test_hyper_parameter_variants(spec: dict, name: str, inputs, base_output) ->
 
 def test_oft_leaves_out_kxk_convs() -> None:
     unet = build_tiny_unet()
-    names = apply_methods(unet, {"method": "oft", "units": "*:conv"})
+    names = apply_methods(unet, {"method": "oft", "units": "*:conv"}).names
     adapted = {n.split(".oft_R.")[0] for n in names}
     assert adapted and all(
         unet.get_submodule(n).get_base_layer().kernel_size == (1, 1) for n in adapted
@@ -265,11 +266,11 @@ def test_mixed_entries_add_up(inputs, base_output) -> None:
         apply_methods(unet, entry)
         separate += count_trainable(unet)
     unet = build_tiny_unet().eval()
-    names = apply_methods(unet, spec)
+    applied = apply_methods(unet, spec)
     assert count_trainable(unet) == separate
-    assert len(names) == len(set(names))
+    assert len(applied.names) == len(set(applied.names))
     assert (run_unet(unet, inputs) - base_output).abs().max().item() <= 1e-5
-    recorded = applied_spec(unet)
+    recorded = applied.entries
     assert [e["method"] for e in recorded] == [e["method"] for e in spec]
     assert recorded[2]["rank"] == 2 and recorded[2]["alpha"] == 4.0  # defaults filled in
 
@@ -367,8 +368,8 @@ def test_bad_spec_leaves_the_unet_untouched() -> None:
     unet = build_tiny_unet()
     with pytest.raises(UserError):
         apply_methods(unet, [{"method": "bitfit"}, {"method": "lora", "rnak": 2}])
-    assert applied_spec(unet) is None
     assert all(p.requires_grad for p in unet.parameters())
+    apply_methods(unet, {"method": "bitfit"})  # not marked as applied: a corrected spec applies
 
 
 def test_applying_twice_is_refused() -> None:
@@ -376,6 +377,15 @@ def test_applying_twice_is_refused() -> None:
     apply_methods(unet, {"method": "bitfit"})
     with pytest.raises(UserError):
         apply_methods(unet, {"method": "norm"})
+
+
+def test_claims_last_one_apply_call() -> None:
+    """Two UNets adapted one after the other share no claims: the same modules are free on each."""
+    for _ in range(2):
+        apply_methods(build_tiny_unet(), {"method": "svdiff", "units": "mid_block"})
+    full, unet = get_method("full"), build_tiny_unet()
+    with pytest.raises(RuntimeError):  # outside apply_methods there are no claims to join
+        full.apply(unet, select_units(unet, "mid_block"), make_config(full, {}))
 
 
 def test_counts_on_sd15_shapes_are_analytic() -> None:
@@ -457,11 +467,11 @@ def test_baseline_sizes_on_sd15_follow_the_authors_definitions() -> None:
 
 def test_optimizer_groups_split_decay_not_rates_by_dimension() -> None:
     unet = build_tiny_unet()
-    apply_methods(
+    applied = apply_methods(
         unet,
         [{"method": "svdiff", "units": "down_blocks"}, {"method": "full", "units": "mid_block"}],
     )
-    groups = optimizer_groups(unet, lr=1e-4, weight_decay=0.1)
+    groups = optimizer_groups(applied, unet, lr=1e-4, weight_decay=0.1)
     by_name = {g["name"]: g for g in groups}
     assert set(by_name) == {"matrices", "vectors"}
     assert {g["lr"] for g in groups} == {1e-4}  # no global 1-D rate: biases and norms at the run's
@@ -476,7 +486,7 @@ def test_optimizer_groups_split_decay_not_rates_by_dimension() -> None:
 
 def test_an_entry_learns_at_its_own_rate() -> None:
     unet = build_tiny_unet()
-    apply_methods(
+    applied = apply_methods(
         unet,
         [
             {"method": "full", "units": "mid_block"},
@@ -484,7 +494,7 @@ def test_an_entry_learns_at_its_own_rate() -> None:
             {"method": "lora", "units": "up_blocks.1.attentions", "lr": 5e-4},
         ],
     )
-    groups = optimizer_groups(unet, lr=1e-4, weight_decay=0.1)
+    groups = optimizer_groups(applied, unet, lr=1e-4, weight_decay=0.1)
     rate = {id(p): g["lr"] for g in groups for p in g["params"]}
     decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     named = dict(unet.named_parameters())
@@ -507,7 +517,7 @@ def test_an_entry_learns_at_its_own_rate() -> None:
         "matrices@0.0005",
     }
     # The rates are part of the recorded spec, so a saved delta re-applies them.
-    recorded = applied_spec(unet)
+    recorded = applied.entries
     assert recorded[1]["lr"] == 3e-3 and "lr" not in recorded[0]
 
 
@@ -521,13 +531,14 @@ def _is_norm_shift(unet: torch.nn.Module, name: str) -> bool:
 def test_svdiff_lr_1d_is_the_rate_of_its_norm_layer_shifts(rates: dict) -> None:
     """SVDiff (Han et al. 2023; svdiff-pytorch) trains spectral shifts at lr and norm shifts at lr_1d."""
     unet = build_tiny_unet()
-    names = apply_methods(unet, {"method": "svdiff", "units": "*", **rates})
+    applied = apply_methods(unet, {"method": "svdiff", "units": "*", **rates})
+    names = applied.names
     norms = [n for n in names if _is_norm_shift(unet, n)]
     affine = [m for m in build_tiny_unet().modules() if _is_norm(m) and m.weight is not None]
     assert len(norms) == len(affine) > 0
     named = dict(unet.named_parameters())
     assert all(named[n].ndim == 1 for n in names)  # every δ is 1-D: only the role tells them apart
-    groups = optimizer_groups(unet, lr=1e-4, weight_decay=0.1)
+    groups = optimizer_groups(applied, unet, lr=1e-4, weight_decay=0.1)
     rate = {id(p): g["lr"] for g in groups for p in g["params"]}
     for name in names:
         expected = rates["lr_1d"] if name in norms else rates.get("lr", 1e-4)
@@ -536,14 +547,14 @@ def test_svdiff_lr_1d_is_the_rate_of_its_norm_layer_shifts(rates: dict) -> None:
 
 def test_a_later_entry_without_rates_takes_the_run_rates_back() -> None:
     unet = build_tiny_unet()
-    apply_methods(
+    applied = apply_methods(
         unet,
         [
             {"method": "full", "units": "mid_block", "lr": 1e-2},
             {"method": "difffit", "units": "mid_block"},  # retrains the same biases/norms
         ],
     )
-    groups = optimizer_groups(unet, lr=1e-4)
+    groups = optimizer_groups(applied, unet, lr=1e-4)
     named = dict(unet.named_parameters())
     rate = {id(p): g["lr"] for g in groups for p in g["params"]}
     assert rate[id(named["mid_block.resnets.0.norm1.weight"])] == 1e-4
@@ -555,10 +566,10 @@ def test_entry_rates_must_be_positive_numbers(value) -> None:
     unet = build_tiny_unet()
     with pytest.raises(UserError, match=r"difffit\.lr must be a positive number"):
         apply_methods(unet, {"method": "difffit", "lr": value})
-    assert applied_spec(unet) is None  # checked before the UNet is touched
+    assert all(p.requires_grad for p in unet.parameters())  # checked before the UNet is touched
 
 
 def test_optimizer_groups_empty_when_frozen() -> None:
     unet = build_tiny_unet()
-    apply_methods(unet, {"method": "freeze"})
-    assert optimizer_groups(unet, lr=1e-4) == []
+    applied = apply_methods(unet, {"method": "freeze"})
+    assert optimizer_groups(applied, unet, lr=1e-4) == []

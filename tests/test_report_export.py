@@ -141,14 +141,14 @@ def test_export_loads_with_stock_diffusers_and_reproduces_the_samples(tmp_path, 
     entries = [{"method": "difffit", "units": ["mid_block.attentions"]},
                {"method": "lora", "units": ["mid_block.resnets"], "rank": 2}]  # fmt: skip
     pipe = load_pipeline("tiny:random")
-    apply_methods(pipe.unet, entries)
+    applied = apply_methods(pipe.unet, entries)
     torch.manual_seed(3)
     with torch.no_grad():  # a "trained" delta: move every trainable tensor away from its init
         for p in pipe.unet.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     folder = add_trial(run, 5, "ok", None, metrics(20.0, 0.1, 1, 0.4), -2.0, entries)
-    save_delta(pipe.unet, folder / "delta", base_model="tiny:random")
+    save_delta(pipe.unet, folder / "delta", applied=applied, base_model="tiny:random")
     trial_samples = generate(pipe, PROMPTS, n_per_prompt=2, steps=3, guidance=2.0, seed=5)
 
     out = tmp_path / "export"

@@ -248,10 +248,10 @@ def test_run_trial_records_success_failure_and_nan(spec, tmp_path, monkeypatch):
         from capsearch.delta import save_delta
         from capsearch.methods import apply_methods
 
-        apply_methods(pipe.unet, entries)
+        applied = apply_methods(pipe.unet, entries)
         for cb in callbacks:
             cb("probe", {"step": 2, "heldout_loss": 0.3, "probe_score": 0.4})
-        save_delta(pipe.unet, Path(out_dir) / "delta")
+        save_delta(pipe.unet, Path(out_dir) / "delta", applied=applied)
         return TrainResult("ok", config.steps, 0.1, 123, 1000, 0.5)
 
     monkeypatch.setattr(capsearch.train, "finetune", fake_finetune)

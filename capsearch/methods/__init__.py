@@ -1,19 +1,21 @@
 """PEFT methods: how a chosen unit of the UNet may change. One file per method, registered by a decorator.
 
 A trial's method spec is a list of entries `{"method": "difffit", "units": "down_blocks.*", **hyper}`;
-`apply_methods` freezes the whole UNet, applies each entry to its units in order and returns the
-trainable parameter names (the mask ω of the paper's `θ0 + ω ⊙ Δφ`). An entry may also carry its own
-learning rate `lr`, which `optimizer_groups` uses instead of the run's: PEFT methods want rates ~30x
-full fine-tuning's (docs/models.md). A method with a second parameter set that trains at another rate
-(SV-DIFF's norm-layer shifts, Han et al. 2023) declares it at registration; its entries may carry
-`lr_1d` for that set, and any other method's entry is refused one.
+`apply_methods` freezes the whole UNet, applies each entry to its units in order and returns what it
+applied (`Applied`): the trainable parameter names (the mask ω of the paper's `θ0 + ω ⊙ Δφ`), the
+entries in full and each parameter's own rate. An entry may also carry its own learning rate `lr`,
+which `optimizer_groups` uses instead of the run's: PEFT methods want rates ~30x full fine-tuning's
+(docs/models.md). A method with a second parameter set that trains at another rate (SV-DIFF's
+norm-layer shifts, Han et al. 2023) declares it at registration; its entries may carry `lr_1d` for
+that set, and any other method's entry is refused one.
 """
 
 from capsearch.methods.base import (
+    APPLIED_MARK,
     RATE_KEYS,
+    Applied,
     Method,
     MethodConfig,
-    applied_spec,
     apply_methods,
     claim,
     count_trainable,
@@ -33,10 +35,11 @@ from capsearch.methods.base import (
 )
 
 __all__ = [
+    "APPLIED_MARK",
     "RATE_KEYS",
+    "Applied",
     "Method",
     "MethodConfig",
-    "applied_spec",
     "apply_methods",
     "claim",
     "count_trainable",

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,11 @@ log = logging.getLogger("capsearch.methods")
 # Keys of a method entry that are not the method's hyper-parameters: the entry's own learning rates,
 # `lr` for its parameters and `lr_1d` for its second set (only methods that register one).
 RATE_KEYS = ("lr", "lr_1d")
+
+# The one mark apply_methods leaves on a UNet's __dict__, so that a second call is refused: in-place
+# methods (bitfit, norm, attention, full, freeze) change only requires_grad, which the modules cannot
+# tell from a base UNet's. merge removes it with the methods.
+APPLIED_MARK = "_capsearch_methods_applied"
 
 
 @dataclass
@@ -45,6 +52,15 @@ class Method:
 
 
 _REGISTRY: dict[str, Method] = {}
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What apply_methods did to a UNet: its trainable names, the entries in full, their own rates."""
+
+    names: list[str]  # trainable parameter names, in the UNet's order (the paper's mask ω)
+    entries: list[dict[str, Any]]  # every entry with every hyper-parameter filled in (spec.json)
+    rates: dict[str, float]  # names whose entry gave them its own rate (the others: the run's)
 
 
 def register_method(
@@ -144,9 +160,28 @@ _CLASHES = {
 }
 
 
+# The claims of the apply_methods call under way: (its UNet, module name -> [(how, by)]).
+_CLAIMS: ContextVar[tuple[Any, dict[str, list[tuple[str, str]]]] | None] = ContextVar(
+    "capsearch_claims", default=None
+)
+
+
+@contextmanager
+def _claims_of(unet: torch.nn.Module) -> Iterator[None]:
+    """Collect the claims of one apply_methods call on `unet`, forgotten when it returns."""
+    token = _CLAIMS.set((unet, {}))
+    try:
+        yield
+    finally:
+        _CLAIMS.reset(token)
+
+
 def claim(unet: torch.nn.Module, module_name: str, how: str, by: str) -> None:
     """Record that method `by` changes `module_name`'s weight (`how`: wrap, reparam, train, scale)."""
-    claims: dict[str, list[tuple[str, str]]] = unet.__dict__.setdefault("_capsearch_claims", {})
+    current = _CLAIMS.get()
+    if current is None or current[0] is not unet:
+        raise RuntimeError("claim is for method apply functions run by apply_methods on this UNet")
+    claims = current[1]
     for other_how, other_by in claims.get(module_name, []):
         if other_how in _CLASHES[how]:
             raise UserError(
@@ -204,13 +239,13 @@ def normalise_spec(spec: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> lis
 
 def apply_methods(
     unet: torch.nn.Module, spec: Mapping[str, Any] | Sequence[Mapping[str, Any]]
-) -> list[str]:
-    """Freeze the UNet, apply each method entry to its units in order, return the trainable names.
+) -> Applied:
+    """Freeze the UNet, apply each method entry to its units in order; what was applied.
 
     Methods, hyper-parameters and unit patterns are checked before the UNet is touched; a clash
     between two entries on one module is found while applying and leaves the UNet half-adapted.
     """
-    if applied_spec(unet) is not None:
+    if unet.__dict__.get(APPLIED_MARK):
         raise UserError("methods were already applied to this UNet; start again from the base UNet")
     entries = normalise_spec(spec)
     units = list_units(unet)
@@ -224,27 +259,37 @@ def apply_methods(
         resolved.append((method, selection, select_units(units, selection), cfg, rates))
 
     unet.requires_grad_(False)
-    unet.__dict__["_capsearch_claims"] = {}
     recorded: list[dict[str, Any]] = []
     own_rates: dict[str, float] = {}
-    for method, selection, chosen, cfg, rates in resolved:
-        names = method.apply(unet, chosen, cfg) if chosen else []
-        if chosen and not names and method.name != "freeze":
-            log.warning("method %r trains nothing on units %r", method.name, selection)
-        for name in names:
-            # A parameter two entries train takes the rate of the later entry (the run's, if none).
-            second = "lr_1d" in rates and method.secondary is not None
-            rate = rates["lr_1d"] if second and method.secondary(unet, name) else rates.get("lr")
-            if rate is None:
-                own_rates.pop(name, None)
-            else:
-                own_rates[name] = rate
-        recorded.append(
-            {"method": method.name, "units": selection, **dataclasses.asdict(cfg), **rates}
-        )
-    unet.__dict__["_capsearch_spec"] = recorded
-    unet.__dict__["_capsearch_rates"] = own_rates
-    return trainable_names(unet)
+    with _claims_of(unet):
+        for method, selection, chosen, cfg, rates in resolved:
+            names = method.apply(unet, chosen, cfg) if chosen else []
+            _note_rates(unet, method, names, rates, own_rates)
+            if chosen and not names and method.name != "freeze":
+                log.warning("method %r trains nothing on units %r", method.name, selection)
+            recorded.append(
+                {"method": method.name, "units": selection, **dataclasses.asdict(cfg), **rates}
+            )
+    unet.__dict__[APPLIED_MARK] = True
+    return Applied(names=trainable_names(unet), entries=recorded, rates=own_rates)
+
+
+def _note_rates(
+    unet: torch.nn.Module,
+    method: Method,
+    names: list[str],
+    rates: dict[str, float],
+    own_rates: dict[str, float],
+) -> None:
+    """Give an entry's trainable names its own rates in `own_rates` (the run's, if it has none)."""
+    second = "lr_1d" in rates and method.secondary is not None
+    for name in names:
+        # A parameter two entries train takes the rate of the later entry (the run's, if none).
+        rate = rates["lr_1d"] if second and method.secondary(unet, name) else rates.get("lr")
+        if rate is None:
+            own_rates.pop(name, None)
+        else:
+            own_rates[name] = rate
 
 
 def entry_rates(method: Method, params: dict[str, Any]) -> dict[str, float]:
@@ -265,13 +310,8 @@ def entry_rates(method: Method, params: dict[str, Any]) -> dict[str, float]:
     return rates
 
 
-def applied_spec(unet: torch.nn.Module) -> list[dict[str, Any]] | None:
-    """The method spec recorded by apply_methods (with every hyper-parameter filled in), or None."""
-    return unet.__dict__.get("_capsearch_spec")
-
-
 def optimizer_groups(
-    unet: torch.nn.Module, lr: float, weight_decay: float = 0.0
+    applied: Applied, unet: torch.nn.Module, lr: float, weight_decay: float = 0.0
 ) -> list[dict[str, Any]]:
     """AdamW parameter groups over the trainable parameters, at the run's `lr` or their entry's own rate.
 
@@ -281,7 +321,7 @@ def optimizer_groups(
     Groups are named `matrices` / `vectors`, with `@RATE` appended for an entry's own rate. An empty
     list means nothing is trainable.
     """
-    own = unet.__dict__.get("_capsearch_rates", {})
+    own = applied.rates
     groups: dict[tuple[str, float], dict[str, Any]] = {}
     for name, p in unet.named_parameters():
         if not p.requires_grad:
@@ -305,7 +345,7 @@ def trained_units(
     units = list_units(unet)
     owner = {module: unit.name for unit in units for module in unit.modules}
     hit = set()
-    for name in apply_methods(unet, spec):
+    for name in apply_methods(unet, spec).names:
         parts = name.split(".")
         # A trainable name starts with the module it changes (`X.weight`, `X.parametrizations...`,
         # `X.lora_A...`, `X.difffit_gamma`): the longest known module prefix is its owner.
