@@ -10,14 +10,15 @@ the report's best trial and `capsearch export --trial best` come from it.
 
 from __future__ import annotations
 
-import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from capsearch.errors import UserError
 from capsearch.metrics.table import column_metrics
-from capsearch.runs import FINAL_DIR, RESULT_FILE, load_trials, write_json
+from capsearch.runs import FINAL_DIR, RESULT_FILE, load_trials, record_value, write_json
+from capsearch.settings import EvalSettings
 
 if TYPE_CHECKING:
     from capsearch.config import Spec
@@ -27,17 +28,13 @@ if TYPE_CHECKING:
 COMPARED = {m.name: m.direction for m in column_metrics() if m.direction is not None}
 
 
-def _reward(record: dict[str, Any]) -> float | None:
-    value = record.get("reward")
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
 def finalists(records: list[dict[str, Any]], top_k: int) -> list[dict[str, Any]]:
     """Every successful baseline, then the top_k successful searched trials by search reward."""
-    ok = [r for r in records if r.get("status") == "ok" and _reward(r) is not None]
+    ok = [r for r in records if r.get("status") == "ok" and record_value(r, "reward") is not None]
     baselines = [r for r in ok if r.get("baseline")]
     searched = sorted(
-        (r for r in ok if not r.get("baseline")), key=lambda r: (-_reward(r), r.get("number", 0))
+        (r for r in ok if not r.get("baseline")),
+        key=lambda r: (-record_value(r, "reward"), r.get("number", 0)),
     )
     return baselines + searched[:top_k]
 
@@ -47,7 +44,27 @@ def final_dir(record: dict[str, Any]) -> Path:
     return Path(record["dir"]) / FINAL_DIR
 
 
-def reevaluate(spec: Spec, record: dict[str, Any], data_root: Path, run_dir: Path) -> dict:
+@dataclass(frozen=True)
+class FinalJob:
+    """What every re-evaluation of one final stage shares, built once from the spec in the driver."""
+
+    model: str
+    settings: EvalSettings
+    reward_weights: dict[str, float]
+    gpu: float
+    threads: int
+
+    @classmethod
+    def of(cls, spec: Spec, run_dir: Path) -> FinalJob:
+        """The final stage's job: the search's evaluation with the final stage's overrides."""
+        settings = spec.final.settings(spec.evaluate)
+        cache = settings.cache_dir or str(Path(run_dir) / "cache")
+        return cls(spec.model, settings.model_copy(update={"cache_dir": cache}),
+                   spec.objective.weights.model_dump(), spec.resources.gpu,
+                   spec.resources.cpu)  # fmt: skip
+
+
+def reevaluate(job: FinalJob, record: dict[str, Any], data_root: Path) -> dict:
     """Evaluate one finished trial again from its delta with the final stage's settings; record it."""
     import torch
 
@@ -60,14 +77,11 @@ def reevaluate(spec: Spec, record: dict[str, Any], data_root: Path, run_dir: Pat
     if not (delta / "delta.safetensors").is_file():
         raise UserError(f"trial {Path(record['dir']).name} has no delta to re-evaluate ({delta})")
     started = time.time()
-    pipe = load_pipeline(spec.model)
+    pipe = load_pipeline(job.model)
     pipe.unet = load_delta(pipe.unet, delta)
-    if spec.resources.gpu > 0 and torch.cuda.is_available():
+    if job.gpu > 0 and torch.cuda.is_available():
         pipe.to("cuda")
-    settings = spec.final.settings(spec.evaluate)
-    settings = settings.model_copy(
-        update={"cache_dir": settings.cache_dir or str(Path(run_dir) / "cache")}
-    )
+    settings = job.settings
     out = final_dir(record)
     metrics = evaluate(pipe, data_root, settings, out_dir=out)
     scalars = scalar_metrics(metrics)
@@ -82,23 +96,20 @@ def reevaluate(spec: Spec, record: dict[str, Any], data_root: Path, run_dir: Pat
         "seconds": round(time.time() - started, 1),
     }
     try:
-        result["reward"] = compute_reward(result["metrics"], spec.objective.weights.model_dump())
+        result["reward"] = compute_reward(result["metrics"], job.reward_weights)
     except ValueError as exc:
         result["error"] = f"no reward: {exc}"
     write_json(out / RESULT_FILE, result)
     return result
 
 
-def _task(spec_data: dict, record: dict, data_root: str, run_dir: str, threads: int) -> dict:
+def _task(job: FinalJob, record: dict, data_root: str) -> dict:
     """A Ray task: one re-evaluation in a worker process."""
     import torch
 
-    from capsearch.config import spec_from_dict
-
-    torch.set_num_threads(threads)
-    spec = spec_from_dict(spec_data, source="spec.yaml")
+    torch.set_num_threads(job.threads)
     try:
-        return reevaluate(spec, record, Path(data_root), Path(run_dir))
+        return reevaluate(job, record, Path(data_root))
     except UserError as exc:
         return {"trial": record.get("trial"), "error": str(exc)}
 
@@ -119,13 +130,11 @@ def run_final_stage(spec: Spec, run_dir: Path, data_root: Path, console: Any = N
         )
     import ray
 
+    job = FinalJob.of(spec, run_dir)
     if not ray.is_initialized():
-        return [reevaluate(spec, r, data_root, run_dir) for r in todo]
+        return [reevaluate(job, r, data_root) for r in todo]
     remote = ray.remote(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu)(_task)
-    pending = {
-        remote.remote(spec.to_dict(), r, str(data_root), str(run_dir), spec.resources.cpu): r
-        for r in todo
-    }
+    pending = {remote.remote(job, r, str(data_root)): r for r in todo}
     results = []
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)

@@ -72,11 +72,11 @@ def method_summary(record: dict[str, Any]) -> str:
 
 def trial_mitigations(record: dict[str, Any]) -> list[dict[str, Any]]:
     """Every mitigation a trial trained with, caption dropout first (records of either version)."""
+    from capsearch.space import base_mitigations
+
+    # Version 2 keeps caption dropout in its own field; version 1 has it among the mitigations.
     train = record.get("train", {})
-    mitigations = list(train.get("mitigations", []))
-    if train.get("caption_dropout"):  # version 2: its own field; version 1: among the mitigations
-        mitigations.insert(0, {"name": "caption_dropout", "p": train["caption_dropout"]})
-    return mitigations
+    return base_mitigations(train.get("caption_dropout") or 0.0, train.get("mitigations", []))
 
 
 def compact_name(record: dict[str, Any]) -> str:

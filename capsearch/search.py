@@ -30,6 +30,7 @@ from capsearch.runs import (
     STUDY_FILE,
     load_trials,
     prepare_run_dir,
+    record_value,
     trial_dir,
     write_json,
 )
@@ -99,7 +100,7 @@ def plan_trials(spec: Spec, study: Any, run_dir: Path) -> int:
     metrics, _ = objectives(spec)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         record = finished.get(t.number)
-        values = [_finite(record.get("metrics", {}).get(m, record.get(m))) for m in metrics] \
+        values = [record_value(record, m) for m in metrics] \
             if record and record.get("status") == "ok" else []  # fmt: skip
         if values and all(v is not None for v in values):
             study.tell(t.number, values if len(values) > 1 else values[0])

@@ -46,7 +46,7 @@ def _interval(low: float, high: float) -> list[float]:
 
 
 def _recording(pipe, config: EvalSettings, guidance: float, memorised: set[str], ctx) -> Any:
-    """The attack's sampler, keeping the memorised captions' images in the context for table hooks.
+    """The attack's sampler and the list it keeps the memorised captions' images in, for table hooks.
 
     It samples exactly as the attack does with a pipeline (capsearch.metrics.extraction), so the attack's
     result is the same; only the memorised captions' images are kept (the others can be many).
@@ -66,10 +66,9 @@ def _recording(pipe, config: EvalSettings, guidance: float, memorised: set[str],
                     images[j * n_per_prompt : (j + 1) * n_per_prompt].detach().float().cpu()
                 )
                 ctx.memorised_prompts.append(prompt)
-        ctx.memorised_images = torch.cat(kept) if kept else None
         return images
 
-    return run
+    return run, kept
 
 
 def scalar_metrics(metrics: dict) -> dict[str, float]:
@@ -87,6 +86,8 @@ def evaluate(
     progress: bool = False,
 ) -> dict:
     """Evaluate a pipeline against a dataset folder; write metrics.json and samples.png to out_dir."""
+    import torch
+
     from capsearch.data import load_images, read_metadata
     from capsearch.metrics import (
         PHANTOM_THRESHOLD,
@@ -105,6 +106,7 @@ def evaluate(
         extraction_interval,
         jackknife_interval,
         noise_floor,
+        prompt_clusters,
     )
     from capsearch.metrics.kid import kernel_inception_distance_to
     from capsearch.metrics.table import METRICS
@@ -156,7 +158,7 @@ def evaluate(
         config.batch_size,
     )
     gen_prompts = [p for p in prompts for _ in range(config.n_per_prompt)]
-    clusters = np.repeat(np.arange(len(prompts)), config.n_per_prompt)
+    clusters = prompt_clusters(len(prompts), config.n_per_prompt)
     log(f"{len(gen)} samples generated")
     gen_feats = extractor.features(gen)
     train_feats = cached_features(extractor, root, cache, split="train")
@@ -227,8 +229,9 @@ def evaluate(
     attack_settings: dict = {}
     if attack_prompts:
         ctx.train_images = load_images(root, "train", size)
+        recording, kept = _recording(pipe, config, attack_guidance, memorised_set, ctx)
         ext = extraction_attack(
-            _recording(pipe, config, attack_guidance, memorised_set, ctx),
+            recording,
             attack_prompts,
             ctx.train_images,
             n_per_prompt=config.extraction_n,
@@ -239,6 +242,7 @@ def evaluate(
             seed=config.seed,
             batch_size=config.batch_size,
         )
+        ctx.memorised_images = torch.cat(kept) if kept else None  # once, after the attack
         metrics["extracted"] = ext.count
         metrics["extracted_fraction"] = ext.count / len(attack_prompts)
         metrics["capped_prompts"] = int(ext.settings.get("prompts_with_capped_cliques", 0))

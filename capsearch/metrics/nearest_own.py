@@ -19,7 +19,7 @@ from capsearch.metrics.table import Computed
 def nearest_own_share(ctx) -> Computed:
     """The share of memorised-caption attack samples whose nearest training image is their own."""
     from capsearch.metrics.extraction import DEFAULT_TILES, _nearest_training
-    from capsearch.metrics.intervals import cluster_bootstrap
+    from capsearch.metrics.intervals import cluster_bootstrap, prompt_clusters
 
     images, prompts = ctx.memorised_images, ctx.memorised_prompts
     if images is None or not prompts or ctx.train_images is None:
@@ -33,5 +33,5 @@ def nearest_own_share(ctx) -> Computed:
     value = float(own.mean())
     if len(prompts) < 2:
         return value, None
-    clusters = np.repeat(np.arange(len(prompts)), ctx.attack_n)
+    clusters = prompt_clusters(len(prompts), ctx.attack_n)
     return value, cluster_bootstrap(own, clusters, n_boot=ctx.bootstrap, seed=ctx.seed)
