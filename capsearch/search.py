@@ -136,7 +136,7 @@ class TrialSearch(OptunaSearch):
 
     def suggest(self, trial_id: str) -> dict | str | None:
         """Optuna's parameters with the trial's plan, built and validated here, once, in the driver."""
-        from capsearch.trial import build_plan
+        from capsearch.trial import build_plan, resumable_checkpoint
 
         config = super().suggest(trial_id)
         if not isinstance(config, dict) or "_number" not in config:
@@ -147,6 +147,8 @@ class TrialSearch(OptunaSearch):
                               self.run_dir)  # fmt: skip
         except UserError as exc:
             return {**config, "plan_error": str(exc)}
+        if plan.baseline:  # an interrupted run of this baseline goes on from its checkpoint
+            plan.resume_from = resumable_checkpoint(self.run_dir, plan)
         return {**config, "plan": plan.model_dump(mode="json")}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:

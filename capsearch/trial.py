@@ -43,6 +43,9 @@ class TrialPlan(Strict):
     gpu: float
     reward_weights: dict[str, float]
     report_probes: bool  # probes go to the scheduler (ASHA never sees a baseline's)
+    # The checkpoint of an interrupted trial with this very plan (resumable_checkpoint): training goes on
+    # from its step instead of step 0.
+    resume_from: str | None = None
 
 
 def build_plan(
@@ -84,6 +87,24 @@ def build_plan(
         reward_weights=spec.objective.weights.model_dump(),
         report_probes=not baseline or spec.search.scheduler.name == "fifo",
     )
+
+
+def resumable_checkpoint(run_dir: Path, plan: TrialPlan) -> str | None:
+    """The newest checkpoint of an interrupted trial that ran exactly this plan's training, if any.
+
+    A resumed search enqueues an interrupted baseline again as a new trial (a new number and folder);
+    with a checkpoint of the same method spec and training settings, it goes on from there.
+    """
+    from capsearch.runs import load_trials
+
+    mine = plan.model_dump(mode="json")
+    found = None
+    for record in load_trials(run_dir, finished_only=False):
+        ckpt = Path(record["dir"]) / "checkpoint"
+        same = all(record.get(k) == mine[k] for k in ("baseline", "model", "method_spec", "train"))
+        if record.get("status") == "interrupted" and same and ckpt.is_dir():
+            found = str(ckpt)
+    return found
 
 
 def run_trial(
@@ -161,8 +182,9 @@ def _train_and_evaluate(plan: TrialPlan, folder: Path, data_root: Path, report) 
                     probe = {k: payload[k] for k in PROBE_KEYS if k in payload}
                     report({"training_step": payload["step"], **probe})
 
+        resume = _take_checkpoint(plan, folder)
         result = finetune(pipe, entries, data_root, plan.train, callbacks=[on_event],
-                          out_dir=folder, quiet=True)  # fmt: skip
+                          out_dir=folder, resume=resume, quiet=True)  # fmt: skip
         out.update(
             trainable=result.trainable,
             steps=result.steps,
@@ -187,6 +209,19 @@ def _train_and_evaluate(plan: TrialPlan, folder: Path, data_root: Path, report) 
         "noise_floor": metrics["noise_floor"],
         "eval_seconds": round(time.time() - started, 1),
     }
+
+
+def _take_checkpoint(plan: TrialPlan, folder: Path) -> bool:
+    """Copy the interrupted trial's checkpoint into this trial's folder; whether there is one to resume."""
+    import shutil
+
+    own = folder / "checkpoint"
+    if own.is_dir():
+        return True
+    if plan.resume_from and Path(plan.resume_from).is_dir():
+        shutil.copytree(plan.resume_from, own)
+        return True
+    return False
 
 
 def final_result(record: dict[str, Any]) -> dict[str, Any]:

@@ -57,6 +57,39 @@ def test_evaluate_writes_every_metric_with_settings(data, tmp_path):
         saved["settings"]["extraction_guidance"] == SMALL.guidance
     )  # unset: the sampling guidance
     assert (tmp_path / "samples.png").stat().st_size > 1000
+    assert (tmp_path / "memorised.png").stat().st_size > 1000  # training image | attack samples
+
+
+def test_memorised_grid_puts_each_captions_training_image_before_its_samples(tmp_path, monkeypatch):
+    import torch
+
+    import capsearch.sample
+    from capsearch.metrics.context import EvalContext
+    from capsearch.metrics.memorised_grid import save_memorised_grid
+
+    train = torch.arange(4).float().view(4, 1, 1, 1).expand(4, 1, 2, 2) / 10
+    records = [{"text": t} for t in ("a", "mem one", "b", "mem two")]
+    samples = torch.full((6, 1, 2, 2), -1.0)  # 3 attack samples per memorised caption
+    ctx = EvalContext.__new__(EvalContext)
+    ctx.memorised_images, ctx.memorised_prompts = samples, ["mem one", "mem two"]
+    ctx.train_images, ctx.train_records, ctx.attack_n = train, records, 3
+    seen = {}
+    monkeypatch.setattr(
+        capsearch.sample,
+        "save_grid",
+        lambda images, path, nrow, captions: seen.update(
+            images=images, nrow=nrow, captions=captions
+        ),
+    )
+    assert save_memorised_grid(ctx, {"mem two"}, tmp_path / "m.png", per_caption=2) is not None
+    assert seen["nrow"] == 3 and len(seen["images"]) == 6
+    assert torch.equal(seen["images"][0], train[1]) and torch.equal(seen["images"][3], train[3])
+    assert (
+        seen["captions"][0] == "train: mem one"
+        and seen["captions"][3] == "train [extracted]: mem two"
+    )
+    ctx.memorised_images = None
+    assert save_memorised_grid(ctx, set(), tmp_path / "n.png") is None
 
 
 def test_the_attack_samples_at_its_own_guidance(data, monkeypatch):

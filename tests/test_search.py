@@ -202,6 +202,32 @@ def test_resume_counts_finished_trials_and_settles_interrupted_ones(spec, tmp_pa
     assert statuses == {0: "ok", 1: "error", 2: "interrupted", 3: "ok", 4: "interrupted"}
 
 
+def test_an_interrupted_baseline_goes_on_from_its_own_checkpoint(spec, tmp_path):
+    from capsearch.runs import write_json
+    from capsearch.trial import _take_checkpoint, build_plan, resumable_checkpoint
+
+    plan = build_plan(spec, spec.baseline("difffit").params, "difffit", 5, tmp_path)
+    record = {**plan.model_dump(mode="json"), "status": "interrupted"}
+    for number, changes in (
+        (1, {}),
+        (2, {"status": "ok"}),
+        (3, {"train": {**record["train"], "lr": 1.0}}),
+    ):
+        folder = trial_dir(tmp_path, number)
+        (folder / "checkpoint").mkdir(parents=True)
+        (folder / "checkpoint" / "state.json").write_text(str(number))
+        write_json(folder / "result.json", {**record, **changes, "number": number})
+    # only trial 1 was interrupted with exactly this plan (2 finished; 3 trained at another rate)
+    assert resumable_checkpoint(tmp_path, plan) == str(trial_dir(tmp_path, 1) / "checkpoint")
+    lora = build_plan(spec, spec.baseline("lora").params, "lora", 6, tmp_path)
+    assert resumable_checkpoint(tmp_path, lora) is None
+    new = trial_dir(tmp_path, 5)
+    new.mkdir()
+    assert not _take_checkpoint(plan, new)  # no resume_from: train from step 0
+    plan.resume_from = resumable_checkpoint(tmp_path, plan)
+    assert _take_checkpoint(plan, new) and (new / "checkpoint" / "state.json").read_text() == "1"
+
+
 def test_reward_formula_and_pareto_front():
     weights = {"fid": 1.0, "alignment": 2.0, "amd": 0.5, "extracted": 3.0}
     m = {"fid": 20.0, "alignment": 0.6, "amd": 0.1, "amd_heldout": 0.2, "extracted_fraction": 0.25}

@@ -109,6 +109,7 @@ def evaluate(
         prompt_clusters,
     )
     from capsearch.metrics.kid import kernel_inception_distance_to
+    from capsearch.metrics.memorised_grid import MEMORISED_GRID, save_memorised_grid
     from capsearch.metrics.table import METRICS
     from capsearch.sample import generate, save_grid
 
@@ -302,4 +303,6 @@ def evaluate(
         tmp.write_text(json.dumps(metrics, indent=2))
         tmp.replace(out / "metrics.json")
         save_grid(gen[:32], out / "samples.png", nrow=8, captions=gen_prompts[:32])
+        extracted = {pair[0] for pair in metrics.get("extracted_pairs", [])}
+        save_memorised_grid(ctx, extracted, out / MEMORISED_GRID)
     return metrics
