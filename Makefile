@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-slow lint format venv clean
+.PHONY: run test test-slow lint format venv clean paper paper-report
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,25 @@ venv: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/capsearch run search_spaces/tiny.yaml
+
+# The paper's tables in the phantom world's memorising regime (docs/results.md): Table 1 on seeds 0, 1
+# and 3, then Table 2 on seed 0, each run in runs/ and resumed where a previous call stopped; each run's
+# records (no weights) are copied to experiments/results/paper/ when it ends. About 2.5 hours a run here.
+PAPER_RUNS := paper_table1 paper_table1_seed1 paper_table1_seed3 paper_table2
+PAPER := experiments/results/paper
+
+paper: $(STAMP)
+	for s in $(PAPER_RUNS); do \
+	  out=runs/$$s; flag=; [ -f $$out/spec.yaml ] && flag=--resume; \
+	  $(BIN)/capsearch run experiments/$$s.yaml --out $$out $$flag || exit 1; \
+	  $(BIN)/python experiments/keep_records.py $$out $(PAPER)/$$s || exit 1; \
+	done
+	$(MAKE) paper-report
+
+# The tables, verdicts and plots again from the committed records (seconds).
+paper-report: $(STAMP)
+	$(BIN)/capsearch report $(PAPER)/paper_table1 $(PAPER)/paper_table1_seed1 $(PAPER)/paper_table1_seed3 --out $(PAPER)/table1
+	$(BIN)/capsearch report $(PAPER)/paper_table1 $(PAPER)/paper_table2 --out $(PAPER)/table2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

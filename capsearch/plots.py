@@ -1,4 +1,4 @@
-"""Plots of a search run: quality against memorisation (the Pareto plot of report.md)."""
+"""Plots of search runs: quality against memorisation (the Pareto plot of report.md, and over seeds)."""
 
 from __future__ import annotations
 
@@ -71,6 +71,60 @@ def pareto_plot(records: list[dict[str, Any]], path: Path) -> Path | None:
     ax.set_xlabel("FID ↓")
     ax.set_ylabel("AMD ↑ (mean min. cosine distance to training set)")
     ax.set_title("Quality against memorisation")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def seeds_plot(series: list[tuple[str, list[tuple[float, float]]]], path: Path) -> Path | None:
+    """Held-out FID against extracted images, one colour per method: a small marker per seed, a large
+    one at the mean over seeds with ± 1 sample standard deviation bars; None if nothing to plot.
+
+    `series` holds (display name, [(extracted, FID) per seed]) in legend order.
+    """
+    import statistics
+
+    series = [(name, points) for name, points in series if points]
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    colours = plt.get_cmap("tab10")
+    for i, (name, points) in enumerate(series):
+        colour = colours(i % 10)
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        ax.scatter(xs, ys, s=16, color=colour, alpha=0.6, zorder=2)
+        many = len(points) > 1
+        ax.errorbar(
+            statistics.mean(xs),
+            statistics.mean(ys),
+            xerr=statistics.stdev(xs) if many else None,
+            yerr=statistics.stdev(ys) if many else None,
+            fmt="o",
+            ms=9,
+            color=colour,
+            mec="k",
+            capsize=3,
+            zorder=3,
+            label=f"{name} ({len(points)} seed{'s' * many})",
+        )
+    fids = [p[1] for _, points in series for p in points]
+    if min(fids) > 0 and max(fids) / min(fids) > 10:
+        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("extracted images ↓ (count)")
+    ax.set_ylabel("held-out FID ↓")
+    ax.set_title("Quality against memorisation, over seeds")
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

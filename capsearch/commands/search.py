@@ -41,8 +41,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     status.add_argument("run_dir", type=Path, metavar="DIR")
     status.set_defaults(func=_status)
 
-    report = sub.add_parser("report", help="write DIR/report.md (table, Pareto plot, best config)")
-    report.add_argument("run_dir", type=Path, metavar="DIR")
+    report = sub.add_parser(
+        "report",
+        help="write RUN/report.md (table, Pareto plot, best config); several runs (seeds): --out DIR",
+    )
+    report.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN")
+    report.add_argument(
+        "--out",
+        type=Path,
+        help="write one report over the runs as seeds of one experiment into this folder "
+        "(needed with several runs)",
+    )
     report.set_defaults(func=_report)
 
     export = sub.add_parser("export", help="export a trial: delta, method spec, merged UNet, card")
@@ -273,9 +282,18 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from capsearch.report import write_report
+    if args.out is None:
+        if len(args.run_dirs) > 1:
+            raise UserError(
+                f"{len(args.run_dirs)} runs make one report over seeds: give its folder with --out DIR"
+            )
+        from capsearch.report import write_report
 
-    print(f"wrote {write_report(args.run_dir)}")
+        print(f"wrote {write_report(args.run_dirs[0])}")
+        return 0
+    from capsearch.seeds import write_seeds_report
+
+    print(f"wrote {write_seeds_report(args.run_dirs, args.out)}")
     return 0
 
 

@@ -1,0 +1,53 @@
+"""Copy a run folder's records (no weights) to where they are committed.
+
+Usage: python experiments/keep_records.py runs/paper_table1_seed0 experiments/results/paper_table1/seed0
+
+Keeps the spec, the report and its plot, and for every trial its plan, result, metrics, training log and
+pictures, with the final re-evaluation's; leaves out deltas, checkpoints, the feature cache, the generated
+data and Ray's folders. Files already kept are overwritten, so it can run after every finished trial.
+`capsearch report` works on the copy as on the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+TOP = ("spec.yaml", "report.md", "pareto.png")
+TRIAL = ("params.json", "result.json", "metrics.json", "train_log.jsonl", "samples.png", "memorised.png")
+
+
+def keep(run: Path, dest: Path) -> list[Path]:
+    """Copy the records of `run` into `dest`; return the files written."""
+    if not (run / "spec.yaml").is_file():
+        raise SystemExit(f"{run}: not a run folder (no spec.yaml)")
+    written = []
+
+    def copy(src: Path, dst: Path) -> None:
+        if src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(dst.name + ".tmp")
+            shutil.copyfile(src, tmp)
+            tmp.replace(dst)
+            written.append(dst)
+
+    for name in TOP:
+        copy(run / name, dest / name)
+    for trial in sorted((run / "trials").glob("t*")):
+        for sub in ("", "final"):
+            for name in TRIAL:
+                copy(trial / sub / name, dest / "trials" / trial.name / sub / name)
+    return written
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run", type=Path)
+    ap.add_argument("dest", type=Path)
+    args = ap.parse_args()
+    print(f"{len(keep(args.run, args.dest))} files kept in {args.dest}")
+
+
+if __name__ == "__main__":
+    main()
