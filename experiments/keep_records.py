@@ -15,7 +15,14 @@ import shutil
 from pathlib import Path
 
 TOP = ("spec.yaml", "report.md", "pareto.png")
-TRIAL = ("params.json", "result.json", "metrics.json", "train_log.jsonl", "samples.png", "memorised.png")
+TRIAL = (
+    "params.json",
+    "result.json",
+    "metrics.json",
+    "train_log.jsonl",
+    "samples.png",
+    "memorised.png",
+)
 
 
 def keep(run: Path, dest: Path) -> list[Path]:
