@@ -221,6 +221,8 @@ def _claim5(pool: Pool, pairs: list, excludes: bool, mean: float, n: int) -> str
     reasons = (reasons if excludes else []) + (
         ["Attn Tuning " + "; ".join(misses)] if misses else []
     )
+    if not reasons and all(f < 1 for _, _, f in extracted):
+        return "not testable: Full FT extracts nothing on any seed"  # nothing to memorise like
     return "holds" if not reasons else "does not hold: " + "; ".join(reasons)
 
 

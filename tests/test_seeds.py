@@ -130,6 +130,10 @@ def test_attn_tuning_memorises_like_full_ft_only_where_full_ft_extracts(tmp_path
     _, pool = load_pool(three_seeds(tmp_path / "c", {"full": many, "attention": fewer}))
     row = verdict(pool, 5, "attention", "full", "extracted")
     assert row[6] == "does not hold: the t-interval excludes 0 (Attn Tuning extracts fewer)"
+    none = [{"extracted": 0}] * 3  # nothing memorised by either: the claim cannot be tested
+    _, pool = load_pool(three_seeds(tmp_path / "d", {"full": none, "attention": none}))
+    row = verdict(pool, 5, "attention", "full", "extracted")
+    assert row[6] == "not testable: Full FT extracts nothing on any seed"
 
 
 def test_table_2_run_pools_with_table_1_run_of_the_same_seed(tmp_path):
