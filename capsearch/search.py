@@ -264,10 +264,20 @@ def run_search(
 
     Uses the Ray cluster the caller connected to, or starts a local one sized to this machine.
     """
-    import ray
+    from capsearch.runlock import RunLock, describe
 
     check_inputs(spec)
     run_dir = prepare_run_dir(spec, out, resume)
+    with RunLock(run_dir, resume) as lock:  # one search per run folder (capsearch.runlock)
+        if lock.took_over is not None and console is not None:
+            console.print(f"took over the lock of a killed search ({describe(lock.took_over)})")
+        return _search_held(spec, run_dir, console, callbacks)
+
+
+def _search_held(spec: Spec, run_dir: Path, console: Any, callbacks: tuple) -> Path:
+    """run_search with the run folder's lock held."""
+    import ray
+
     data_root = prepare_data(spec, run_dir, console)
     ensure_scorer(spec, data_root, console)
     study = open_study(spec, run_dir)
