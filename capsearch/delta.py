@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from capsearch.atomic import atomic_target, atomic_write
 from capsearch.errors import UserError
 
 if TYPE_CHECKING:
@@ -74,7 +75,8 @@ def save_delta(
     folder.mkdir(parents=True, exist_ok=True)
     if base_model is None:
         base_model = (getattr(unet, "config", {}) or {}).get("_name_or_path") or None
-    safetensors.torch.save_file(tensors, str(folder / DELTA_FILE), metadata={"format": "pt"})
+    with atomic_target(folder / DELTA_FILE) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -84,7 +86,7 @@ def save_delta(
         "trainable_parameters": sum(t.numel() for t in tensors.values()),
         "unet_shape": _shape_config(unet),
     }
-    (folder / METHODS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write(folder / METHODS_FILE, json.dumps(meta, indent=2) + "\n")
     return folder
 
 

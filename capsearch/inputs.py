@@ -25,11 +25,12 @@ def prepare_data(spec: Spec, run_dir: Path, console: Any = None) -> Path:
         metadata_path(root)
         return root
     root = run_dir / "data"
-    if not (root / "metadata.jsonl").is_file():
-        from capsearch.worlds.phantom import write_phantom_dataset
+    from capsearch.worlds.phantom import phantom_complete, write_phantom_dataset
 
+    if not phantom_complete(root):  # never made, or cut short (a kill during generation): make it
         if console is not None:
-            console.print(f"generating the phantom data set in {root} (once)")
+            again = " again: the last generation was cut short" if root.exists() else " (once)"
+            console.print(f"generating the phantom data set in {root}{again}")
         settings = spec.data.phantom.model_dump()
         if settings["held_out_images"] is None:
             settings["held_out_images"] = held_out_images_needed(spec)

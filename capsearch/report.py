@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from capsearch.atomic import atomic_write
 from capsearch.final import COMPARED, separation
 from capsearch.metrics.table import column_metrics
 from capsearch.runs import (
@@ -274,7 +275,7 @@ def write_report(run_dir: Path) -> Path:
                 + (f" — {error}" if error else "")
             )
     path = run_dir / REPORT_FILE
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write(path, "\n".join(lines) + "\n")
     return path
 
 

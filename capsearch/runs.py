@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from capsearch.atomic import atomic_write
 from capsearch.errors import UserError
 
 if TYPE_CHECKING:
@@ -43,9 +44,7 @@ def trial_dir(run_dir: Path, number: int) -> Path:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (a reader never sees half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def read_run_spec(run_dir: Path) -> Spec:
@@ -111,7 +110,7 @@ def prepare_run_dir(spec: Spec, out: Path, resume: bool) -> Path:
     if resume:
         raise UserError(f"nothing to resume: {run_dir} holds no search ({SPEC_FILE} is missing)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(yaml.safe_dump(data, sort_keys=False))
+    atomic_write(saved, yaml.safe_dump(data, sort_keys=False))
     return run_dir
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from capsearch.atomic import atomic_write
 from capsearch.errors import UserError
 from capsearch.metrics.table import BY_NAME
 from capsearch.report import PAPER_NAMES
@@ -369,5 +370,5 @@ def write_seeds_report(run_dirs: list[Path], out: Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / REPORT_FILE
-    path.write_text("\n".join(seeds_report_lines(runs, pool, out)) + "\n")
+    atomic_write(path, "\n".join(seeds_report_lines(runs, pool, out)) + "\n")
     return path

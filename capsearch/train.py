@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from capsearch.atomic import atomic_write
 from capsearch.errors import UserError
 from capsearch.mitigations import Mitigations, vocabulary_words
 from capsearch.progress import loss_bar
@@ -363,8 +364,9 @@ def _wrap_up(run: _Run, state: TrainState, out: _Outcome, books: _Bookkeeper) ->
     )
     books.report("end", asdict(result))
     if books.out_dir:
-        (books.out_dir / "train_result.json").write_text(
-            json.dumps({**asdict(result), "trainable_names": len(run.applied.names)}, indent=2)
+        atomic_write(
+            books.out_dir / "train_result.json",
+            json.dumps({**asdict(result), "trainable_names": len(run.applied.names)}, indent=2),
         )
     return result
 

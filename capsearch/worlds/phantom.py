@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Iterable, Mapping
@@ -12,6 +13,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from capsearch.atomic import atomic_write
 from capsearch.errors import UserError
 from capsearch.progress import rich_bar
 from capsearch.worlds import lesions
@@ -36,6 +38,9 @@ __all__ = [
 SIZES = (32, 64, 128)
 IMAGE_DIR = "images"
 METADATA = "metadata.jsonl"
+# Written last, after every image and the metadata: the number of records and the metadata's SHA-256.
+# A generated folder without it (or whose metadata no longer matches it) was cut short: make it again.
+COMPLETE = "complete.json"
 _PATIENT_STREAM, _SPLIT_STREAM, _DUP_STREAM = 0, 1, 2  # numpy seed sequences [seed, stream, ...]
 
 
@@ -197,7 +202,9 @@ def _validate(out: Path, patients: int, size: int, dup_fraction: float, dup_copi
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a folder")
     if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in (IMAGE_DIR, METADATA))
+        foreign = sorted(
+            p.name for p in out.iterdir() if p.name not in (IMAGE_DIR, METADATA, COMPLETE)
+        )
         if foreign:
             raise UserError(
                 f"output folder {out} holds other files ({foreign[0]}, ...); choose a new or empty folder"
@@ -303,6 +310,7 @@ def _write(
     """Render every planned image, write its file(s), then metadata.jsonl (last: marks completion)."""
     if (out / IMAGE_DIR).is_dir():
         shutil.rmtree(out / IMAGE_DIR)
+    (out / COMPLETE).unlink(missing_ok=True)
     (out / METADATA).unlink(missing_ok=True)
     (out / IMAGE_DIR).mkdir(parents=True)
     bar = rich_bar(progress, sum(len(names) for _, _, names in expanded), "rendering phantoms")
@@ -326,4 +334,17 @@ def _write(
     finally:
         if bar is not None:
             bar.stop()
-    (out / METADATA).write_text("".join(json.dumps(record) + "\n" for record in records))
+    metadata = "".join(json.dumps(record) + "\n" for record in records).encode("utf-8")
+    atomic_write(out / METADATA, metadata)
+    digest = hashlib.sha256(metadata).hexdigest()
+    atomic_write(out / COMPLETE, json.dumps({"records": len(records), "sha256": digest}) + "\n")
+
+
+def phantom_complete(root: Path) -> bool:
+    """Whether a generated phantom folder was written to the end (its completeness marker matches)."""
+    try:
+        marker = json.loads((Path(root) / COMPLETE).read_text())
+        metadata = (Path(root) / METADATA).read_bytes()
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("sha256") == hashlib.sha256(metadata).hexdigest()
