@@ -285,8 +285,10 @@ def _search_held(spec: Spec, run_dir: Path, console: Any, callbacks: tuple) -> P
     started_here = not ray.is_initialized()
     if started_here:
         prepare_ray_start()
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 logging_level="WARNING")  # fmt: skip
+        # address="local": always a new instance of our own. With None, Ray would join whatever
+        # RAY_ADDRESS or the last `ray start` names, including a cluster still shutting down.
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                 log_to_driver=False, logging_level="WARNING")  # fmt: skip
     try:
         _check_resources(spec)
         if pending:

@@ -399,8 +399,12 @@ MICRO = {
 }
 
 
-def test_a_real_search_runs_reports_resumes_and_exports(tmp_path, capsys):
+def test_a_real_search_runs_reports_resumes_and_exports(tmp_path, capsys, monkeypatch):
     from capsearch.cli import main
+
+    # A stale address (a cluster gone, or one of someone else's) must not be joined: the search starts
+    # its own local instance whatever RAY_ADDRESS says.
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
     from capsearch.metrics.scorer import CONFIG_FILE, SCORER_DIR
 
     if not (SCORER_DIR / CONFIG_FILE).is_file():

@@ -139,6 +139,7 @@ def connect_ray(address: str | None, dashboard: bool, console: Any) -> bool:
             context = ray.init(address=address, **quiet)
         else:
             context = ray.init(
+                address="local",  # a new instance of our own (capsearch.search.run_search)
                 num_cpus=os.cpu_count(),
                 include_dashboard=True,
                 dashboard_host="127.0.0.1",
