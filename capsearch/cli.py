@@ -40,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one line and return 2."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a bad flag (its one line printed: 2), --help or --version (0)
+        return int(exc.code or 0)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

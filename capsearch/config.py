@@ -329,6 +329,8 @@ def resolve_extends(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return data
     if not isinstance(parent, str):
         raise UserError(f"{path}: extends: must be a path, got {parent!r}")
+    if not (path.parent / parent).is_file():
+        raise UserError(f"{path}: extends: {path.parent / parent} does not exist")
     base = resolve_extends((path.parent / parent), (*_seen, path))
     return deep_merge(base, data)
 

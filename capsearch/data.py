@@ -23,6 +23,10 @@ REQUIRED_KEYS = ("file_name", "text")
 def metadata_path(root: Path | str) -> Path:
     """The metadata file of a dataset folder (metadata.jsonl preferred over metadata.csv)."""
     root = Path(root)
+    if root.is_file():
+        raise UserError(
+            f"{root} is a file; give the dataset folder that holds metadata.jsonl or .csv"
+        )
     if not root.is_dir():
         raise UserError(f"dataset folder {root} does not exist")
     for name in METADATA_FILES:
@@ -61,7 +65,14 @@ def read_metadata(root: Path | str) -> list[dict]:
                     records.append(record)
         else:
             with path.open(encoding="utf-8", newline="") as handle:
-                records = [_csv_record(row) for row in csv.DictReader(handle)]
+                reader = csv.DictReader(handle)
+                missing = [k for k in REQUIRED_KEYS if k not in (reader.fieldnames or [])]
+                if missing:
+                    raise UserError(
+                        f"{path} lacks column(s) {', '.join(missing)} (its header: "
+                        f"{', '.join(reader.fieldnames or []) or 'none'})"
+                    )
+                records = [_csv_record(row) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
     for number, record in enumerate(records, 1):
@@ -125,8 +136,12 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         """Image path of record `index` (absolute names stay absolute, others resolve against root)."""
         return self.root / self.records[index]["file_name"]
 
-    def load(self, index: int) -> torch.Tensor | None:
-        """Pixel tensor [1, size, size] in [-1, 1] of record `index`, or None if it cannot be read."""
+    def load(self, index: int, warn: bool = True) -> torch.Tensor | None:
+        """Pixel tensor [1, size, size] in [-1, 1] of record `index`, or None if it cannot be read.
+
+        An unreadable file is kept in `bad_files` and warned about once (`warn=False`: the caller
+        reports it, see `unreadable`).
+        """
         if self._cache is not None and index in self._cache:
             return self._cache[index]
         name = self.records[index]["file_name"]
@@ -136,15 +151,17 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             pixels = load_grayscale(self.path(index), self.size)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             self.bad_files[name] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            warnings.warn(
-                f"skipping unreadable image {self.path(index)}: {self.bad_files[name]}",
-                stacklevel=2,
-            )
+            if warn:
+                warnings.warn(self.unreadable(name), stacklevel=2)
             return None
         tensor = torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1.0).unsqueeze(0)
         if self._cache is not None:
             self._cache[index] = tensor
         return tensor
+
+    def unreadable(self, name: str) -> str:
+        """The warning about an unreadable image file (a file_name in `bad_files`)."""
+        return f"skipping unreadable image {self.root / name}: {self.bad_files[name]}"
 
     def __getitem__(self, index: int) -> dict:
         """Item `index`, or the next readable one after it if its image is unreadable."""

@@ -47,6 +47,8 @@ def export_trial(run_dir: Path, out: Path, which: str = "best") -> Path:
     delta = Path(record["dir"]) / "delta"
     if not (delta / "delta.safetensors").is_file():
         raise UserError(f"trial {name} has no delta ({delta} is missing)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"export folder {out} is a file; choose a new folder")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"export folder {out} is not empty; choose a new one")
     out.mkdir(parents=True, exist_ok=True)

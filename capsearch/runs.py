@@ -52,6 +52,8 @@ def read_run_spec(run_dir: Path) -> Spec:
     from capsearch.config import read_yaml, spec_from_dict
 
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise UserError(f"{run_dir} is a file, not a capsearch run folder")
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist")
     if not (run_dir / SPEC_FILE).is_file():

@@ -284,11 +284,11 @@ def _search_held(spec: Spec, run_dir: Path, console: Any, callbacks: tuple) -> P
     pending = plan_trials(spec, study, run_dir)
     started_here = not ray.is_initialized()
     if started_here:
+        from capsearch.raysession import start_local_ray
+
         prepare_ray_start()
-        # address="local": always a new instance of our own. With None, Ray would join whatever
-        # RAY_ADDRESS or the last `ray start` names, including a cluster still shutting down.
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                 log_to_driver=False, logging_level="WARNING")  # fmt: skip
+        start_local_ray(console, num_cpus=os.cpu_count(), include_dashboard=False,
+                        log_to_driver=False, logging_level="WARNING")  # fmt: skip
     try:
         _check_resources(spec)
         if pending:
@@ -296,7 +296,9 @@ def _search_held(spec: Spec, run_dir: Path, console: Any, callbacks: tuple) -> P
         run_final_stage(spec, run_dir, data_root, console)
     finally:
         if started_here:
-            ray.shutdown()
+            from capsearch.raysession import stop_local_ray
+
+            stop_local_ray()
     if console is not None:
         records = ordered(load_trials(run_dir), spec)
         console.print(results_table(records, title=f"{spec.name}: {len(records)} trials"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,15 +69,23 @@ def _load_training_images(data, size: int):
     )
     pixels, captions, groups = [], [], []
     for i in range(len(ds)):
-        x = ds.load(i)
-        if x is None:  # corrupt image: warned and counted by the dataset, never fatal
+        x = ds.load(i, warn=False)  # warned below: none readable is one error line instead
+        if x is None:  # corrupt image: counted by the dataset, fatal only if every image is
             ds.skipped += 1
             continue
         pixels.append(x)
         captions.append(ds.captions[i])
         groups.append(ds.records[i].get("dup_group"))
+    if not len(ds):
+        raise UserError(f"{ds.root} has no training images (no record of split {ds.split!r})")
     if not pixels:
-        raise UserError(f"no readable training images in {ds.root}")
+        name, why = next(iter(ds.bad_files.items()))
+        raise UserError(
+            f"no readable training images in {ds.root}: {len(ds.bad_files)} unreadable file(s), "
+            f"e.g. {name} ({why})"
+        )
+    for name in ds.bad_files:
+        warnings.warn(ds.unreadable(name), stacklevel=2)
     return ds, torch.stack(pixels), captions, groups
 
 

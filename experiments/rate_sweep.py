@@ -9,7 +9,9 @@ For each method and rate: the baseline of `--spec` (the method on the whole UNet
 schedule (cosine to 0, warm-up) shortened to `--steps`, trained on the spec's data drawn with `--seed`;
 then the probe's held-out diffusion loss (capsearch.probe: fixed held-out images, noise and timesteps,
 the same for every run) together with the memorisation signals the probe also measures. The rate with
-the lowest held-out loss is the method's. A short proxy: the cost is stated in docs/results.md.
+the lowest held-out loss is the method's; while that is the highest (lowest) rate tried, the grid is
+extended by one more step of √10 (`--rates METHOD=RATE,...` runs extra rates). A short proxy: the
+cost is stated in docs/results.md.
 Each run writes RUN/<method>_<rate>.json as soon as it finishes; runs already there are skipped.
 """
 
@@ -80,6 +82,7 @@ def summary(out: Path) -> dict:
     print(f"{'method':<10} {'lr':>8} {'held-out loss':>14} {'gap':>8} {'strength':>9} {'min':>6}")
     for method in RATES:
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["lr"])
+        mine = [r for r in mine if r["steps"] == max(x["steps"] for x in mine)]
         if not mine:
             continue
         best = min(mine, key=lambda r: r["heldout_loss"])
@@ -100,6 +103,7 @@ def main() -> None:
     )
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--methods", default=",".join(RATES))
+    ap.add_argument("--rates", help="METHOD=RATE[,RATE...]: run these rates instead of the grid")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", type=Path, default=Path("experiments/results/rate_sweep"))
     ap.add_argument("--summary", action="store_true", help="print the table and write chosen.json")
@@ -112,8 +116,12 @@ def main() -> None:
     spec = load_spec(args.spec, [f"data.phantom.seed={args.seed}", f"train.seed={args.seed}"])
     args.out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(spec, args.out)
-    for method in args.methods.split(","):
-        for rate in RATES[method]:
+    plan = {m: RATES[m] for m in args.methods.split(",")}
+    if args.rates:
+        method, _, rates = args.rates.partition("=")
+        plan = {method: [float(r) for r in rates.split(",")]}
+    for method, rates in plan.items():
+        for rate in rates:
             path = args.out / f"{method}_{rate:g}.json"
             if path.exists():
                 continue

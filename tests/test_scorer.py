@@ -109,6 +109,17 @@ def test_train_scorer_writes_a_loadable_model(phantoms: Path, tmp_path: Path):
 @pytest.mark.skipif(
     not SHIPPED, reason="no shipped phantom scorer (run `capsearch pretrain scorer`)"
 )
+def test_shipped_scorer_was_trained_on_this_phantom_world(recwarn):
+    from capsearch.metrics.scorer import phantom_world_digest
+
+    model = load_scorer()  # warns when the world it was trained on is not the one rendered now
+    assert model.report["world_sha256"] == phantom_world_digest()
+    assert not [w for w in recwarn if "another version of the phantom world" in str(w.message)]
+
+
+@pytest.mark.skipif(
+    not SHIPPED, reason="no shipped phantom scorer (run `capsearch pretrain scorer`)"
+)
 def test_shipped_scorer_reads_fresh_phantoms(phantoms: Path):
     from capsearch.data import ImageCaptionDataset
     from capsearch.metrics.scorer import evaluate_scorer

@@ -33,12 +33,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
+    from capsearch.data import metadata_path
     from capsearch.metrics.evaluate import evaluate
     from capsearch.models import load_pipeline
     from capsearch.settings import EvalSettings, flag_values
 
     if not args.data.is_dir():
         raise UserError(f"data folder {args.data} does not exist")
+    metadata_path(args.data)  # before the model and the scorer load
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} exists and is not a folder")
     config = EvalSettings.parse(flag_values(args, EvalSettings), "eval")
     pipe = load_pipeline(args.model)
     if args.delta:

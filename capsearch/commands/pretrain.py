@@ -47,12 +47,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_scorer)
 
 
+def _out_folder(out: Path) -> None:
+    """UserError if --out names something that is not a folder (found before any work, not after)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+
+
 def _shapes(args: argparse.Namespace) -> int:
     for name in ("steps", "batch_size", "pool_size", "workers"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        value = getattr(args, name)
+        if value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.lr <= 0:
-        raise UserError("--lr must be positive")
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    if not 0 <= args.ema_decay < 1:
+        raise UserError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    for name in ("minutes", "time_limit"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    _out_folder(args.out)
     if args.device.startswith("cuda"):
         import torch
 
@@ -82,6 +96,11 @@ def _shapes(args: argparse.Namespace) -> int:
 def _scorer(args: argparse.Namespace) -> int:
     if not args.data.is_dir():
         raise UserError(f"phantom dataset folder {args.data} does not exist")
+    if args.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.size < 8:
+        raise UserError(f"--size must be at least 8, got {args.size}")
+    _out_folder(args.out)
     from capsearch.metrics.scorer import train_scorer
 
     result = train_scorer(

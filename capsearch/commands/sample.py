@@ -27,8 +27,13 @@ def _sample(args: argparse.Namespace) -> int:
     from capsearch.models import load_pipeline
     from capsearch.sample import generate, save_grid
 
-    if args.n < 1 or args.steps < 1:
-        raise UserError("--n and --steps must be at least 1")
+    for flag, value in (("--n", args.n), ("--steps", args.steps)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    if args.out.is_dir():
+        raise UserError(f"--out {args.out} is a folder; give the PNG file to write")
+    if args.out.parent.is_file():
+        raise UserError(f"--out {args.out}: {args.out.parent} is a file, not a folder")
     pipe = load_pipeline(args.model)
     if args.delta:
         from capsearch.delta import load_delta

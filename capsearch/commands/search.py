@@ -76,10 +76,14 @@ def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from capsearch.config import load_spec
+    from capsearch.raysession import reap_orphans
 
+    console = Console()
+    reaped = reap_orphans()  # first of all: a killed search's workers would train on for a minute
+    if reaped:
+        console.print(f"stopped {len(reaped)} Ray worker(s) that a killed search had left running")
     spec = load_spec(args.spec, args.overrides)
     out = args.out or default_run_dir(spec.name or args.spec.stem, args.resume)
-    console = Console()
     connected = connect_ray(args.address, args.dashboard, console)
     from capsearch.search import run_search
 
@@ -95,9 +99,9 @@ def _run(args: argparse.Namespace) -> int:
         raise
     finally:
         if connected:
-            import ray
+            from capsearch.raysession import stop_local_ray
 
-            ray.shutdown()
+            stop_local_ray()  # also for a joined cluster: leaves it running, removes no entry
     from capsearch.runs import load_trials
 
     console.print(f"report: {report}")
@@ -138,8 +142,10 @@ def connect_ray(address: str | None, dashboard: bool, console: Any) -> bool:
         if address is not None:
             context = ray.init(address=address, **quiet)
         else:
-            context = ray.init(
-                address="local",  # a new instance of our own (capsearch.search.run_search)
+            from capsearch.raysession import start_local_ray
+
+            context = start_local_ray(
+                console,
                 num_cpus=os.cpu_count(),
                 include_dashboard=True,
                 dashboard_host="127.0.0.1",
@@ -292,6 +298,8 @@ def _report(args: argparse.Namespace) -> int:
 
         print(f"wrote {write_report(args.run_dirs[0])}")
         return 0
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} exists and is not a folder")
     from capsearch.seeds import write_seeds_report
 
     print(f"wrote {write_seeds_report(args.run_dirs, args.out)}")

@@ -83,6 +83,8 @@ def _train(args: argparse.Namespace) -> int:
 
     if not args.data.is_dir():
         raise UserError(f"data folder {args.data} does not exist")
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} exists and is not a folder")
     if args.spec:
         if not args.spec.is_file():
             raise UserError(f"method spec file {args.spec} does not exist")
@@ -90,6 +92,12 @@ def _train(args: argparse.Namespace) -> int:
             spec = json.loads(args.spec.read_text())
         except json.JSONDecodeError as exc:
             raise UserError(f"method spec {args.spec} is not valid JSON: {exc}") from None
+        from capsearch.methods import normalise_spec
+
+        try:
+            spec = normalise_spec(spec)
+        except UserError as exc:
+            raise UserError(f"method spec {args.spec}: {exc}") from None
     else:
         params = {}
         for kv in args.param:

@@ -226,6 +226,8 @@ def count_trainable(unet: torch.nn.Module) -> int:
 
 def normalise_spec(spec: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """A method spec as a list of entry dicts (a single dict is one entry)."""
+    if not isinstance(spec, (Mapping, list, tuple)):
+        raise UserError(f"a method spec is a mapping or a list of mappings, got {spec!r}")
     entries = [spec] if isinstance(spec, Mapping) else list(spec)
     for i, entry in enumerate(entries):
         if not isinstance(entry, Mapping):

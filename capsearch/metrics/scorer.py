@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -18,7 +19,6 @@ from capsearch.metrics.features import weights_fingerprint
 from capsearch.progress import rich_bar
 
 SCORER_DIR = Path(__file__).parents[1] / "assets" / "scorer"
-WORLD_DIR = Path(__file__).parents[1] / "worlds"
 WEIGHTS_FILE = "scorer.safetensors"
 CONFIG_FILE = "scorer.json"
 
@@ -151,13 +151,32 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float(u / (n_pos * n_neg))
 
 
+@functools.lru_cache(maxsize=1)
 def phantom_world_digest() -> str:
-    """SHA-256 of the phantom world's source files: a scorer is only valid for the renderer it was trained on."""
+    """SHA-256 of what the phantom world renders: a scorer is only valid for the world it was trained on.
+
+    A fixed small data set (at 32 and 64 px) is rendered into a temporary folder and its records and
+    decoded pixels hashed: an edit that changes no pixel and no caption (how files are written, say)
+    keeps the shipped scorer valid; one that changes the world does not. About a second, once a process.
+    """
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from capsearch.data import read_metadata
+    from capsearch.worlds.phantom import write_phantom_dataset
+
     digest = hashlib.sha256()
-    for path in sorted(WORLD_DIR.glob("*.py")):
-        if path.name not in ("__init__.py", "shapes.py"):
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in (32, 64):
+            root = Path(tmp) / str(size)
+            write_phantom_dataset(root, patients=6, size=size, seed=0, dup_fraction=0.2,
+                                  dup_copies=2, held_out_images=4)  # fmt: skip
+            for record in read_metadata(root):
+                digest.update(json.dumps(record, sort_keys=True).encode())
+                with Image.open(root / record["file_name"]) as image:
+                    digest.update(np.asarray(image).tobytes())
     return digest.hexdigest()
 
 

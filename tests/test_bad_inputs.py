@@ -1,0 +1,615 @@
+"""Bad inputs across every command: each is exit code 2 and one clean stderr line naming the culprit.
+
+One table of cases; each case builds its input under tmp_path and returns the argv of
+`capsearch.cli.main`. The error line must match the case's regex (it names the YAML key path, the
+file, the folder or the flag and its allowed range), nothing may print a traceback, and a case that
+points at an existing run folder must leave that folder exactly as it was. docs/reliability.md
+lists the table.
+No case trains or samples: each fails before any work starts (models are `tiny:random`, built from
+its config without weights).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from capsearch.cli import main
+
+MINIMAL = {
+    "model": "tiny:random",
+    "space": {
+        "groups": [
+            {"name": "a", "units": "mid_block.attentions", "methods": {"frozen": {}, "full": {}}}
+        ]
+    },
+}
+
+
+# --- builders -------------------------------------------------------------------------------
+
+
+def spec_with(**changes) -> dict:
+    """MINIMAL with top-level keys replaced (None removes a key)."""
+    data = json.loads(json.dumps(MINIMAL))
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    return data
+
+
+def write_spec(tmp: Path, data: dict | str | bytes, name: str = "spec.yaml") -> Path:
+    path = tmp / name
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def png(path: Path, size: int = 32) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (size, size), 128).save(path)
+
+
+def data_folder(tmp: Path, rows: list[dict] | None = None, name: str = "data") -> Path:
+    """An image folder with metadata.jsonl: by default two readable train images."""
+    root = tmp / name
+    root.mkdir()
+    if rows is None:
+        rows = [{"file_name": f"images/{i}.png", "text": "no acute process"} for i in range(2)]
+        for row in rows:
+            png(root / row["file_name"])
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def make_run(
+    tmp: Path, name: str = "run", trials: bool = True, delta: bool = False, seed: int = 0
+) -> Path:
+    """A run folder as a search makes it (spec.yaml), with an ok baseline and an errored trial
+    (with `delta`, the ok one has a delta checkpoint); `seed`: its seed in a report over seeds."""
+    from capsearch.config import load_spec
+    from capsearch.runs import prepare_run_dir, trial_dir, write_json
+
+    spec = spec_with(baselines={"methods": ["freeze"]}, data={"phantom": {"seed": seed}})
+    spec_path = write_spec(tmp, spec, f"{name}.yaml")
+    run = prepare_run_dir(load_spec(spec_path), tmp / name, resume=False)
+    if trials:
+        for number, status, baseline in ((0, "ok", "freeze"), (1, "error", None)):
+            folder = trial_dir(run, number)
+            folder.mkdir(parents=True)
+            record = {"trial": folder.name, "number": number, "baseline": baseline,
+                      "status": status, "params": {}, "method_spec": [], "train": {},
+                      "metrics": {"fid": 100.0, "amd": 0.1}, "reward": -1.0}  # fmt: skip
+            if status == "error":
+                record["error"] = "RuntimeError: out of memory"
+            write_json(folder / "result.json", record)
+        if delta:
+            make_delta(trial_dir(run, 0))
+    return run
+
+
+def make_delta(tmp: Path, name: str = "delta", block_out_channels: tuple | None = None) -> Path:
+    """A real delta checkpoint (DiffFit on every unit) of the tiny UNet, or of one of other widths."""
+    from diffusers import UNet2DConditionModel
+
+    from capsearch.delta import save_delta
+    from capsearch.methods import apply_methods
+    from capsearch.models_config import TINY_UNET_CONFIG
+
+    config = dict(TINY_UNET_CONFIG)
+    if block_out_channels is not None:
+        config["block_out_channels"] = block_out_channels
+    unet = UNet2DConditionModel(**config)
+    applied = apply_methods(unet, {"method": "difffit", "units": "*"})
+    return save_delta(unet, tmp / name, applied=applied)
+
+
+def sample_argv(tmp: Path, *extra: str) -> list[str]:
+    return ["sample", "--model", "tiny:random", "--prompt", "no acute process",
+            "--out", str(tmp / "grid.png"), *extra]  # fmt: skip
+
+
+def train_argv(tmp: Path, data: Path | None, *extra: str, out: Path | None = None) -> list[str]:
+    data = data if data is not None else data_folder(tmp)
+    return ["train", "--model", "tiny:random", "--data", str(data),
+            "--out", str(out or tmp / "out"), *extra]  # fmt: skip
+
+
+def eval_argv(tmp: Path, data: Path | None, *extra: str) -> list[str]:
+    data = data if data is not None else data_folder(tmp)
+    return ["eval", "--model", "tiny:random", "--data", str(data),
+            "--out", str(tmp / "eval"), *extra]  # fmt: skip
+
+
+def validate(tmp: Path, data: dict | str | bytes, *extra: str) -> list[str]:
+    return ["validate", str(write_spec(tmp, data)), *extra]
+
+
+def mimic_root(tmp: Path, metadata_header: str) -> Path:
+    root = tmp / "mimic"
+    root.mkdir()
+    (root / "mimic-cxr-2.0.0-metadata.csv").write_text(metadata_header + "\n")
+    (root / "mimic-cxr-2.0.0-split.csv").write_text("dicom_id,subject_id,study_id,split\n")
+    return root
+
+
+def corrupt_png_data(tmp: Path) -> Path:
+    root = data_folder(tmp, [{"file_name": "images/0.png", "text": "no acute process"}])
+    (root / "images").mkdir()
+    (root / "images" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 8)
+    return root
+
+
+def broken_jsonl(tmp: Path) -> Path:
+    root = data_folder(tmp)
+    with (root / "metadata.jsonl").open("a") as handle:
+        handle.write('{"file_name": "images/2.png", "text": \n')
+    return root
+
+
+def csv_data(tmp: Path) -> Path:
+    root = tmp / "data"
+    root.mkdir()
+    png(root / "0.png")
+    (root / "metadata.csv").write_text("image,caption\n0.png,no acute process\n")
+    return root
+
+
+def extends_cycle(tmp: Path) -> list[str]:
+    write_spec(tmp, {"extends": "b.yaml", **MINIMAL}, "a.yaml")
+    write_spec(tmp, {"extends": "a.yaml"}, "b.yaml")
+    return ["validate", str(tmp / "a.yaml")]
+
+
+def corrupt_delta(tmp: Path) -> Path:
+    delta = make_delta(tmp)
+    (delta / "delta.safetensors").write_bytes(b"\xff" * 64)
+    return delta
+
+
+def foreign_out(tmp: Path) -> list[str]:
+    (tmp / "busy").mkdir()
+    (tmp / "busy" / "notes.txt").write_text("mine")
+    return ["data", "phantom", "--out", str(tmp / "busy"), "--patients", "2", "--size", "32"]
+
+
+def plain_folder(tmp: Path, name: str = "folder") -> Path:
+    """A folder holding one text file: not a run, a dataset, a delta, a model or a MIMIC root."""
+    folder = tmp / name
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not a run")
+    return folder
+
+
+def broken_run_spec(tmp: Path) -> Path:
+    run = make_run(tmp)
+    (run / "spec.yaml").write_text("space: [unclosed\n")
+    return run
+
+
+def export_into_non_empty(tmp: Path) -> list[str]:
+    run = make_run(tmp, delta=True)
+    (tmp / "exp").mkdir()
+    (tmp / "exp" / "keep.txt").write_text("mine")
+    return ["export", str(run), "--trial", "t000", "--out", str(tmp / "exp")]
+
+
+def model_without_unet(tmp: Path) -> Path:
+    folder = tmp / "model"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("no model here")
+    return folder
+
+
+def model_empty_unet(tmp: Path) -> Path:
+    folder = tmp / "model"
+    for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        (folder / sub).mkdir(parents=True)
+    return folder
+
+
+# --- the table ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """A bad input: id, builder (tmp_path → argv), the error line's regex, a watched run folder."""
+
+    id: str
+    build: Callable[[Path], list[str]]
+    error: str
+    watch: tuple[
+        str, ...
+    ] = ()  # run folders under tmp_path that the command must leave as they are
+
+
+def seeds(tmp: Path, same_seed: bool = False) -> list[str]:
+    """`report` over two runs (seeds 0 and 1, or 0 twice)."""
+    second = make_run(tmp, "run2", seed=0 if same_seed else 1)
+    return ["report", str(make_run(tmp, "run")), str(second)]
+
+
+CASES = [
+    # spec YAML (validate, run)
+    Case("spec-yaml-syntax", lambda t: validate(t, "space:\n  groups: [\n    {name: a\n"),
+         r"spec\.yaml:? line \d+: invalid YAML"),
+    Case("spec-binary-file", lambda t: validate(t, b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary"),
+         r"cannot read \S*spec\.yaml: 'utf-8' codec can't decode"),
+    Case("spec-missing-file", lambda t: ["validate", str(t / "nothere.yaml")],
+         r"spec file \S*nothere\.yaml does not exist"),
+    Case("spec-top-level-list", lambda t: validate(t, "- model: tiny\n"),
+         r"spec\.yaml: the top level must be a mapping"),
+    Case("spec-unknown-key", lambda t: validate(t, spec_with(modle="tiny")),
+         r"spec\.yaml: modle: unknown key \(allowed: .*\bmodel\b"),
+    Case("spec-unknown-hyper-parameter",
+         lambda t: validate(t, spec_with(space={"groups": [{"name": "a", "units": "mid_block",
+                                                            "methods": {"lora": {"rnk": 4}}}]})),
+         r"space\.groups\[0\]\.methods\.lora\.rnk: unknown hyper-parameter 'rnk'.*rank"),
+    Case("spec-wrong-type", lambda t: validate(t, spec_with(search={"num_samples": "four"})),
+         r"search\.num_samples: Input should be a valid integer, got 'four'"),
+    Case("spec-reversed-range",
+         lambda t: validate(t, spec_with(space={"groups": [{"name": "a", "units": "mid_block",
+                                                            "methods": {"lora": {"rank": [8, 2]}}}]})),
+         r"space\.groups\[0\]\.methods\.lora\.rank: low \(8\) must be below high \(2\)"),
+    Case("spec-removed-key",
+         lambda t: validate(t, spec_with(evaluate={"fid_reference": "train"})),
+         r"evaluate: fid_reference was removed"),
+    Case("spec-missing-section", lambda t: validate(t, spec_with(space=None)),
+         r"spec\.yaml: space: missing \(required\)"),
+    Case("spec-out-of-range", lambda t: validate(t, spec_with(train={"caption_dropout": 1.5})),
+         r"train\.caption_dropout: Input should be less than or equal to 1"),
+    Case("spec-set-without-equals",
+         lambda t: validate(t, MINIMAL, "--set", "search.num_samples"),
+         r"--set 'search\.num_samples': expected KEY=VALUE"),
+    Case("spec-set-bad-index",
+         lambda t: validate(t, MINIMAL, "--set", "space.groups[3].name=b"),
+         r"--set space\.groups\[3\]\.name: there is no 3"),
+    Case("spec-set-bad-value",
+         lambda t: validate(t, MINIMAL, "--set", "search.num_samples=-1"),
+         r"search\.num_samples: Input should be greater than or equal to 0"),
+    Case("spec-extends-cycle", extends_cycle, r"a\.yaml: extends loops back to itself"),
+    Case("spec-extends-missing-parent",
+         lambda t: validate(t, {"extends": "parent.yaml", **MINIMAL}),
+         r"spec\.yaml: extends: \S*parent\.yaml does not exist"),
+    Case("spec-units-match-nothing",
+         lambda t: validate(t, spec_with(space={"groups": [{"name": "a", "units": "mid_blok",
+                                                            "methods": {"full": {}}}]})),
+         r"space\.groups\[0\]\.units: unit pattern 'mid_blok' matches no unit.*mid_block"),
+    Case("spec-baseline-no-group",
+         lambda t: validate(t, spec_with(baselines={"methods": ["svdiff"]})),
+         r"baselines\.methods\[0\]: no group of space\.groups allows 'svdiff'"),
+    Case("spec-data-path-and-phantom",
+         lambda t: validate(t, spec_with(data={"path": "x", "phantom": {}})),
+         r"data: give exactly one of phantom or path"),
+    Case("run-spec-unknown-key",
+         lambda t: ["run", str(write_spec(t, spec_with(serch={}))), "--out", str(t / "r")],
+         r"spec\.yaml: serch: unknown key"),
+    Case("run-missing-model",
+         lambda t: ["run", str(write_spec(t, spec_with(model=str(t / "no-model")))),
+                    "--out", str(t / "r")],
+         r"model '\S*no-model' not found"),
+    Case("run-missing-data-path",
+         lambda t: ["run", str(write_spec(t, spec_with(data={"path": str(t / "no-data")}))),
+                    "--out", str(t / "r")],
+         r"dataset folder \S*no-data does not exist"),
+    # data folders and metadata
+    Case("check-missing-folder", lambda t: ["data", "check", str(t / "nothere")],
+         r"dataset folder \S*nothere does not exist"),
+    Case("check-no-metadata", lambda t: ["data", "check", str(plain_folder(t))],
+         r"dataset folder \S*folder has no metadata\.jsonl or metadata\.csv"),
+    Case("check-broken-json-line", lambda t: ["data", "check", str(broken_jsonl(t))],
+         r"metadata\.jsonl:3: not a JSON object"),
+    Case("check-csv-missing-columns", lambda t: ["data", "check", str(csv_data(t))],
+         r"metadata\.csv lacks column\(s\) file_name, text \(its header: image, caption\)"),
+    Case("check-file-not-folder",
+         lambda t: ["data", "check", str(data_folder(t) / "metadata.jsonl")],
+         r"\S*metadata\.jsonl is a file; give the dataset folder"),
+    Case("train-missing-image",
+         lambda t: train_argv(t, data_folder(t, [{"file_name": "images/gone.png", "text": "x"}])),
+         r"no readable training images in \S*data: 1 unreadable file\(s\), e\.g\. images/gone\.png "
+         r"\(.*No such file"),
+    Case("train-corrupt-png", lambda t: train_argv(t, corrupt_png_data(t)),
+         r"no readable training images in \S*data: 1 unreadable file\(s\), e\.g\. images/0\.png"),
+    Case("train-no-train-split",
+         lambda t: train_argv(t, data_folder(t, [{"file_name": "images/0.png", "text": "x",
+                                                  "split": "validate"}])),
+         r"\S*data has no training images \(no record of split 'train'\)"),
+    Case("train-missing-data", lambda t: train_argv(t, t / "nothere"),
+         r"data folder \S*nothere does not exist"),
+    Case("train-no-metadata", lambda t: train_argv(t, plain_folder(t)),
+         r"\S*folder has no metadata\.jsonl or metadata\.csv"),
+    Case("scorer-missing-data",
+         lambda t: ["pretrain", "scorer", "--data", str(t / "nothere"), "--out", str(t / "s")],
+         r"phantom dataset folder \S*nothere does not exist"),
+    Case("scorer-no-metadata",
+         lambda t: ["pretrain", "scorer", "--data", str(plain_folder(t)), "--out", str(t / "s")],
+         r"\S*folder is not a phantom dataset \(no metadata\.jsonl\)"),
+    Case("scorer-epochs-zero",
+         lambda t: ["pretrain", "scorer", "--data", str(data_folder(t)), "--out", str(t / "s"),
+                    "--epochs", "0"],
+         r"--epochs must be at least 1, got 0"),
+    Case("scorer-size",
+         lambda t: ["pretrain", "scorer", "--data", str(data_folder(t)), "--out", str(t / "s"),
+                    "--size", "4"],
+         r"--size must be at least 8, got 4"),
+    Case("scorer-too-few-images",
+         lambda t: ["pretrain", "scorer", "--data", str(data_folder(t)), "--out", str(t / "s")],
+         r"\S*data has too few images to train the scorer \(2 train, 0 held out\)"),
+    Case("scorer-out-is-file",
+         lambda t: ["pretrain", "scorer", "--data", str(data_folder(t)),
+                    "--out", str(write_spec(t, "x", "s.txt"))],
+         r"--out \S*s\.txt exists and is not a folder"),
+    Case("eval-missing-data", lambda t: eval_argv(t, t / "nothere"),
+         r"data folder \S*nothere does not exist"),
+    Case("eval-n-prompts-one", lambda t: eval_argv(t, None, "--n-prompts", "1"),
+         r"eval\.n_prompts: Input should be greater than or equal to 2"),
+    Case("eval-no-metadata", lambda t: eval_argv(t, plain_folder(t)),
+         r"dataset folder \S*folder has no metadata\.jsonl or metadata\.csv"),
+    Case("eval-out-is-file",
+         lambda t: ["eval", "--model", "tiny:random", "--data", str(data_folder(t)),
+                    "--out", str(write_spec(t, "x", "e.txt"))],
+         r"--out \S*e\.txt exists and is not a folder"),
+    Case("eval-missing-delta", lambda t: eval_argv(t, None, "--delta", str(t / "nodelta")),
+         r"delta folder \S*nodelta does not exist"),
+    # data phantom / mimic arguments
+    Case("phantom-patients-zero",
+         lambda t: ["data", "phantom", "--out", str(t / "p"), "--patients", "0"],
+         r"--patients must be at least 1, got 0"),
+    Case("phantom-dup-fraction",
+         lambda t: ["data", "phantom", "--out", str(t / "p"), "--dup-fraction", "1.5"],
+         r"--dup-fraction must be between 0 and 1, got 1\.5"),
+    Case("phantom-size", lambda t: ["data", "phantom", "--out", str(t / "p"), "--size", "48"],
+         r"--size must be one of 32, 64, 128, got 48"),
+    Case("phantom-dup-copies",
+         lambda t: ["data", "phantom", "--out", str(t / "p"), "--dup-copies", "0"],
+         r"--dup-copies must be at least 1, got 0"),
+    Case("phantom-out-not-ours", foreign_out, r"output folder \S*busy holds other files"),
+    Case("mimic-missing-root",
+         lambda t: ["data", "mimic", "--root", str(t / "nothere"), "--out", str(t / "m")],
+         r"MIMIC-CXR-JPG root \S*nothere does not exist"),
+    Case("mimic-missing-reports",
+         lambda t: ["data", "mimic", "--root", str(mimic_root(t, "dicom_id,subject_id,study_id")),
+                    "--out", str(t / "m"), "--reports", str(t / "noreports")],
+         r"report folder \S*noreports does not exist"),
+    Case("mimic-not-a-root",
+         lambda t: ["data", "mimic", "--root", str(plain_folder(t)), "--out", str(t / "m")],
+         r"has no mimic-cxr-2\.0\.0-metadata\.csv"),
+    Case("mimic-csv-missing-columns",
+         lambda t: ["data", "mimic", "--root", str(mimic_root(t, "dicom_id,subject_id,study_id")),
+                    "--out", str(t / "m")],
+         r"mimic-cxr-2\.0\.0-metadata\.csv lacks column\(s\) ViewPosition"),
+    # pretrain shapes arguments
+    Case("shapes-negative-steps",
+         lambda t: ["pretrain", "shapes", "--out", str(t / "s"), "--steps", "-5"],
+         r"--steps must be at least 1, got -5"),
+    Case("shapes-zero-lr", lambda t: ["pretrain", "shapes", "--out", str(t / "s"), "--lr", "0"],
+         r"--lr must be positive, got 0\.0"),
+    Case("shapes-ema-decay",
+         lambda t: ["pretrain", "shapes", "--out", str(t / "s"), "--ema-decay", "1.5"],
+         r"--ema-decay must be in \[0, 1\), got 1\.5"),
+    Case("shapes-negative-minutes",
+         lambda t: ["pretrain", "shapes", "--out", str(t / "s"), "--minutes", "-2"],
+         r"--minutes must be positive, got -2\.0"),
+    Case("shapes-out-is-file",
+         lambda t: ["pretrain", "shapes", "--out", str(write_spec(t, "x", "s.txt"))],
+         r"--out \S*s\.txt exists and is not a folder"),
+    # sample: arguments, models, deltas
+    Case("sample-n-zero", lambda t: sample_argv(t, "--n", "0"), r"--n must be at least 1, got 0"),
+    Case("sample-n-not-a-number", lambda t: sample_argv(t, "--n", "four"),
+         r"^capsearch sample: error: argument --n: invalid int value: 'four'"),
+    Case("sample-negative-steps", lambda t: sample_argv(t, "--steps", "-3"),
+         r"--steps must be at least 1, got -3"),
+    Case("sample-out-is-folder",
+         lambda t: ["sample", "--model", "tiny:random", "--prompt", "x", "--out", str(t)],
+         r"--out \S+ is a folder; give the PNG file to write"),
+    Case("sample-unknown-scheduler", lambda t: sample_argv(t, "--scheduler", "warp"),
+         r"scheduler 'warp'.*ddim"),
+    Case("sample-missing-model",
+         lambda t: ["sample", "--model", "/does/not/exist", "--prompt", "x",
+                    "--out", str(t / "g.png")],
+         r"model '/does/not/exist' not found"),
+    Case("sample-model-without-unet",
+         lambda t: ["sample", "--model", str(model_without_unet(t)), "--prompt", "x",
+                    "--out", str(t / "g.png")],
+         r"model folder \S*model has no unet/ subfolder"),
+    Case("sample-model-empty-parts",
+         lambda t: ["sample", "--model", str(model_empty_unet(t)), "--prompt", "x",
+                    "--out", str(t / "g.png")],
+         r"cannot load model from \S*model"),
+    Case("sample-missing-delta", lambda t: sample_argv(t, "--delta", str(t / "nodelta")),
+         r"delta folder \S*nodelta does not exist"),
+    Case("sample-corrupt-delta", lambda t: sample_argv(t, "--delta", str(corrupt_delta(t))),
+         r"cannot read \S*delta\.safetensors"),
+    Case("sample-delta-other-unet",
+         lambda t: sample_argv(t, "--delta", str(make_delta(t, block_out_channels=(16, 32, 48, 64)))),
+         r"delta \S*delta was trained on a UNet with block_out_channels=\[16, 32, 48, 64\]"),
+    Case("sample-delta-not-a-delta", lambda t: sample_argv(t, "--delta", str(plain_folder(t))),
+         r"\S*folder is not a capsearch delta: spec\.json is missing"),
+    # methods, units
+    Case("methods-missing-model", lambda t: ["methods", "--model", "/does/not/exist"],
+         r"model '/does/not/exist' not found"),
+    Case("methods-units-match-nothing", lambda t: ["methods", "--model", "tiny", "--units", "nope"],
+         r"unit pattern 'nope' matches no unit"),
+    Case("units-missing-model", lambda t: ["units", "--model", str(t / "nomodel")],
+         r"model '\S*nomodel' not found"),
+    Case("units-select-nothing", lambda t: ["units", "--select", "mid_blok"],
+         r"unit pattern 'mid_blok' matches no unit.*mid_block"),
+    Case("units-backwards-range", lambda t: ["units", "--select", "down_blocks.3-1"],
+         r"unit pattern 'down_blocks\.3-1': range 3-1 runs backwards"),
+    # train arguments
+    Case("train-unknown-method", lambda t: train_argv(t, None, "--method", "lorax"),
+         r"unknown method 'lorax'; known methods: .*lora"),
+    Case("train-param-without-equals",
+         lambda t: train_argv(t, None, "--method", "lora", "--param", "rank"),
+         r"--param 'rank': expected KEY=VALUE"),
+    Case("train-param-unknown-key",
+         lambda t: train_argv(t, None, "--method", "lora", "--param", "rnk=4"),
+         r"unknown hyper-parameter 'rnk' for method 'lora'"),
+    Case("train-param-wrong-type",
+         lambda t: train_argv(t, None, "--method", "lora", "--param", "rank=big"),
+         r"lora.*rank must be an integer, got 'big'"),
+    Case("train-negative-steps", lambda t: train_argv(t, None, "--steps", "-3"),
+         r"train\.steps: Input should be greater than or equal to 1"),
+    Case("train-caption-dropout", lambda t: train_argv(t, None, "--caption-dropout", "1.5"),
+         r"train\.caption_dropout: Input should be less than or equal to 1"),
+    Case("train-mitigation-without-equals", lambda t: train_argv(t, None, "--mitigation", "rwa:k"),
+         r"--mitigation 'rwa:k': expected KEY=VALUE"),
+    Case("train-unknown-mitigation", lambda t: train_argv(t, None, "--mitigation", "blur"),
+         r"unknown mitigation 'blur'"),
+    Case("train-units-match-nothing", lambda t: train_argv(t, None, "--units", "nope"),
+         r"unit pattern 'nope' matches no unit"),
+    Case("train-spec-bad-json",
+         lambda t: train_argv(t, None, "--spec", str(write_spec(t, "[{method", "m.json"))),
+         r"method spec \S*m\.json is not valid JSON"),
+    Case("train-spec-not-a-list",
+         lambda t: train_argv(t, None, "--spec", str(write_spec(t, "42", "m.json"))),
+         r"method spec \S*m\.json: a method spec is a mapping or a list of mappings, got 42"),
+    Case("train-spec-entry-without-method",
+         lambda t: train_argv(t, None, "--spec", str(write_spec(t, '[{"units": "*"}]', "m.json"))),
+         r"method spec \S*m\.json: method entry 0 has no 'method' key"),
+    Case("train-out-is-file",
+         lambda t: train_argv(t, None, out=write_spec(t, "x", "o.txt")),
+         r"--out \S*o\.txt exists and is not a folder"),
+    Case("train-spec-missing", lambda t: train_argv(t, None, "--spec", str(t / "nospec.json")),
+         r"method spec file \S*nospec\.json does not exist"),
+    # run folders: run, status, report, export
+    Case("run-existing-run",
+         lambda t: ["run", str(t / "run.yaml"), "--out", str(make_run(t))],
+         r"already holds a search; finish it with --resume", watch=("run",)),
+    Case("run-resume-no-spec",
+         lambda t: ["run", str(write_spec(t, MINIMAL)), "--out", str(plain_folder(t, "run")),
+                    "--resume"],
+         r"nothing to resume: \S*run holds no search \(spec\.yaml is missing\)", watch=("run",)),
+    Case("run-resume-other-spec",
+         lambda t: ["run", str(t / "run.yaml"), "--out", str(make_run(t)), "--resume",
+                    "--set", "search.num_samples=3"],
+         r"the spec differs from the one \S*run was started with \(at search\.num_samples\)",
+         watch=("run",)),
+    Case("run-resume-nothing",
+         lambda t: ["run", str(write_spec(t, MINIMAL, "tiny.yaml")), "--resume"],
+         r"nothing to resume: no runs/tiny folder; pass --out"),
+    Case("run-unreachable-address",
+         lambda t: ["run", str(write_spec(t, MINIMAL)), "--out", str(t / "r"),
+                    "--address", "127.0.0.1:9"],
+         r"cannot reach a Ray cluster at 127\.0\.0\.1:9"),
+    Case("status-not-a-run", lambda t: ["status", str(plain_folder(t, "run"))],
+         r"\S*run is not a capsearch run folder \(no spec\.yaml\)", watch=("run",)),
+    Case("status-missing-folder", lambda t: ["status", str(t / "nothere")],
+         r"run folder \S*nothere does not exist"),
+    Case("status-file-not-folder", lambda t: ["status", str(write_spec(t, MINIMAL))],
+         r"\S*spec\.yaml is a file, not a capsearch run folder"),
+    Case("status-broken-spec", lambda t: ["status", str(broken_run_spec(t))],
+         r"run/spec\.yaml:? line \d+: invalid YAML", watch=("run",)),
+    Case("report-not-a-run", lambda t: ["report", str(plain_folder(t, "run"))],
+         r"\S*run is not a capsearch run folder \(no spec\.yaml\)", watch=("run",)),
+    Case("report-two-runs-no-out", seeds,
+         r"2 runs make one report over seeds: give its folder with --out DIR",
+         watch=("run", "run2")),
+    Case("report-seeds-same-baseline",
+         lambda t: seeds(t, same_seed=True) + ["--out", str(t / "seeds")],
+         r"runs \S*run and \S*run2 both hold baseline 'freeze' for seed 0", watch=("run", "run2")),
+    Case("report-out-is-file",
+         lambda t: seeds(t) + ["--out", str(write_spec(t, "x", "r.txt"))],
+         r"--out \S*r\.txt exists and is not a folder", watch=("run", "run2")),
+    Case("export-unknown-trial",
+         lambda t: ["export", str(make_run(t)), "--trial", "t999", "--out", str(t / "e")],
+         r"no trial 't999' in this run \(trials: t000, t001; or best\)", watch=("run",)),
+    Case("export-not-a-run",
+         lambda t: ["export", str(plain_folder(t, "run")), "--out", str(t / "e")],
+         r"\S*run is not a capsearch run folder \(no spec\.yaml\)", watch=("run",)),
+    Case("export-failed-trial",
+         lambda t: ["export", str(make_run(t)), "--trial", "t001", "--out", str(t / "e")],
+         r"trial t001 did not finish successfully \(error\)", watch=("run",)),
+    Case("export-no-trials",
+         lambda t: ["export", str(make_run(t, trials=False)), "--out", str(t / "e")],
+         r"the run has no finished trials yet", watch=("run",)),
+    Case("export-out-not-empty", export_into_non_empty,
+         r"export folder \S*exp is not empty; choose a new one", watch=("run",)),
+    Case("export-out-is-file",
+         lambda t: ["export", str(make_run(t, delta=True)), "--trial", "t000",
+                    "--out", str(write_spec(t, "x", "e.txt"))],
+         r"export folder \S*e\.txt is a file; choose a new folder", watch=("run",)),
+]  # fmt: skip
+
+
+def snapshot(folder: Path) -> dict[str, tuple]:
+    """Relative path → (size, mtime) of every file and folder under `folder`."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        info = path.stat()
+        out[str(path.relative_to(folder))] = (path.is_dir(), info.st_size, info.st_mtime_ns)
+    return out
+
+
+@pytest.fixture
+def warnings_to_stderr(monkeypatch):
+    """Warnings printed on stderr as the command line prints them (pytest only records them)."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        monkeypatch.setattr(warnings, "showwarning", show)
+        yield
+
+
+def test_the_table_is_large_and_covers_every_command():
+    ids = [case.id for case in CASES]
+    assert len(ids) == len(set(ids)) and len(ids) >= 40
+    prefixes = {
+        "data phantom": "phantom-", "data mimic": "mimic-", "data check": "check-",
+        "pretrain shapes": "shapes-", "pretrain scorer": "scorer-", "sample": "sample-",
+        "methods": "methods-", "units": "units-", "train": "train-", "eval": "eval-",
+        "run": "run-", "validate": "spec-", "status": "status-", "report": "report-",
+        "export": "export-",
+    }  # fmt: skip
+    for command, prefix in prefixes.items():
+        assert any(i.startswith(prefix) for i in ids), command
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input_is_one_clean_line(case, tmp_path, monkeypatch, capsys, warnings_to_stderr):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # nothing a command writes by default lands in the checkout
+    argv = case.build(tmp_path)
+    runs = {name: snapshot(tmp_path / name) for name in case.watch}
+    everything = snapshot(tmp_path)
+    capsys.readouterr()  # what building the input printed
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, f"exit {code}\nstdout:\n{out}\nstderr:\n{err}"
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), f"stderr is not one line:\n{err}"
+    assert "Traceback" not in err and "Traceback" not in out
+    assert lines[0].startswith(("capsearch: error: ", "capsearch ")), lines[0]
+    assert re.search(case.error, lines[0]), lines[0]
+    for name, before in runs.items():
+        assert snapshot(tmp_path / name) == before, f"the run folder {name} changed"
+    after = snapshot(tmp_path)  # nothing written anywhere: the command failed before any work
+    assert after == everything, sorted(set(after.items()) ^ set(everything.items()))
+
+
+def test_validate_accepts_a_spec_whose_model_folder_is_not_here(tmp_path, capsys):
+    """A spec may name a model folder that exists on the cluster it is meant for: a note, exit 0."""
+    missing = tmp_path / "cluster" / "stable-diffusion-v1-5"
+    spec = write_spec(tmp_path, spec_with(model=str(missing)))
+    assert main(["validate", str(spec)]) == 0
+    out, err = capsys.readouterr()
+    assert "valid spec" in out and err == ""
+    note = [line for line in out.splitlines() if "note:" in line]
+    assert len(note) == 1 and str(missing) in note[0] and "not available here" in note[0]
