@@ -155,9 +155,8 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 def phantom_world_digest() -> str:
     """SHA-256 of what the phantom world renders: a scorer is only valid for the world it was trained on.
 
-    A fixed small data set (at 32 and 64 px) is rendered into a temporary folder and its records and
-    decoded pixels hashed: an edit that changes no pixel and no caption (how files are written, say)
-    keeps the shipped scorer valid; one that changes the world does not. About a second, once a process.
+    A fixed small data set (32 and 64 px) is rendered and its records and decoded pixels hashed: an edit
+    that changes no pixel and no caption keeps the shipped scorer valid. About a second, once a process.
     """
     import tempfile
 
