@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from capsearch.atomic import atomic_target, atomic_write
 from capsearch.errors import UserError
+from capsearch.faults import maybe_fail
 
 if TYPE_CHECKING:
     import torch
@@ -75,8 +76,6 @@ def save_delta(
     folder.mkdir(parents=True, exist_ok=True)
     if base_model is None:
         base_model = (getattr(unet, "config", {}) or {}).get("_name_or_path") or None
-    with atomic_target(folder / DELTA_FILE) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -86,7 +85,13 @@ def save_delta(
         "trainable_parameters": sum(t.numel() for t in tensors.values()),
         "unet_shape": _shape_config(unet),
     }
+    # delta.safetensors, the file every reader looks for first, is written last: a save cut short (a
+    # full disk, a kill) leaves no tensors, or an earlier save's, beside a spec they do not match.
+    (folder / DELTA_FILE).unlink(missing_ok=True)
     atomic_write(folder / METHODS_FILE, json.dumps(meta, indent=2) + "\n")
+    with atomic_target(folder / DELTA_FILE) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
+        maybe_fail(folder.parent.name, "delta")  # tests only: an injected fault (capsearch.faults)
     return folder
 
 

@@ -11,7 +11,10 @@ import yaml
 
 from capsearch.errors import UserError
 from capsearch.report import best_config_yaml, display_name, final_view
-from capsearch.runs import best_trial, load_trials, read_run_spec
+from capsearch.runs import CORRUPT, best_trial, corrupt_error, load_trials, read_run_spec
+
+# What an export copies from the trial folder besides its delta, where the trial has it.
+EXTRAS = ("metrics.json", "samples.png", "final/metrics.json", "final/samples.png")
 
 
 def select_trial(records: list[dict[str, Any]], which: str = "best") -> dict[str, Any]:
@@ -42,6 +45,8 @@ def export_trial(run_dir: Path, out: Path, which: str = "best") -> Path:
     spec = read_run_spec(run_dir)
     record = select_trial(load_trials(run_dir), which)
     name = Path(record["dir"]).name
+    if record.get("status") == CORRUPT:
+        raise UserError(record["error"])
     if record.get("status") != "ok":
         raise UserError(f"trial {name} did not finish successfully ({record.get('status')})")
     delta = Path(record["dir"]) / "delta"
@@ -51,17 +56,23 @@ def export_trial(run_dir: Path, out: Path, which: str = "best") -> Path:
         raise UserError(f"export folder {out} is a file; choose a new folder")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"export folder {out} is not empty; choose a new one")
+    extras = [e for e in EXTRAS if (Path(record["dir"]) / e).is_file()]
+    for extra in (e for e in extras if e.endswith(".json")):  # a damaged copy is not exported
+        try:
+            json.loads((Path(record["dir"]) / extra).read_text())
+        except (OSError, ValueError):
+            path = Path(record["dir"]) / extra
+            raise UserError(corrupt_error(path, "or delete it to export without it")) from None
+    pipe = load_pipeline(spec.model)
+    unet = load_delta(pipe.unet, delta)  # a delta it cannot read: one line, before --out is made
     out.mkdir(parents=True, exist_ok=True)
     shutil.copytree(delta, out / "delta")
     (out / "method_spec.yaml").write_text(
         f"# trial {name} of {run_dir}\n# base model: {spec.model}\n" + best_config_yaml(record)
     )
-    for extra in ("metrics.json", "samples.png", "final/metrics.json", "final/samples.png"):
-        if (Path(record["dir"]) / extra).is_file():
-            (out / extra).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(Path(record["dir"]) / extra, out / extra)
-    pipe = load_pipeline(spec.model)
-    unet = load_delta(pipe.unet, delta)
+    for extra in extras:
+        (out / extra).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(Path(record["dir"]) / extra, out / extra)
     merge(unet).save_pretrained(out / "unet", safe_serialization=True)
     (out / "README.md").write_text(model_card(record, spec.model, name))
     return out

@@ -114,14 +114,20 @@ def _task(job: FinalJob, record: dict, data_root: str) -> dict:
         return {"trial": record.get("trial"), "error": str(exc)}
 
 
-def run_final_stage(spec: Spec, run_dir: Path, data_root: Path, console: Any = None) -> list[dict]:
-    """Re-evaluate the finalists that have no final result yet (in Ray tasks when Ray is up)."""
+def final_todo(spec: Spec, run_dir: Path) -> list[dict[str, Any]]:
+    """The finalists still without a final result (none when the final stage is off)."""
     if not spec.final.enabled:
         return []
     chosen = finalists(load_trials(run_dir), spec.final.top_k)
-    todo = [r for r in chosen if not (final_dir(r) / RESULT_FILE).is_file()]
+    return [r for r in chosen if not (final_dir(r) / RESULT_FILE).is_file()]
+
+
+def run_final_stage(spec: Spec, run_dir: Path, data_root: Path, console: Any = None) -> list[dict]:
+    """Re-evaluate the finalists that have no final result yet (in Ray tasks when Ray is up)."""
+    todo = final_todo(spec, run_dir)
     if not todo:
         return []
+    chosen = finalists(load_trials(run_dir), spec.final.top_k)
     if console is not None:
         console.print(
             f"final stage: re-evaluating {len(todo)} of {len(chosen)} finalists on the "

@@ -34,7 +34,11 @@ FINAL_DIR = "final"  # a finalist's re-evaluation: trials/tNNN/final/result.json
 # Version 1: records before the trial plan (method_spec, train with caption dropout among its
 # mitigations, groups at the top); version 2: the plan's fields at the top, train.caption_dropout.
 RECORD_VERSION = 2
-FINISHED = ("ok", "error", "nan", "stopped")  # "interrupted" and "running" trials do not count
+# A record file that does not parse (damaged outside capsearch: its writes are atomic) makes the trial
+# "corrupt": shown, never rerun, never overwritten; --resume refuses the run until it is dealt with.
+CORRUPT = "corrupt"
+# "interrupted" and "running" trials do not count as finished
+FINISHED = ("ok", "error", "nan", "stopped", CORRUPT)
 
 
 def trial_dir(run_dir: Path, number: int) -> Path:
@@ -66,15 +70,13 @@ def load_trials(run_dir: Path, finished_only: bool = True) -> list[dict[str, Any
     folder = Path(run_dir) / "trials"
     records = []
     for sub in sorted(folder.glob("t*")) if folder.is_dir() else []:
-        record = None
-        for name in (RESULT_FILE, PARAMS_FILE):
-            path = sub / name
-            if path.is_file():
-                try:
-                    record = json.loads(path.read_text())
-                    break
-                except (OSError, json.JSONDecodeError):
-                    continue  # a result being written: fall back to the start record
+        result, params = _read_record(sub / RESULT_FILE), _read_record(sub / PARAMS_FILE)
+        record = result if isinstance(result, dict) else params
+        if result is False or (result is None and params is False):
+            broken = sub / (RESULT_FILE if result is False else PARAMS_FILE)
+            number = int(sub.name[1:]) if sub.name[1:].isdigit() else -1
+            record = {**(params or {}), "trial": sub.name, "number": number, "status": CORRUPT,
+                      "error": corrupt_error(broken)}  # fmt: skip
         if record is None:
             continue
         record.setdefault("status", "running")
@@ -86,6 +88,31 @@ def load_trials(run_dir: Path, finished_only: bool = True) -> list[dict[str, Any
         if not finished_only or record["status"] in FINISHED:
             records.append(record)
     return records
+
+
+def _read_record(path: Path) -> dict[str, Any] | bool | None:
+    """A record file's JSON object; None if there is no such file, False if it does not parse."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):  # ValueError: JSON and UTF-8 decoding errors
+        return False
+    return record if isinstance(record, dict) else False
+
+
+def corrupt_error(
+    path: Path, remedy: str = "or move its trial folder out of the run to run that trial again"
+) -> str:
+    """The line that names a damaged record or metrics file and what to do about it."""
+    return f"{path} is cut short or corrupt (not a JSON object); restore it, {remedy}"
+
+
+def check_records(run_dir: Path) -> None:
+    """Refuse to resume a run with a damaged trial record (UserError naming the first one)."""
+    for record in load_trials(run_dir, finished_only=False):
+        if record["status"] == CORRUPT:
+            raise UserError(record["error"])
 
 
 def prepare_run_dir(spec: Spec, out: Path, resume: bool) -> Path:

@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -20,103 +21,30 @@ from ray.tune.search.optuna import OptunaSearch
 
 from capsearch.config import Spec
 from capsearch.errors import UserError
-from capsearch.final import run_final_stage
+from capsearch.final import final_todo, run_final_stage
 from capsearch.inputs import check_inputs, ensure_scorer, prepare_data
 from capsearch.report import final_view, ordered, results_table, write_report
-from capsearch.reward import OBJECTIVES
 from capsearch.runs import (
     PARAMS_FILE,
     RESULT_FILE,
-    STUDY_FILE,
+    check_records,
     load_trials,
     prepare_run_dir,
-    record_value,
     trial_dir,
     write_json,
 )
+from capsearch.study import (
+    StudyNotSaved,
+    check_study,
+    make_sampler,
+    objectives,
+    open_study,
+    plan_trials,
+    storage_errors,
+    study_failure,
+    study_storage,
+)
 from capsearch.trial import REPORTED
-
-# --- run folder and one-time preparation -------------------------------------------------------------
-
-
-# --- the Optuna study -------------------------------------------------------------------------------
-
-
-def objectives(spec: Spec) -> tuple[list[str], list[str]]:
-    """Metric names and Ray modes ("min"/"max") the study optimises."""
-    if spec.objective.mode == "reward":
-        return ["reward"], ["max"]
-    return list(spec.objective.pareto), [OBJECTIVES[n] for n in spec.objective.pareto]
-
-
-def make_sampler(spec: Spec) -> Any:
-    """The Optuna sampler the spec names, seeded."""
-    import warnings
-
-    import optuna
-
-    s = spec.search
-    if s.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=s.seed)
-    if s.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=s.population_size)
-    with warnings.catch_warnings():  # constant_liar is flagged experimental
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(
-            seed=s.seed, n_startup_trials=s.startup_trials, constant_liar=s.concurrency > 1
-        )
-
-
-def study_storage(run_dir: Path) -> Any:
-    """The run's SQLite Optuna storage."""
-    import optuna
-
-    return optuna.storages.RDBStorage(f"sqlite:///{Path(run_dir) / STUDY_FILE}")
-
-
-def open_study(spec: Spec, run_dir: Path) -> Any:
-    """Create or load the run's Optuna study."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _, modes = objectives(spec)
-    return optuna.create_study(
-        storage=study_storage(run_dir),
-        study_name=spec.search.study_name,
-        directions=["minimize" if m == "min" else "maximize" for m in modes],
-        sampler=make_sampler(spec),
-        load_if_exists=True,
-    )
-
-
-def plan_trials(spec: Spec, study: Any, run_dir: Path) -> int:
-    """Settle interrupted trials, enqueue the baselines not yet run; return how many trials remain."""
-    from optuna.trial import TrialState
-
-    for record in load_trials(run_dir, finished_only=False):
-        if record["status"] == "running":  # started, never finished: the run was interrupted
-            write_json(Path(record["dir"]) / RESULT_FILE, {**record, "status": "interrupted"})
-    finished = {r["number"]: r for r in load_trials(run_dir)}
-    metrics, _ = objectives(spec)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        record = finished.get(t.number)
-        values = [record_value(record, m) for m in metrics] \
-            if record and record.get("status") == "ok" else []  # fmt: skip
-        if values and all(v is not None for v in values):
-            study.tell(t.number, values if len(values) > 1 else values[0])
-        else:
-            study.tell(t.number, state=TrialState.FAIL)
-    done = {r.get("baseline") for r in finished.values()}
-    waiting = {t.user_attrs.get("baseline") for t in study.get_trials(states=(TrialState.WAITING,))}
-    left = 0
-    for point in spec.baseline_points:
-        if point.name in done:
-            continue
-        left += 1
-        if point.name not in waiting:
-            study.enqueue_trial(dict(point.params), user_attrs={"baseline": point.name})
-    searched = sum(1 for r in finished.values() if not r.get("baseline"))
-    return left + max(0, spec.search.num_samples - searched)
 
 
 def _finite(value: Any) -> float | None:
@@ -128,14 +56,35 @@ def _finite(value: Any) -> float | None:
 
 
 class TrialSearch(OptunaSearch):
-    """OptunaSearch that plans each trial it proposes, stores probe scores and failed trials as failed."""
+    """OptunaSearch that plans each trial it proposes, stores probe scores and failed trials as failed.
+
+    A study write that fails (a full disk, a lock: capsearch.study) is remembered in `study_error`, not
+    raised into Ray Tune (which would log it and fail an innocent trial): no trial starts after it, the
+    running ones finish, and `_tune` then stops the search with its one line.
+    """
 
     def __init__(self, *args: Any, spec: Spec, run_dir: Path, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.spec, self.run_dir = spec, Path(run_dir)
+        self.study_error: StudyNotSaved | None = None
+
+    def _saving(self, write: Any, *args: Any) -> Any:
+        if self.study_error is not None:  # the file failed once: the trials' records carry on alone
+            return None
+        try:
+            return write(*args)
+        except storage_errors() as exc:
+            self.study_error = study_failure(self.run_dir, exc)
+            return None
 
     def suggest(self, trial_id: str) -> dict | str | None:
         """Optuna's parameters with the trial's plan, built and validated here, once, in the driver."""
+        from ray.tune.search import Searcher
+
+        config = self._saving(self._suggest, trial_id)
+        return Searcher.FINISHED if self.study_error is not None else config
+
+    def _suggest(self, trial_id: str) -> dict | str | None:
         from capsearch.trial import build_plan, resumable_checkpoint
 
         config = super().suggest(trial_id)
@@ -153,6 +102,9 @@ class TrialSearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """Record a probe's score (capsearch.probe; single-objective studies only: Optuna's limit)."""
+        self._saving(self._on_trial_result, trial_id, result)
+
+    def _on_trial_result(self, trial_id: str, result: dict) -> None:
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is None or isinstance(self.metric, list) or "probe_score" not in result:
             return
@@ -160,6 +112,9 @@ class TrialSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         """Tell Optuna: complete with finite objectives, pruned if stopped early, failed otherwise."""
+        self._saving(self._on_trial_complete, trial_id, result, error)
+
+    def _on_trial_complete(self, trial_id: str, result: dict | None, error: bool) -> None:
         result = dict(result or {})
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None and trial_id not in self._completed_trials:
@@ -176,7 +131,7 @@ class TrialSearch(OptunaSearch):
         else:
             stopped = "status" not in result and not error  # ASHA stopped it at this probe
             if stopped and ot_trial is not None:
-                self.on_trial_result(trial_id, result)  # Ray passes the stopping probe only here
+                self._on_trial_result(trial_id, result)  # Ray passes the stopping probe only here
                 ot_trial.set_user_attr("status", "stopped")
             super().on_trial_complete(trial_id, None, error=not stopped)
 
@@ -237,10 +192,18 @@ class TrialRecords(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """A trial whose worker failed outside capsearch's own error handling."""
-        message = "the Ray worker failed"
+        text = ""
         if trial.error_file and Path(trial.error_file).is_file():
-            lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
-            message += f": {lines[-1][:300]}" if lines else ""
+            text = Path(trial.error_file).read_text(errors="replace")
+        if "worker process has died" in text or "actor died unexpectedly" in text:
+            pid = re.search(r"\bpid: (\d+)", text)
+            message = (
+                f"the Ray worker died{f' (pid {pid[1]})' if pid else ''}: killed (a signal, the OOM "
+                "killer) or crashed before the trial could record anything"
+            )
+        else:
+            lines = [ln for ln in text.splitlines() if ln.strip()]
+            message = "the Ray worker failed" + (f": {lines[-1][:300]}" if lines else "")
         self._settle(trial, "error", message)
 
 
@@ -278,11 +241,14 @@ def _search_held(spec: Spec, run_dir: Path, console: Any, callbacks: tuple) -> P
     """run_search with the run folder's lock held."""
     import ray
 
+    check_records(run_dir)  # a record cut short: one line naming it, nothing rewritten
+    study = open_study(spec, run_dir)  # a corrupt, locked or full optuna.db: one line naming it
+    check_study(study, run_dir)
     data_root = prepare_data(spec, run_dir, console)
     ensure_scorer(spec, data_root, console)
-    study = open_study(spec, run_dir)
     pending = plan_trials(spec, study, run_dir)
-    started_here = not ray.is_initialized()
+    # a finished run resumed: nothing to train or re-evaluate, no Ray to start
+    started_here = not ray.is_initialized() and bool(pending or final_todo(spec, run_dir))
     if started_here:
         from capsearch.raysession import start_local_ray
 
@@ -290,7 +256,8 @@ def _search_held(spec: Spec, run_dir: Path, console: Any, callbacks: tuple) -> P
         start_local_ray(console, num_cpus=os.cpu_count(), include_dashboard=False,
                         log_to_driver=False, logging_level="WARNING")  # fmt: skip
     try:
-        _check_resources(spec)
+        if ray.is_initialized():
+            _check_resources(spec)
         if pending:
             _tune(spec, run_dir, data_root, pending, [TrialRecords(run_dir), *callbacks])
         run_final_stage(spec, run_dir, data_root, console)
@@ -385,3 +352,5 @@ def _tune(spec: Spec, run_dir: Path, data_root: Path, pending: int, callbacks: l
         ),
     )
     tuner.fit()
+    if searcher.study_error is not None:  # the study file failed: no trial started after that
+        raise searcher.study_error

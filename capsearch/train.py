@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from capsearch.atomic import atomic_write
 from capsearch.errors import UserError
+from capsearch.faults import maybe_fail
 from capsearch.mitigations import Mitigations, vocabulary_words
 from capsearch.progress import loss_bar
 from capsearch.settings import TrainSettings
@@ -118,11 +119,14 @@ def finetune(
     bar = loss_bar(not quiet, "fine-tune", config.steps, start)
     out = _Outcome(steps=start, loss=state.losses[-1][1] if state.losses else float("nan"))
     books = _Bookkeeper(run, callbacks, out_dir, ckpt)
+    trial = Path(out_dir).name if out_dir else None  # a search trial's tNNN (capsearch.faults)
     try:
         for step in range(start, config.steps):
             step_loss = 0.0
             for _ in range(config.grad_accum):
                 loss, touched = _loss(run, state)  # add_noise → unet → mse_loss
+                if maybe_fail(trial, "train_step") == "nan":  # tests only: an injected fault
+                    loss = loss * float("nan")
                 if not torch.isfinite(loss):
                     raise _NonFiniteLoss(
                         f"non-finite loss at step {step + 1}; training stopped, no model saved"

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from capsearch.errors import UserError
+from capsearch.faults import maybe_fail
 
 if TYPE_CHECKING:
     from accelerate.scheduler import AcceleratedScheduler
@@ -65,11 +66,36 @@ def save_checkpoint(
 ) -> None:
     """Write the state after `step` steps to a temporary folder, then swap it in (atomic on one
     filesystem)."""
-    from safetensors.torch import save_file
-
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_checkpoint(tmp, step, unet, optimizer, scheduler, state)
+        maybe_fail(
+            path.parent.name, "checkpoint"
+        )  # tests only: an injected fault (capsearch.faults)
+    except (
+        BaseException
+    ):  # a full disk part-way: no half a checkpoint left beside the last whole one
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_checkpoint(
+    tmp: Path,
+    step: int,
+    unet: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: AcceleratedScheduler | None,
+    state: TrainState,
+) -> None:
+    from safetensors.torch import save_file
+
     named = {n: p.detach().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
     if state.ema is not None:
         named.update({f"{EMA_PREFIX}{i}": e.contiguous() for i, e in enumerate(state.ema)})
@@ -93,11 +119,6 @@ def save_checkpoint(
         "order": state.order,
     }
     (tmp / "state.json").write_text(json.dumps(meta))
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(

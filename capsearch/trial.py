@@ -9,6 +9,7 @@ its `result.json`, never raised into the search.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
 from collections.abc import Callable
@@ -136,7 +137,8 @@ def run_trial(
         record.update(status="error", error=str(exc))
     except Exception as exc:  # a failing trial must not stop the search: record it and move on
         record.update(status="error", error=f"{type(exc).__name__}: {exc}")
-        (folder / "error.txt").write_text(traceback.format_exc())
+        with contextlib.suppress(OSError):  # a full disk: the record below matters more
+            (folder / "error.txt").write_text(traceback.format_exc())
     record["seconds"] = round(time.time() - started, 1)
     if record["status"] == "ok":
         try:

@@ -86,6 +86,7 @@ def _run(args: argparse.Namespace) -> int:
     out = args.out or default_run_dir(spec.name or args.spec.stem, args.resume)
     connected = connect_ray(args.address, args.dashboard, console)
     from capsearch.search import run_search
+    from capsearch.study import StudyNotSaved
 
     try:
         console.print(f"search {spec.name!r} → {out}  (Optuna study: {out}/optuna.db)")
@@ -97,6 +98,10 @@ def _run(args: argparse.Namespace) -> int:
             f"interrupted; finish it with `capsearch run {args.spec} --out {out} --resume`"
         )
         raise
+    except StudyNotSaved as exc:
+        if not exc.resumable:
+            raise
+        raise UserError(f"{exc}: `capsearch run {args.spec} --out {out} --resume`") from None
     finally:
         if connected:
             from capsearch.raysession import stop_local_ray
@@ -218,7 +223,10 @@ def _progress(run_dir: Path) -> Any:
             import json
 
             path = trial_dir(Path(run_dir), int(trial.config.get("_number", 0))) / RESULT_FILE
-            record = json.loads(path.read_text()) if path.is_file() else {"status": "?"}
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):  # no record (a worker killed before it wrote one)
+                record = {"status": "?"}
             m = record.get("metrics", {})
             shown = [metric for metric in METRICS if metric.progress and metric.name in m]
             text = " ".join(f"{metric.short.rstrip('↑↓')} {m[metric.name]:.3g}" for metric in shown)

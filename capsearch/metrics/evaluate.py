@@ -88,8 +88,9 @@ def evaluate(
     """Evaluate a pipeline against a dataset folder; write metrics.json and samples.png to out_dir."""
     import torch
 
-    from capsearch.atomic import atomic_write
+    from capsearch.atomic import atomic_target
     from capsearch.data import load_images, read_metadata
+    from capsearch.faults import maybe_fail
     from capsearch.metrics import (
         PHANTOM_THRESHOLD,
         alignment_scores,
@@ -300,7 +301,9 @@ def evaluate(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
+        with atomic_target(out / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(metrics, indent=2))
+            maybe_fail(out.name, "metrics")  # tests only: an injected fault (capsearch.faults)
         save_grid(gen[:32], out / "samples.png", nrow=8, captions=gen_prompts[:32])
         extracted = {pair[0] for pair in metrics.get("extracted_pairs", [])}
         save_memorised_grid(ctx, extracted, out / MEMORISED_GRID)
