@@ -343,6 +343,7 @@ class _Bookkeeper:
             cb(event, payload)
         if self.log and line is not None:
             self.log.write(json.dumps(line) + "\n")
+            self.log.flush()  # a killed trial keeps its log up to the kill, not up to a full buffer
 
     def close(self) -> None:
         """Close train_log.jsonl."""

@@ -128,6 +128,7 @@ def run_trial(
         **plan.model_dump(mode="json"),
         "status": "running",
         "started": time.time(),
+        "node": _ray_node(),  # the Ray node it ran on (a cluster joined with --address has several)
     }
     started = time.time()
     try:
@@ -147,6 +148,16 @@ def run_trial(
             record.update(status="error", error=f"no reward: {exc}")
     write_json(folder / RESULT_FILE, record)
     return record
+
+
+def _ray_node() -> str | None:
+    """The ID of the Ray node this process runs on; None outside Ray."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # an old or odd runtime context: the record does without it
+        return None
 
 
 def failed_record(

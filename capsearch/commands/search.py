@@ -141,8 +141,10 @@ def connect_ray(address: str | None, dashboard: bool, console: Any) -> bool:
 
     prepare_ray_start()
     quiet = {"log_to_driver": False, "logging_level": "WARNING"}
-    if address is not None and address != "auto":
+    explicit = address is not None and address != "auto"
+    if explicit:
         _check_reachable(address)
+        _token_mode_for_this_machine(address)
     try:
         if address is not None:
             context = ray.init(address=address, **quiet)
@@ -158,7 +160,8 @@ def connect_ray(address: str | None, dashboard: bool, console: Any) -> bool:
                 **quiet,
             )
     except ConnectionError as exc:
-        raise UserError(f"cannot reach a Ray cluster at {address}: {exc}") from None
+        hint = _token_hint(address) if explicit else ""
+        raise UserError(f"cannot reach a Ray cluster at {address}: {exc}{hint}") from None
     if dashboard:
         url = dashboard_url(context)
         if url is None:
@@ -183,6 +186,54 @@ def _check_reachable(address: str) -> None:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as exc:
         raise UserError(f"cannot reach a Ray cluster at {address}: {exc}") from None
+
+
+def _token_mode_for_this_machine(address: str) -> None:
+    """Send this machine's Ray token to a cluster on this machine, as Ray does for `--address auto`.
+
+    A `ray start --head` on a machine that holds a token (~/.ray/auth_token, which any local
+    `ray.init` writes, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) turns token authentication on. Ray's
+    driver sends the token unasked only when it finds the cluster itself (`auto`); for an explicit
+    address it sends none unless RAY_AUTH_MODE=token, and the connection fails after ~20 s. A
+    HOST:PORT of this very machine is the `auto` case written out, so it gets `auto`'s rule; a
+    token is never sent to another machine unasked (that would hand it to whoever listens there).
+    """
+    if os.environ.get("RAY_AUTH_MODE") is not None or not _is_this_machine(address):
+        return
+    try:  # Ray's own rule for `auto` (Ray 2.60): token mode if a token is found locally
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication: nothing to send
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def _is_this_machine(address: str) -> bool:
+    import ipaddress
+
+    import psutil
+
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        ips = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    own = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
+    return all(ipaddress.ip_address(ip).is_loopback or ip in own for ip in ips)
+
+
+def _token_hint(address: str) -> str:
+    """What to do when an explicit address refused the connection: most often a missing token."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        how = "check that this machine has the head's token"
+    else:
+        how = "set RAY_AUTH_MODE=token and give this machine the head's token"
+    return (
+        f"; if the cluster uses token authentication (a `ray start --head` on a machine with a "
+        f"token turns it on), {how}: copy the head's ~/.ray/auth_token here, or set "
+        "RAY_AUTH_TOKEN to what `ray get-auth-token` prints on the head"
+    )
 
 
 def dashboard_url(context: Any) -> str | None:
