@@ -232,3 +232,23 @@ def test_a_spec_edited_before_resume_is_refused(template, tmp_path, capsys):
         k: v for k, v in before.items() if k != "spec.yaml"
     }
     assert json.loads((run / "trials" / "t001" / "result.json").read_text())["status"] == "ok"
+
+
+def test_status_report_and_export_read_a_folder_a_search_holds(template, tmp_path, capsys):
+    """A busy run folder (its lock held by a running search) is read, never refused or written to."""
+    from capsearch.runlock import LOCK_FILE, RunLock
+
+    _, original = template
+    run = tmp_path / "run"
+    shutil.copytree(original, run)
+    with RunLock(run, resume=False):
+        before = {k: v for k, v in _snapshot(run).items() if k != LOCK_FILE}
+        assert main(["status", str(run)]) == 0
+        assert main(["export", str(run), "--trial", "t001", "--out", str(tmp_path / "x")]) == 0
+        assert (tmp_path / "x" / "delta").is_dir()
+        assert main(["report", str(run)]) == 0  # it writes report.md and its Pareto plot only
+        written = (LOCK_FILE, "report.md", "pareto.png")
+        after = {k: v for k, v in _snapshot(run).items() if k not in written}
+        assert after == {k: v for k, v in before.items() if k not in written}
+        assert (run / LOCK_FILE).is_file()  # still the search's
+    capsys.readouterr()
