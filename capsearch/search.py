@@ -260,7 +260,11 @@ def _search_held(spec: Spec, run_dir: Path, console: Any, callbacks: tuple) -> P
             _check_resources(spec)
         if pending:
             _tune(spec, run_dir, data_root, pending, [TrialRecords(run_dir), *callbacks])
-        run_final_stage(spec, run_dir, data_root, console)
+        cut = [r for r in load_trials(run_dir, finished_only=False) if r["status"] == "running"]
+        if not cut:  # interrupted (Ctrl-C): stop now; the final stage runs at the end of --resume
+            run_final_stage(spec, run_dir, data_root, console)
+        elif console is not None:
+            console.print(f"final stage skipped: {len(cut)} trial(s) unfinished")
     finally:
         if started_here:
             from capsearch.raysession import stop_local_ray

@@ -351,3 +351,28 @@ def test_a_study_file_that_fills_up_mid_search_stops_it_and_resume_finishes(
     assert records == {"t000": "ok", "t001": "ok", "t002": "ok"}
     study = optuna.load_study(study_name="capsearch", storage=f"sqlite:///{run / 'optuna.db'}")
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+
+
+def test_an_interrupted_search_skips_the_final_stage(tmp_path, monkeypatch):
+    """Ctrl-C ends the trials unfinished: the driver stops instead of re-evaluating the finished ones."""
+    import capsearch.search as search
+    from capsearch.config import spec_from_dict
+    from capsearch.runs import trial_dir, write_json
+
+    def interrupted(spec, run_dir, *args, **kwargs):
+        folder = trial_dir(run_dir, 0)
+        folder.mkdir(parents=True)
+        write_json(folder / "params.json", {"number": 0, "status": "running"})
+
+    finals = []
+    monkeypatch.setattr(search, "_tune", interrupted)
+    monkeypatch.setattr(search, "run_final_stage", lambda *a, **k: finals.append(a))
+    monkeypatch.setattr(search, "write_report", lambda run_dir: run_dir / "report.md")
+    spec = spec_from_dict({
+        "model": "tiny:random", "data": {"phantom": {"patients": 6, "held_out_images": 8}},
+        "search": {"num_samples": 1},
+        "space": {"groups": [{"name": "a", "units": "mid_block.attentions",
+                              "methods": {"frozen": {}, "full": {}}}]},
+    })  # fmt: skip
+    search.run_search(spec, tmp_path / "run")
+    assert finals == []
