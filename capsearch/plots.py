@@ -70,12 +70,7 @@ def pareto_plot(records: list[dict[str, Any]], path: Path) -> Path | None:
     fig.colorbar(sc, ax=ax, label="extracted images ↓")
     ax.set_xlabel("FID ↓")
     ax.set_ylabel("AMD ↑ (mean min. cosine distance to training set)")
-    ax.set_title("Quality against memorisation")
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, "Quality against memorisation", path)
 
 
 def seeds_plot(series: list[tuple[str, list[tuple[float, float]]]], path: Path) -> Path | None:
@@ -124,7 +119,14 @@ def seeds_plot(series: list[tuple[str, list[tuple[float, float]]]], path: Path) 
         ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("extracted images ↓ (count)")
     ax.set_ylabel("held-out FID ↓")
-    ax.set_title("Quality against memorisation, over seeds")
+    return _finish(fig, ax, "Quality against memorisation, over seeds", path)
+
+
+def _finish(fig, ax, title: str, path: Path) -> Path:
+    """Title, legend, layout; write the figure to `path` and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from capsearch.runlock import process_alive
+
 REGISTRY = Path(tempfile.gettempdir()) / f"capsearch-ray-{os.getuid()}"
 
 
@@ -78,16 +80,6 @@ def _running(pid: int, started: float) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process runs (a killed one its parent has not waited for is a zombie: not alive)."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def reap_orphans(registry: Path = REGISTRY) -> list[int]:
     """Kill the leftover workers of registered instances whose driver is gone; return their pids."""
     import psutil
@@ -103,7 +95,7 @@ def reap_orphans(registry: Path = REGISTRY) -> list[int]:
         except (OSError, ValueError, KeyError, TypeError):
             path.unlink(missing_ok=True)  # unreadable: nothing can be reaped safely by it
             continue
-        if entry.get("host") != socket.gethostname() or _alive(driver):
+        if entry.get("host") != socket.gethostname() or process_alive(driver):
             continue  # another host's, or its driver still runs (pids are only reused after exit)
         if _running(raylet, raylet_started):
             continue  # the instance itself still runs: not ours to stop

@@ -30,14 +30,14 @@ HEARTBEAT_S = 15.0
 STALE_S = 90.0
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process runs (a killed one its parent has not waited for is a zombie: not alive)."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    return True
 
 
 def read_lock(run_dir: Path) -> dict[str, Any] | None:
@@ -60,7 +60,7 @@ def is_stale(holder: dict[str, Any]) -> bool:
         return True
     same_host = holder.get("host") == socket.gethostname()
     pid = holder.get("pid")
-    return same_host and isinstance(pid, int) and not _alive(pid)
+    return same_host and isinstance(pid, int) and not process_alive(pid)
 
 
 def describe(holder: dict[str, Any]) -> str:

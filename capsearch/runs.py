@@ -51,6 +51,11 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def unfinished_trials(run_dir: Path) -> list[dict[str, Any]]:
+    """Trials started and never finished (their search was stopped while they ran)."""
+    return [r for r in load_trials(run_dir, finished_only=False) if r.get("status") == "running"]
+
+
 def read_run_spec(run_dir: Path) -> Spec:
     """The resolved spec a run folder was started with (UserError if it is not a run folder)."""
     from capsearch.config import read_yaml, spec_from_dict

@@ -31,6 +31,7 @@ from capsearch.runs import (
     load_trials,
     prepare_run_dir,
     trial_dir,
+    unfinished_trials,
     write_json,
 )
 from capsearch.study import (
@@ -260,7 +261,7 @@ def _search_held(spec: Spec, run_dir: Path, console: Any, callbacks: tuple) -> P
             _check_resources(spec)
         if pending:
             _tune(spec, run_dir, data_root, pending, [TrialRecords(run_dir), *callbacks])
-        cut = [r for r in load_trials(run_dir, finished_only=False) if r["status"] == "running"]
+        cut = unfinished_trials(run_dir)
         if not cut:  # interrupted (Ctrl-C): stop now; the final stage runs at the end of --resume
             run_final_stage(spec, run_dir, data_root, console)
         elif console is not None:

@@ -11,8 +11,9 @@ data and Ray's folders. Files already kept are overwritten, so it can run after 
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
+
+from capsearch.atomic import atomic_write
 
 TOP = ("spec.yaml", "report.md", "pareto.png")
 TRIAL = (
@@ -34,10 +35,7 @@ def keep(run: Path, dest: Path) -> list[Path]:
     def copy(src: Path, dst: Path) -> None:
         if src.is_file():
             dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(dst.name + ".tmp")
-            shutil.copyfile(src, tmp)
-            tmp.replace(dst)
-            written.append(dst)
+            written.append(atomic_write(dst, src.read_bytes()))
 
     for name in TOP:
         copy(run / name, dest / name)

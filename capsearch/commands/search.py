@@ -107,10 +107,10 @@ def _run(args: argparse.Namespace) -> int:
             from capsearch.raysession import stop_local_ray
 
             stop_local_ray()  # also for a joined cluster: leaves it running, removes no entry
-    from capsearch.runs import load_trials
+    from capsearch.runs import unfinished_trials
 
     console.print(f"report: {report}")
-    cut = [r for r in load_trials(out, finished_only=False) if r.get("status") == "running"]
+    cut = unfinished_trials(out)
     if cut:  # Ray ended the session on Ctrl-C with these trials still running
         console.print(
             f"interrupted with {len(cut)} trial(s) unfinished; finish the search with "
