@@ -1,9 +1,9 @@
-"""Load a text-to-image diffusion pipeline: the shipped tiny base, a random tiny one, or SD v1.5 from disk."""
+"""Load a text-to-image diffusion pipeline: the shipped tiny base, a random tiny one, or a Stable Diffusion
+1.x/2.x diffusers folder from disk or from the local Hugging Face cache (never from the network)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import tarfile
 from dataclasses import dataclass, field
@@ -19,6 +19,19 @@ TINY_BASE = ASSETS / "tiny_base"
 TOKENIZER_DIR = ASSETS / "tokenizer"
 # The tiny models `load_pipeline` knows by name: pixel space, without a VAE.
 TINY_MODELS = ("tiny", "tiny:random")
+# SD v1.5 on the Hub: runwayml's repository was removed; this maintained copy holds the same files.
+SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# Hub ids of the same weights: whichever of them is cached serves a request for the other.
+HUB_ALIASES = {"runwayml/stable-diffusion-v1-5": SD15_HUB_ID}
+# What load_folder reads: `hf download` fetches only these (a hub repo may also hold single-file
+# checkpoints, .bin and fp16 copies and a safety checker, tens of GB that capsearch never opens).
+HUB_FILES = (
+    "*.json",
+    "*.txt",
+    "text_encoder/model.safetensors",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+)
 
 
 @dataclass
@@ -164,24 +177,52 @@ def _resolve_folder(spec: str) -> Path:
     if path.exists():
         raise UserError(f"model path {path} is not a folder")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(spec, local_files_only=True))
-        except Exception:
-            cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
-            raise UserError(
-                f"model {spec!r} is not in the local Hugging Face cache ({cache}); download it on a machine "
-                f"with internet (`huggingface-cli download {spec}`) and copy the cache here, or pass a local "
-                "diffusers folder"
-            ) from None
+        return _cached_hub_folder(spec)
     raise UserError(
         f"model {spec!r} not found: give 'tiny', 'tiny:random', a diffusers folder or a hub id"
     )
 
 
+def hub_names(spec: str) -> list[str]:
+    """A hub id, then the other ids of the same weights (HUB_ALIASES, either way)."""
+    same = {**HUB_ALIASES, **{new: old for old, new in HUB_ALIASES.items()}}
+    return [spec, same[spec]] if spec in same else [spec]
+
+
+def download_command(hub_id: str) -> str:
+    """The `hf download` line (huggingface_hub's CLI) that fetches what capsearch loads of a hub id."""
+    return f"hf download {hub_id} " + " ".join(f'--include "{p}"' for p in HUB_FILES)
+
+
+def _cached_hub_folder(spec: str) -> Path:
+    """The snapshot folder of a hub id (or of an alias of it) in the local Hugging Face cache."""
+    import warnings
+
+    from huggingface_hub import constants, snapshot_download
+
+    for name in hub_names(spec):
+        try:
+            folder = Path(snapshot_download(name, local_files_only=True))
+        except Exception:  # not cached (huggingface_hub raises several kinds): try the next name
+            continue
+        if name != spec:
+            warnings.warn(
+                f"model {spec!r}: using the cached {name!r} (the same weights)", stacklevel=3
+            )
+        return folder
+    maintained = HUB_ALIASES.get(spec, spec)
+    renamed = f" (now {maintained!r} on the Hub)" if maintained != spec else ""
+    raise UserError(
+        f"model {spec!r}{renamed} is not in the local Hugging Face cache; on a machine with internet "
+        f"run `{download_command(maintained)}`, then copy the folder "
+        f"models--{maintained.replace('/', '--')} of its cache into {constants.HF_HUB_CACHE} here "
+        "(HF_HUB_CACHE), or pass a local diffusers folder"
+    )
+
+
 def load_folder(path: Path, spec: str = "") -> Pipeline:
-    """Load a diffusers-style folder: SD v1.5 (with VAE) or a saved tiny pipeline (pixel space)."""
+    """Load a diffusers-style folder: SD 1.x/2.x (with VAE; ε- or v-prediction, as its scheduler config
+    says) or a saved tiny pipeline (pixel space)."""
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

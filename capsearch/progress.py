@@ -1,11 +1,14 @@
-"""One progress-bar helper for every long loop (rendering, reading, training, attacking)."""
+"""One progress-bar helper for every long loop (rendering, reading, training, attacking), and the
+progress of a search trial read from its training log."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 LossUpdate = Callable[[int | None, float | None], None]
 
@@ -72,3 +75,37 @@ def loss_bar(
             prog.stop()
 
     return update
+
+
+def trial_progress(folder: Path, tail_bytes: int = 8192) -> str | None:
+    """`tNNN step/total rate it/s` of a trial from its train_log.jsonl (a line every 10 steps) and the
+    steps its params.json plans; None before its first line. The rate spans the last logged lines."""
+    log = Path(folder) / "train_log.jsonl"
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - tail_bytes))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    points = []
+    for line in text.splitlines()[-12:]:
+        try:
+            entry = json.loads(line)
+        except ValueError:  # the cut first line of the tail, or a line being written
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int):
+            if points and entry["step"] <= points[-1][0]:
+                points = []  # a resumed run logs again from its checkpoint: rate from there on
+            points.append((entry["step"], entry.get("time")))
+    if not points:
+        return None
+    try:
+        total = json.loads((Path(folder) / "params.json").read_text())["train"]["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        total = "?"
+    text = f"{Path(folder).name} {points[-1][0]}/{total}"
+    timed = [(s, t) for s, t in points if isinstance(t, (int, float))]
+    if len(timed) >= 2 and timed[-1][1] > timed[0][1]:
+        rate = (timed[-1][0] - timed[0][0]) / (timed[-1][1] - timed[0][1])
+        text += f" {rate:.1f} it/s"
+    return text

@@ -59,6 +59,10 @@ class TrainSettings(Strict):
     max_grad_norm: float = Field(1.0, ge=0)
     checkpoint_every: int = Field(0, ge=0)
     probe_every: int = Field(0, ge=0)
+    # Sample-preview grids every N steps (0: off) in out_dir/previews and TensorBoard; prompts: these,
+    # or the first training captions (capsearch.previews). Previews never touch the training RNG.
+    preview_every: int = Field(0, ge=0)
+    preview_prompts: list[str] = Field(default_factory=list)
     # Every fine-tune trains with caption dropout first (Dutt et al.'s code and Stable Diffusion use
     # 0.1; it also trains the unconditional branch guidance samples with), then `mitigations` stacked.
     caption_dropout: float = Field(0.1, ge=0, le=1)
@@ -69,6 +73,20 @@ class TrainSettings(Strict):
         from capsearch.space import base_mitigations
 
         return base_mitigations(self.caption_dropout, self.mitigations)
+
+
+# TrainSettings fields that change what a fine-tune records, not what it trains.
+RECORD_ONLY = frozenset({"preview_every", "preview_prompts"})
+
+
+def same_training(recorded: Mapping[str, Any], planned: Mapping[str, Any]) -> bool:
+    """Whether two `train` records (plain data) train identically: defaults filled in (a record
+    written before a field existed has the field's default), the record-only fields set aside."""
+    try:
+        a, b = (TrainSettings.parse(x).model_dump(exclude=RECORD_ONLY) for x in (recorded, planned))
+    except UserError:
+        return False
+    return a == b
 
 
 class EvalSettings(Strict):
