@@ -159,6 +159,9 @@ class SearchSettings(Strict):
     population_size: int = Field(20, ge=2)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     study_name: str = "capsearch"
+    # Run folders whose finished trials stand in for this run's trials of identical training on the
+    # same data (capsearch.trial.reusable_checkpoint): a baseline trained once serves many searches.
+    reuse: list[str] = Field(default_factory=list)
 
     @field_validator("scheduler", mode="before")
     @classmethod

@@ -80,3 +80,14 @@ def check_inputs(spec: Spec) -> None:
         models._resolve_folder(spec.model)  # the resolution every trial's load_pipeline does
     if spec.data.path is not None:
         metadata_path(Path(spec.data.path).expanduser())
+    for i, folder in enumerate(map(Path, spec.search.reuse)):
+        if not (folder / "spec.yaml").is_file():
+            raise UserError(
+                f"search.reuse[{i}]: {folder} is not a capsearch run folder (no spec.yaml in it)"
+            )
+        from capsearch.config import load_spec
+
+        try:
+            load_spec(folder / "spec.yaml", check_model=False)
+        except UserError as exc:
+            raise UserError(f"search.reuse[{i}]: {folder}/spec.yaml: {exc}") from None

@@ -86,7 +86,7 @@ class TrialSearch(OptunaSearch):
         return Searcher.FINISHED if self.study_error is not None else config
 
     def _suggest(self, trial_id: str) -> dict | str | None:
-        from capsearch.trial import build_plan, resumable_checkpoint
+        from capsearch.trial import build_plan, resumable_checkpoint, reusable_trial
 
         config = super().suggest(trial_id)
         if not isinstance(config, dict) or "_number" not in config:
@@ -99,6 +99,8 @@ class TrialSearch(OptunaSearch):
             return {**config, "plan_error": str(exc)}
         if plan.baseline:  # an interrupted run of this baseline goes on from its checkpoint
             plan.resume_from = resumable_checkpoint(self.run_dir, plan)
+        if plan.resume_from is None and self.spec.search.reuse:  # a finished twin in another run
+            plan.reuse_from = reusable_trial(self.spec, plan)
         return {**config, "plan": plan.model_dump(mode="json")}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 from capsearch.errors import UserError
 from capsearch.metrics.table import METRICS
 from capsearch.runs import PARAMS_FILE, RECORD_VERSION, RESULT_FILE, trial_dir, write_json
-from capsearch.settings import EvalSettings, Strict, TrainSettings
+from capsearch.settings import EvalSettings, Strict, TrainSettings, same_training
 
 if TYPE_CHECKING:
     from capsearch.config import Spec
 
 # What a finished trial reports to Ray (and Optuna's user attributes): every table metric, the reward.
 REPORTED = (*(m.name for m in METRICS), "reward")
+TRAIN_FILE = "train_result.json"  # capsearch.train.finetune's record of one fine-tune
 PROBE_KEYS = ("probe_score", "heldout_loss", "train_loss", "loss_gap", "strength_ratio")
 
 
@@ -47,6 +48,9 @@ class TrialPlan(Strict):
     # The checkpoint of an interrupted trial with this very plan (resumable_checkpoint): training goes on
     # from its step instead of step 0.
     resume_from: str | None = None
+    # A finished trial of a `search.reuse` run with this very training (reusable_trial): its delta and
+    # training record stand in for training.
+    reuse_from: str | None = None
 
 
 def build_plan(
@@ -102,10 +106,37 @@ def resumable_checkpoint(run_dir: Path, plan: TrialPlan) -> str | None:
     found = None
     for record in load_trials(run_dir, finished_only=False):
         ckpt = Path(record["dir"]) / "checkpoint"
-        same = all(record.get(k) == mine[k] for k in ("baseline", "model", "method_spec", "train"))
+        same = all(
+            record.get(k) == mine[k] for k in ("baseline", "model", "method_spec")
+        ) and same_training(record.get("train") or {}, mine["train"])
         if record.get("status") == "interrupted" and same and ckpt.is_dir():
             found = str(ckpt)
     return found
+
+
+def reusable_trial(spec: Spec, plan: TrialPlan) -> str | None:
+    """A finished trial of a `search.reuse` run that trained exactly this plan: its folder, if any.
+
+    Same model, data spec, method spec and training settings, status ok, its delta and training record
+    kept: the trial takes that delta instead of training (run_trial) and is evaluated under this run's
+    settings. A reuse folder that holds no such trial is passed over (the trial then trains).
+    """
+    from capsearch.config import load_spec
+    from capsearch.runs import load_trials
+
+    mine = plan.model_dump(mode="json")
+    for folder in map(Path, spec.search.reuse):
+        other = load_spec(folder / "spec.yaml", check_model=False)  # checked by check_inputs
+        if other.model != spec.model or other.data.model_dump() != spec.data.model_dump():
+            continue
+        for record in load_trials(folder):
+            same = all(
+                record.get(k) == mine[k] for k in ("model", "method_spec")
+            ) and same_training(record.get("train") or {}, mine["train"])
+            kept = all((Path(record["dir"]) / f).exists() for f in (TRAIN_FILE, "delta"))
+            if record.get("status") == "ok" and same and kept:
+                return record["dir"]
+    return None
 
 
 def run_trial(
@@ -187,6 +218,8 @@ def _train_and_evaluate(plan: TrialPlan, folder: Path, data_root: Path, report) 
     if all(e["method"] in FROZEN for e in entries):  # Freeze: the base model as it is, no training
         applied = apply_methods(pipe.unet, [{"method": "freeze", "units": []}])
         save_delta(pipe.unet, folder / "delta", applied=applied, base_model=plan.model)
+    elif plan.reuse_from:
+        out.update(_reuse_training(pipe, Path(plan.reuse_from), folder))
     else:
 
         def on_event(event: str, payload: dict) -> None:
@@ -221,6 +254,28 @@ def _train_and_evaluate(plan: TrialPlan, folder: Path, data_root: Path, report) 
         "intervals": metrics["intervals"],
         "noise_floor": metrics["noise_floor"],
         "eval_seconds": round(time.time() - started, 1),
+    }
+
+
+def _reuse_training(pipe: Any, source: Path, folder: Path) -> dict[str, Any]:
+    """Take a finished trial's delta and training record instead of training; what it trained."""
+    import json
+    import shutil
+
+    from capsearch.delta import load_delta
+
+    shutil.copytree(source / "delta", folder / "delta", dirs_exist_ok=True)
+    for name in (TRAIN_FILE, "train_log.jsonl"):
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
+    pipe.unet = load_delta(pipe.unet, folder / "delta")
+    trained = json.loads((folder / TRAIN_FILE).read_text())
+    return {
+        "trainable": trained["trainable"],
+        "steps": trained["steps"],
+        "train_seconds": trained["seconds"],
+        "final_loss": trained["final_loss"],
+        "mitigation_counts": trained["mitigation_counts"],
     }
 
 

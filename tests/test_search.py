@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from conftest import mid_block_groups
 
@@ -226,6 +227,40 @@ def test_an_interrupted_baseline_goes_on_from_its_own_checkpoint(spec, tmp_path)
     assert not _take_checkpoint(plan, new)  # no resume_from: train from step 0
     plan.resume_from = resumable_checkpoint(tmp_path, plan)
     assert _take_checkpoint(plan, new) and (new / "checkpoint" / "state.json").read_text() == "1"
+
+
+def test_a_finished_trial_of_a_reuse_run_stands_in_for_identical_training(spec, tmp_path):
+    from capsearch.runs import write_json
+    from capsearch.trial import build_plan, reusable_trial
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "spec.yaml").write_text(yaml.safe_dump(SPEC))
+    plan = build_plan(spec, spec.baseline("difffit").params, "difffit", 7, tmp_path)
+    record = {**plan.model_dump(mode="json"), "status": "ok"}
+    for number, changes, kept in (
+        (1, {"status": "interrupted"}, True),  # not finished
+        (2, {"train": {**record["train"], "lr": 1.0}}, True),  # another rate
+        (3, {}, False),  # its delta is gone
+        (4, {}, True),  # this one
+    ):
+        folder = trial_dir(other, number)
+        folder.mkdir(parents=True)
+        if kept:
+            (folder / "delta").mkdir()
+            (folder / "train_result.json").write_text("{}")
+        write_json(folder / "result.json", {**record, **changes, "number": number})
+    assert reusable_trial(spec, plan) is None  # search.reuse is empty
+    search = spec.search.model_copy(update={"reuse": [str(other)]})
+    reusing = spec.model_copy(update={"search": search})
+    assert reusable_trial(reusing, plan) == str(trial_dir(other, 4))
+    lora = build_plan(spec, spec.baseline("lora").params, "lora", 8, tmp_path)
+    assert reusable_trial(reusing, lora) is None
+    # other data: nothing is reused
+    (other / "spec.yaml").write_text(
+        yaml.safe_dump({**SPEC, "data": {"phantom": {"patients": 7, "size": 32}}})
+    )
+    assert reusable_trial(reusing, plan) is None
 
 
 def test_reward_formula_and_pareto_front():
@@ -449,6 +484,21 @@ def test_a_real_search_runs_reports_resumes_and_exports(tmp_path, capsys, monkey
     assert main(["export", str(run), "--trial", "difffit", "--out", str(tmp_path / "e")]) == 0
     assert (tmp_path / "e" / "unet" / "config.json").is_file()
     print(f"micro search: {seconds:.1f} s")
+    # A second search on the same data reuses the finished DiffFit baseline: no step trained again.
+    again = {**MICRO, "search": {**MICRO["search"], "num_samples": 0, "reuse": [str(run)]}}
+    again["baselines"] = {"methods": ["difffit"]}
+    spec_path.write_text(yaml.safe_dump(again))
+    assert main(["run", str(spec_path), "--out", str(tmp_path / "run2")]) == 0
+    (mine,) = load_trials(tmp_path / "run2")
+    (theirs,) = [r for r in records if r.get("baseline") == "difffit"]
+    assert mine["status"] == "ok" and mine["reuse_from"] == theirs["dir"]
+    assert mine["steps"] == 4 and mine["train_seconds"] == theirs["train_seconds"]
+    assert mine["metrics"]["fid"] > 0 and "final" in mine  # evaluated, then re-evaluated, here
+    from safetensors.torch import load_file
+
+    a = load_file(Path(mine["dir"]) / "delta" / "delta.safetensors")
+    b = load_file(Path(theirs["dir"]) / "delta" / "delta.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
