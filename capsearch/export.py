@@ -1,20 +1,42 @@
-"""Export one trial of a run: its delta, its method spec, a merged diffusers UNet and a model card."""
+"""Export one trial of a run: a complete pipeline folder, its delta, LoRA files, an SD checkpoint, a card.
+
+EXPORT/                       the base pipeline with the trial's merged UNet (docs/export.md)
+EXPORT/unet/                  the merged UNet
+EXPORT/delta/                 only the trained tensors and the method entries
+EXPORT/pytorch_lora_weights.safetensors, EXPORT/<name>_lora.safetensors    --lora (LoRA trials)
+EXPORT/<name>.safetensors     --single-file: SD 1.x original layout (A1111, ComfyUI)
+EXPORT/method_spec.yaml, README.md (model card), metrics.json, final/
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from capsearch.errors import UserError
-from capsearch.report import best_config_yaml, display_name, final_view
+from capsearch.export_card import data_name, model_card
+from capsearch.report import best_config_yaml
 from capsearch.runs import CORRUPT, best_trial, corrupt_error, load_trials, read_run_spec
+
+__all__ = ["Export", "export_trial", "model_card", "select_trial"]
 
 # What an export copies from the trial folder besides its delta, where the trial has it.
 EXTRAS = ("metrics.json", "samples.png", "final/metrics.json", "final/samples.png")
+# Generated images stay out of a MIMIC-CXR export: a memorising model's samples are its training images.
+IMAGES = ("samples.png", "final/samples.png")
+
+
+@dataclass
+class Export:
+    """What export_trial wrote: one line per file (what it is, how to load it) and notes."""
+
+    out: Path
+    lines: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def select_trial(records: list[dict[str, Any]], which: str = "best") -> dict[str, Any]:
@@ -36,122 +58,139 @@ def select_trial(records: list[dict[str, Any]], which: str = "best") -> dict[str
     raise UserError(f"no trial {which!r} in this run (trials: {names}; or best)")
 
 
-def export_trial(run_dir: Path, out: Path, which: str = "best") -> Path:
-    """Write delta/, method_spec.yaml, a merged `unet/` folder and README.md for one trial."""
-    from capsearch.delta import load_delta, merge
+def _checked_extras(trial: Path, mimic: bool) -> list[str]:
+    extras = [e for e in EXTRAS if (trial / e).is_file() and not (mimic and e in IMAGES)]
+    for extra in (e for e in extras if e.endswith(".json")):  # a damaged copy is not exported
+        try:
+            json.loads((trial / extra).read_text())
+        except (OSError, ValueError):
+            raise UserError(
+                corrupt_error(trial / extra, "or delete it to export without it")
+            ) from None
+    return extras
+
+
+def _attack_settings(trial: Path, final: bool) -> dict[str, Any]:
+    """The evaluation settings (attack size) beside the metrics the card shows."""
+    path = trial / ("final/metrics.json" if final else "metrics.json")
+    try:
+        return json.loads(path.read_text()).get("settings") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def export_trial(
+    run_dir: Path, out: Path, which: str = "best", *, lora: bool = False, single_file: bool = False
+) -> Export:
+    """Write one trial as a pipeline folder with delta/, method spec and card; LoRA files and one SD
+    checkpoint on request. Every check runs before `out` is made."""
+    from capsearch.delta import load_delta, merge, read_spec
+    from capsearch.export_lora import MERGED_ONLY, lora_only_error, write_lora_files
+    from capsearch.export_pipeline import base_folder, components_of, write_pipeline_folder
+    from capsearch.export_single import check_sd1, write_single_file
+    from capsearch.methods import Applied
     from capsearch.models import load_pipeline
 
     run_dir, out = Path(run_dir), Path(out)
     spec = read_run_spec(run_dir)
     record = select_trial(load_trials(run_dir), which)
-    name = Path(record["dir"]).name
+    name, trial = Path(record["dir"]).name, Path(record["dir"])
     if record.get("status") == CORRUPT:
         raise UserError(record["error"])
     if record.get("status") != "ok":
         raise UserError(f"trial {name} did not finish successfully ({record.get('status')})")
-    delta = Path(record["dir"]) / "delta"
+    delta = trial / "delta"
     if not (delta / "delta.safetensors").is_file():
         raise UserError(f"trial {name} has no delta ({delta} is missing)")
     if out.exists() and not out.is_dir():
         raise UserError(f"export folder {out} is a file; choose a new folder")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"export folder {out} is not empty; choose a new one")
-    extras = [e for e in EXTRAS if (Path(record["dir"]) / e).is_file()]
-    for extra in (e for e in extras if e.endswith(".json")):  # a damaged copy is not exported
-        try:
-            json.loads((Path(record["dir"]) / extra).read_text())
-        except (OSError, ValueError):
-            path = Path(record["dir"]) / extra
-            raise UserError(corrupt_error(path, "or delete it to export without it")) from None
-    pipe = load_pipeline(spec.model)
+    _, mimic = data_name(spec)
+    extras = _checked_extras(trial, mimic)
+    entries = read_spec(delta)["methods"]
+    if lora and lora_only_error(entries):
+        raise UserError(f"trial {name}: {lora_only_error(entries)}")
+    pipe = load_pipeline(spec.model)  # a missing base: one line naming what to download
+    base = base_folder(spec.model)
+    if base is not None:
+        components_of(base)  # a base without the components its index names: one line
+    if single_file:
+        check_sd1(pipe.unet, pipe.vae, pipe.text_encoder)  # pixel-space, SD 2.x, SDXL: one line
     unet = load_delta(pipe.unet, delta)  # a delta it cannot read: one line, before --out is made
+
     out.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^\w.-]+", "_", f"capsearch_{spec.name}_{name}")
+    result = Export(out=out)
+    files: list[str] = []
+
+    def wrote(path: str, what: str, code: str = "", where: str = "") -> None:
+        """One printed line (real paths) and one card line (EXPORT for this folder) per file."""
+        extra = [where] if where else []
+        printed = extra + ([code.format(root=out)] if code else [])
+        carded = extra + ([f"`{code.format(root='EXPORT')}`"] if code else [])
+        result.lines.append(
+            f"{out}/{path}  {what}" + (": " + "; ".join(printed) if printed else "")
+        )
+        shown = f"`{path}`" if path else "this folder"
+        files.append(f"{shown} — {what}" + (": " + "; ".join(carded) if carded else ""))
+
+    if lora:
+        applied = Applied(names=[], entries=entries, rates={})
+        lora_files = write_lora_files(unet, out, applied, f"{stem}_lora.safetensors")
+    merged = merge(unet)
+    folder = write_pipeline_folder(out, merged, pipe, base)
+    source = f"from {base}" if base is not None else "written from the random base"
+    if folder.latent:
+        wrote("", "pipeline folder", 'StableDiffusionPipeline.from_pretrained("{root}")')
+    else:
+        wrote("", "pipeline folder", 'capsearch.models.load_pipeline("{root}")')
+    result.lines[-1] += f"  ({folder.placed()} {source})"
+    wrote("unet/", "merged UNet", 'UNet2DConditionModel.from_pretrained("{root}/unet")')
     shutil.copytree(delta, out / "delta")
+    wrote("delta/", "trained tensors only", 'capsearch.delta.load_delta(base_unet, "{root}/delta")')
+    if lora:
+        model = spec.model.replace("{", "{{").replace("}", "}}")  # `how` is formatted below
+        if folder.latent:
+            how = f'StableDiffusionPipeline.from_pretrained("{model}")'
+            how += '.load_lora_weights("{root}")'
+        else:
+            how = f'capsearch.models.load_pipeline("{model}").unet'
+            how += '.load_lora_adapter("{root}", prefix="unet", use_safetensors=True)'
+        wrote(lora_files[0].name, "diffusers LoRA, into the BASE pipeline", how)
+        where = "ComfyUI models/loras/, A1111 models/Lora/, with the base model loaded"
+        wrote(lora_files[1].name, "kohya LoRA", where=where)
+    if single_file:
+        path = write_single_file(out / f"{stem}.safetensors", merged, pipe.vae, pipe.text_encoder)
+        code = (
+            f'StableDiffusionPipeline.from_single_file("{{root}}/{path.name}", config="{{root}}")'
+        )
+        where = "A1111 models/Stable-diffusion/, ComfyUI models/checkpoints/"
+        wrote(path.name, "SD 1.x checkpoint", code, where)
     (out / "method_spec.yaml").write_text(
         f"# trial {name} of {run_dir}\n# base model: {spec.model}\n" + best_config_yaml(record)
     )
+    wrote("method_spec.yaml", "the method per unit group, training settings and mitigations")
     for extra in extras:
         (out / extra).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(Path(record["dir"]) / extra, out / extra)
-    merge(unet).save_pretrained(out / "unet", safe_serialization=True)
-    (out / "README.md").write_text(model_card(record, spec.model, name))
-    return out
-
-
-def model_card(record: dict[str, Any], base_model: str, name: str) -> str:
-    """A model card (Hugging Face README.md) with the trial's method, settings and metrics."""
-    final = record.get("final")
-    view = final_view(record) if final else record
-    metrics, intervals = view.get("metrics", {}), view.get("intervals") or {}
-    where = (
-        f"the final re-evaluation ({final.get('split')} split, sampling seed {final.get('seed')}, "
-        "on images the search never scored)"
-        if final
-        else "the search's evaluation (no final re-evaluation: the numbers it was selected on)"
-    )
-    front = {
-        "library_name": "diffusers",
-        "base_model": base_model,
-        "tags": ["capsearch", "text-to-image", "chest-x-ray", "memorisation-mitigation"],
-    }
-    from capsearch.metrics.table import METRICS
-
-    lines = []
-    for metric in METRICS:  # the metric table's rows (capsearch.metrics.table)
-        label, key, fmt = metric.label, metric.name, metric.fmt
-        value = metrics.get(key) if metric.card else None
-        if value is None:
-            continue
-        ci = intervals.get(key)
-        shown = f"[{format(ci[0], fmt)}, {format(ci[1], fmt)}]" if ci else "–"
-        lines.append(f"| {label} | {format(value, fmt)} | {shown} |")
-    if view.get("reward") is not None:
-        lines.append(f"| reward ↑ | {view['reward']:.3f} | – |")
-    table = "\n".join(lines)
-    settings = json.dumps(record.get("train", {}), indent=2, default=str)
-    return f"""---
-{yaml.safe_dump(front, sort_keys=False).strip()}
----
-
-# {display_name(record)} — capsearch trial {name}
-
-A UNet fine-tuned from `{base_model}` by capsearch, which searches which parts of a text-to-image
-diffusion UNet to train so that it learns chest X-rays without memorising its training images
-(Dutt et al., ICML 2024, "Capacity Control is an Effective Memorization Mitigation Mechanism in
-Text-Conditional Diffusion Models"). Only the UNet changed; text encoder, tokenizer, scheduler (and
-VAE) are the base model's.
-
-## Files
-
-- `unet/` — the merged UNet: `UNet2DConditionModel.from_pretrained("unet")`, then use it in place
-  of the base pipeline's UNet.
-- `delta/` — only the trained tensors and the method spec (`capsearch.delta.load_delta` applies them
-  to the base UNet).
-- `method_spec.yaml` — the method per unit group, training settings and mitigations.
-- `metrics.json`, `samples.png` — the trial's evaluation during the search; `final/` — its final
-  re-evaluation, if it was a finalist.
-
-## Evaluation
-
-From {where}; 95% intervals resample or delete whole prompts (capsearch docs/metrics.md).
-
-| metric | value | 95% interval |
-|---|---:|---:|
-{table}
-
-Evaluated on {record.get("trainable", 0):,} trainable of {record.get("total", 0):,} UNet parameters.
-The metrics come from capsearch's evaluation of this trial (settings in `metrics.json`); they are
-not comparable across feature extractors or data sets.
-
-## Training settings
-
-```json
-{settings}
-```
-
-## Limitations
-
-Fine-tuned generative models can reproduce training images. The extraction attack and AMD above
-estimate that risk on the training data; they do not prove its absence. Do not share samples of a
-model trained on patient data without the data owner's approval.
-"""
+        shutil.copy2(trial / extra, out / extra)
+    if extras:
+        wrote(", ".join(extras), "the trial's evaluation records")
+    settings = _attack_settings(trial, bool(record.get("final")))
+    card = model_card(record, spec.model, name, spec=spec, files=files, settings=settings)
+    (out / "README.md").write_text(card)
+    result.lines.append(f"{out}/README.md  model card: base, methods, data, metrics, memorisation")
+    merged_only = sorted({e["method"] for e in entries} & set(MERGED_ONLY))
+    if merged_only:
+        result.notes.append(
+            f"{', '.join(merged_only)}: no diffusers loader reads these adapters; exported as merged "
+            "weights only (the pipeline folder, unet/)"
+        )
+    elif not lora and lora_only_error(entries) is None:
+        result.notes.append("a LoRA trial: add --lora for diffusers and kohya LoRA files")
+    if mimic:
+        result.notes.append(
+            "MIMIC-CXR: share only under its PhysioNet credentialed data-use agreement (README.md); "
+            "sample images were left out"
+        )
+    return result

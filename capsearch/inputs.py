@@ -77,7 +77,7 @@ def check_inputs(spec: Spec) -> None:
     if spec.model in models.TINY_MODELS:
         models.load_pipeline(spec.model)
     else:
-        models._resolve_folder(spec.model)  # the resolution every trial's load_pipeline does
+        models.resolve_folder(spec.model)  # the resolution every trial's load_pipeline does
     if spec.data.path is not None:
         metadata_path(Path(spec.data.path).expanduser())
     for i, folder in enumerate(map(Path, spec.search.reuse)):

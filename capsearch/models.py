@@ -165,7 +165,7 @@ def tiny_random(seed: int = 0) -> Pipeline:
     return Pipeline(tokenizer, text_encoder, unet, scheduler, None, spec="tiny:random")
 
 
-def _resolve_folder(spec: str) -> Path:
+def resolve_folder(spec: str) -> Path:
     """A local diffusers folder, or a hub id already in the local Hugging Face cache."""
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -267,4 +267,4 @@ def load_pipeline(spec: str = "tiny") -> Pipeline:
                 "`capsearch pretrain shapes --out capsearch/assets/tiny_base`"
             )
         return load_folder(TINY_BASE, spec="tiny")
-    return load_folder(_resolve_folder(spec), spec=spec)
+    return load_folder(resolve_folder(spec), spec=spec)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
+from capsearch.commands import export as export_command
 from capsearch.errors import UserError
 
 
@@ -54,11 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     report.set_defaults(func=_report)
 
-    export = sub.add_parser("export", help="export a trial: delta, method spec, merged UNet, card")
-    export.add_argument("run_dir", type=Path, metavar="DIR")
-    export.add_argument("--trial", default="best", help="best (default), tNNN or a baseline name")
-    export.add_argument("--out", type=Path, required=True, help="new folder to write")
-    export.set_defaults(func=_export)
+    export_command.register(sub)  # capsearch/commands/export.py
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
@@ -256,19 +254,36 @@ def _progress(run_dir: Path) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from capsearch.metrics.table import METRICS
+    from capsearch.progress import trial_progress
     from capsearch.report import display_name
     from capsearch.runs import RESULT_FILE, trial_dir
 
     class Printer(tune.Callback):
         def setup(self, total_num_samples: int = 0, **info: Any) -> None:
             self.bar = Progress(TextColumn("trials"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn())  # fmt: skip
-            self.task = self.bar.add_task("trials", total=total_num_samples or None)
+                                TimeElapsedColumn(), TextColumn("{task.fields[running]}"))  # fmt: skip
+            self.task = self.bar.add_task("trials", total=total_num_samples or None, running="")
+            self.polled = 0.0
             self.bar.start()
+
+        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            """The running trials' step/total and rate, from their train_log.jsonl (every 2 s)."""
+            if time.time() - self.polled < 2:  # Tune's loop turns many times a second
+                return
+            self.polled = time.time()
+            lines = [trial_progress(trial_dir(Path(run_dir), int(t.config["_number"])))
+                     for t in trials if t.status == "RUNNING" and "_number" in t.config]  # fmt: skip
+            self.bar.update(self.task, running="  ".join(line for line in lines if line))
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             name = trial.config.get("baseline") or "searched"
-            self.bar.console.print(f"started t{trial.config.get('_number', 0):03d} ({name})")
+            line = f"started t{trial.config.get('_number', 0):03d} ({name})"
+            plan = trial.config.get("plan") or {}
+            if plan.get("resume_from"):  # an interrupted trial's checkpoint
+                line += f", going on from {Path(plan['resume_from']).parent.name}'s checkpoint"
+            if plan.get("reuse_from"):  # a finished trial of a search.reuse run: no training
+                line += f", trained as {plan['reuse_from']}"
+            self.bar.console.print(line, highlight=False)
 
         def _done(self, trial: Any) -> None:
             import json
@@ -362,12 +377,4 @@ def _report(args: argparse.Namespace) -> int:
     from capsearch.seeds import write_seeds_report
 
     print(f"wrote {write_seeds_report(args.run_dirs, args.out)}")
-    return 0
-
-
-def _export(args: argparse.Namespace) -> int:
-    from capsearch.export import export_trial
-
-    out = export_trial(args.run_dir, args.out, args.trial)
-    print(f"exported to {out} (unet/, delta/, method_spec.yaml, README.md)")
     return 0
