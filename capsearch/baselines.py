@@ -9,12 +9,61 @@ middle of the range (geometric middle for log ranges). capsearch.coverage checks
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from pydantic import Field, model_validator
+
 from capsearch.errors import UserError
+from capsearch.settings import Strict
 from capsearch.space import FROZEN, Baseline, Group, Param, SearchSpace, _is_number
+
+
+class FixedTrial(Strict):
+    """A configuration run by name like a baseline (`baselines.fixed`): a found one confirmed on other
+    seeds or data, or a stopped trial run to its end. Its parameters are given, or read once from a
+    trial folder's params.json (`trial`, kept as the parameters' source)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
+    params: dict[str, Any] | None = None
+    trial: str | None = None
+
+    @model_validator(mode="after")
+    def _read_trial(self) -> FixedTrial:
+        if self.params is None and self.trial is None:
+            raise ValueError("give params, or trial (a trial folder) to read them from")
+        if self.params is None:
+            path = Path(self.trial) / "params.json"
+            try:
+                self.params = dict(json.loads(path.read_text())["params"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"cannot read the parameters of {path}: {exc}") from None
+        return self
+
+
+def fixed_points(
+    space: SearchSpace, fixed: Sequence[FixedTrial], taken: set[str]
+) -> list[Baseline]:
+    """`baselines.fixed` as baselines: each checked against the space (one line naming it if not)."""
+    from capsearch.space import params_to_method_spec, params_to_mitigations
+
+    points = []
+    for i, entry in enumerate(fixed):
+        where = f"baselines.fixed[{i}]"
+        if entry.name in taken:
+            raise UserError(f"{where}.name: {entry.name!r} is already a baseline's name")
+        taken.add(entry.name)
+        params = dict(entry.params or {})
+        try:
+            params_to_method_spec(params, space)
+            params_to_mitigations(params, space, [])
+        except UserError as exc:
+            raise UserError(f"{where}.params: {exc}") from None
+        points.append(Baseline(entry.name, "fixed", params.get("mitigation", "none"), params, {}))
+    return points
 
 
 def baseline_value(p: Param, method_default: Any = None) -> Any:

@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from capsearch.baselines import FixedTrial
 from capsearch.errors import UserError
 from capsearch.metrics.table import reward_metrics
 from capsearch.reward import OBJECTIVES
@@ -189,6 +190,9 @@ class BaselinesSpec(Strict):
     methods: list[str] = Field(default_factory=list)
     mitigations: list[str] = Field(default_factory=lambda: ["none"])
     train: dict[str, BaselineTrain] = Field(default_factory=dict)
+    fixed: list[FixedTrial] = Field(
+        default_factory=list
+    )  # named configurations (capsearch.baselines)
 
     @field_validator("mitigations")
     @classmethod
@@ -394,7 +398,7 @@ def spec_from_dict(data: dict[str, Any], source: str = "spec") -> Spec:
 
 
 def _baselines(spec: Spec) -> list[Baseline]:
-    from capsearch.baselines import baseline_points
+    from capsearch.baselines import baseline_points, fixed_points
     from capsearch.methods import get_method
     from capsearch.space import FROZEN
 
@@ -408,13 +412,14 @@ def _baselines(spec: Spec) -> list[Baseline]:
         if method not in spec.baselines.methods:
             raise UserError(f"baselines.train.{method}: {method!r} is not in baselines.methods")
     overrides = {k: v.model_dump(exclude_none=True) for k, v in spec.baselines.train.items()}
-    return baseline_points(
+    points = baseline_points(
         spec.search_space,
         spec.baselines.methods,
         spec.baselines.mitigations,
         overrides,
         spec.train.model_dump(),
     )
+    return points + fixed_points(spec.search_space, spec.baselines.fixed, {b.name for b in points})
 
 
 def _check_consistency(spec: Spec) -> None:

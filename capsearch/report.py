@@ -262,6 +262,9 @@ def write_report(run_dir: Path) -> Path:
         ]
         if (Path(best["dir"]) / "samples.png").is_file():
             lines += ["", f"![samples of {name}](trials/{name}/samples.png)"]
+    from capsearch.searchstats import max_steps, report_lines
+
+    lines += report_lines(run_dir, records, max_steps(spec))
     lines += ["", "## Samples", "", "| trial | method | samples |", "|---|---|---|"]
     for r in done:
         name = Path(r["dir"]).name

@@ -170,6 +170,52 @@ def test_plan_trials_enqueues_baselines_with_their_names(spec, tmp_path):
     assert "baseline" not in define_space(trial, spec.search_space)
 
 
+def test_fixed_configurations_run_by_name_like_baselines(tmp_path):
+    from capsearch.errors import UserError
+    from capsearch.runs import write_json
+    from capsearch.search import open_study, plan_trials
+    from capsearch.trial import build_plan
+
+    found = {"attn.method": "lora", "attn.lora.rank": 3, "attn.lora.alpha": 8.0,
+             "mid.method": "difffit", "lr": 1.0e-4, "mitigation": "rwa", "mitigation.rwa.k": 2}  # fmt: skip
+    folder = trial_dir(tmp_path, 12)
+    folder.mkdir(parents=True)
+    write_json(folder / "params.json", {"trial": "t012", "params": found})
+    data = json.loads(json.dumps(SPEC))
+    data["baselines"]["fixed"] = [
+        {"name": "t012", "trial": str(folder)},
+        {"name": "mine", "params": found},
+    ]
+    spec = spec_from_dict(data)
+    assert [b.name for b in spec.baseline_points][-2:] == ["t012", "mine"]
+    assert spec.baseline("t012").params == spec.baseline("mine").params == found
+    # read once: the run folder's spec.yaml holds the parameters, and loads without the trial folder
+    saved = spec.to_dict()
+    assert saved["baselines"]["fixed"][0]["params"] == found
+    (folder / "params.json").unlink()
+    assert spec_from_dict(saved).baseline("t012").params == found
+    plan = build_plan(spec, found, "t012", 9, tmp_path)
+    assert plan.method_spec[0]["method"] == "lora" and plan.train.lr == 1.0e-4
+    assert not plan.report_probes or spec.search.scheduler.name == "fifo"  # never stopped by ASHA
+    (tmp_path / "run").mkdir()
+    study = open_study(spec, tmp_path / "run")
+    assert plan_trials(spec, study, tmp_path / "run") == 5 + 2
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [t.user_attrs["baseline"] for t in waiting][-2:] == ["t012", "mine"]
+    for fixed, message in (
+        ({"name": "t012", "trial": str(folder)}, "cannot read the parameters of"),
+        ({"name": "difffit", "params": found}, "already a baseline's name"),
+        (
+            {"name": "x", "params": {**found, "attn.method": "svdiff"}},
+            r"baselines\.fixed\[0\]\.params: trial parameter attn",
+        ),
+        ({"name": "x"}, "give params, or trial"),
+    ):
+        data["baselines"]["fixed"] = [fixed]
+        with pytest.raises(UserError, match=message):
+            spec_from_dict(json.loads(json.dumps(data)))
+
+
 def test_resume_counts_finished_trials_and_settles_interrupted_ones(spec, tmp_path):
     from capsearch.runs import write_json
     from capsearch.search import open_study, plan_trials
@@ -562,6 +608,8 @@ def test_asha_stops_searched_trials_but_never_baselines(tmp_path, capsys):
     records = {r["number"]: r for r in load_trials(run)}
     assert len(records) == 7 and {r["status"] for r in records.values()} <= {"ok", "stopped"}
     assert all(r["status"] == "ok" for r in records.values() if r.get("baseline"))
+    stopped = [r for r in records.values() if r["status"] == "stopped"]
+    assert all(0 < r["steps"] < 8 and r["seconds"] > 0 for r in stopped)  # what each one cost
     study = optuna.load_study(study_name="capsearch", storage=f"sqlite:///{run / 'optuna.db'}")
     for t in study.trials:
         expected = "PRUNED" if records[t.number]["status"] == "stopped" else "COMPLETE"
