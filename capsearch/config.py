@@ -34,6 +34,7 @@ from capsearch.space import (
     build_space,
     check_base_mitigations,
 )
+from capsearch.worlds.transfer import AvoidReports
 
 
 class _Loader(yaml.SafeLoader):
@@ -65,6 +66,8 @@ class PhantomData(Strict):
     # Images per held-out split (validate, test); None: evaluate.reference_ratio × the most samples an
     # evaluation generates, so that every FID reference is large enough (held-out phantoms cost nothing).
     held_out_images: int | None = Field(None, ge=0)
+    # A transfer world: no report sentence of this other world's (capsearch.worlds.transfer).
+    avoid_reports_of: AvoidReports | None = None
 
 
 class DataSpec(Strict):

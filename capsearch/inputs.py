@@ -27,13 +27,14 @@ def prepare_data(spec: Spec, run_dir: Path, console: Any = None) -> Path:
     root = run_dir / "data"
     from capsearch.worlds.phantom import phantom_complete, write_phantom_dataset
 
-    if not phantom_complete(root):  # never made, or cut short (a kill during generation): make it
+    settings = spec.data.phantom.model_dump()
+    if settings["held_out_images"] is None:
+        settings["held_out_images"] = held_out_images_needed(spec)
+    # Never made, cut short (a kill during generation) or made with other report avoidance: make it.
+    if not phantom_complete(root, settings):
         if console is not None:
-            again = " again: the last generation was cut short" if root.exists() else " (once)"
+            again = " again (cut short, or made otherwise)" if root.exists() else " (once)"
             console.print(f"generating the phantom data set in {root}{again}")
-        settings = spec.data.phantom.model_dump()
-        if settings["held_out_images"] is None:
-            settings["held_out_images"] = held_out_images_needed(spec)
         write_phantom_dataset(root, **settings, progress=console is not None)
     return root
 

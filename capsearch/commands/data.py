@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -44,6 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0,
         help="add held-out patients until validate and test each hold this many images (default 0)",
     )
+    phantom.add_argument(
+        "--avoid-reports-of",
+        metavar="SEED:PATIENTS[:HELD_OUT_IMAGES]",
+        default=None,
+        help="a transfer world: reuse no report sentence of the phantom world with this seed and "
+        "patients (its held-out images: --held-out-images unless given)",
+    )
     phantom.set_defaults(func=_phantom)
 
     mimic = actions.add_parser(
@@ -73,6 +81,7 @@ def _phantom(args: argparse.Namespace) -> int:
     from capsearch.data import read_metadata
     from capsearch.worlds.phantom import write_phantom_dataset
 
+    avoid = _avoid_reports_of(args.avoid_reports_of)
     started = time.perf_counter()
     path = write_phantom_dataset(
         args.out,
@@ -82,6 +91,7 @@ def _phantom(args: argparse.Namespace) -> int:
         dup_fraction=args.dup_fraction,
         dup_copies=args.dup_copies,
         held_out_images=args.held_out_images,
+        avoid_reports_of=avoid,
         progress=True,
     )
     records = read_metadata(path.parent)
@@ -96,7 +106,35 @@ def _phantom(args: argparse.Namespace) -> int:
         print(
             f"memorisation subset: {len(groups)} images x {args.dup_copies} copies, unique captions"
         )
+    if avoid is not None:
+        sources = Counter(r["report_source"] for r in records if r["dup_group"] is None)
+        print(
+            f"reports avoid those of seed {avoid['seed']} ({avoid['patients']} patients): "
+            + ", ".join(f"{s} {sources[s]}" for s in ("real", "composed", "template"))
+            + " images (templates may coincide with its own)"
+        )
     return 0
+
+
+def _avoid_reports_of(value: str | None) -> dict[str, int] | None:
+    """--avoid-reports-of SEED:PATIENTS[:HELD_OUT_IMAGES] as avoid_reports_of settings."""
+    from capsearch.errors import UserError
+
+    if value is None:
+        return None
+    parts = value.split(":")
+    if len(parts) not in (2, 3) or not all(re.fullmatch(r"-?\d+", p.strip()) for p in parts):
+        raise UserError(
+            f"--avoid-reports-of must be SEED:PATIENTS or SEED:PATIENTS:HELD_OUT_IMAGES "
+            f"(integers), got {value!r}"
+        )
+    numbers = [int(p) for p in parts]
+    if numbers[1] < 1 or (len(numbers) == 3 and numbers[2] < 0):
+        raise UserError(
+            f"--avoid-reports-of: PATIENTS must be at least 1 and HELD_OUT_IMAGES at least 0, "
+            f"got {value!r}"
+        )
+    return dict(zip(("seed", "patients", "held_out_images"), numbers, strict=False))
 
 
 def _mimic(args: argparse.Namespace) -> int:

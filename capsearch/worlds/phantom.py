@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -21,10 +22,12 @@ from capsearch.worlds.anatomy import HEART, LUNG_AIR, Anatomy, build_scene, samp
 from capsearch.worlds.cooccurrence import sample_findings
 from capsearch.worlds.reports import (
     FINDINGS,
+    ReportBank,
     attributes_from_text,
     findings_from_text,
     report_bank,
 )
+from capsearch.worlds.transfer import AvoidReports, avoided_world, bank_avoiding
 
 __all__ = [
     "FINDINGS",
@@ -38,8 +41,9 @@ __all__ = [
 SIZES = (32, 64, 128)
 IMAGE_DIR = "images"
 METADATA = "metadata.jsonl"
-# Written last, after every image and the metadata: the number of records and the metadata's SHA-256.
-# A generated folder without it (or whose metadata no longer matches it) was cut short: make it again.
+# Written last, after every image and the metadata: the number of records and the metadata's SHA-256
+# (and the world whose reports were avoided, if any). A generated folder without it (or whose metadata
+# no longer matches it) was cut short: make it again.
 COMPLETE = "complete.json"
 _PATIENT_STREAM, _SPLIT_STREAM, _DUP_STREAM = 0, 1, 2  # numpy seed sequences [seed, stream, ...]
 
@@ -141,11 +145,16 @@ class _Study:
     acquisition_seeds: list[int]
 
 
-def _plan_patient(index: int, seed: int) -> tuple[Anatomy, list[_Study]]:
-    """A patient's anatomy and studies: several studies, several images each, as in MIMIC-CXR."""
+def _plan_patient(
+    index: int, seed: int, bank: ReportBank | None = None
+) -> tuple[Anatomy, list[_Study]]:
+    """A patient's anatomy and studies: several studies, several images each, as in MIMIC-CXR.
+
+    Reports come from `bank` (default: the full shared bank; a transfer world passes a filtered one).
+    """
     rng = np.random.default_rng([seed, _PATIENT_STREAM, index])
     anatomy = sample_anatomy(rng)
-    bank = report_bank()
+    bank = report_bank() if bank is None else bank
     patient_id = f"p{index:05d}"
     studies: list[_Study] = []
     for k in range(int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))):
@@ -211,7 +220,9 @@ def _validate(out: Path, patients: int, size: int, dup_fraction: float, dup_copi
             )
 
 
-def _held_out_patients(patients: int, seed: int, splits: list[str], images: int) -> list[str]:
+def _held_out_patients(
+    patients: int, seed: int, splits: list[str], images: int, bank: ReportBank | None = None
+) -> list[str]:
     """Splits of extra held-out patients, drawn until validate and test each hold `images` images.
 
     They are patients `patients`, `patients + 1`, ... of the same world (their own random streams), so
@@ -221,11 +232,12 @@ def _held_out_patients(patients: int, seed: int, splits: list[str], images: int)
     count = {"validate": 0, "test": 0}
     for index, split in enumerate(splits):
         if split in count:
-            count[split] += sum(len(s.views) for s in _plan_patient(index, seed)[1])
+            count[split] += sum(len(s.views) for s in _plan_patient(index, seed, bank)[1])
     extra: list[str] = []
     while min(count.values()) < images:
         split = min(count, key=lambda k: (count[k], k == "validate"))  # ties: test first
-        count[split] += sum(len(s.views) for s in _plan_patient(patients + len(extra), seed)[1])
+        plan = _plan_patient(patients + len(extra), seed, bank)
+        count[split] += sum(len(s.views) for s in plan[1])
         extra.append(split)
     return extra
 
@@ -238,6 +250,7 @@ def write_phantom_dataset(
     dup_fraction: float = 0.0,
     dup_copies: int = 10,
     held_out_images: int = 0,
+    avoid_reports_of: AvoidReports | Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> Path:
     """Write a phantom image folder (PNG files + metadata.jsonl) and return the metadata path.
@@ -245,14 +258,34 @@ def write_phantom_dataset(
     `patients` are split 80/10/10 into train/validate/test by patient; `held_out_images` > 0 adds
     held-out patients until the validate and the test split each hold at least that many images (held-out
     references for FID cost nothing in this world, and never change the training set).
+    `avoid_reports_of` makes a transfer world: no report sentence of that world (capsearch.worlds.transfer).
     """
     out = Path(out)
     _validate(out, patients, size, dup_fraction, dup_copies)
     if held_out_images < 0:
         raise UserError(f"--held-out-images must be at least 0, got {held_out_images}")
+    avoid = avoided_world(avoid_reports_of, held_out_images)
+    bank = bank_avoiding(**avoid) if avoid else None
+    expanded = _plan_rows(patients, seed, dup_fraction, dup_copies, held_out_images, bank)
+    try:
+        _write(out, size, expanded, progress, {"avoid_reports_of": avoid} if avoid else {})
+    except OSError as exc:
+        raise UserError(f"cannot write the phantom dataset to {out}: {exc}") from None
+    return out / METADATA
+
+
+def _plan_rows(
+    patients: int,
+    seed: int,
+    dup_fraction: float,
+    dup_copies: int,
+    held_out_images: int,
+    bank: ReportBank | None = None,
+) -> list[tuple[dict, tuple[Anatomy, _Study, int], list[str]]]:
+    """Every image's metadata row, what to render it from and the file name(s) it is written to."""
     splits = _assign_splits(patients, seed)
-    splits += _held_out_patients(patients, seed, splits, held_out_images)
-    plans = [_plan_patient(i, seed) for i in range(len(splits))]
+    splits += _held_out_patients(patients, seed, splits, held_out_images, bank)
+    plans = [_plan_patient(i, seed, bank) for i in range(len(splits))]
     rows: list[dict] = []
     jobs: list[tuple[Anatomy, _Study, int]] = []
     for (anatomy, studies), split in zip(plans, splits, strict=True):
@@ -293,12 +326,7 @@ def write_phantom_dataset(
         expanded.append(
             ({**row, "text": caption, "dup_group": g, "report_source": "memorised"}, job, names)
         )
-
-    try:
-        _write(out, size, expanded, progress)
-    except OSError as exc:
-        raise UserError(f"cannot write the phantom dataset to {out}: {exc}") from None
-    return out / METADATA
+    return expanded
 
 
 def _write(
@@ -306,8 +334,9 @@ def _write(
     size: int,
     expanded: list[tuple[dict, tuple[Anatomy, _Study, int], list[str]]],
     progress: bool,
+    marker: dict[str, Any],
 ) -> None:
-    """Render every planned image, write its file(s), then metadata.jsonl (last: marks completion)."""
+    """Render every planned image, write its file(s), metadata.jsonl, then the completeness marker."""
     if (out / IMAGE_DIR).is_dir():
         shutil.rmtree(out / IMAGE_DIR)
     (out / COMPLETE).unlink(missing_ok=True)
@@ -337,14 +366,24 @@ def _write(
     metadata = "".join(json.dumps(record) + "\n" for record in records).encode("utf-8")
     atomic_write(out / METADATA, metadata)
     digest = hashlib.sha256(metadata).hexdigest()
-    atomic_write(out / COMPLETE, json.dumps({"records": len(records), "sha256": digest}) + "\n")
+    marker = {"records": len(records), "sha256": digest, **marker}
+    atomic_write(out / COMPLETE, json.dumps(marker) + "\n")
 
 
-def phantom_complete(root: Path) -> bool:
-    """Whether a generated phantom folder was written to the end (its completeness marker matches)."""
+def phantom_complete(root: Path, settings: Mapping[str, Any] | None = None) -> bool:
+    """Whether a generated phantom folder was written to the end (its completeness marker matches).
+
+    `settings`, the write_phantom_dataset arguments it is wanted with: its report avoidance must match
+    too (a folder made without avoidance is no transfer world, and the reverse).
+    """
     try:
         marker = json.loads((Path(root) / COMPLETE).read_text())
         metadata = (Path(root) / METADATA).read_bytes()
     except (OSError, ValueError):
         return False
-    return isinstance(marker, dict) and marker.get("sha256") == hashlib.sha256(metadata).hexdigest()
+    if not isinstance(marker, dict) or marker.get("sha256") != hashlib.sha256(metadata).hexdigest():
+        return False
+    if settings is None:
+        return True
+    wanted = avoided_world(settings.get("avoid_reports_of"), settings.get("held_out_images") or 0)
+    return marker.get("avoid_reports_of") == wanted
