@@ -53,6 +53,9 @@ class TrainSettings(Strict):
     # auto: bf16 or fp16 on a GPU, no on CPU (resolve_precision)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     gradient_checkpointing: bool = False
+    # Encode the frozen parts once per fine-tune: text states per caption, VAE posteriors per image
+    # (capsearch.encode_cache); off encodes every batch afresh. Same losses up to rounding.
+    cache_encodings: bool = True
     ema_decay: float | None = Field(None, gt=0, lt=1)
     seed: int = 0
     size: int = Field(32, ge=8)
@@ -75,8 +78,9 @@ class TrainSettings(Strict):
         return base_mitigations(self.caption_dropout, self.mitigations)
 
 
-# TrainSettings fields that change what a fine-tune records, not what it trains.
-RECORD_ONLY = frozenset({"preview_every", "preview_prompts"})
+# TrainSettings fields that change what a fine-tune records or how fast it runs, not what it trains
+# (cache_encodings: bit-identical losses and weights either way, tests/test_encode_cache.py).
+RECORD_ONLY = frozenset({"preview_every", "preview_prompts", "cache_encodings"})
 
 
 def same_training(recorded: Mapping[str, Any], planned: Mapping[str, Any]) -> bool:

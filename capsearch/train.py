@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from capsearch.atomic import atomic_write
+from capsearch.encode_cache import TrainingInputs, encode_latents, host_draw
 from capsearch.errors import UserError
 from capsearch.faults import maybe_fail
 from capsearch.mitigations import Mitigations, vocabulary_words
@@ -169,19 +170,13 @@ class _Run:
     dataset: ImageCaptionDataset
     images: torch.Tensor
     captions: list[str]
+    inputs: TrainingInputs  # latents and text states by record, encoded once (cache_encodings)
     uncond: torch.Tensor | None = None  # the empty prompt's embedding, for the threshold mitigation
     probe: Probe | None = None  # with probe_every: the held-out loss and memorisation signals
 
     def latents_of(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] as the UNet's input: VAE latents, or the pixels of a pixel-space model."""
-        vae = self.pipe.vae
-        if vae is None:
-            return x
-        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-        return (
-            vae.encode(x.to(vae.dtype)).latent_dist.sample(generator=None)
-            * vae.config.scaling_factor
-        )
+        return encode_latents(self.pipe, x)
 
 
 class _NonFiniteLoss(Exception):
@@ -222,6 +217,7 @@ def _set_up(
         unet, opt, lr_sched = accelerator.prepare(unet, *_optimizer(applied, unet, config))
     unet.train()
     pipe.text_encoder.requires_grad_(False).eval()
+    recurring = {*captions, *mit.fixed.values(), ""}  # the captions drawn again and again
     run = _Run(
         pipe=pipe,
         config=config,
@@ -236,6 +232,7 @@ def _set_up(
         dataset=ds,
         images=images,
         captions=captions,
+        inputs=TrainingInputs(pipe, images, config.batch_size, config.cache_encodings, recurring),
     )
     if mit.threshold:
         run.uncond = pipe.encode_prompts([""])  # frozen text encoder: once
@@ -272,13 +269,12 @@ def _loss(run: _Run, state: TrainState) -> tuple[torch.Tensor, dict[str, int]]:
     idx = state.next_batch(run.config.batch_size, len(run.images))
     texts, dropped, touched = mit.captions(idx, run.captions, state.rng)
     with torch.no_grad():
-        x0 = run.latents_of(run.images[idx].to(pipe.device))
-        ehs, noised = mit.embeddings(pipe.encode_prompts(texts), dropped, state.gen)
+        x0 = run.inputs.latents(idx)
+        ehs, noised = mit.embeddings(run.inputs.states(texts), dropped, state.gen)
     touched.update(noised)
-    noise = torch.randn(x0.shape, generator=state.gen).to(x0)
-    t = torch.randint(
-        0, pipe.scheduler.config.num_train_timesteps, (len(idx),), generator=state.gen
-    ).to(x0.device)
+    noise = host_draw(torch.randn, x0.shape, generator=state.gen, to=(x0.device, x0.dtype))
+    t = host_draw(torch.randint, 0, pipe.scheduler.config.num_train_timesteps, (len(idx),),
+                  generator=state.gen, to=(x0.device,))  # fmt: skip
     noisy = pipe.scheduler.add_noise(x0, noise, t)
     pred = run.unet(noisy, t, encoder_hidden_states=ehs).sample  # autocast: prepare()
     target = _target(pipe, x0, noise, t)

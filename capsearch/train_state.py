@@ -107,6 +107,9 @@ def _write_checkpoint(
             "lr": scheduler.state_dict() if scheduler else None,
             "scaler": scaler.state_dict() if scaler else None,
             "gen": state.gen.get_state(),
+            # the global streams too: a VAE base's posterior draws take theirs (capsearch.encode_cache)
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         },
         tmp / "state.pt",
     )
@@ -152,6 +155,10 @@ def load_checkpoint(
     if scaler is not None and saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])
     state.gen.set_state(saved["gen"])
+    if "torch_rng" in saved:  # checkpoints written before the global streams were kept lack them
+        torch.set_rng_state(saved["torch_rng"])
+    if saved.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
     meta = json.loads((path / "state.json").read_text())
     state.rng.setstate(_rng_from_json(meta["rng"]))
     state.losses, state.probes = meta["losses"], meta["probes"]

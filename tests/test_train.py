@@ -416,3 +416,28 @@ def test_the_optimizer_trains_each_entry_at_its_own_rates(data):
     norm_shifts = {n for n in rates if ".norm" in n and ".parametrizations." in n}
     assert norm_shifts and {rates[n] for n in norm_shifts} == {1e-6}
     assert {rates[n] for n in rates if n.startswith("up_blocks") and n not in norm_shifts} == {3e-3}
+
+
+def test_cache_encodings_is_a_train_flag_and_older_records_train_the_same(
+    data, tmp_path, monkeypatch
+):
+    """`--no-cache-encodings` reaches the fine-tune; a record written before the field existed
+    compares as the default (cache on), so resumed searches keep their finished trials."""
+    import capsearch.train as train_mod
+    from capsearch.cli import main
+    from capsearch.settings import same_training
+
+    seen, real = [], train_mod.finetune
+
+    def spy(pipe, spec, data, cfg, **kw):
+        seen.append(cfg.cache_encodings)
+        return real(pipe, spec, data, cfg, **kw)
+
+    monkeypatch.setattr(train_mod, "finetune", spy)
+    args = ["train", "--model", "tiny:random", "--data", str(data), "--method", "bitfit",
+            "--units", "mid_block", "--steps", "1", "--batch-size", "2"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "off"), "--no-cache-encodings"]) == 0
+    assert main([*args, "--out", str(tmp_path / "on")]) == 0
+    assert seen == [False, True]
+    old = {"steps": 300, "lr": 1e-4}
+    assert same_training(old, {**old, "cache_encodings": True})

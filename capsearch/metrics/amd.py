@@ -1,4 +1,9 @@
-"""AMD: mean over generated samples of the minimum cosine distance to the training set (exact, via faiss)."""
+"""AMD: mean over generated samples of the minimum cosine distance to the training set.
+
+Exact nearest neighbours either way: through faiss (an inner-product index, on a GPU when faiss sees
+one) where it imports, else by a chunked matrix product of the normalised features in torch, on the
+device the generated features are on. Both normalise the same way and merge blocks the same way.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +35,22 @@ def _normalised_block(feats: torch.Tensor | np.ndarray, start: int, stop: int) -
     # A zero vector has no direction: it stays zero, so its cosine similarity to everything is 0.
     block /= np.maximum(norms, 1e-12)
     return block
+
+
+def _unit_rows(feats: torch.Tensor | np.ndarray, start: int, stop: int, device) -> torch.Tensor:
+    """Rows [start, stop) as L2-normalised float32 on `device`, as _normalised_block makes them."""
+    block = feats[start:stop]
+    block = block.detach() if torch.is_tensor(block) else torch.from_numpy(np.asarray(block))
+    block = block.to(device, torch.float32)
+    return block / block.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _has_faiss() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _flat_ip_index(dim: int):
@@ -65,6 +86,8 @@ def nearest_train(
     if block_rows < 1 or query_rows < 1:
         raise UserError("block_rows and query_rows must be positive")
 
+    if not _has_faiss():
+        return _nearest_torch(gen_feats, train_feats, k, block_rows, query_rows)
     best_sim = np.full((n_gen, k), -np.inf, dtype=np.float32)
     best_idx = np.full((n_gen, k), -1, dtype=np.int64)
     queries = [
@@ -88,6 +111,37 @@ def nearest_train(
         del index
     dist = np.clip(1.0 - best_sim, 0.0, 2.0)
     return torch.from_numpy(dist), torch.from_numpy(best_idx)
+
+
+def _nearest_torch(
+    gen_feats: torch.Tensor | np.ndarray,
+    train_feats: torch.Tensor | np.ndarray,
+    k: int,
+    block_rows: int,
+    query_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """nearest_train without faiss: exact cosine top-k by normalised matrix products, chunked."""
+    device = gen_feats.device if torch.is_tensor(gen_feats) else torch.device("cpu")
+    n_gen, n_train = len(gen_feats), len(train_feats)
+    best_sim = torch.full((n_gen, k), -torch.inf, device=device)
+    best_idx = torch.full((n_gen, k), -1, dtype=torch.long, device=device)
+    queries = [
+        (q0, _unit_rows(gen_feats, q0, min(q0 + query_rows, n_gen), device))
+        for q0 in range(0, n_gen, query_rows)
+    ]
+    for t0 in range(0, n_train, block_rows):
+        t1 = min(t0 + block_rows, n_train)
+        block = _unit_rows(train_feats, t0, t1, device)
+        for q0, query in queries:
+            q1 = q0 + len(query)
+            sim, idx = (query @ block.T).topk(min(k, t1 - t0), dim=1)
+            # The same running top-k merge as the faiss path (blocks are disjoint).
+            all_sim = torch.cat([best_sim[q0:q1], sim], dim=1)
+            all_idx = torch.cat([best_idx[q0:q1], idx + t0], dim=1)
+            order = torch.argsort(-all_sim, dim=1, stable=True)[:, :k]
+            best_sim[q0:q1] = all_sim.gather(1, order)
+            best_idx[q0:q1] = all_idx.gather(1, order)
+    return (1.0 - best_sim).clamp(0.0, 2.0).cpu(), best_idx.cpu()
 
 
 def amd(

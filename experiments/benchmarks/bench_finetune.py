@@ -5,6 +5,10 @@ The plain loop is written the way diffusers' examples/text_to_image/train_text_t
 encode, add_noise, UNet, MSE, AdamW) on the same tiny model, data and batch. The two alternate in rounds so
 that machine noise hits both alike. Target: finetune/plain steps-per-second ratio ≥ 0.95.
 Per method: median step time and the process's peak RSS growth, each method in a fresh subprocess.
+
+`--cache`: instead, `finetune` with its frozen encodings cached (`train.cache_encodings`, the default)
+against encoding every step, same steps and data (caption dropout 0.1, as trials train), rounds
+alternated and the order flipped each round; prints the cached/per-step steps-per-second ratio.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,19 +50,41 @@ def plain_loop(pipe, images, captions, steps: int, batch: int, seed: int) -> flo
     return steps / (time.perf_counter() - t0)
 
 
-def capsearch_loop(data, steps: int, batch: int, seed: int, spec=None) -> float:
+def capsearch_loop(
+    data, steps: int, batch: int, seed: int, spec=None, cache: bool = True, dropout: float = 0.0
+) -> float:
     from capsearch.models import load_pipeline
     from capsearch.train import TrainSettings, finetune
 
     pipe = load_pipeline("tiny:random")
-    res = finetune(
-        pipe,
-        spec or [{"method": "full", "units": "*"}],
-        data,
-        TrainSettings(steps=steps, batch_size=batch, seed=seed, caption_dropout=0.0),
-        quiet=True,
-    )
-    return res.steps / res.seconds
+    cfg = TrainSettings(steps=steps, batch_size=batch, seed=seed, caption_dropout=dropout,
+                        cache_encodings=cache)  # fmt: skip
+    res = finetune(pipe, spec or [{"method": "full", "units": "*"}], data, cfg, quiet=True)
+    return res.steps / res.seconds  # the loop's own time: set-up (and a VAE's encoding) not counted
+
+
+def cache_rounds(data, steps: int, rounds: int, batch: int = 16) -> None:
+    """finetune with cached encodings against encoding every step, rounds alternated."""
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for r in range(rounds):
+        for cache in (True, False) if r % 2 == 0 else (False, True):
+            rates[cache].append(capsearch_loop(data, steps, batch, r, cache=cache, dropout=0.1))
+        print(f"round {r}: cached {rates[True][-1]:.2f} steps/s, "
+              f"encoding every step {rates[False][-1]:.2f} steps/s")  # fmt: skip
+    ratio = sum(rates[True]) / sum(rates[False])
+    print(f"cached / encoding every step, steps-per-second ratio: {ratio:.3f}")
+    from capsearch.data import ImageCaptionDataset
+    from capsearch.models import load_pipeline
+
+    pipe = load_pipeline("tiny:random")
+    texts = ImageCaptionDataset(data, "train", 32).captions[:batch]
+    times = []
+    for _ in range(21):  # the first one warms up
+        t0 = time.perf_counter()
+        pipe.encode_prompts(texts)
+        times.append(time.perf_counter() - t0)
+    ms = 1000 * statistics.median(times[1:])
+    print(f"text encoder alone, batch {batch}: {ms:.1f} ms (median of 20)")
 
 
 def _status_kb(field: str) -> int:
@@ -92,6 +119,7 @@ def main() -> None:
     ap.add_argument("--methods", default="full,attention,difffit,svdiff,lora")
     ap.add_argument("--one-method")
     ap.add_argument("--data")
+    ap.add_argument("--cache", action="store_true", help="cached encodings against per-step ones")
     args = ap.parse_args()
     if args.one_method:
         one_method(args.one_method, args.data, args.steps)
@@ -109,6 +137,10 @@ def main() -> None:
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     )
+    if args.cache:
+        print(f"{len(captions)} training images, {len(set(captions))} distinct captions, batch 16")
+        cache_rounds(data, args.steps, args.rounds)
+        return
     plain, ours = [], []
     for r in range(args.rounds):
         pipe = load_pipeline("tiny:random")

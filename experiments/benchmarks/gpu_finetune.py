@@ -195,8 +195,13 @@ def _variants(s: _Setting, steps: int, first: str) -> None:
         pipe = s.pipe(encoding=True)
         if method == "full":
             rec.add("variant/encode_cost", encode_cost(pipe, s.texts, s.shapes, device))
-        s.finetune(key, pipe, method, first, steps, data=str(s.pixel_data))
+        # capsearch's VAE base with its encodings cached once (the default), then encoding every step
+        s.finetune(f"variant/encoding_cached/{method}", pipe, method, first, steps,
+                   data=str(s.pixel_data))  # fmt: skip
         del pipe
+        free_memory(device)
+        s.finetune(key, s.pipe(encoding=True), method, first, steps, data=str(s.pixel_data),
+                   cache=False)  # fmt: skip
         free_memory(device)
 
 
@@ -285,8 +290,11 @@ def summarise(results: dict) -> dict:
         out["sdpa_over_math"] = 1 / out["math_attention_over_default"]
     for method in ("full", "lora"):
         run_ = results.get(f"variant/encoding/{method}") or {}
-        cached = _sps(results, f"{method}/{run_.get('precision')}/finetune")
+        latent_fed = _sps(results, f"{method}/{run_.get('precision')}/finetune")
         encoding = _sps(results, f"variant/encoding/{method}")
+        cached = _sps(results, f"variant/encoding_cached/{method}")
+        if latent_fed and encoding:  # precomputed latents and states against encoding every step
+            out[f"{method}_latents_fed_over_encoding"] = latent_fed / encoding
         if cached and encoding:
             out[f"{method}_step_s_encoding"] = 1 / encoding
             out[f"{method}_step_s_cached"] = 1 / cached

@@ -233,13 +233,14 @@ def pipeline(shapes: Shapes, device: torch.device, texts: list[str], encoding: b
 
 
 def capsearch_train(pipe, spec: dict, data, shapes: Shapes, device: torch.device, precision: str,
-                    steps: int, checkpointing: bool = False) -> dict:  # fmt: skip
+                    steps: int, checkpointing: bool = False, cache: bool = True) -> dict:  # fmt: skip
     """capsearch.train.finetune on `pipe` (adapted in place); its steady steps/s, memory and losses."""
     from capsearch.settings import TrainSettings
     from capsearch.train import finetune
 
     cfg = TrainSettings(steps=steps, batch_size=shapes.batch, lr=1e-4, mixed_precision=precision,
-                        size=shapes.pixels, gradient_checkpointing=checkpointing, seed=0)  # fmt: skip
+                        size=shapes.pixels, gradient_checkpointing=checkpointing, seed=0,
+                        cache_encodings=cache)  # fmt: skip
     losses: dict[int, float] = {}
 
     def on_event(event: str, payload: dict) -> None:
