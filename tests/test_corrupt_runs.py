@@ -246,8 +246,8 @@ def test_status_report_and_export_read_a_folder_a_search_holds(template, tmp_pat
         assert main(["status", str(run)]) == 0
         assert main(["export", str(run), "--trial", "t001", "--out", str(tmp_path / "x")]) == 0
         assert (tmp_path / "x" / "delta").is_dir()
-        assert main(["report", str(run)]) == 0  # it writes report.md and its Pareto plot only
-        written = (LOCK_FILE, "report.md", "pareto.png")
+        assert main(["report", str(run)]) == 0  # it writes report.md and its plots only
+        written = (LOCK_FILE, "report.md", "pareto.png", "learning_curve.png")
         after = {k: v for k, v in _snapshot(run).items() if k not in written}
         assert after == {k: v for k, v in before.items() if k not in written}
         assert (run / LOCK_FILE).is_file()  # still the search's
