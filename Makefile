@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-slow lint format venv clean paper paper-report
+.PHONY: run test test-slow lint format venv clean paper paper-report search
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,20 @@ paper: $(STAMP)
 paper-report: $(STAMP)
 	$(BIN)/capsearch report $(PAPER)/paper_table1 $(PAPER)/paper_table1_seed1 $(PAPER)/paper_table1_seed3 --out $(PAPER)/table1
 	$(BIN)/capsearch report $(PAPER)/paper_table1 $(PAPER)/paper_table2 --out $(PAPER)/table2
+
+# The search against the baselines (docs/results.md, "Search against the baselines"): TPE, then the same
+# search with a random sampler; both reuse Table 1 seed 0's baselines from runs/paper_table1 when that
+# run is there (`make paper` makes it). Resumes where a previous call stopped; records (no weights) go to
+# experiments/results/search/ as each run ends. About 3.5 hours a run here.
+SEARCH_RUNS := search_vs_baselines search_random
+SEARCH := experiments/results/search
+
+search: $(STAMP)
+	for s in $(SEARCH_RUNS); do \
+	  out=runs/$$s; flag=; [ -f $$out/spec.yaml ] && flag=--resume; \
+	  $(BIN)/capsearch run experiments/$$s.yaml --out $$out $$flag || exit 1; \
+	  $(BIN)/python experiments/keep_records.py $$out $(SEARCH)/$$s || exit 1; \
+	done
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from capsearch.atomic import atomic_write
 
-TOP = ("spec.yaml", "report.md", "pareto.png")
+TOP = ("spec.yaml", "report.md", "pareto.png", "learning_curve.png")
 TRIAL = (
     "params.json",
     "result.json",
