@@ -161,11 +161,11 @@ def test_scorer_fingerprint_is_its_config_and_weights_digest():
 
 def test_auto_extractor_is_the_phantom_scorer_in_pixel_space(tmp_path: Path):
     assert resolve_extractor("xrv", "tiny") == "xrv"
-    assert resolve_extractor("phantom", "runwayml/stable-diffusion-v1-5") == "phantom"
+    assert resolve_extractor("phantom", "stable-diffusion-v1-5/stable-diffusion-v1-5") == "phantom"
     assert resolve_extractor("auto", "tiny") == "phantom"
     assert resolve_extractor("auto", "tiny:random") == "phantom"
     # a hub id is SD-style, with a VAE
-    assert resolve_extractor("auto", "runwayml/stable-diffusion-v1-5") == "xrv"
+    assert resolve_extractor("auto", "stable-diffusion-v1-5/stable-diffusion-v1-5") == "xrv"
     (tmp_path / "unet").mkdir()
     assert resolve_extractor("auto", str(tmp_path)) == "phantom"
     (tmp_path / "vae").mkdir()
