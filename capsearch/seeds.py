@@ -173,6 +173,11 @@ CLAIM_TEXT = {
 }
 
 
+def paired_verdict(low: float, high: float) -> str:
+    """Rule 2 of docs/results.md on a t-interval of paired differences (positive: A better)."""
+    return "holds" if low > 0 else "reversed" if high < 0 else "not shown"
+
+
 def verdict(pool: Pool, number: int, a: str, b: str, metric: str) -> list[str]:
     """A claim's row: claim, metric, A vs B, seeds, mean d [t-interval], verdict, disjointness."""
     pairs = paired(pool, a, b, metric)
@@ -196,7 +201,7 @@ def verdict(pool: Pool, number: int, a: str, b: str, metric: str) -> list[str]:
     if number == 5:
         text = _claim5(pool, pairs, excludes, mean, n)
     elif n >= 2:
-        text = "holds" if low > 0 else "reversed" if high < 0 else "not shown"
+        text = paired_verdict(low, high)
     elif excludes:
         text = f"{display(a if mean > 0 else b)} better, intervals disjoint"
     else:

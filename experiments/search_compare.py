@@ -1,0 +1,271 @@
+"""The search against the baselines and against a random search (docs/results.md, "Search against the
+baselines: the plan").
+
+Usage:
+    python experiments/search_compare.py runs/search_vs_baselines runs/search_random --out DIR \
+        [--confirm RUN_SEED1 RUN_SEED3 ...]
+
+Writes DIR/search.md and DIR/learning_curve.png: the learning curves of the runs (best search reward
+against searched trials proposed; each labelled by its spec's sampler), each run's winner (the searched
+trial with the best final reward) and how many searched trials were proposed before it, the main run's
+final table, the found configuration with the share of each unit group it trains, the compute of each
+run, and whether the winner dominates the baselines on the main run's seed (within-run intervals) and,
+with --confirm, over that seed and the confirmation runs' seeds (paired rules). In a confirmation run
+the winner is the fixed trial (`baselines.fixed`) whose parameters equal the winner's. Every number is
+read from the runs' records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from capsearch.atomic import atomic_write
+from capsearch.dominance import NEEDED, dominance, dominance_lines
+from capsearch.errors import UserError
+from capsearch.report import (
+    COLUMNS,
+    best_config_yaml,
+    display_name,
+    final_view,
+    ordered,
+    table_rows,
+)
+from capsearch.runs import best_trial, load_trials, read_run_spec, record_value
+from capsearch.searchstats import (
+    best_so_far,
+    compute_lines,
+    compute_used,
+    curve_plot,
+    group_shares,
+    max_steps,
+)
+
+REPORT = "search.md"
+CURVE = "learning_curve.png"
+
+
+@dataclass(frozen=True)
+class Run:
+    folder: Path
+    spec: Any
+    seed: int
+    records: list[dict[str, Any]]
+
+
+def load_run(folder: Path) -> Run:
+    """A run folder's spec, seed (the phantom data's, else training's, as capsearch.seeds) and trials."""
+    spec = read_run_spec(folder)
+    seed = spec.data.phantom.seed if spec.data.phantom is not None else spec.train.seed
+    return Run(Path(folder), spec, int(seed), load_trials(folder))
+
+
+def searched(run: Run) -> list[dict[str, Any]]:
+    """The sampler's proposals (every finished trial that is not a baseline), by trial number."""
+    return sorted((r for r in run.records if not r.get("baseline")), key=lambda r: r["number"])
+
+
+def winner(run: Run) -> dict[str, Any]:
+    """The searched trial with the best final reward (UserError if no searched trial has one)."""
+    finals = [r for r in searched(run) if record_value(r.get("final") or {}, "reward") is not None]
+    if not finals:
+        raise UserError(
+            f"{run.folder}: no searched trial has a final re-evaluation with a reward "
+            "(the winner is chosen on the final stage); run it first"
+        )
+    return best_trial(finals)  # with final rewards, best_trial ranks by them
+
+
+def baselines(runs: list[Run]) -> dict[str, dict[str, Any]]:
+    """The baseline trials of runs of one seed by name (UserError on a name found twice)."""
+    out: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        for r in run.records:
+            name = r.get("baseline")
+            if name and name in out:
+                raise UserError(f"baseline {name!r} appears twice for seed {run.seed} "
+                                f"({out[name]['dir']} and {r['dir']})")  # fmt: skip
+            if name:
+                out[name] = r
+    return out
+
+
+def _name(record: dict[str, Any]) -> str:
+    return Path(record["dir"]).name
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
+
+
+def curve_lines(runs: list[Run], out: Path) -> list[str]:
+    """The learning curves of all runs in one plot; the main run's baselines as flat lines."""
+    labels = [str(r.spec.search.sampler) for r in runs]
+    labels = [f"{x} ({r.spec.name})" if labels.count(x) > 1 else x for x, r in zip(labels, runs)]
+    curves = [(label, best_so_far(run.records)) for label, run in zip(labels, runs)]
+    base = [(f"{display_name(r)} (baseline)", v) for r in runs[0].records
+            if r.get("baseline") and (v := record_value(r, "reward")) is not None]  # fmt: skip
+    if curve_plot(curves, base, out / CURVE) is None:
+        return ["", "## Learning curve", "", "No searched trial of any run has a search reward."]
+    return ["", "## Learning curve", "", f"![learning curves]({CURVE})", "",
+            "The best search reward (validate split) among the searched trials against the number "
+            "proposed, stopped and failed ones included, one line per run, labelled by its sampler; "
+            "dotted: the main run's baselines."]  # fmt: skip
+
+
+def winner_lines(runs: list[Run], wins: list[dict[str, Any]]) -> list[str]:
+    """Each run's winner: its final and search rewards and how many proposals came before it."""
+    rows = []
+    for run, w in zip(runs, wins):
+        numbers = [r["number"] for r in searched(run)]
+        rank = numbers.index(w["number"]) + 1
+        search = record_value(w, "reward")
+        rows.append([f"`{run.folder}`", str(run.spec.search.sampler), _name(w), display_name(w),
+                     f"{rank} of {len(numbers)} ({rank - 1} before it)",
+                     f"{record_value(w['final'], 'reward'):.3f} ({w['final'].get('split')})",
+                     "–" if search is None else f"{search:.3f}"])  # fmt: skip
+    header = ["run", "sampler", "winner", "configuration", "proposed as searched trial",
+              "final reward ↑ (split)", "search reward ↑"]  # fmt: skip
+    return ["", "## Winners", "", "The winner of a run is its searched trial with the best final "
+            "reward (baselines are not candidates).", "", *_table(header, rows)]  # fmt: skip
+
+
+def final_lines(run: Run, w: dict[str, Any]) -> list[str]:
+    """The main run's final re-evaluation: baselines (spec order), then finalists by final reward."""
+    views = ordered([final_view(r) for r in run.records if r.get("final")], run.spec)
+    rows = []
+    for view, row in zip(views, table_rows(views, intervals=True)):
+        if view["dir"] == w["dir"]:
+            row[1] = f"**W: {row[1]}**"
+        rows.append(row[:-1])  # without the status column
+    split = w["final"].get("split")
+    return ["", "## Final re-evaluation (main run)", "", f"Baselines and finalists of "
+            f"`{run.folder}`, evaluated again on the {split} split (sampling seed "
+            f"{w['final'].get('seed')}); values with their within-run 95% intervals.", "",
+            *_table(COLUMNS[:-1], rows)]  # fmt: skip
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}%"
+
+
+def config_lines(w: dict[str, Any]) -> list[str]:
+    """The found configuration as YAML and the share of each unit group's parameters it trains."""
+    shares = group_shares(w)
+    rows = [[s["group"], str(s["method"]), f"{s['trainable']:,}", f"{s['parameters']:,}",
+             f"{100 * s['share']:.2f}"] for s in shares]  # fmt: skip
+    lines = ["", "## Found configuration", "", f"Trial {_name(w)} ({display_name(w)}); trainable "
+             f"{_pct(record_value(w, 'trainable_pct'))} of the UNet.", "", "```yaml",
+             best_config_yaml(w).rstrip(), "```", ""]  # fmt: skip
+    if not rows:
+        return lines + ["It trains no unit group."]
+    header = ["group", "method", "trainable parameters", "group parameters", "share %"]
+    return lines + ["Per unit group (frozen groups left out):", "", *_table(header, rows)]
+
+
+def compute_section(runs: list[Run]) -> list[str]:
+    lines = ["", "## Compute"]
+    for run in runs:
+        used = compute_used(run.records, max_steps(run.spec))
+        lines += ["", f"`{run.folder}` ({run.spec.search.sampler}):", "", *compute_lines(used)]
+    return lines
+
+
+def confirm_records(main: Run, w: dict[str, Any], confirm: list[Run]) -> tuple[list, dict, list]:
+    """W and the baselines per seed: the main run's seed, then each confirmation seed (sorted)."""
+    by_seed: dict[int, list[Run]] = {}
+    for run in confirm:
+        if run.seed == main.seed:
+            raise UserError(f"{run.folder} has seed {run.seed}, the main run's: confirmation runs "
+                            "are other seeds")  # fmt: skip
+        by_seed.setdefault(run.seed, []).append(run)
+    seeds, wins, pools = [main.seed], [w], [baselines([main])]
+    for seed in sorted(by_seed):
+        runs = by_seed[seed]
+        matches = [r for run in runs for r in run.records
+                   if r.get("baseline") and r.get("params") == w.get("params")]  # fmt: skip
+        folders = ", ".join(str(r.folder) for r in runs)
+        if len(matches) != 1:
+            found = "no trial" if not matches else f"{len(matches)} trials"
+            raise UserError(f"{found} of {folders} (seed {seed}) has the winner's parameters "
+                            f"({_name(w)}'s params.json): run it there as a `baselines.fixed` "
+                            "trial")  # fmt: skip
+        seeds.append(seed)
+        wins.append(matches[0])
+        pools.append({k: v for k, v in baselines(runs).items() if v is not matches[0]})
+    for n in NEEDED:  # name the seed that lacks a baseline (dominance would only name the baseline)
+        lacking = [s for s, p in zip(seeds, pools) if n not in p]
+        if lacking:
+            raise UserError(f"baseline {n!r} is missing for seed(s) {', '.join(map(str, lacking))}")
+    return wins, {n: [p[n] for p in pools] for n in NEEDED}, seeds
+
+
+def compare_lines(main: Run, others: list[Run], confirm: list[Run], out: Path) -> list[str]:
+    """search.md's lines after its title."""
+    runs = [main, *others]
+    wins = [winner(run) for run in runs]
+    w = wins[0]
+    lines = ["", "Runs:", ""]
+    for run in runs:
+        n_base = sum(1 for r in run.records if r.get("baseline"))
+        lines.append(f"- `{run.folder}`: spec `{run.spec.name}`, sampler {run.spec.search.sampler}, "
+                     f"seed {run.seed}, {len(searched(run))} searched trials and {n_base} baselines "
+                     "finished")  # fmt: skip
+    lines += curve_lines(runs, out) + winner_lines(runs, wins) + final_lines(main, w)
+    lines += config_lines(w) + compute_section(runs)
+    one = dominance(w, baselines([main]), seeds=[main.seed])
+    lines += ["", f"## Dominance on seed {main.seed} (the main run)", "", *dominance_lines(one)]
+    if confirm:
+        wins3, named, seeds = confirm_records(main, w, confirm)
+        many = dominance(wins3, named, seeds=seeds)
+        lines += ["", f"## Dominance over seeds {', '.join(map(str, many.seeds))}", "",
+                  "W unchanged on each seed (on the confirmation seeds the fixed trial with W's "
+                  "parameters), against that seed's baselines.", "",
+                  *dominance_lines(many)]  # fmt: skip
+    return lines
+
+
+def write_compare(run: Path, random: Path | None, out: Path, confirm: list[Path],
+                  command: str) -> Path:  # fmt: skip
+    """Write OUT/search.md (and the learning-curve plot); return its path."""
+    main = load_run(run)
+    others = [load_run(random)] if random is not None else []
+    confirms = [load_run(c) for c in confirm]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# capsearch search comparison: {main.spec.name}", "", f"Written by `{command}`"]
+    lines += compare_lines(main, others, confirms, out)
+    path = out / REPORT
+    atomic_write(path, "\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and write the comparison; a user error prints one line, returns 2."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path, metavar="RUN", help="the main search run folder")
+    ap.add_argument("random", type=Path, nargs="?", metavar="RUN_RANDOM",
+                    help="the same search with the random sampler")  # fmt: skip
+    ap.add_argument("--out", type=Path, required=True, help="folder for search.md and the plot")
+    ap.add_argument("--confirm", type=Path, nargs="+", default=[], metavar="RUN_SEED",
+                    help="runs of other seeds holding W as a fixed trial and their baselines")  # fmt: skip
+    args = ap.parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    command = "python " + shlex.join([sys.argv[0] if argv is None else __file__, *words])
+    command = command.replace(str(Path(__file__).resolve().parents[1]) + "/", "")
+    try:
+        path = write_compare(args.run, args.random, args.out, args.confirm, command)
+    except UserError as exc:
+        sys.stderr.write(f"search_compare: error: {exc}\n")
+        return exc.exit_code
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
