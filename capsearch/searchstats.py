@@ -177,10 +177,54 @@ def group_shares(record: dict[str, Any], model: str | None = None) -> list[dict[
 CURVE_FILE = "learning_curve.png"
 
 
+def interrupted_work(run_dir: Path) -> dict[str, Any]:
+    """What interrupted trials (a search stopped and resumed) trained before they stopped.
+
+    Their checkpoints go on in later trials, whose records count only the part after the checkpoint;
+    the part before is read from each one's train_log.jsonl: its last step, and its last line's time
+    less the trial's start (logs written before lines carried a time leave the time unknown).
+    """
+    import json
+
+    from capsearch.runs import load_trials
+
+    out: dict[str, Any] = {"trials": 0, "steps": 0, "cpu_hours": 0.0, "timed": 0}
+    for r in load_trials(Path(run_dir), finished_only=False):
+        if r.get("status") != "interrupted":
+            continue
+        out["trials"] += 1
+        last: dict[str, Any] = {}
+        log = Path(r["dir"]) / "train_log.jsonl"
+        for line in log.read_text().splitlines() if log.is_file() else []:
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a line cut short by the interruption
+                continue
+            if "step" in entry:
+                last = entry
+        out["steps"] += int(last.get("step") or 0)
+        if last.get("time") and r.get("started"):
+            out["timed"] += 1
+            seconds = max(0.0, float(last["time"]) - float(r["started"]))
+            out["cpu_hours"] += float(r.get("cpu") or 1) * seconds / 3600.0
+    return out
+
+
 def report_lines(run_dir: Path, records: Sequence[dict[str, Any]], full_length: int) -> list[str]:
     """report.md's "Compute" section, and the learning curve when the run searched anything."""
     used = compute_used(records, full_length)
     lines = ["", "## Compute", "", *compute_lines(used)]
+    cut = interrupted_work(run_dir)
+    if cut["trials"]:
+        hours = (
+            f"{cut['cpu_hours']:.2f} CPU-hours until they stopped"
+            if cut["timed"] == cut["trials"]
+            else f"time known for {cut['timed']} of them ({cut['cpu_hours']:.2f} CPU-hours)"
+        )
+        lines.append(
+            f"- interrupted trials, not counted above: {cut['trials']} ({cut['steps']:,} steps "
+            f"trained, {hours}); a later trial went on from each one's checkpoint"
+        )
     curve = best_so_far(records)
     if curve:
         from capsearch.report import display_name

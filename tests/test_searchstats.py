@@ -75,3 +75,39 @@ def test_group_shares_count_each_groups_trainable_parameters():
     mid = sum(p.numel() for n, p in unet.named_parameters() if n.startswith("mid_block.attentions"))
     assert rows[0]["parameters"] == mid and 0 < rows[0]["trainable"] < 0.05 * mid
     assert rows[1]["share"] == pytest.approx(1.0)  # Attn Tuning trains all of its attention blocks
+
+
+def test_interrupted_trials_count_what_they_trained_before_they_stopped(tmp_path):
+    import json
+
+    from capsearch.runs import write_json
+    from capsearch.searchstats import interrupted_work, report_lines
+
+    for number, status, log in (
+        (1, "interrupted", [{"step": 10, "time": 1000.0}, {"step": 20, "time": 1100.0}]),
+        (2, "interrupted", [{"step": 5}]),  # a log from before lines carried a time
+        (3, "ok", [{"step": 30, "time": 2000.0}]),
+    ):
+        folder = tmp_path / "trials" / f"t{number:03d}"
+        folder.mkdir(parents=True)
+        write_json(folder / "params.json", {"trial": folder.name, "number": number,
+                                            "started": 900.0, "cpu": 2})  # fmt: skip
+        if status == "ok":
+            write_json(folder / "result.json", {"trial": folder.name, "number": number,
+                                                "status": "ok"})  # fmt: skip
+        lines = [json.dumps(e) for e in log] + ['{"step": 2']  # the last line cut short
+        (folder / "train_log.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "trials" / "t001" / "result.json").write_text(
+        json.dumps(
+            {"trial": "t001", "number": 1, "status": "interrupted", "started": 900.0, "cpu": 2}
+        )
+    )
+    (tmp_path / "trials" / "t002" / "result.json").write_text(
+        json.dumps({"trial": "t002", "number": 2, "status": "interrupted"})
+    )
+    cut = interrupted_work(tmp_path)
+    assert cut["trials"] == 2 and cut["steps"] == 25 and cut["timed"] == 1
+    assert cut["cpu_hours"] == pytest.approx(2 * 200 / 3600)
+    text = "\n".join(report_lines(tmp_path, [], 100))
+    assert "interrupted trials, not counted above: 2 (25 steps" in text
+    assert "time known for 1 of them" in text
