@@ -25,12 +25,18 @@ run: $(STAMP)
 PAPER_RUNS := paper_table1 paper_table1_seed1 paper_table1_seed3 paper_table2
 PAPER := experiments/results/paper
 
-paper: $(STAMP)
-	for s in $(PAPER_RUNS); do \
+# Each experiments/<name>.yaml of $(1) run into runs/<name> (--resume where a previous call stopped),
+# its records (no weights) then kept in $(2)/<name>.
+define run_and_keep
+	for s in $(1); do \
 	  out=runs/$$s; flag=; [ -f $$out/spec.yaml ] && flag=--resume; \
 	  $(BIN)/capsearch run experiments/$$s.yaml --out $$out $$flag || exit 1; \
-	  $(BIN)/python experiments/keep_records.py $$out $(PAPER)/$$s || exit 1; \
+	  $(BIN)/python experiments/keep_records.py $$out $(2)/$$s || exit 1; \
 	done
+endef
+
+paper: $(STAMP)
+	$(call run_and_keep,$(PAPER_RUNS),$(PAPER))
 	$(MAKE) paper-report
 
 # The tables, verdicts and plots again from the committed records (seconds).
@@ -46,11 +52,7 @@ SEARCH_RUNS := search_vs_baselines search_random
 SEARCH := experiments/results/search
 
 search: $(STAMP)
-	for s in $(SEARCH_RUNS); do \
-	  out=runs/$$s; flag=; [ -f $$out/spec.yaml ] && flag=--resume; \
-	  $(BIN)/capsearch run experiments/$$s.yaml --out $$out $$flag || exit 1; \
-	  $(BIN)/python experiments/keep_records.py $$out $(SEARCH)/$$s || exit 1; \
-	done
+	$(call run_and_keep,$(SEARCH_RUNS),$(SEARCH))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

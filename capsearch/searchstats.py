@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from capsearch.runs import record_value
+from capsearch.space import FROZEN
 
 if TYPE_CHECKING:
     from capsearch.config import Spec
@@ -34,7 +35,7 @@ def max_steps(spec: Spec) -> int:
 
 def _trains(record: dict[str, Any]) -> bool:
     """Whether a trial trains anything (Freeze and all-frozen configurations do not)."""
-    return any(e.get("method") not in ("freeze", "frozen") for e in record.get("method_spec") or [])
+    return any(e.get("method") not in FROZEN for e in record.get("method_spec") or [])
 
 
 def compute_used(records: Sequence[dict[str, Any]], full_length: int) -> dict[str, Any]:
@@ -144,8 +145,8 @@ def group_shares(record: dict[str, Any], model: str | None = None) -> list[dict[
     from capsearch.units import select_units
 
     unet = load_pipeline(model or record["model"]).unet
-    entries = [e for e in record.get("method_spec") or [] if e.get("method") not in ("freeze",)]
-    groups = [g for g, text in (record.get("groups") or {}).items() if text != "frozen"]
+    entries = [e for e in record.get("method_spec") or [] if e.get("method") not in FROZEN]
+    groups = [g for g, text in (record.get("groups") or {}).items() if text not in FROZEN]
     if len(groups) != len(entries):  # records without group names: number the entries
         groups = [f"entry {i}" for i in range(len(entries))]
     owners: list[tuple[str, int]] = []  # (module prefix, entry index)

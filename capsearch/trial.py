@@ -94,6 +94,12 @@ def build_plan(
     )
 
 
+def trains_alike(record: dict[str, Any], plan: dict[str, Any]) -> bool:
+    """Whether a trial record trained exactly as a plan (as JSON) would: model, method spec, settings."""
+    same = all(record.get(k) == plan[k] for k in ("model", "method_spec"))
+    return same and same_training(record.get("train") or {}, plan["train"])
+
+
 def resumable_checkpoint(run_dir: Path, plan: TrialPlan) -> str | None:
     """The newest checkpoint of an interrupted trial that ran exactly this plan's training, if any.
 
@@ -106,9 +112,7 @@ def resumable_checkpoint(run_dir: Path, plan: TrialPlan) -> str | None:
     found = None
     for record in load_trials(run_dir, finished_only=False):
         ckpt = Path(record["dir"]) / "checkpoint"
-        same = all(
-            record.get(k) == mine[k] for k in ("baseline", "model", "method_spec")
-        ) and same_training(record.get("train") or {}, mine["train"])
+        same = record.get("baseline") == mine["baseline"] and trains_alike(record, mine)
         if record.get("status") == "interrupted" and same and ckpt.is_dir():
             found = str(ckpt)
     return found
@@ -130,11 +134,8 @@ def reusable_trial(spec: Spec, plan: TrialPlan) -> str | None:
         if other.model != spec.model or other.data.model_dump() != spec.data.model_dump():
             continue
         for record in load_trials(folder):
-            same = all(
-                record.get(k) == mine[k] for k in ("model", "method_spec")
-            ) and same_training(record.get("train") or {}, mine["train"])
             kept = all((Path(record["dir"]) / f).exists() for f in (TRAIN_FILE, "delta"))
-            if record.get("status") == "ok" and same and kept:
+            if record.get("status") == "ok" and trains_alike(record, mine) and kept:
                 return record["dir"]
     return None
 
