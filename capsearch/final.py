@@ -4,6 +4,8 @@ The search picks trials on one evaluation (the validate split, one sampling seed
 the evaluation it was searched on is partly chosen for its noise. After the search, every baseline and
 the `final.top_k` searched trials with the highest search reward are evaluated again from their saved
 deltas (no retraining) on the test split, with the final stage's own sampling seed and sample counts.
+A finalist whose delta is gone (a run resumed from its records, kept without weights) is trained again
+from its record first (capsearch.retrain), and its final result says so.
 Each finalist's `trials/tNNN/final/` holds that evaluation's metrics.json, samples.png and result.json;
 the report's best trial and `capsearch export --trial best` come from it.
 """
@@ -74,9 +76,12 @@ def reevaluate(job: FinalJob, record: dict[str, Any], data_root: Path) -> dict:
     from capsearch.reward import compute_reward
 
     delta = Path(record["dir"]) / "delta"
-    if not (delta / "delta.safetensors").is_file():
-        raise UserError(f"trial {Path(record['dir']).name} has no delta to re-evaluate ({delta})")
     started = time.time()
+    retrained = None
+    if not (delta / "delta.safetensors").is_file():  # resumed from records kept without weights
+        from capsearch.retrain import retrain_delta
+
+        retrained = retrain_delta(record, data_root)
     pipe = load_pipeline(job.model)
     pipe.unet = load_delta(pipe.unet, delta)
     if job.gpu > 0 and torch.cuda.is_available():
@@ -95,6 +100,8 @@ def reevaluate(job: FinalJob, record: dict[str, Any], data_root: Path) -> dict:
         "noise_floor": metrics["noise_floor"],
         "seconds": round(time.time() - started, 1),
     }
+    if retrained is not None:
+        result["retrained"] = retrained
     try:
         result["reward"] = compute_reward(result["metrics"], job.reward_weights)
     except ValueError as exc:
@@ -150,6 +157,10 @@ def run_final_stage(spec: Spec, run_dir: Path, data_root: Path, console: Any = N
         if console is not None:
             name = Path(record["dir"]).name
             what = result.get("error") or f"reward {result.get('reward', float('nan')):.3f}"
+            if result.get("retrained"):  # its delta was gone: trained again from its record first
+                again = result["retrained"]
+                same = "identical to" if again["identical"] else "differs from"
+                what += f"; trained again from its record, {again['steps']} steps, {same} it"
             console.print(f"  final {name}: {what} ({len(results)}/{len(todo)})")
     return results
 

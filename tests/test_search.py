@@ -530,6 +530,7 @@ def test_a_real_search_runs_reports_resumes_and_exports(tmp_path, capsys, monkey
     assert main(["export", str(run), "--trial", "difffit", "--out", str(tmp_path / "e")]) == 0
     assert (tmp_path / "e" / "unet" / "config.json").is_file()
     print(f"micro search: {seconds:.1f} s")
+    _resume_from_kept_records(run, spec_path, records, capsys)
     # A second search on the same data reuses the finished DiffFit baseline: no step trained again.
     again = {**MICRO, "search": {**MICRO["search"], "num_samples": 0, "reuse": [str(run)]}}
     again["baselines"] = {"methods": ["difffit"]}
@@ -545,6 +546,44 @@ def test_a_real_search_runs_reports_resumes_and_exports(tmp_path, capsys, monkey
     a = load_file(Path(mine["dir"]) / "delta" / "delta.safetensors")
     b = load_file(Path(theirs["dir"]) / "delta" / "delta.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _resume_from_kept_records(run: Path, spec_path: Path, records: list, capsys) -> None:
+    """A fresh machine resumes from the committed records alone (the study and the trials' records;
+    no deltas, data or cache), cut before the final stage: it trains each finalist again from its
+    record (bit for bit here)."""
+    import importlib.util
+
+    from safetensors.torch import load_file
+
+    from capsearch.cli import main
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "keep_records.py"
+    module = importlib.util.spec_from_file_location("keep_records", path)
+    keep_records = importlib.util.module_from_spec(module)
+    module.loader.exec_module(keep_records)
+    kept = run.parent / "kept"
+    keep_records.keep(run, kept)
+    for final in kept.glob("trials/*/final"):  # committed before its final stage ran
+        for f in final.iterdir():
+            f.unlink()
+        final.rmdir()
+    assert not list(kept.rglob("delta.safetensors")) and not (kept / "data").exists()
+    assert (kept / "optuna.db").is_file()
+    assert main(["run", str(spec_path), "--out", str(kept), "--resume"]) == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "trained again from its record" in out and "differs" not in out
+    again = {r["trial"]: r for r in load_trials(kept)}
+    assert len(again) == len(records)
+    for record in records:
+        mine = again[record["trial"]]
+        assert mine["final"]["retrained"]["identical"] is True
+        assert (
+            mine["final"]["metrics"] == record["final"]["metrics"]
+        )  # the same numbers, recomputed
+        a = load_file(Path(mine["dir"]) / "delta" / "delta.safetensors")
+        b = load_file(Path(record["dir"]) / "delta" / "delta.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
@@ -616,3 +655,14 @@ def test_asha_stops_searched_trials_but_never_baselines(tmp_path, capsys):
         assert t.state.name == expected
         if not t.user_attrs.get("baseline"):
             assert t.intermediate_values  # probe losses, for optuna-dashboard's curves
+
+
+def test_a_finalist_without_delta_or_training_record_is_one_line(tmp_path):
+    from capsearch.errors import UserError
+    from capsearch.retrain import retrain_delta
+
+    record = {"dir": str(tmp_path / "t003"), "trial": "t003", "model": "tiny"}
+    with pytest.raises(UserError) as exc:
+        retrain_delta(record, tmp_path)
+    message = str(exc.value)
+    assert "t003" in message and "method_spec, train" in message and "\n" not in message

@@ -1,0 +1,64 @@
+"""A finished trial's delta trained again from its record, for a run resumed from its committed records.
+
+Run records are committed without weights (experiments/keep_records.py), so a search resumed on another
+machine from them has every finished trial's result but no delta. The final stage re-evaluates its
+finalists from their deltas; a finalist without one is trained again here from what its record says:
+the same base model, method spec and training settings (seed included), on the run's data, which the
+resumed run regenerates from the spec. On the same machine and thread count this reproduces the
+training bit for bit (capsearch's fine-tune is deterministic on CPU: tests/test_search.py checks it);
+elsewhere the floating-point order may differ. Either way the retraining is recorded beside the final
+result: its step count and last loss against the record's, and whether they are identical.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from capsearch.errors import UserError
+
+RETRAIN_DIR = "retrained"  # trials/tNNN/retrained/: the retraining's own log and train_result.json
+NEEDED = ("model", "method_spec", "train")
+
+
+def retrain_delta(record: dict[str, Any], data_root: Path) -> dict[str, Any]:
+    """Train `record`'s trial again into its folder's delta/; what the retraining measured."""
+    from capsearch.delta import save_delta
+    from capsearch.methods import apply_methods
+    from capsearch.models import load_pipeline
+    from capsearch.settings import TrainSettings
+    from capsearch.space import FROZEN
+    from capsearch.train import finetune
+
+    folder = Path(record["dir"])
+    missing = [k for k in NEEDED if record.get(k) is None]
+    if missing:
+        raise UserError(
+            f"trial {folder.name} has no delta, and its record lacks {', '.join(missing)} to train "
+            "it again from"
+        )
+    started = time.time()
+    pipe = load_pipeline(record["model"])
+    if all(e["method"] in FROZEN for e in record["method_spec"]):  # Freeze: nothing to train
+        applied = apply_methods(pipe.unet, [{"method": "freeze", "units": []}])
+        save_delta(pipe.unet, folder / "delta", applied=applied, base_model=record["model"])
+        return {"steps": 0, "identical": True, "seconds": round(time.time() - started, 1)}
+    settings = TrainSettings.parse(record["train"], f"{folder.name}: train")
+    scratch = folder / RETRAIN_DIR
+    if scratch.exists():  # a retraining cut short earlier: start it again
+        shutil.rmtree(scratch)
+    result = finetune(pipe, record["method_spec"], data_root, settings, out_dir=scratch, quiet=True)
+    if result.status != "ok":
+        raise UserError(f"training trial {folder.name} again from its record ended {result.status}")
+    shutil.move(str(scratch / "delta"), str(folder / "delta"))
+    recorded = record.get("final_loss")
+    return {
+        "steps": result.steps,
+        "recorded_steps": record.get("steps"),
+        "final_loss": result.final_loss,
+        "recorded_final_loss": recorded,
+        "identical": result.steps == record.get("steps") and result.final_loss == recorded,
+        "seconds": round(time.time() - started, 1),
+    }
