@@ -1,0 +1,150 @@
+"""The search's follow-up runs (docs/results.md, "Search against the baselines: the plan"), written as
+specs from a finished search's records, so that nothing in them is picked by hand after the numbers.
+
+Usage:
+    python experiments/search_followups.py runs/search_vs_baselines \
+        [--base experiments/search_vs_baselines.yaml] [--out experiments]
+
+Writes into --out, each spec the search's own spec (--base, resolved and written whole, so that a later
+edit of it changes no follow-up) with no searched trial (`search.num_samples: 0`, FIFO, no reuse):
+- `search_confirm_seed1.yaml`, `search_confirm_seed3.yaml`: W, the winner (the searched trial with the
+  best final reward, as search_compare.py), unchanged — its parameters inline as `baselines.fixed`
+  `found` — on Table 1's seeds 1 and 3 (data, training, evaluation and search seeds N, final seed
+  1000 + N, as experiments/paper_table1_seedN.yaml) and nothing else: those seeds' baselines are Table 1's
+  runs, which `search_compare.py --confirm RUN_T1_SEED1 RUN_CONFIRM_SEED1 ...` pairs with these.
+- `search_stops.yaml`: the (up to) three searched trials that ASHA stopped at its first rung (the spec's
+  grace period) with the best (lowest) probe scores there, each run to the end as `baselines.fixed`
+  `stopped_tNNN` on the search's own seed.
+- `search_transfer.yaml`: W and the search's baselines on the transfer world: data seed 27 (fixed in the
+  plan before the search ran), with no report sentence of the search world's (`avoid_reports_of` its
+  data seed and patients), training, evaluation and search seed 27, final seed 1027.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from search_compare import load_run, searched, winner  # noqa: E402
+
+from capsearch.config import deep_merge, resolve_extends  # noqa: E402
+from capsearch.errors import UserError  # noqa: E402
+
+CONFIRM_SEEDS = (1, 3)  # Table 1's other seeds (docs/results.md)
+TRANSFER_SEED = 27  # the first seed from 21 on drawing 20 memorised captions under the avoidance
+STOPS = 3
+
+
+def _seeded(seed: int) -> dict[str, Any]:
+    """The seed fields of a run on data seed `seed`, as experiments/paper_table1_seedN.yaml sets them."""
+    return {
+        "train": {"seed": seed},
+        "evaluate": {"seed": seed},
+        "final": {"seed": 1000 + seed, "top_k": 0},
+        "search": {"seed": seed},
+    }
+
+
+def _spec(base: dict[str, Any], name: str, description: str, fixed: list[dict], seed: int | None,
+          methods: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The resolved search spec with this follow-up's changes: written whole, so that a later edit of
+    the search's spec does not change a follow-up (and a baseline rate of a method not run is dropped)."""
+    changes: dict[str, Any] = {"name": name, "description": description}
+    if seed is not None:
+        changes.update(_seeded(seed))
+        changes["data"] = {"phantom": {"seed": seed}}
+    changes.setdefault("final", {})["top_k"] = 0
+    changes["search"] = {**changes.get("search", {}), "num_samples": 0, "scheduler": "fifo",
+                         "reuse": []}  # fmt: skip
+    spec = deep_merge(base, changes)
+    methods = list(methods or [])
+    old = spec.get("baselines") or {}
+    spec["baselines"] = {
+        "methods": methods,
+        "mitigations": old.get("mitigations", ["none"]),
+        "train": {k: v for k, v in (old.get("train") or {}).items() if k in methods},
+        "fixed": fixed,
+    }
+    return spec
+
+
+def first_rung_stops(run: Any, grace: int, count: int = STOPS) -> list[tuple[float, dict]]:
+    """Searched trials stopped at the first rung, best probe score there first (at most `count`)."""
+    found = []
+    for record in searched(run):
+        if record.get("status") != "stopped" or record.get("steps") != grace:
+            continue
+        log = Path(record["dir"]) / "train_log.jsonl"
+        lines = log.read_text().splitlines() if log.is_file() else []
+        scores = [p["probe_score"] for p in (json.loads(x).get("probe") for x in lines if x.strip())
+                  if p and p.get("step") == grace and "probe_score" in p]  # fmt: skip
+        if scores:
+            found.append((scores[-1], record))
+    return sorted(found, key=lambda sr: (sr[0], sr[1]["number"]))[:count]
+
+
+def followups(run_dir: Path, base: Path, out: Path) -> dict[str, dict[str, Any]]:
+    """The follow-up specs by file name (nothing written)."""
+    run = load_run(run_dir)
+    w = winner(run)
+    extends = resolve_extends(Path(base))
+    source = f"{run_dir}/trials/{Path(w['dir']).name}"
+    found = [{"name": "found", "params": dict(w["params"])}]
+    specs = {}
+    for seed in CONFIRM_SEEDS:
+        specs[f"search_confirm_seed{seed}.yaml"] = _spec(
+            extends, f"search_confirm_seed{seed}",
+            f"The search's winner ({source}) unchanged on Table 1's seed {seed}.", found, seed)  # fmt: skip
+    scheduler = run.spec.search.scheduler
+    if scheduler.name == "asha":
+        stops = first_rung_stops(run, scheduler.grace_period)
+        fixed = [{"name": f"stopped_{Path(r['dir']).name}", "params": dict(r["params"])}
+                 for _, r in stops]  # fmt: skip
+        if fixed:
+            names = ", ".join(f"{Path(r['dir']).name} ({s:.4f})" for s, r in stops)
+            specs["search_stops.yaml"] = _spec(
+                extends, "search_stops",
+                f"Trials ASHA stopped at step {scheduler.grace_period} with the best probe scores "
+                f"there, run to the end: {names}.", fixed, None)  # fmt: skip
+    phantom = run.spec.data.phantom
+    if phantom is None:
+        raise UserError(f"{run_dir}: not a phantom-world search; the transfer world needs one")
+    transfer = _spec(extends, "search_transfer",
+                     f"The search's winner ({source}) and the baselines on a second phantom world "
+                     f"(seed {TRANSFER_SEED}, no report sentence of seed {phantom.seed}'s).", found,
+                     TRANSFER_SEED, list(run.spec.baselines.methods))  # fmt: skip
+    transfer["data"]["phantom"]["avoid_reports_of"] = {
+        "seed": phantom.seed,
+        "patients": phantom.patients,
+    }
+    specs["search_transfer.yaml"] = transfer
+    return specs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path, help="the finished search (its records are enough)")
+    ap.add_argument("--base", type=Path, default=Path("experiments/search_vs_baselines.yaml"))
+    ap.add_argument("--out", type=Path, default=Path("experiments"))
+    args = ap.parse_args()
+    try:
+        specs = followups(args.run, args.base, args.out)
+    except UserError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python", "experiments/search_followups.py", *sys.argv[1:]])
+    for name, spec in specs.items():
+        text = (f"# Written by `{command}` from the search's records: {args.base} resolved, "
+                "with this run's changes.\n")  # fmt: skip
+        (args.out / name).write_text(text + yaml.safe_dump(spec, sort_keys=False))
+        print(f"wrote {args.out / name}: {spec['description']}")
+
+
+if __name__ == "__main__":
+    main()
