@@ -76,12 +76,14 @@ def reevaluate(job: FinalJob, record: dict[str, Any], data_root: Path) -> dict:
     from capsearch.reward import compute_reward
 
     delta = Path(record["dir"]) / "delta"
-    started = time.time()
     retrained = None
     if not (delta / "delta.safetensors").is_file():  # resumed from records kept without weights
         from capsearch.retrain import retrain_delta
 
-        retrained = retrain_delta(record, data_root)
+        retrained = retrain_delta(
+            record, data_root
+        )  # its own seconds: `seconds` stays evaluation's
+    started = time.time()
     pipe = load_pipeline(job.model)
     pipe.unet = load_delta(pipe.unet, delta)
     if job.gpu > 0 and torch.cuda.is_available():

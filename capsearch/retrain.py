@@ -25,12 +25,11 @@ NEEDED = ("model", "method_spec", "train")
 
 def retrain_delta(record: dict[str, Any], data_root: Path) -> dict[str, Any]:
     """Train `record`'s trial again into its folder's delta/; what the retraining measured."""
-    from capsearch.delta import save_delta
-    from capsearch.methods import apply_methods
     from capsearch.models import load_pipeline
     from capsearch.settings import TrainSettings
     from capsearch.space import FROZEN
     from capsearch.train import finetune
+    from capsearch.trial import save_frozen_delta
 
     folder = Path(record["dir"])
     missing = [k for k in NEEDED if record.get(k) is None]
@@ -42,8 +41,7 @@ def retrain_delta(record: dict[str, Any], data_root: Path) -> dict[str, Any]:
     started = time.time()
     pipe = load_pipeline(record["model"])
     if all(e["method"] in FROZEN for e in record["method_spec"]):  # Freeze: nothing to train
-        applied = apply_methods(pipe.unet, [{"method": "freeze", "units": []}])
-        save_delta(pipe.unet, folder / "delta", applied=applied, base_model=record["model"])
+        save_frozen_delta(pipe, folder, record["model"])
         return {"steps": 0, "identical": True, "seconds": round(time.time() - started, 1)}
     settings = TrainSettings.parse(record["train"], f"{folder.name}: train")
     scratch = folder / RETRAIN_DIR

@@ -95,6 +95,20 @@ def load_trials(run_dir: Path, finished_only: bool = True) -> list[dict[str, Any
     return records
 
 
+def read_train_log(folder: Path) -> list[dict[str, Any]]:
+    """A trial's train_log.jsonl as its entries; a line cut short (a trial killed mid-write) is skipped."""
+    log = Path(folder) / "train_log.jsonl"
+    entries = []
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
+
+
 def _read_record(path: Path) -> dict[str, Any] | bool | None:
     """A record file's JSON object; None if there is no such file, False if it does not parse."""
     if not path.is_file():

@@ -185,24 +185,15 @@ def interrupted_work(run_dir: Path) -> dict[str, Any]:
     the part before is read from each one's train_log.jsonl: its last step, and its last line's time
     less the trial's start (logs written before lines carried a time leave the time unknown).
     """
-    import json
-
-    from capsearch.runs import load_trials
+    from capsearch.runs import load_trials, read_train_log
 
     out: dict[str, Any] = {"trials": 0, "steps": 0, "cpu_hours": 0.0, "timed": 0}
     for r in load_trials(Path(run_dir), finished_only=False):
         if r.get("status") != "interrupted":
             continue
         out["trials"] += 1
-        last: dict[str, Any] = {}
-        log = Path(r["dir"]) / "train_log.jsonl"
-        for line in log.read_text().splitlines() if log.is_file() else []:
-            try:
-                entry = json.loads(line)
-            except ValueError:  # a line cut short by the interruption
-                continue
-            if "step" in entry:
-                last = entry
+        steps = [entry for entry in read_train_log(Path(r["dir"])) if "step" in entry]
+        last: dict[str, Any] = steps[-1] if steps else {}
         out["steps"] += int(last.get("step") or 0)
         if last.get("time") and r.get("started"):
             out["timed"] += 1

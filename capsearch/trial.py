@@ -203,8 +203,6 @@ def failed_record(
 def _train_and_evaluate(plan: TrialPlan, folder: Path, data_root: Path, report) -> dict[str, Any]:
     import torch
 
-    from capsearch.delta import save_delta
-    from capsearch.methods import apply_methods
     from capsearch.metrics.evaluate import evaluate, scalar_metrics
     from capsearch.models import load_pipeline
     from capsearch.space import FROZEN
@@ -217,8 +215,7 @@ def _train_and_evaluate(plan: TrialPlan, folder: Path, data_root: Path, report) 
     out: dict[str, Any] = {"total": total, "trainable": 0, "steps": 0}
     entries = plan.method_spec
     if all(e["method"] in FROZEN for e in entries):  # Freeze: the base model as it is, no training
-        applied = apply_methods(pipe.unet, [{"method": "freeze", "units": []}])
-        save_delta(pipe.unet, folder / "delta", applied=applied, base_model=plan.model)
+        save_frozen_delta(pipe, folder, plan.model)
     elif plan.reuse_from:
         out.update(_reuse_training(pipe, Path(plan.reuse_from), folder))
     else:
@@ -256,6 +253,15 @@ def _train_and_evaluate(plan: TrialPlan, folder: Path, data_root: Path, report) 
         "noise_floor": metrics["noise_floor"],
         "eval_seconds": round(time.time() - started, 1),
     }
+
+
+def save_frozen_delta(pipe: Any, folder: Path, model: str) -> None:
+    """Freeze's delta in folder/delta: the base model as it is, nothing trained."""
+    from capsearch.delta import save_delta
+    from capsearch.methods import apply_methods
+
+    applied = apply_methods(pipe.unet, [{"method": "freeze", "units": []}])
+    save_delta(pipe.unet, folder / "delta", applied=applied, base_model=model)
 
 
 def _reuse_training(pipe: Any, source: Path, folder: Path) -> dict[str, Any]:

@@ -23,7 +23,6 @@ edit of it changes no follow-up) with no searched trial (`search.num_samples: 0`
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from search_compare import load_run, searched, winner  # noqa: E402
 
 from capsearch.config import deep_merge, resolve_extends  # noqa: E402
 from capsearch.errors import UserError  # noqa: E402
+from capsearch.runs import read_train_log  # noqa: E402
 
 CONFIRM_SEEDS = (1, 3)  # Table 1's other seeds (docs/results.md)
 TRANSFER_SEED = 27  # the first seed from 21 on drawing 20 memorised captions under the avoidance
@@ -46,7 +46,7 @@ def _seeded(seed: int) -> dict[str, Any]:
     return {
         "train": {"seed": seed},
         "evaluate": {"seed": seed},
-        "final": {"seed": 1000 + seed, "top_k": 0},
+        "final": {"seed": 1000 + seed},
         "search": {"seed": seed},
     }
 
@@ -80,16 +80,14 @@ def first_rung_stops(run: Any, grace: int, count: int = STOPS) -> list[tuple[flo
     for record in searched(run):
         if record.get("status") != "stopped" or record.get("steps") != grace:
             continue
-        log = Path(record["dir"]) / "train_log.jsonl"
-        lines = log.read_text().splitlines() if log.is_file() else []
-        scores = [p["probe_score"] for p in (json.loads(x).get("probe") for x in lines if x.strip())
-                  if p and p.get("step") == grace and "probe_score" in p]  # fmt: skip
+        probes = [e["probe"] for e in read_train_log(Path(record["dir"])) if "probe" in e]
+        scores = [p["probe_score"] for p in probes if p.get("step") == grace and "probe_score" in p]
         if scores:
             found.append((scores[-1], record))
     return sorted(found, key=lambda sr: (sr[0], sr[1]["number"]))[:count]
 
 
-def followups(run_dir: Path, base: Path, out: Path) -> dict[str, dict[str, Any]]:
+def followups(run_dir: Path, base: Path) -> dict[str, dict[str, Any]]:
     """The follow-up specs by file name (nothing written)."""
     run = load_run(run_dir)
     w = winner(run)
@@ -134,7 +132,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("experiments"))
     args = ap.parse_args()
     try:
-        specs = followups(args.run, args.base, args.out)
+        specs = followups(args.run, args.base)
     except UserError as exc:
         raise SystemExit(f"error: {exc}") from None
     args.out.mkdir(parents=True, exist_ok=True)

@@ -78,7 +78,7 @@ def _run(tmp_path: Path) -> tuple[Path, dict]:
 def test_followup_specs_from_a_search_record(followups, tmp_path):
     run, params = _run(tmp_path)
     out = tmp_path / "specs"
-    specs = followups.followups(run, BASE, out)
+    specs = followups.followups(run, BASE)
     assert sorted(specs) == ["search_confirm_seed1.yaml", "search_confirm_seed3.yaml",
                              "search_stops.yaml", "search_transfer.yaml"]  # fmt: skip
     out.mkdir()
@@ -116,5 +116,5 @@ def test_no_final_stage_yet_is_one_line(followups, tmp_path):
     for final in run.glob("trials/*/final/result.json"):
         final.unlink()
     with pytest.raises(Exception) as exc:
-        followups.followups(run, BASE, tmp_path / "specs")
+        followups.followups(run, BASE)
     assert "no searched trial has a final re-evaluation" in str(exc.value)
