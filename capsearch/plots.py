@@ -73,11 +73,23 @@ def pareto_plot(records: list[dict[str, Any]], path: Path) -> Path | None:
     return _finish(fig, ax, "Quality against memorisation", path)
 
 
-def seeds_plot(series: list[tuple[str, list[tuple[float, float]]]], path: Path) -> Path | None:
-    """Held-out FID against extracted images, one colour per method: a small marker per seed, a large
-    one at the mean over seeds with ± 1 sample standard deviation bars; None if nothing to plot.
+# Marker per mitigation in the seeds plot (the method sets the colour): none, RWA, Threshold, others.
+MITIGATION_MARKERS = {"": "o", "rwa": "s", "threshold": "^"}
 
-    `series` holds (display name, [(extracted, FID) per seed]) in legend order.
+
+def method_and_marker(name: str) -> tuple[str, str]:
+    """A seeds-plot name's method (its colour) and its mitigation's marker: `Full FT + RWA†` → square."""
+    method, _, mitigation = name.rstrip("†").partition(" + ")
+    key = mitigation.split()[0].lower() if mitigation.strip() else ""
+    return method, MITIGATION_MARKERS.get(key, "D")
+
+
+def seeds_plot(series: list[tuple[str, list[tuple[float, float]]]], path: Path) -> Path | None:
+    """Held-out FID against extracted images: a small marker per seed, a large one at the mean over
+    seeds with ± 1 sample standard deviation bars; None if nothing to plot.
+
+    `series` holds (display name, [(extracted, FID) per seed]) in legend order; a name's part before
+    " + " (the method) sets the colour and the part after (a mitigation, Table 2) the marker's shape.
     """
     import statistics
 
@@ -91,17 +103,20 @@ def seeds_plot(series: list[tuple[str, list[tuple[float, float]]]], path: Path) 
 
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     colours = plt.get_cmap("tab10")
-    for i, (name, points) in enumerate(series):
-        colour = colours(i % 10)
+    methods: list[str] = []
+    for name, points in series:
+        method, marker = method_and_marker(name)
+        methods += [method] if method not in methods else []
+        colour = colours(methods.index(method) % 10)
         xs, ys = [p[0] for p in points], [p[1] for p in points]
-        ax.scatter(xs, ys, s=16, color=colour, alpha=0.6, zorder=2)
+        ax.scatter(xs, ys, s=16, color=colour, marker=marker, alpha=0.6, zorder=2)
         many = len(points) > 1
         ax.errorbar(
             statistics.mean(xs),
             statistics.mean(ys),
             xerr=statistics.stdev(xs) if many else None,
             yerr=statistics.stdev(ys) if many else None,
-            fmt="o",
+            fmt=marker,
             ms=9,
             color=colour,
             mec="k",

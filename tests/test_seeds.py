@@ -154,6 +154,15 @@ def test_table_2_run_pools_with_table_1_run_of_the_same_seed(tmp_path):
     assert "| DiffFit + Threshold | 15.31 | 0.067 | 0.69 | 51 |" in text
 
 
+def test_the_plot_colours_by_method_and_shapes_by_mitigation():
+    from capsearch.plots import method_and_marker
+
+    assert method_and_marker("Full FT") == ("Full FT", "o")
+    assert method_and_marker("Full FT + RWA†") == ("Full FT", "s")
+    assert method_and_marker("DiffFit + Threshold") == ("DiffFit", "^")
+    assert method_and_marker("SV-DIFF + Something else")[1] == "D"
+
+
 def test_the_same_baseline_twice_for_one_seed_is_an_error(tmp_path):
     a = make_run(tmp_path, "runA", 0, {"full": {}})
     b = make_run(tmp_path, "runB", 0, {"full": {}, "difffit": {}})
