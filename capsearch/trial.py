@@ -123,7 +123,8 @@ def reusable_trial(spec: Spec, plan: TrialPlan) -> str | None:
 
     Same model, data spec, method spec and training settings, status ok, its delta and training record
     kept: the trial takes that delta instead of training (run_trial) and is evaluated under this run's
-    settings. A reuse folder that holds no such trial is passed over (the trial then trains).
+    settings. A reuse folder that holds no such trial is passed over (the trial then trains). A relative
+    reuse folder is taken from the current folder, and the trial folder returned is absolute.
     """
     from capsearch.config import load_spec
     from capsearch.runs import load_trials
@@ -136,7 +137,8 @@ def reusable_trial(spec: Spec, plan: TrialPlan) -> str | None:
         for record in load_trials(folder):
             kept = all((Path(record["dir"]) / f).exists() for f in (TRAIN_FILE, "delta"))
             if record.get("status") == "ok" and trains_alike(record, mine) and kept:
-                return record["dir"]
+                # absolute: a trial's worker may run in another folder (Ray Tune moves it to its own)
+                return str(Path(record["dir"]).resolve())
     return None
 
 

@@ -275,7 +275,9 @@ def test_an_interrupted_baseline_goes_on_from_its_own_checkpoint(spec, tmp_path)
     assert _take_checkpoint(plan, new) and (new / "checkpoint" / "state.json").read_text() == "1"
 
 
-def test_a_finished_trial_of_a_reuse_run_stands_in_for_identical_training(spec, tmp_path):
+def test_a_finished_trial_of_a_reuse_run_stands_in_for_identical_training(
+    spec, tmp_path, monkeypatch
+):
     from capsearch.runs import write_json
     from capsearch.trial import build_plan, reusable_trial
 
@@ -299,7 +301,13 @@ def test_a_finished_trial_of_a_reuse_run_stands_in_for_identical_training(spec, 
     assert reusable_trial(spec, plan) is None  # search.reuse is empty
     search = spec.search.model_copy(update={"reuse": [str(other)]})
     reusing = spec.model_copy(update={"search": search})
-    assert reusable_trial(reusing, plan) == str(trial_dir(other, 4))
+    assert reusable_trial(reusing, plan) == str(trial_dir(other, 4).resolve())
+    # a relative reuse folder (as specs write it) comes back absolute: a trial's worker runs elsewhere
+    monkeypatch.chdir(tmp_path)
+    relative = spec.model_copy(
+        update={"search": spec.search.model_copy(update={"reuse": ["other"]})}
+    )
+    assert reusable_trial(relative, plan) == str(trial_dir(other, 4).resolve())
     lora = build_plan(spec, spec.baseline("lora").params, "lora", 8, tmp_path)
     assert reusable_trial(reusing, lora) is None
     # other data: nothing is reused
@@ -532,13 +540,16 @@ def test_a_real_search_runs_reports_resumes_and_exports(tmp_path, capsys, monkey
     print(f"micro search: {seconds:.1f} s")
     _resume_from_kept_records(run, spec_path, records, capsys)
     # A second search on the same data reuses the finished DiffFit baseline: no step trained again.
-    again = {**MICRO, "search": {**MICRO["search"], "num_samples": 0, "reuse": [str(run)]}}
+    # The reuse folder is relative, as specs write it: Ray Tune runs a trial's worker in its own folder.
+    monkeypatch.chdir(run.parent)
+    again = {**MICRO, "search": {**MICRO["search"], "num_samples": 0, "reuse": [run.name]}}
     again["baselines"] = {"methods": ["difffit"]}
     spec_path.write_text(yaml.safe_dump(again))
     assert main(["run", str(spec_path), "--out", str(tmp_path / "run2")]) == 0
     (mine,) = load_trials(tmp_path / "run2")
     (theirs,) = [r for r in records if r.get("baseline") == "difffit"]
-    assert mine["status"] == "ok" and mine["reuse_from"] == theirs["dir"]
+    assert mine["status"] == "ok", mine.get("message")
+    assert Path(mine["reuse_from"]) == Path(theirs["dir"]).resolve()
     assert mine["steps"] == 4 and mine["train_seconds"] == theirs["train_seconds"]
     assert mine["metrics"]["fid"] > 0 and "final" in mine  # evaluated, then re-evaluated, here
     from safetensors.torch import load_file
