@@ -80,9 +80,8 @@ def reevaluate(job: FinalJob, record: dict[str, Any], data_root: Path) -> dict:
     if not (delta / "delta.safetensors").is_file():  # resumed from records kept without weights
         from capsearch.retrain import retrain_delta
 
-        retrained = retrain_delta(
-            record, data_root
-        )  # its own seconds: `seconds` stays evaluation's
+        # the retraining keeps its own seconds: `seconds` below stays the evaluation's
+        retrained = retrain_delta(record, data_root)
     started = time.time()
     pipe = load_pipeline(job.model)
     pipe.unet = load_delta(pipe.unet, delta)
