@@ -2,7 +2,8 @@
 
 Optuna's study lives in `RUN/optuna.db` (SQLite, so optuna-dashboard opens it); each trial writes its
 record, delta, metrics and samples under `RUN/trials/tNNN/`. A run is resumed from those records: a
-finished trial (ok, error, nan, stopped) is never rerun, an interrupted one is tried again.
+finished trial (ok, error, nan, stopped) is never rerun, an interrupted one is tried again (from its
+checkpoint, with the same parameters: capsearch.study.plan_trials).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from capsearch.runs import (
     write_json,
 )
 from capsearch.searchstats import max_steps
+from capsearch.space import CONFIG_EXTRAS
 from capsearch.study import (
     StudyNotSaved,
     check_study,
@@ -92,13 +94,16 @@ class TrialSearch(OptunaSearch):
         config = super().suggest(trial_id)
         if not isinstance(config, dict) or "_number" not in config:
             return config
-        params = {k: v for k, v in config.items() if k not in ("_number", "baseline")}
+        params = {k: v for k, v in config.items() if k not in CONFIG_EXTRAS}
         try:
             plan = build_plan(self.spec, params, config.get("baseline"), int(config["_number"]),
                               self.run_dir)  # fmt: skip
         except UserError as exc:
             return {**config, "plan_error": str(exc)}
-        if plan.baseline:  # an interrupted run of this baseline goes on from its checkpoint
+        plan.retry_of = config.get("retry_of")
+        if (
+            plan.baseline or plan.retry_of is not None
+        ):  # an interrupted run goes on from its checkpoint
             plan.resume_from = resumable_checkpoint(self.run_dir, plan)
         if plan.resume_from is None and self.spec.search.reuse:  # a finished twin in another run
             plan.reuse_from = reusable_trial(self.spec, plan)
@@ -148,7 +153,7 @@ def _trainable(config: dict, run_dir: str, data_root: str) -> None:
         number = int(config["_number"])
         folder = trial_dir(Path(run_dir), number)
         folder.mkdir(parents=True, exist_ok=True)
-        params = {k: v for k, v in config.items() if k not in ("_number", "baseline", "plan_error")}
+        params = {k: v for k, v in config.items() if k not in CONFIG_EXTRAS}
         record = failed_record(folder.name, number, config.get("baseline"), params,
                                config["plan_error"])  # fmt: skip
         write_json(folder / RESULT_FILE, record)

@@ -302,11 +302,17 @@ def suggest_param(trial: Any, name: str, p: Param) -> Any:
     return trial.suggest_float(name, float(p.low), float(p.high), step=p.step, log=p.log)
 
 
+# The keys define_space (and the driver, for a plan it could not build) adds to a Ray trial's config
+# beside Optuna's parameters.
+CONFIG_EXTRAS = ("_number", "baseline", "retry_of", "plan_error")
+
+
 def define_space(trial: Any, space: SearchSpace) -> dict[str, Any]:
     """Optuna define-by-run space: a method per group, then only that method's hyper-parameters.
 
-    Returns the constants Ray Tune adds to the trial config: the Optuna trial number and, for an
-    enqueued baseline, its name (taken from the trial's user attributes).
+    Returns the constants Ray Tune adds to the trial config (CONFIG_EXTRAS): the Optuna trial number
+    and, from the trial's user attributes, an enqueued baseline's name or the number of the interrupted
+    trial that an enqueued retry runs again.
     """
     for group in space.groups:
         method = trial.suggest_categorical(f"{group.name}.method", list(group.methods))
@@ -320,9 +326,11 @@ def define_space(trial: Any, space: SearchSpace) -> dict[str, Any]:
     for key, p in space.mitigations[mitigation].params.items():
         suggest_param(trial, f"mitigation.{mitigation}.{key}", p)
     extra: dict[str, Any] = {"_number": trial.number}
-    baseline = (trial.user_attrs or {}).get("baseline")
-    if baseline:
-        extra["baseline"] = baseline
+    attrs = trial.user_attrs or {}
+    if attrs.get("baseline"):
+        extra["baseline"] = attrs["baseline"]
+    if attrs.get("retry_of") is not None:
+        extra["retry_of"] = int(attrs["retry_of"])
     return extra
 
 

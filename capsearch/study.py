@@ -181,5 +181,37 @@ def plan_trials(spec: Spec, study: Any, run_dir: Path) -> int:
             left += 1
             if point.name not in waiting:
                 study.enqueue_trial(dict(point.params), user_attrs={"baseline": point.name})
-    searched = sum(1 for r in finished.values() if not r.get("baseline"))
-    return left + max(0, spec.search.num_samples - searched)
+        searched = sum(1 for r in finished.values() if not r.get("baseline"))
+        budget = max(0, spec.search.num_samples - searched)
+        _enqueue_retries(study, run_dir, budget)
+    return left + budget
+
+
+def _enqueue_retries(study: Any, run_dir: Path, budget: int) -> None:
+    """Enqueue again, with the same parameters, the searched trials that an interruption cut short.
+
+    The sampler proposed them before the interruption; running them again (from their checkpoints:
+    capsearch.trial.resumable_checkpoint) makes a search's trials independent of where it was stopped,
+    and keeps the training they did. Each one is retried once (a retry that is itself interrupted is
+    retried in turn), and no more of them than the search's remaining budget.
+    """
+    from optuna.trial import TrialState
+
+    retried = {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False)}
+    queued = len(
+        [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if t.user_attrs.get("retry_of") is not None
+        ]  # fmt: skip
+    )
+    for record in load_trials(run_dir, finished_only=False):
+        if queued >= budget:
+            return
+        number = record.get("number")
+        if record.get("status") != "interrupted" or record.get("baseline") or number in retried:
+            continue
+        if not record.get("params"):  # no plan was written: nothing to retry
+            continue
+        study.enqueue_trial(dict(record["params"]), user_attrs={"retry_of": int(number)})
+        queued += 1

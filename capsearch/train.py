@@ -120,6 +120,8 @@ def finetune(
     bar = loss_bar(not quiet, "fine-tune", config.steps, start)
     out = _Outcome(steps=start, loss=state.losses[-1][1] if state.losses else float("nan"))
     books = _Bookkeeper(run, callbacks, out_dir, ckpt, start, method_spec)
+    for probe in state.probes if start else ():  # a resumed run's earlier probes, again for the
+        books.report("probe", probe)  # callbacks (a scheduler decides as if it had not stopped)
     trial = Path(out_dir).name if out_dir else None  # a search trial's tNNN (capsearch.faults)
     try:
         for step in range(start, config.steps):

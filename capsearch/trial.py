@@ -48,6 +48,8 @@ class TrialPlan(Strict):
     # The checkpoint of an interrupted trial with this very plan (resumable_checkpoint): training goes on
     # from its step instead of step 0.
     resume_from: str | None = None
+    # A searched trial enqueued again because trial `retry_of` was interrupted (same parameters).
+    retry_of: int | None = None
     # A finished trial of a `search.reuse` run with this very training (reusable_trial): its delta and
     # training record stand in for training.
     reuse_from: str | None = None

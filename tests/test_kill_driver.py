@@ -2,7 +2,7 @@
 
 Each case runs `python -m capsearch run SPEC --out RUN` as a subprocess, kills it (a) while the phantom
 data set is generated, (b) while a trial trains, (c) right after the first trial recorded its result,
-and runs `--resume`: it takes over the dead driver's lock, reaps the Ray workers it left, and finishes.
+(d) while the searched trial trains, after its first checkpoint, and runs `--resume`: it takes over the dead driver's lock, reaps the Ray workers it left, and finishes.
 Afterwards every planned trial has exactly one `ok` record, no trial finished before the kill was run
 again, and the Optuna study holds one COMPLETE trial per `ok` record (same reward) and FAIL only for the
 trials the kill interrupted.
@@ -60,7 +60,18 @@ def _one_finished(run: Path) -> bool:
     return any((folder / "result.json").is_file() for folder in _trials(run))
 
 
-KILL_WHEN = {"data": _generating, "training": _training, "between": _one_finished}
+def _searched_checkpointed(run: Path) -> bool:
+    """The searched trial (t001, after the baseline) saved a checkpoint and has not finished."""
+    folder = run / "trials" / "t001"
+    return (folder / "checkpoint").is_dir() and not (folder / "result.json").exists()
+
+
+KILL_WHEN = {
+    "data": _generating,
+    "training": _training,
+    "between": _one_finished,
+    "searched": _searched_checkpointed,
+}
 
 
 def _scorer_installed() -> bool:
@@ -70,7 +81,7 @@ def _scorer_installed() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["data", "training", "between"])
+@pytest.mark.parametrize("point", ["data", "training", "between", "searched"])
 def test_a_killed_driver_is_finished_by_resume(point, tmp_path):
     if not _scorer_installed():
         pytest.skip("the phantom scorer is not installed (capsearch pretrain scorer)")
@@ -125,6 +136,12 @@ def test_a_killed_driver_is_finished_by_resume(point, tmp_path):
     assert all(r["status"] == "interrupted" for r in cut), cut
     if point == "training":
         assert len(cut) == 1  # the trial the kill cut short, run again as a new trial
+    if point == "searched":  # the sampler's proposal is kept: retried with its parameters, from its
+        (retry,) = [r for r in ok if r.get("retry_of") is not None]  # checkpoint
+        assert [r["trial"] for r in cut] == ["t001"] and retry["retry_of"] == 1
+        assert retry["params"] == cut[0]["params"]
+        assert retry["resume_from"] == str(run.resolve() / "trials" / "t001" / "checkpoint")
+        assert "going on from t001's checkpoint" in resumed.stdout
     for name, (content, mtime) in before.items():
         result = run / "trials" / name / "result.json"
         assert (result.read_bytes(), result.stat().st_mtime_ns) == (content, mtime), name

@@ -275,6 +275,44 @@ def test_an_interrupted_baseline_goes_on_from_its_own_checkpoint(spec, tmp_path)
     assert _take_checkpoint(plan, new) and (new / "checkpoint" / "state.json").read_text() == "1"
 
 
+def test_an_interrupted_searched_trial_is_retried_once_with_its_parameters(spec, tmp_path):
+    from capsearch.runs import write_json
+    from capsearch.search import open_study, plan_trials
+    from capsearch.trial import build_plan, resumable_checkpoint
+
+    study = open_study(spec, tmp_path)
+    plan_trials(spec, study, tmp_path)
+    asked = [study.ask() for _ in range(5)]  # 3 baselines, then 2 searched trials
+    extras = [define_space(t, spec.search_space) for t in asked]
+    for number in range(5):
+        folder = trial_dir(tmp_path, number)
+        (folder / "checkpoint").mkdir(parents=True)
+        plan = build_plan(
+            spec, asked[number].params, extras[number].get("baseline"), number, tmp_path
+        )
+        record = {**plan.model_dump(mode="json"), "trial": folder.name}
+        if number == 4:  # running when the search stopped
+            write_json(folder / "params.json", {**record, "status": "running"})
+        else:
+            write_json(folder / "result.json", {**record, "status": "ok", "reward": 1.0})
+    spec.search.num_samples = 1  # a search with no budget left retries nothing
+    assert plan_trials(spec, study, tmp_path) == 0
+    assert not study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    spec.search.num_samples = 2
+    assert plan_trials(spec, study, tmp_path) == 1  # one searched trial left in the budget...
+    (retry,) = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert retry.user_attrs == {"retry_of": 4}  # ...its retry
+    assert plan_trials(spec, study, tmp_path) == 1  # planning again enqueues nothing more
+    assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1
+    again = study.ask()
+    extra = define_space(again, spec.search_space)
+    assert again.number == 5 and extra == {"_number": 5, "retry_of": 4}
+    assert again.params == asked[4].params
+    plan = build_plan(spec, again.params, None, 5, tmp_path)
+    # it goes on from trial 4's checkpoint, the one interrupted trial that trained exactly this plan
+    assert resumable_checkpoint(tmp_path, plan) == str(trial_dir(tmp_path, 4) / "checkpoint")
+
+
 def test_a_finished_trial_of_a_reuse_run_stands_in_for_identical_training(
     spec, tmp_path, monkeypatch
 ):

@@ -124,6 +124,32 @@ def test_probe_reports_heldout_loss_and_strength(data):
     assert events[-1][0] == "end"
 
 
+def test_a_resumed_fine_tune_reports_its_earlier_probes_first(data, tmp_path, monkeypatch):
+    """A scheduler (ASHA) sees a resumed trial's whole probe history, as if it had not stopped."""
+    import capsearch.train as train_mod
+
+    spec = [{"method": "bitfit", "units": "mid_block"}]
+    cfg = _cfg(steps=6, probe_every=2, checkpoint_every=4)
+    original = train_mod._save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    first: list = []
+    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_stop)
+    finetune(load_pipeline("tiny:random"), spec, data, cfg, out_dir=tmp_path, quiet=True,
+             callbacks=[lambda e, p: first.append(p) if e == "probe" else None])  # fmt: skip
+    monkeypatch.setattr(train_mod, "_save_checkpoint", original)
+    again: list = []
+    res = finetune(load_pipeline("tiny:random"), spec, data, cfg, out_dir=tmp_path, resume=True,
+                   quiet=True, callbacks=[lambda e, p: again.append(p) if e == "probe" else None])  # fmt: skip
+    assert [p["step"] for p in first] == [2, 4] and [p["step"] for p in again] == [2, 4, 6]
+    assert again[:2] == first and res.probes == again
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert sum(1 for line in log if "probe" in line) == 3  # replayed to callbacks, not logged again
+
+
 def test_cli_train_writes_delta_and_log(data, tmp_path, capsys):
     from capsearch.cli import main
 
