@@ -1,4 +1,5 @@
-"""Plots of search runs: quality against memorisation (the Pareto plot of report.md, and over seeds)."""
+"""Plots of search runs: quality against memorisation (the Pareto plot of report.md, over seeds, and
+the front of a search's stages)."""
 
 from __future__ import annotations
 
@@ -135,6 +136,75 @@ def seeds_plot(series: list[tuple[str, list[tuple[float, float]]]], path: Path) 
     ax.set_xlabel("extracted images ↓ (count)")
     ax.set_ylabel("held-out FID ↓")
     return _finish(fig, ax, "Quality against memorisation, over seeds", path)
+
+
+def front(points: list[dict[str, Any]]) -> list[int]:
+    """Indices of the points no other point beats on both extracted images and FID (lower is better:
+    at most as many extracted and at most the FID, one of them strictly), by extracted count."""
+    out = []
+    for i, p in enumerate(points):
+        beaten = any(
+            q["extracted"] <= p["extracted"] and q["fid"] <= p["fid"]
+            and (q["extracted"] < p["extracted"] or q["fid"] < p["fid"])
+            for q in points
+        )  # fmt: skip
+        if not beaten:
+            out.append(i)
+    return sorted(out, key=lambda i: (points[i]["extracted"], points[i]["fid"]))
+
+
+def front_plot(panels: list[tuple[str, list[dict[str, Any]]]], path: Path) -> Path | None:
+    """Held-out FID against extracted images, one panel per evaluation stage; None if nothing to plot.
+
+    Each panel is (title, points); a point is a dict with `label`, `kind` ("baseline", "searched" or
+    "winner"), `extracted`, `fid` and optionally `intervals` ({"fid": [lo, hi], "extracted": [lo, hi]},
+    drawn as error bars). The points no other point beats on both axes are joined by a step line.
+    """
+    panels = [(title, pts) for title, pts in panels if pts]
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    style = {"baseline": ("s", "C1"), "searched": ("o", "C0"), "winner": ("*", "C3")}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.6), squeeze=False)
+    for ax, (title, pts) in zip(axes[0], panels):
+        best = front(pts)
+        if len(best) > 1:
+            ax.step([pts[i]["extracted"] for i in best], [pts[i]["fid"] for i in best],
+                    where="post", color="0.6", lw=1, zorder=1, label="front")  # fmt: skip
+        for kind, (marker, colour) in style.items():
+            mine = [p for p in pts if p["kind"] == kind]
+            for j, p in enumerate(mine):
+                iv = p.get("intervals") or {}
+                err = {}
+                for axis, key in (("xerr", "extracted"), ("yerr", "fid")):
+                    if iv.get(key):
+                        lo, hi = iv[key]
+                        err[axis] = [[max(0.0, p[key] - lo)], [max(0.0, hi - p[key])]]
+                ax.errorbar(p["extracted"], p["fid"], fmt=marker, color=colour, mec="k",
+                            ms=14 if kind == "winner" else 8, capsize=3, elinewidth=0.8,
+                            zorder=3, label=kind if j == 0 else None, **err)  # fmt: skip
+                ax.annotate(p["label"], (p["extracted"], p["fid"]), fontsize=7, xytext=(5, 4),
+                            textcoords="offset points")  # fmt: skip
+        fids = [p["fid"] for p in pts]
+        if min(fids) > 0 and max(fids) / min(fids) > 2.5:
+            from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("extracted images ↓ (count)")
+        ax.set_ylabel("FID ↓")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _finish(fig, ax, title: str, path: Path) -> Path:

@@ -3,14 +3,18 @@ baselines: the plan").
 
 Usage:
     python experiments/search_compare.py runs/search_vs_baselines runs/search_random --out DIR \
-        [--confirm RUN_SEED1 RUN_SEED3 ...]
+        [--confirm RUN_SEED1 RUN_SEED3 ...] [--stops runs/search_stops] \
+        [--transfer runs/search_transfer]
 
 Writes DIR/search.md and DIR/learning_curve.png: the learning curves of the runs (best search reward
 against searched trials proposed; each labelled by its spec's sampler), each run's winner (the searched
 trial with the best final reward) and how many searched trials were proposed before it, the main run's
 final table, the found configuration with the share of each unit group it trains, the compute of each
 run, and whether the winner dominates the baselines on the main run's seed (within-run intervals) and,
-with --confirm, over that seed and the confirmation runs' seeds (paired rules). In a confirmation run
+with --confirm, over that seed and the confirmation runs' seeds (paired rules); DIR/front.png, FID
+against extracted images at both stages; with --stops, whether ASHA's stops were right (the stopped
+trials run to the end: would they have been finalists?); with --transfer, W and the baselines on the
+transfer world and whether W dominates there. In a confirmation run
 the winner is the fixed trial (`baselines.fixed`) whose parameters equal the winner's. Every number is
 read from the runs' records.
 """
@@ -27,6 +31,7 @@ from typing import Any
 from capsearch.atomic import atomic_write
 from capsearch.dominance import NEEDED, dominance, dominance_lines
 from capsearch.errors import UserError
+from capsearch.plots import front_plot
 from capsearch.report import (
     COLUMNS,
     best_config_yaml,
@@ -47,6 +52,7 @@ from capsearch.searchstats import (
 
 REPORT = "search.md"
 CURVE = "learning_curve.png"
+FRONT = "front.png"
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,115 @@ def final_lines(run: Run, w: dict[str, Any]) -> list[str]:
             *_table(COLUMNS[:-1], rows)]  # fmt: skip
 
 
+def _point(record: dict[str, Any], w: dict[str, Any], final: bool) -> dict[str, Any] | None:
+    """A trial as a front_plot point at the search stage or (final) its final re-evaluation."""
+    view = final_view(record) if final else record
+    fid, ext = record_value(view, "fid"), record_value(view, "extracted")
+    if fid is None or ext is None:
+        return None
+    kind = (
+        "winner"
+        if record["dir"] == w["dir"]
+        else "baseline"
+        if record.get("baseline")
+        else "searched"
+    )
+    label = display_name(record) if record.get("baseline") else _name(record)
+    return {"label": label, "kind": kind, "fid": fid, "extracted": ext,
+            "intervals": view.get("intervals") if final else None}  # fmt: skip
+
+
+def front_lines(run: Run, w: dict[str, Any], out: Path) -> list[str]:
+    """The front plot: every evaluated trial at the search stage, the finalists at the final stage."""
+    stages = []
+    for final, title in ((False, "search stage (validate split): every evaluated trial"),
+                         (True, "final stage (test split, fresh seeds): 95% intervals")):  # fmt: skip
+        pts = [p for r in run.records if (not final or r.get("final"))
+               and (p := _point(r, w, final)) is not None]  # fmt: skip
+        stages.append((title, pts))
+    if front_plot(stages, out / FRONT) is None:
+        return []
+    return ["", "## Quality against memorisation", "", f"![front]({FRONT})", "",
+            "FID against extracted images of the main run: left, every trial the search evaluated "
+            "(ASHA-stopped ones were not); right, the baselines and finalists re-evaluated. Grey: the "
+            "trials no other trial beats on both axes."]  # fmt: skip
+
+
+def stops_lines(main: Run, w: dict[str, Any], stops: Run) -> list[str]:
+    """Were ASHA's stops right? Each stopped trial run to the end (`stopped_tNNN` fixed trials of the
+    stops run, same seed and evaluation). The plan's rule: a stop was wrong if the trial's final reward
+    beats the winner's. Also shown: whether its search reward would have made it a finalist."""
+    if stops.seed != main.seed:
+        raise UserError(f"{stops.folder} has seed {stops.seed}; the stops check runs on the main "
+                        f"run's seed {main.seed}")  # fmt: skip
+    ranked = sorted((v for r in searched(main) if (v := record_value(r, "reward")) is not None),
+                    reverse=True)  # fmt: skip
+    k = main.spec.final.top_k
+    bar = ranked[k - 1] if 0 < k <= len(ranked) else None
+    w_final = record_value(w["final"], "reward")
+    rows, wrong = [], 0
+    for r in sorted(stops.records, key=lambda r: r["number"]):
+        name = str(r.get("baseline") or "")
+        if not name.startswith("stopped_"):
+            continue
+        source = next((x for x in main.records if _name(x) == name[len("stopped_") :]), None)
+        if source is None or source.get("params") != r.get("params"):
+            raise UserError(f"{stops.folder}: {name} does not match a trial of {main.folder} "
+                            "with its parameters")  # fmt: skip
+        search = record_value(r, "reward")
+        final = record_value(r.get("final") or {}, "reward")
+        finalist = search is not None and bar is not None and search >= bar
+        beats = final is not None and w_final is not None and final > w_final
+        wrong += bool(beats)
+        rows.append([_name(source), display_name(source), f"{source.get('steps', 0):,}",
+                     _fmt(search), "yes" if finalist else "no", _fmt(final),
+                     "yes" if beats else "no"])  # fmt: skip
+    if not rows:
+        return ["", "## Were the stops right?", "", f"`{stops.folder}` holds no stopped trial."]
+    header = [
+        "stopped trial",
+        "configuration",
+        "stopped at step",
+        "search reward at the end ↑",
+        f"finalist (≥ {_fmt(bar)}, top {k})",
+        "final reward ↑",
+        f"beats W ({_fmt(w_final)})",
+    ]
+    verdict = ("every stop was right: no stopped trial, run to the end, beats the winner's final "
+               "reward" if not wrong else f"{wrong} of {len(rows)} stops were wrong: run to the end, "
+               "they beat the winner's final reward")  # fmt: skip
+    return ["", "## Were the stops right?", "", f"Trials ASHA stopped, run to the end in "
+            f"`{stops.folder}` on the same seed and evaluation: {verdict}.", "",
+            *_table(header, rows)]  # fmt: skip
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def transfer_lines(main: Run, w: dict[str, Any], transfer: Run) -> list[str]:
+    """W unchanged (the fixed trial with its parameters) and the baselines on another world."""
+    matches = [
+        r for r in transfer.records if r.get("baseline") and r.get("params") == w.get("params")
+    ]
+    if len(matches) != 1:
+        raise UserError(f"{transfer.folder}: {len(matches)} trials have the winner's parameters "
+                        "(one is needed: `found` of search_transfer.yaml)")  # fmt: skip
+    tw = matches[0]
+    views = ordered([final_view(r) for r in transfer.records if r.get("final")], transfer.spec)
+    rows = []
+    for view, row in zip(views, table_rows(views, intervals=True)):
+        if view["dir"] == tw["dir"]:
+            row[1] = f"**W: {row[1]}**"
+        rows.append(row[:-1])
+    pool = {k: v for k, v in baselines([transfer]).items() if v is not tw}
+    result = dominance(tw, pool, seeds=[transfer.seed])
+    return ["", "## Transfer", "", f"W ({_name(w)} of `{main.folder}`) unchanged, retrained with "
+            f"the baselines on `{transfer.folder}` (phantom seed {transfer.seed}, not searched on), "
+            f"final stage as the main run's; within-run 95% intervals.", "",
+            *_table(COLUMNS[:-1], rows), "", *dominance_lines(result)]  # fmt: skip
+
+
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}%"
 
@@ -205,7 +320,8 @@ def confirm_records(main: Run, w: dict[str, Any], confirm: list[Run]) -> tuple[l
     return wins, {n: [p[n] for p in pools] for n in NEEDED}, seeds
 
 
-def compare_lines(main: Run, others: list[Run], confirm: list[Run], out: Path) -> list[str]:
+def compare_lines(main: Run, others: list[Run], confirm: list[Run], out: Path,
+                  stops: Run | None = None, transfer: Run | None = None) -> list[str]:  # fmt: skip
     """search.md's lines after its title."""
     runs = [main, *others]
     wins = [winner(run) for run in runs]
@@ -217,7 +333,9 @@ def compare_lines(main: Run, others: list[Run], confirm: list[Run], out: Path) -
                      f"seed {run.seed}, {len(searched(run))} searched trials and {n_base} baselines "
                      "finished")  # fmt: skip
     lines += curve_lines(runs, out) + winner_lines(runs, wins) + final_lines(main, w)
-    lines += config_lines(w) + compute_section(runs)
+    lines += front_lines(main, w, out) + config_lines(w) + compute_section(runs)
+    if stops is not None:
+        lines += stops_lines(main, w, stops)
     one = dominance(w, baselines([main]), seeds=[main.seed])
     lines += ["", f"## Dominance on seed {main.seed} (the main run)", "", *dominance_lines(one)]
     if confirm:
@@ -227,19 +345,24 @@ def compare_lines(main: Run, others: list[Run], confirm: list[Run], out: Path) -
                   "W unchanged on each seed (on the confirmation seeds the fixed trial with W's "
                   "parameters), against that seed's baselines.", "",
                   *dominance_lines(many)]  # fmt: skip
+    if transfer is not None:
+        lines += transfer_lines(main, w, transfer)
     return lines
 
 
 def write_compare(run: Path, random: Path | None, out: Path, confirm: list[Path],
-                  command: str) -> Path:  # fmt: skip
-    """Write OUT/search.md (and the learning-curve plot); return its path."""
+                  command: str, stops: Path | None = None,
+                  transfer: Path | None = None) -> Path:  # fmt: skip
+    """Write OUT/search.md (and the learning-curve and front plots); return its path."""
     main = load_run(run)
     others = [load_run(random)] if random is not None else []
     confirms = [load_run(c) for c in confirm]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# capsearch search comparison: {main.spec.name}", "", f"Written by `{command}`"]
-    lines += compare_lines(main, others, confirms, out)
+    lines += compare_lines(main, others, confirms, out,
+                           load_run(stops) if stops is not None else None,
+                           load_run(transfer) if transfer is not None else None)  # fmt: skip
     path = out / REPORT
     atomic_write(path, "\n".join(lines) + "\n")
     return path
@@ -254,12 +377,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="folder for search.md and the plot")
     ap.add_argument("--confirm", type=Path, nargs="+", default=[], metavar="RUN_SEED",
                     help="runs of other seeds holding W as a fixed trial and their baselines")  # fmt: skip
+    ap.add_argument(
+        "--stops",
+        type=Path,
+        metavar="RUN_STOPS",
+        help="the run of ASHA-stopped trials run to the end (search_stops.yaml)",
+    )
+    ap.add_argument(
+        "--transfer",
+        type=Path,
+        metavar="RUN_TRANSFER",
+        help="W and the baselines on the transfer world (search_transfer.yaml)",
+    )
     args = ap.parse_args(argv)
     words = sys.argv[1:] if argv is None else argv
     command = "python " + shlex.join([sys.argv[0] if argv is None else __file__, *words])
     command = command.replace(str(Path(__file__).resolve().parents[1]) + "/", "")
     try:
-        path = write_compare(args.run, args.random, args.out, args.confirm, command)
+        path = write_compare(args.run, args.random, args.out, args.confirm, command, args.stops,
+                             args.transfer)  # fmt: skip
     except UserError as exc:
         sys.stderr.write(f"search_compare: error: {exc}\n")
         return exc.exit_code

@@ -344,3 +344,38 @@ def test_search_compare_without_finals_is_one_line_and_exit_2(tmp_path, capsys):
     argv = [str(main_run), "--out", str(tmp_path / "o2"), "--confirm", str(confirm)]
     assert load_script().main(argv) == 2
     assert "has the winner's parameters" in capsys.readouterr().err
+
+
+def test_search_compare_checks_the_stops_and_the_transfer_and_plots_the_front(tmp_path):
+    main_run = make_run(tmp_path, "search_vs_baselines", "tpe", 0, TPE)
+    spec = yaml.safe_load((main_run / "spec.yaml").read_text())
+    spec["final"]["top_k"] = 3  # finalists: search rewards -3.9, -4.1, -4.5
+    (main_run / "spec.yaml").write_text(yaml.safe_dump(spec))
+    stopped = json.loads((trial_dir(main_run, 8) / "params.json").read_text())["params"]
+    # t008, stopped by ASHA, run to the end: search reward -4.0 (a finalist), final -4.0 (W: -3.5)
+    stops = make_run(tmp_path, "search_stops", "tpe", 0, [], {"stopped_t008": stopped})
+    transfer = make_run(tmp_path, "search_transfer", "tpe", 27, [], {"found": W_PARAMS})
+    out = tmp_path / "out"
+    argv = [str(main_run), "--out", str(out), "--stops", str(stops), "--transfer", str(transfer)]
+    assert load_script().main(argv) == 0
+    text = (out / "search.md").read_text()
+    assert (out / "front.png").stat().st_size > 1000 and "![front](front.png)" in text
+    checked = text.split("## Were the stops right?")[1].split("\n## ")[0]
+    assert "every stop was right" in checked  # a finalist had it run on, but it does not beat W
+    assert "| t008 |" in checked and "| 500 | -4.000 | yes | -4.000 | no |" in checked
+    moved = text.split("## Transfer")[1]
+    assert "phantom seed 27" in moved and "**W: " in moved
+    assert "W dominates the baselines on seed 27" in moved
+    # a stops run of another seed, or one whose trial lost its parameters, is one line and exit 2
+    other = make_run(tmp_path, "stops_seed1", "tpe", 1, [], {"stopped_t008": stopped})
+    argv = [str(main_run), "--out", str(out), "--stops", str(other)]
+    assert load_script().main(argv) == 2
+    wrong = make_run(tmp_path, "stops_wrong", "tpe", 0, [], {"stopped_t008": W_PARAMS})
+    assert load_script().main([str(main_run), "--out", str(out), "--stops", str(wrong)]) == 2
+
+
+def test_the_front_keeps_the_points_nothing_beats_on_both_axes():
+    from capsearch.plots import front
+
+    points = [{"extracted": e, "fid": f} for e, f in ((10, 63), (0, 72), (0, 95), (7, 80), (0, 72))]
+    assert front(points) == [1, 4, 0]  # (0, 72) twice (neither beats the other), then (10, 63)
