@@ -181,17 +181,21 @@ CURVE_FILE = "learning_curve.png"
 def interrupted_work(run_dir: Path) -> dict[str, Any]:
     """What interrupted trials (a search stopped and resumed) trained before they stopped.
 
-    Their checkpoints go on in later trials, whose records count only the part after the checkpoint;
-    the part before is read from each one's train_log.jsonl: its last step, and its last line's time
+    A later trial may go on from one's checkpoint (a baseline enqueued again, a searched trial
+    retried: `continued` counts those); its record counts only the part after the checkpoint. The
+    part before is read from each one's train_log.jsonl: its last step, and its last line's time
     less the trial's start (logs written before lines carried a time leave the time unknown).
     """
     from capsearch.runs import load_trials, read_train_log
 
-    out: dict[str, Any] = {"trials": 0, "steps": 0, "cpu_hours": 0.0, "timed": 0}
-    for r in load_trials(Path(run_dir), finished_only=False):
+    out: dict[str, Any] = {"trials": 0, "steps": 0, "cpu_hours": 0.0, "timed": 0, "continued": 0}
+    records = load_trials(Path(run_dir), finished_only=False)
+    taken = {Path(r["resume_from"]).parent.name for r in records if r.get("resume_from")}
+    for r in records:
         if r.get("status") != "interrupted":
             continue
         out["trials"] += 1
+        out["continued"] += Path(r["dir"]).name in taken
         steps = [entry for entry in read_train_log(Path(r["dir"])) if "step" in entry]
         last: dict[str, Any] = steps[-1] if steps else {}
         out["steps"] += int(last.get("step") or 0)
@@ -215,7 +219,8 @@ def report_lines(run_dir: Path, records: Sequence[dict[str, Any]], full_length: 
         )
         lines.append(
             f"- interrupted trials, not counted above: {cut['trials']} ({cut['steps']:,} steps "
-            f"trained, {hours}); a later trial went on from each one's checkpoint"
+            f"trained, {hours}); a later trial went on from the checkpoint of {cut['continued']} "
+            "of them"
         )
     curve = best_so_far(records)
     if curve:

@@ -105,9 +105,13 @@ def test_interrupted_trials_count_what_they_trained_before_they_stopped(tmp_path
     (tmp_path / "trials" / "t002" / "result.json").write_text(
         json.dumps({"trial": "t002", "number": 2, "status": "interrupted"})
     )
+    write_json(tmp_path / "trials" / "t003" / "result.json", {"trial": "t003", "number": 3,
+               "status": "ok", "resume_from": str(tmp_path / "trials" / "t001" / "checkpoint")})  # fmt: skip
     cut = interrupted_work(tmp_path)
     assert cut["trials"] == 2 and cut["steps"] == 25 and cut["timed"] == 1
+    assert cut["continued"] == 1  # t003 went on from t001's checkpoint; t002 was not taken up
     assert cut["cpu_hours"] == pytest.approx(2 * 200 / 3600)
     text = "\n".join(report_lines(tmp_path, [], 100))
     assert "interrupted trials, not counted above: 2 (25 steps" in text
     assert "time known for 1 of them" in text
+    assert "went on from the checkpoint of 1 of them" in text
