@@ -344,12 +344,16 @@ class _Bookkeeper:
             _save_checkpoint(self.checkpoint, done, run.unet, run.optimizer, run.scheduler, state)
 
     def report(self, event: str, payload: dict, line: dict | None = None) -> None:
-        """Send an event to every callback; with an out_dir, append `line` to train_log.jsonl."""
-        for cb in self.callbacks:
-            cb(event, payload)
+        """With an out_dir, append `line` to train_log.jsonl; then send the event to every callback.
+
+        The line is written first: a callback may not return (a scheduler that stops the trial at this
+        probe ends its worker), and the probe that stopped a trial belongs in its log.
+        """
         if self.log and line is not None:
             self.log.write(json.dumps(line) + "\n")
             self.log.flush()  # a killed trial keeps its log up to the kill, not up to a full buffer
+        for cb in self.callbacks:
+            cb(event, payload)
 
     def close(self) -> None:
         """Close train_log.jsonl and the event file."""

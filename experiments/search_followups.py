@@ -75,16 +75,35 @@ def _spec(base: dict[str, Any], name: str, description: str, fixed: list[dict], 
 
 
 def first_rung_stops(run: Any, grace: int, count: int = STOPS) -> list[tuple[float, dict]]:
-    """Searched trials stopped at the first rung, best probe score there first (at most `count`)."""
+    """Searched trials stopped at the first rung, best probe score there first (at most `count`).
+
+    The score is read from the trial's train_log.jsonl or, where the log lacks it, from the study
+    (`optuna.db`: the probe scores Optuna was told). Logs written before capsearch logged a probe
+    ahead of reporting it lack the probe that stopped the trial: ASHA ended the worker first.
+    """
+    told = _told_probes(run)
     found = []
     for record in searched(run):
         if record.get("status") != "stopped" or record.get("steps") != grace:
             continue
         probes = [e["probe"] for e in read_train_log(Path(record["dir"])) if "probe" in e]
         scores = [p["probe_score"] for p in probes if p.get("step") == grace and "probe_score" in p]
-        if scores:
-            found.append((scores[-1], record))
+        score = scores[-1] if scores else told.get(record["number"], {}).get(grace)
+        if score is not None:
+            found.append((float(score), record))
     return sorted(found, key=lambda sr: (sr[0], sr[1]["number"]))[:count]
+
+
+def _told_probes(run: Any) -> dict[int, dict[int, float]]:
+    """Each trial's probe scores by step as the run's study holds them ({} without a study)."""
+    import optuna
+
+    path = run.folder / "optuna.db"
+    if not path.is_file():
+        return {}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=run.spec.search.study_name, storage=f"sqlite:///{path}")
+    return {t.number: dict(t.intermediate_values) for t in study.get_trials(deepcopy=False)}
 
 
 def followups(run_dir: Path, base: Path) -> dict[str, dict[str, Any]]:

@@ -45,10 +45,11 @@ def _run(tmp_path: Path) -> tuple[Path, dict]:
     resolved = resolve_extends(BASE)
     (run / "spec.yaml").write_text(yaml.safe_dump({**resolved, "name": "search_vs_baselines"}))
     spec = load_spec(run / "spec.yaml", check_model=False)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
-    params = {}
-    for number in range(5, 13):
-        trial = study.ask()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3),
+                                study_name="capsearch", storage=f"sqlite:///{run / 'optuna.db'}")  # fmt: skip
+    params, trials = {}, {}
+    for number in range(0, 13):
+        trial = trials[number] = study.ask()
         define_space(trial, spec.search_space)
         params[number] = dict(trial.params)
     _write(run / "trials" / "t000" / "result.json", {"trial": "t000", "number": 0,
@@ -72,6 +73,7 @@ def _run(tmp_path: Path) -> tuple[Path, dict]:
                "params": params[number], "status": "stopped", "steps": step})  # fmt: skip
         lines = [{"step": 10, "loss": 0.05}, {"probe": {"step": step, "probe_score": score}}]
         (folder / "train_log.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
+        trials[number].report(score, step)  # what the search told Optuna at the stopping probe
     return run, params
 
 
@@ -109,6 +111,20 @@ def test_followup_specs_from_a_search_record(followups, tmp_path):
     assert (avoid.seed, avoid.patients) == (0, 80)
     assert transfer.baselines.methods == ["freeze", "full", "attention", "difffit", "svdiff"]
     assert [f.name for f in transfer.baselines.fixed] == ["found"]
+
+
+def test_the_stopping_probe_is_read_from_the_study_where_the_log_lacks_it(followups, tmp_path):
+    """Logs of trials ASHA stopped before capsearch logged a probe ahead of reporting it end before
+    the probe that stopped them; the study holds its score."""
+    run, params = _run(tmp_path)
+    for number in (9, 11):
+        log = run / "trials" / f"t{number:03d}" / "train_log.jsonl"
+        log.write_text(log.read_text().splitlines()[0] + "\n")  # the probe line gone
+    stops = followups.first_rung_stops(followups.load_run(run), 500)
+    assert [(score, r["number"]) for score, r in stops] == [(0.027, 9), (0.029, 11), (0.031, 8)]
+    (run / "optuna.db").unlink()  # without the study, those two cannot be ranked: left out
+    stops = followups.first_rung_stops(followups.load_run(run), 500)
+    assert [r["number"] for _, r in stops] == [8, 12]
 
 
 def test_no_final_stage_yet_is_one_line(followups, tmp_path):

@@ -150,6 +150,22 @@ def test_a_resumed_fine_tune_reports_its_earlier_probes_first(data, tmp_path, mo
     assert sum(1 for line in log if "probe" in line) == 3  # replayed to callbacks, not logged again
 
 
+def test_a_probe_is_logged_before_a_callback_can_end_the_run(data, tmp_path):
+    """ASHA ends a trial's worker inside the report of the probe that stops it: that probe must
+    already be in train_log.jsonl (it was missing from every stopped trial's log before)."""
+
+    def scheduler_stops(event: str, payload: dict) -> None:
+        if event == "probe":
+            raise KeyboardInterrupt  # the worker ends here, as when Ray stops the trial
+
+    res = finetune(load_pipeline("tiny:random"), [{"method": "bitfit", "units": "mid_block"}],
+                   data, _cfg(steps=4, probe_every=2), callbacks=[scheduler_stops],
+                   out_dir=tmp_path, quiet=True)  # fmt: skip
+    assert res.status == "stopped"
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [line["probe"]["step"] for line in log if "probe" in line] == [2]
+
+
 def test_cli_train_writes_delta_and_log(data, tmp_path, capsys):
     from capsearch.cli import main
 
