@@ -187,8 +187,7 @@ def front_plot(panels: list[tuple[str, list[dict[str, Any]]]], path: Path) -> Pa
                 ax.errorbar(p["extracted"], p["fid"], fmt=marker, color=colour, mec="k",
                             ms=14 if kind == "winner" else 8, capsize=3, elinewidth=0.8,
                             zorder=3, label=kind if j == 0 else None, **err)  # fmt: skip
-                ax.annotate(p["label"], (p["extracted"], p["fid"]), fontsize=7, xytext=(5, 4),
-                            textcoords="offset points")  # fmt: skip
+        _labels(ax, pts)
         fids = [p["fid"] for p in pts]
         if min(fids) > 0 and max(fids) / min(fids) > 2.5:
             from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
@@ -205,6 +204,21 @@ def front_plot(panels: list[tuple[str, list[dict[str, Any]]]], path: Path) -> Pa
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _labels(ax: Any, pts: list[dict[str, Any]]) -> None:
+    """Label each point; of points at one extracted count whose FIDs lie within 6% of each other,
+    every other label goes to the left, so that neighbours do not print over each other."""
+    left = False
+    previous: dict[str, Any] | None = None
+    for p in sorted(pts, key=lambda p: (p["extracted"], p["fid"])):
+        near = (previous is not None and previous["extracted"] == p["extracted"]
+                and p["fid"] <= 1.06 * previous["fid"])  # fmt: skip
+        left = not left if near else False
+        ax.annotate(p["label"], (p["extracted"], p["fid"]), fontsize=7,
+                    xytext=(-6 if left else 6, 3), ha="right" if left else "left",
+                    textcoords="offset points")  # fmt: skip
+        previous = p
 
 
 def _finish(fig, ax, title: str, path: Path) -> Path:
