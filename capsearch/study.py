@@ -193,7 +193,9 @@ def _enqueue_retries(study: Any, run_dir: Path, budget: int) -> None:
     The sampler proposed them before the interruption; running them again (from their checkpoints:
     capsearch.trial.resumable_checkpoint) makes a search's trials independent of where it was stopped,
     and keeps the training they did. Each one is retried once (a retry that is itself interrupted is
-    retried in turn), and no more of them than the search's remaining budget.
+    retried in turn), and no more of them than the search's remaining budget, newest first: a
+    search resumed by an older capsearch sampled new trials in place of its interrupted ones, so the
+    budget left is the newest ones'.
     """
     from optuna.trial import TrialState
 
@@ -205,7 +207,7 @@ def _enqueue_retries(study: Any, run_dir: Path, budget: int) -> None:
             if t.user_attrs.get("retry_of") is not None
         ]  # fmt: skip
     )
-    for record in load_trials(run_dir, finished_only=False):
+    for record in reversed(load_trials(run_dir, finished_only=False)):
         if queued >= budget:
             return
         number = record.get("number")

@@ -313,6 +313,26 @@ def test_an_interrupted_searched_trial_is_retried_once_with_its_parameters(spec,
     assert resumable_checkpoint(tmp_path, plan) == str(trial_dir(tmp_path, 4) / "checkpoint")
 
 
+def test_with_budget_for_one_the_newest_interrupted_trial_is_retried(spec, tmp_path):
+    from capsearch.runs import write_json
+    from capsearch.search import open_study, plan_trials
+
+    study = open_study(spec, tmp_path)
+    plan_trials(spec, study, tmp_path)
+    asked = [study.ask() for _ in range(6)]  # 3 baselines, then 3 searched trials
+    for number, t in enumerate(asked):
+        define_space(t, spec.search_space)
+        status = "interrupted" if number in (3, 5) else "ok"
+        trial_dir(tmp_path, number).mkdir(parents=True)
+        write_json(trial_dir(tmp_path, number) / "result.json",
+                   {"trial": f"t{number:03d}", "number": number, "status": status,
+                    "params": t.params, "baseline": t.user_attrs.get("baseline"), "reward": 1.0})  # fmt: skip
+    # 2 searched trials allowed, 1 finished (t004): one retry, of t005 (t003's slot was refilled by t004)
+    assert plan_trials(spec, study, tmp_path) == 1
+    (retry,) = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert retry.user_attrs == {"retry_of": 5}
+
+
 def test_a_finished_trial_of_a_reuse_run_stands_in_for_identical_training(
     spec, tmp_path, monkeypatch
 ):
