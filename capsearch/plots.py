@@ -125,14 +125,7 @@ def seeds_plot(series: list[tuple[str, list[tuple[float, float]]]], path: Path) 
             zorder=3,
             label=f"{name} ({len(points)} seed{'s' * many})",
         )
-    fids = [p[1] for _, points in series for p in points]
-    if min(fids) > 0 and max(fids) / min(fids) > 10:
-        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
-
-        ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(NullFormatter())
+    _log_fid_axis(ax, [p[1] for _, points in series for p in points], 10)
     ax.set_xlabel("extracted images ↓ (count)")
     ax.set_ylabel("held-out FID ↓")
     return _finish(fig, ax, "Quality against memorisation, over seeds", path)
@@ -188,14 +181,7 @@ def front_plot(panels: list[tuple[str, list[dict[str, Any]]]], path: Path) -> Pa
                             ms=14 if kind == "winner" else 8, capsize=3, elinewidth=0.8,
                             zorder=3, label=kind if j == 0 else None, **err)  # fmt: skip
         _labels(ax, pts)
-        fids = [p["fid"] for p in pts]
-        if min(fids) > 0 and max(fids) / min(fids) > 2.5:
-            from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
-
-            ax.set_yscale("log")
-            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-            ax.yaxis.set_major_formatter(ScalarFormatter())
-            ax.yaxis.set_minor_formatter(NullFormatter())
+        _log_fid_axis(ax, [p["fid"] for p in pts], 2.5)
         ax.set_xlabel("extracted images ↓ (count)")
         ax.set_ylabel("FID ↓")
         ax.set_title(title, fontsize=10)
@@ -204,6 +190,18 @@ def front_plot(panels: list[tuple[str, list[dict[str, Any]]]], path: Path) -> Pa
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _log_fid_axis(ax: Any, fids: list[float], spread: float) -> None:
+    """A log-scale FID axis with plain tick labels at 1, 2, 5 × 10^k, when the FIDs span more than
+    `spread` times (a linear axis otherwise)."""
+    if min(fids) > 0 and max(fids) / min(fids) > spread:
+        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _labels(ax: Any, pts: list[dict[str, Any]]) -> None:
