@@ -23,6 +23,7 @@ from capsearch.metrics.table import BY_NAME
 from capsearch.seeds import PEFT, Entry, Pool, display, paired, paired_verdict
 
 WINNER = "W"  # the winner's name in the pool and the tables
+OTHER = "other"  # the key of versus()'s second trial in its pool
 NEEDED = ("freeze", "full", *PEFT)  # the trained baselines the plan compares with, and Freeze
 METRICS = ("fid", "amd", "alignment", "extracted")
 NOT_REVERSED, HOLDS, NOTHING = "not reversed", "holds", "nothing extracted"
@@ -92,8 +93,8 @@ def _per_seed(value: Any, n: int | None, what: str) -> list[Mapping[str, Any]]:
     return items
 
 
-def _compare(pool: Pool, seeds: Sequence[int], b: str, metric: str, need: str, text: str
-             ) -> Condition:  # fmt: skip
+def _compare(pool: Pool, seeds: Sequence[int], b: str, metric: str, need: str, text: str,
+             label: str | None = None, a_label: str = WINNER) -> Condition:  # fmt: skip
     """W against baseline b on a metric under the paired rules (one seed: the within-run intervals)."""
     pairs = paired(pool, WINNER, b, metric)
     diffs = tuple(d for _, d, _ in pairs)
@@ -109,8 +110,10 @@ def _compare(pool: Pool, seeds: Sequence[int], b: str, metric: str, need: str, t
         if disjoint[0] is None:
             side = WINNER if cis[0][0] is None else b
             trial = pool[side][seeds[0]].trial.name
+            who = ("the winner" if a_label == WINNER else a_label) if side == WINNER else (
+                label or display(b))  # fmt: skip
             raise UserError(
-                f"{trial} ({display(side) if side != WINNER else 'the winner'}): its final "
+                f"{trial} ({who}): its final "
                 f"re-evaluation has no 95% interval for {metric}, which a one-seed verdict needs"
             )
         verdict = (
@@ -118,7 +121,7 @@ def _compare(pool: Pool, seeds: Sequence[int], b: str, metric: str, need: str, t
         )
     passed = verdict != "reversed" if need == NOT_REVERSED else verdict == "holds"
     values = tuple((pool[WINNER][s].value(metric), pool[b][s].value(metric)) for s in seeds)
-    return Condition(text, WINNER, display(b), metric, need, tuple(seeds), values, cis, disjoint,
+    return Condition(text, a_label, label or display(b), metric, need, tuple(seeds), values, cis, disjoint,
                      diffs, mean, low, high, verdict, passed)  # fmt: skip
 
 
@@ -194,6 +197,27 @@ def dominance(
     return Dominance(tuple(_name(r) for r in wins), tuple(seeds), tuple(rows))
 
 
+def versus(
+    a: Sequence[Mapping[str, Any]],
+    b: Sequence[Mapping[str, Any]],
+    seeds: Sequence[int],
+    label: str,
+    a_label: str = WINNER,
+) -> Dominance:
+    """One trial (`a_label`, W by default) against another (`label`, e.g. a control) on each of the
+    four metrics, one record each per seed in the order of `seeds`, under the same rules as
+    `dominance`; each condition is "at least as good"."""
+    seeds = [int(s) for s in seeds]
+    wins, others = _per_seed(a, len(seeds), a_label), _per_seed(b, len(seeds), label)
+    pool: Pool = {WINNER: {s: _entry(r, a_label, s) for s, r in zip(seeds, wins)},
+                  OTHER: {s: _entry(r, label, s) for s, r in zip(seeds, others)}}  # fmt: skip
+    order = sorted(range(len(seeds)), key=lambda i: seeds[i])
+    seeds, wins = [seeds[i] for i in order], [wins[i] for i in order]
+    rows = [_compare(pool, seeds, OTHER, m, NOT_REVERSED, f"{BY_NAME[m].label} against {label}",
+                     label, a_label) for m in METRICS]  # fmt: skip
+    return Dominance(tuple(_name(r) for r in wins), tuple(seeds), tuple(rows))
+
+
 def _value(value: float, ci: tuple[float, float] | None, metric: str) -> str:
     fmt = ".0f" if metric == "extracted" else BY_NAME[metric].fmt
     interval = f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else ""
@@ -213,6 +237,22 @@ def _difference(c: Condition) -> str:
 
 def dominance_lines(result: Dominance) -> list[str]:
     """The dominance table in markdown and a one-sentence verdict."""
+    lines, many = table_lines(result), len(result.seeds) > 1
+    failed = [c for c in result.conditions if not c.passed]
+    where = f"over seeds {', '.join(map(str, result.seeds))}" if many else (
+        f"on seed {result.seeds[0]} (within-run intervals only)")  # fmt: skip
+    if not failed:
+        sentence = (f"W dominates the baselines {where}: all {len(result.conditions)} conditions "
+                    "pass.")  # fmt: skip
+    else:
+        reasons = "; ".join(f"{c.text} ({c.verdict})" for c in failed)
+        sentence = (f"W does not dominate the baselines {where}: {len(failed)} of "
+                    f"{len(result.conditions)} conditions fail — {reasons}.")  # fmt: skip
+    return lines + ["", sentence]
+
+
+def table_lines(result: Dominance) -> list[str]:
+    """The conditions as a markdown table, after a line saying how they were judged."""
     many = len(result.seeds) > 1
     rule = (
         f"paired by seed over seeds {', '.join(map(str, result.seeds))}: mean d and its 95% "
@@ -222,9 +262,10 @@ def dominance_lines(result: Dominance) -> list[str]:
         'decide, overlapping ones are "not shown"'
     )
     trials = ", ".join(f"{t} (seed {s})" for t, s in zip(result.winner, result.seeds))
+    a = result.conditions[0].a if result.conditions else WINNER
     lines = [
-        f"W = {trials}. Each condition on the final re-evaluations, {rule}; d = W − baseline, "
-        "signed so that positive means W is better. "
+        f"{a} = {trials}. Each condition on the final re-evaluations, {rule}; d = A − B, "
+        f"signed so that positive means {a} is better. "
         '"At least as good" passes unless the verdict is "reversed"; "better" passes only if it '
         '"holds".',
         "",
@@ -240,14 +281,4 @@ def dominance_lines(result: Dominance) -> list[str]:
         row = [c.text, BY_NAME[c.metric].label, f"{c.a} vs {c.b}", "; ".join(cells),
                _difference(c), c.verdict, "yes" if c.passed else "**no**"]  # fmt: skip
         lines.append("| " + " | ".join(x.replace("|", "/") for x in row) + " |")
-    failed = [c for c in result.conditions if not c.passed]
-    where = f"over seeds {', '.join(map(str, result.seeds))}" if many else (
-        f"on seed {result.seeds[0]} (within-run intervals only)")  # fmt: skip
-    if not failed:
-        sentence = (f"W dominates the baselines {where}: all {len(result.conditions)} conditions "
-                    "pass.")  # fmt: skip
-    else:
-        reasons = "; ".join(f"{c.text} ({c.verdict})" for c in failed)
-        sentence = (f"W does not dominate the baselines {where}: {len(failed)} of "
-                    f"{len(result.conditions)} conditions fail — {reasons}.")  # fmt: skip
-    return lines + ["", sentence]
+    return lines

@@ -15,6 +15,11 @@ edit of it changes no follow-up) with no searched trial (`search.num_samples: 0`
 - `search_stops.yaml`: the (up to) three searched trials that ASHA stopped at its first rung (the spec's
   grace period) with the best (lowest) probe scores there, each run to the end as `baselines.fixed`
   `stopped_tNNN` on the search's own seed.
+- `search_control_seed0.yaml`, `_seed1`, `_seed3`: Full FT at W's learning rate (every unit group
+  full, no mitigation but caption dropout, `lr` W's) as `baselines.fixed` `full_at_w_rate` on the
+  search's seed and Table 1's seeds 1 and 3: whether W's advantage over Full FT comes from the capacity
+  it chose or from its lower rate (`experiments/search_control.py`; added after the final stage,
+  docs/results.md).
 - `search_transfer.yaml`: W and the search's baselines on the transfer world: data seed 27 (fixed in the
   plan before the search ran), with no report sentence of the search world's (`avoid_reports_of` its
   data seed and patients), training, evaluation and search seed 27, final seed 1027.
@@ -37,6 +42,7 @@ from capsearch.errors import UserError  # noqa: E402
 from capsearch.runs import read_train_log  # noqa: E402
 
 CONFIRM_SEEDS = (1, 3)  # Table 1's other seeds (docs/results.md)
+CONTROL = "full_at_w_rate"  # Full FT at the winner's learning rate
 TRANSFER_SEED = 27  # the first seed from 21 on drawing 20 memorised captions under the avoidance
 STOPS = 3
 
@@ -106,6 +112,14 @@ def _told_probes(run: Any) -> dict[int, dict[int, float]]:
     return {t.number: dict(t.intermediate_values) for t in study.get_trials(deepcopy=False)}
 
 
+def control_params(w: dict[str, Any]) -> dict[str, Any]:
+    """Full FT's parameters at W's learning rate: every unit group W's space has trained in full."""
+    groups = [k for k in w["params"] if k.endswith(".method")]
+    if "lr" not in w["params"] or not groups:
+        raise UserError(f"{Path(w['dir']).name}: its parameters have no unit groups or no lr")
+    return {**{g: "full" for g in groups}, "lr": w["params"]["lr"], "mitigation": "none"}
+
+
 def followups(run_dir: Path, base: Path) -> dict[str, dict[str, Any]]:
     """The follow-up specs by file name (nothing written)."""
     run = load_run(run_dir)
@@ -118,6 +132,13 @@ def followups(run_dir: Path, base: Path) -> dict[str, dict[str, Any]]:
         specs[f"search_confirm_seed{seed}.yaml"] = _spec(
             extends, f"search_confirm_seed{seed}",
             f"The search's winner ({source}) unchanged on Table 1's seed {seed}.", found, seed)  # fmt: skip
+    control = [{"name": CONTROL, "params": control_params(w)}]
+    for seed in (run.seed, *CONFIRM_SEEDS):
+        specs[f"search_control_seed{seed}.yaml"] = _spec(
+            extends, f"search_control_seed{seed}",
+            f"Full FT at the search's winner's learning rate ({source}, lr "
+            f"{w['params']['lr']:.3g}) on seed {seed}.", control,
+            None if seed == run.seed else seed)  # fmt: skip
     scheduler = run.spec.search.scheduler
     if scheduler.name == "asha":
         stops = first_rung_stops(run, scheduler.grace_period)

@@ -82,7 +82,9 @@ def test_followup_specs_from_a_search_record(followups, tmp_path):
     out = tmp_path / "specs"
     specs = followups.followups(run, BASE)
     assert sorted(specs) == ["search_confirm_seed1.yaml", "search_confirm_seed3.yaml",
-                             "search_stops.yaml", "search_transfer.yaml"]  # fmt: skip
+                             "search_control_seed0.yaml", "search_control_seed1.yaml",
+                             "search_control_seed3.yaml", "search_stops.yaml",
+                             "search_transfer.yaml"]  # fmt: skip
     out.mkdir()
     loaded = {}
     for name, data in specs.items():
@@ -98,6 +100,15 @@ def test_followup_specs_from_a_search_record(followups, tmp_path):
         # the winner is chosen on the final reward (t005), not the search reward (t006)
         assert [(f.name, f.params) for f in spec.baselines.fixed] == [("found", params[5])]
         assert spec.train.steps == 2000 and spec.data.phantom.patients == 80  # the search's regime
+    for seed in (0, 1, 3):  # Full FT at W's rate, on the search's seed and the confirmation seeds
+        spec = loaded[f"search_control_seed{seed}.yaml"]
+        assert spec.data.phantom.seed == seed and spec.train.seed == seed
+        assert spec.final.seed == 1000 + seed and spec.baselines.methods == []
+        (control,) = spec.baselines.fixed
+        groups = [k for k in params[5] if k.endswith(".method")]
+        assert control.name == "full_at_w_rate" and len(groups) == 6
+        assert control.params == {**{g: "full" for g in groups}, "lr": params[5]["lr"],
+                                  "mitigation": "none"}  # fmt: skip
     stops = loaded["search_stops.yaml"]
     assert [f.name for f in stops.baselines.fixed] == [
         "stopped_t009",
