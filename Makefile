@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-slow lint format venv clean paper paper-report search
+.PHONY: run test test-slow lint format venv clean paper paper-report search search-followups search-report
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,26 @@ SEARCH := experiments/results/search
 
 search: $(STAMP)
 	$(call run_and_keep,$(SEARCH_RUNS),$(SEARCH))
+
+# Its follow-ups, written from the search's records by experiments/search_followups.py: the winner on
+# seeds 1 and 3, Full FT at the winner's rate on seeds 0, 1 and 3, the transfer world, the stops check.
+SEARCH_FOLLOWUPS := search_confirm_seed1 search_confirm_seed3 search_control_seed0 search_control_seed1 \
+	search_control_seed3 search_transfer search_stops
+CONFIRM := $(PAPER)/paper_table1_seed1 $(SEARCH)/search_confirm_seed1 $(PAPER)/paper_table1_seed3 \
+	$(SEARCH)/search_confirm_seed3
+CONTROLS := $(SEARCH)/search_control_seed0 $(SEARCH)/search_control_seed1 $(SEARCH)/search_control_seed3
+
+search-followups: $(STAMP)
+	$(call run_and_keep,$(SEARCH_FOLLOWUPS),$(SEARCH))
+
+# The comparison and the control again from the committed records (each part once its runs are there).
+search-report: $(STAMP)
+	$(BIN)/python experiments/search_compare.py $(SEARCH)/search_vs_baselines \
+	  $(wildcard $(SEARCH)/search_random) --out $(SEARCH)/compare --confirm $(CONFIRM) \
+	  $(if $(wildcard $(SEARCH)/search_stops),--stops $(SEARCH)/search_stops) \
+	  $(if $(wildcard $(SEARCH)/search_transfer),--transfer $(SEARCH)/search_transfer)
+	$(if $(filter 3,$(words $(wildcard $(CONTROLS)))),$(BIN)/python experiments/search_control.py \
+	  $(SEARCH)/search_vs_baselines --out $(SEARCH)/compare --confirm $(CONFIRM) --control $(CONTROLS))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
