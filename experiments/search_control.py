@@ -45,6 +45,21 @@ def _controls(runs: list[Run]) -> dict[int, dict[str, Any]]:
     return out
 
 
+def _share_lines(seeds: list[int], *trials: list[dict[str, Any]]) -> list[str]:
+    """Per seed, the own-image share of W, the control and Full FT (not judged, shown)."""
+
+    def share(record: dict[str, Any]) -> str:
+        value = ((record.get("final") or {}).get("metrics") or {}).get("nearest_own")
+        return "–" if value is None else f"{value:.2f}"
+
+    lines = ["Own-image share (the fraction of a memorised caption's attack samples nearest to that "
+             "caption's own training image; shown, not judged):", "",
+             f"| seed | W | {LABEL} | {FULL} |", "|---|---|---|---|"]  # fmt: skip
+    for i, seed in enumerate(seeds):
+        lines.append(f"| {seed} | " + " | ".join(share(t[i]) for t in trials) + " |")
+    return lines
+
+
 def _sentence(result: Any, a: str, b: str) -> str:
     seeds = ", ".join(map(str, result.seeds))
     verdicts = "; ".join(f"{c.metric}: {c.verdict}" for c in result.conditions)
@@ -69,6 +84,7 @@ def control_lines(main: Run, confirm: list[Run], controls: list[Run]) -> list[st
     lines = [f"W = {Path(w['dir']).name} of `{main.folder}` (lr {rate:.3g}); {LABEL}: every unit "
              f"group full, caption dropout only, lr {rate:.3g}; {FULL} at Table 1's rate "
              f"({', '.join(f'{r:.3g}' for r in full_rates)}).", "",
+             *_share_lines(seeds, wins, ctrl, pools["full"]), "",
              f"## W against {LABEL}", ""]  # fmt: skip
     result = versus(wins, ctrl, seeds, LABEL)
     lines += [*table_lines(result), "", _sentence(result, "W", LABEL), ""]

@@ -70,6 +70,9 @@ def test_search_control_compares_w_with_full_ft_at_its_rate_on_every_seed(tmp_pa
     assert module.main(argv) == 0
     text = (out / "control.md").read_text()
     assert "search_control.py " + " ".join(argv) in text
+    shares = text.split("## W against")[0]
+    assert "| seed | W | Full FT at W's rate | Full FT |" in shares
+    assert "| 0 | 0.10 | 0.10 | 0.10 |" in shares and "| 3 |" in shares  # final_result's share
     first, second = text.split("## W against Full FT at W's rate")[1].split("(the rate alone)")
     assert "W = t007 (seed 0), t020 (seed 1), t020 (seed 3)." in first
     assert "over seeds 0, 1, 3 (positive d: W better): fid: not shown" in first
