@@ -224,8 +224,11 @@ def run_search(
     resume: bool = False,
     console: Any = None,
     callbacks: tuple = (),
+    retry_errors: bool = False,
 ) -> Path:
     """Run (or finish) a search into the folder `out`; return the path of its report.md.
+
+    `retry_errors` (with `resume`): run the trials that ended in `error` again (plan_trials).
 
     Uses the Ray cluster the caller connected to, or starts a local one sized to this machine.
     """
@@ -236,10 +239,11 @@ def run_search(
     with RunLock(run_dir, resume) as lock:  # one search per run folder (capsearch.runlock)
         if lock.took_over is not None and console is not None:
             console.print(f"took over the lock of a killed search ({describe(lock.took_over)})")
-        return _search_held(spec, run_dir, console, callbacks)
+        return _search_held(spec, run_dir, console, callbacks, retry_errors)
 
 
-def _search_held(spec: Spec, run_dir: Path, console: Any, callbacks: tuple) -> Path:
+def _search_held(spec: Spec, run_dir: Path, console: Any, callbacks: tuple,
+                 retry_errors: bool = False) -> Path:  # fmt: skip
     """run_search with the run folder's lock held."""
     import ray
 
@@ -248,7 +252,7 @@ def _search_held(spec: Spec, run_dir: Path, console: Any, callbacks: tuple) -> P
     check_study(study, run_dir)
     data_root = prepare_data(spec, run_dir, console)
     ensure_scorer(spec, data_root, console)
-    pending = plan_trials(spec, study, run_dir)
+    pending = plan_trials(spec, study, run_dir, retry_errors)
     # a finished run resumed: nothing to train or re-evaluate, no Ray to start
     started_here = not ray.is_initialized() and bool(pending or final_todo(spec, run_dir))
     if started_here:

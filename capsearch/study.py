@@ -152,8 +152,14 @@ def check_study(study: Any, run_dir: Path) -> None:
         )
 
 
-def plan_trials(spec: Spec, study: Any, run_dir: Path) -> int:
-    """Settle interrupted trials, enqueue the baselines not yet run; return how many trials remain."""
+def plan_trials(spec: Spec, study: Any, run_dir: Path, retry_errors: bool = False) -> int:
+    """Settle interrupted trials, enqueue the baselines not yet run; return how many trials remain.
+
+    With `retry_errors` (`capsearch run --resume --retry-errors`), a trial whose status is `error` (an
+    exception or a failed worker: not `nan`, not `stopped`) is run again: a baseline whose every
+    record is an error is enqueued as itself, a searched one with its parameters (as an interrupted
+    one is, `retry_of` in its record), and it no longer counts against the search's budget.
+    """
     from optuna.trial import TrialState
 
     for record in load_trials(run_dir, finished_only=False):
@@ -170,7 +176,8 @@ def plan_trials(spec: Spec, study: Any, run_dir: Path) -> int:
                 study.tell(t.number, values if len(values) > 1 else values[0])
             else:
                 study.tell(t.number, state=TrialState.FAIL)
-        done = {r.get("baseline") for r in finished.values()}
+        errored = {n for n, r in finished.items() if retry_errors and r.get("status") == "error"}
+        done = {r.get("baseline") for n, r in finished.items() if n not in errored}
         waiting = {
             t.user_attrs.get("baseline") for t in study.get_trials(states=(TrialState.WAITING,))
         }
@@ -181,13 +188,13 @@ def plan_trials(spec: Spec, study: Any, run_dir: Path) -> int:
             left += 1
             if point.name not in waiting:
                 study.enqueue_trial(dict(point.params), user_attrs={"baseline": point.name})
-        searched = sum(1 for r in finished.values() if not r.get("baseline"))
+        searched = sum(1 for n, r in finished.items() if not r.get("baseline") and n not in errored)
         budget = max(0, spec.search.num_samples - searched)
-        _enqueue_retries(study, run_dir, budget)
+        _enqueue_retries(study, run_dir, budget, retry_errors)
     return left + budget
 
 
-def _enqueue_retries(study: Any, run_dir: Path, budget: int) -> None:
+def _enqueue_retries(study: Any, run_dir: Path, budget: int, retry_errors: bool = False) -> None:
     """Enqueue again, with the same parameters, the searched trials that an interruption cut short.
 
     The sampler proposed them before the interruption; running them again (from their checkpoints:
@@ -211,7 +218,8 @@ def _enqueue_retries(study: Any, run_dir: Path, budget: int) -> None:
         if queued >= budget:
             return
         number = record.get("number")
-        if record.get("status") != "interrupted" or record.get("baseline") or number in retried:
+        again = ("interrupted", "error") if retry_errors else ("interrupted",)
+        if record.get("status") not in again or record.get("baseline") or number in retried:
             continue
         if not record.get("params"):  # no plan was written: nothing to retry
             continue

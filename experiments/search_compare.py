@@ -87,11 +87,12 @@ def winner(run: Run) -> dict[str, Any]:
 
 
 def baselines(runs: list[Run]) -> dict[str, dict[str, Any]]:
-    """The baseline trials of runs of one seed by name (UserError on a name found twice)."""
+    """The finished (ok) baseline trials of runs of one seed by name (UserError on a name found twice;
+    a baseline that errored and was run again with --retry-errors is found once)."""
     out: dict[str, dict[str, Any]] = {}
     for run in runs:
         for r in run.records:
-            name = r.get("baseline")
+            name = r.get("baseline") if r.get("status") == "ok" else None
             if name and name in out:
                 raise UserError(f"baseline {name!r} appears twice for seed {run.seed} "
                                 f"({out[name]['dir']} and {r['dir']})")  # fmt: skip

@@ -735,3 +735,44 @@ def test_a_finalist_without_delta_or_training_record_is_one_line(tmp_path):
         retrain_delta(record, tmp_path)
     message = str(exc.value)
     assert "t003" in message and "method_spec, train" in message and "\n" not in message
+
+
+def test_retry_errors_runs_an_errored_baseline_and_searched_trial_again(spec, tmp_path):
+    from capsearch.runs import write_json
+    from capsearch.search import open_study, plan_trials
+    from capsearch.trial import build_plan
+
+    study = open_study(spec, tmp_path)
+    plan_trials(spec, study, tmp_path)
+    asked = [study.ask() for _ in range(5)]  # 3 baselines, then 2 searched trials
+    extras = [define_space(t, spec.search_space) for t in asked]
+    names = [e.get("baseline") for e in extras]
+    for number in range(5):
+        folder = trial_dir(tmp_path, number)
+        folder.mkdir(parents=True)
+        plan = build_plan(spec, asked[number].params, names[number], number, tmp_path)
+        record = {**plan.model_dump(mode="json"), "trial": folder.name}
+        status = "error" if number in (1, 4) else "ok"  # a baseline and a searched trial failed
+        write_json(folder / "result.json", {**record, "status": status, "reward": 1.0})
+    spec.search.num_samples = 2
+    assert plan_trials(spec, study, tmp_path) == 0  # --resume alone reruns nothing
+    assert not study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert plan_trials(spec, study, tmp_path, retry_errors=True) == 2
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert sorted(map(str, (t.user_attrs for t in waiting))) == sorted(
+        map(str, ({"baseline": names[1]}, {"retry_of": 4}))
+    )
+    assert plan_trials(spec, study, tmp_path, retry_errors=True) == 2  # nothing enqueued twice
+    assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 2
+    again = [study.ask() for _ in range(2)]
+    extras = [define_space(t, spec.search_space) for t in again]
+    by_attr = {str(t.user_attrs): t for t in again}
+    assert by_attr[str({"retry_of": 4})].params == asked[4].params
+    assert by_attr[str({"baseline": names[1]})].params == asked[1].params
+    for trial, extra in zip(again, extras):  # both finish this time
+        folder = trial_dir(tmp_path, trial.number)
+        folder.mkdir(parents=True)
+        plan = build_plan(spec, trial.params, extra.get("baseline"), trial.number, tmp_path)
+        write_json(folder / "result.json", {**plan.model_dump(mode="json"), "trial": folder.name,
+                                            "status": "ok", "reward": 1.0})  # fmt: skip
+    assert plan_trials(spec, study, tmp_path, retry_errors=True) == 0

@@ -29,6 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--dashboard", action="store_true", help="serve Ray's dashboard on 127.0.0.1, print its URL"
     )
     run.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
+    run.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="with --resume: run again the trials that ended in error (a failed worker, an exception)",
+    )
     _add_set(run)
     run.set_defaults(func=_run)
 
@@ -80,6 +85,8 @@ def _run(args: argparse.Namespace) -> int:
     reaped = reap_orphans()  # first of all: a killed search's workers would train on for a minute
     if reaped:
         console.print(f"stopped {len(reaped)} Ray worker(s) that a killed search had left running")
+    if args.retry_errors and not args.resume:
+        raise UserError("--retry-errors runs failed trials of an existing run again: add --resume")
     spec = load_spec(args.spec, args.overrides)
     out = args.out or default_run_dir(spec.name or args.spec.stem, args.resume)
     connected = connect_ray(args.address, args.dashboard, console)
@@ -88,9 +95,8 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         console.print(f"search {spec.name!r} → {out}  (Optuna study: {out}/optuna.db)")
-        report = run_search(
-            spec, out, resume=args.resume, console=console, callbacks=(_progress(out),)
-        )
+        report = run_search(spec, out, resume=args.resume, console=console,
+                            callbacks=(_progress(out),), retry_errors=args.retry_errors)  # fmt: skip
     except KeyboardInterrupt:
         console.print(
             f"interrupted; finish it with `capsearch run {args.spec} --out {out} --resume`"
