@@ -303,8 +303,8 @@ def confirm_records(main: Run, w: dict[str, Any], confirm: list[Run]) -> tuple[l
     seeds, wins, pools = [main.seed], [w], [baselines([main])]
     for seed in sorted(by_seed):
         runs = by_seed[seed]
-        matches = [r for run in runs for r in run.records
-                   if r.get("baseline") and r.get("params") == w.get("params")]  # fmt: skip
+        named = baselines(runs)  # the finished fixed trials and baselines of this seed
+        matches = [r for r in named.values() if r.get("params") == w.get("params")]
         folders = ", ".join(str(r.folder) for r in runs)
         if len(matches) != 1:
             found = "no trial" if not matches else f"{len(matches)} trials"
@@ -313,7 +313,7 @@ def confirm_records(main: Run, w: dict[str, Any], confirm: list[Run]) -> tuple[l
                             "trial")  # fmt: skip
         seeds.append(seed)
         wins.append(matches[0])
-        pools.append({k: v for k, v in baselines(runs).items() if v is not matches[0]})
+        pools.append({k: v for k, v in named.items() if v is not matches[0]})
     for n in NEEDED:  # name the seed that lacks a baseline (dominance would only name the baseline)
         lacking = [s for s, p in zip(seeds, pools) if n not in p]
         if lacking:

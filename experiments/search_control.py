@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from search_compare import Run, confirm_records, load_run, winner  # noqa: E402
+from search_compare import Run, baselines, confirm_records, load_run, winner  # noqa: E402
 from search_followups import CONTROL  # noqa: E402
 
 from capsearch.dominance import table_lines, versus  # noqa: E402
@@ -33,15 +33,16 @@ FULL = "Full FT"
 
 
 def _controls(runs: list[Run]) -> dict[int, dict[str, Any]]:
-    """The control trial of each run by seed (UserError on a run without it or a seed twice)."""
+    """The finished control trial of each run by seed (UserError on a run without it or a seed
+    twice)."""
     out: dict[int, dict[str, Any]] = {}
     for run in runs:
-        found = [r for r in run.records if r.get("baseline") == CONTROL]
-        if len(found) != 1:
-            raise UserError(f"{run.folder}: {len(found)} trials named {CONTROL!r} (one expected)")
+        found = baselines([run]).get(CONTROL)
+        if found is None:
+            raise UserError(f"{run.folder}: no finished trial named {CONTROL!r}")
         if run.seed in out:
             raise UserError(f"two control runs of seed {run.seed}")
-        out[run.seed] = found[0]
+        out[run.seed] = found
     return out
 
 

@@ -112,12 +112,12 @@ def _told_probes(run: Any) -> dict[int, dict[int, float]]:
     return {t.number: dict(t.intermediate_values) for t in study.get_trials(deepcopy=False)}
 
 
-def control_params(w: dict[str, Any]) -> dict[str, Any]:
-    """Full FT's parameters at W's learning rate: every unit group W's space has trained in full."""
-    groups = [k for k in w["params"] if k.endswith(".method")]
-    if "lr" not in w["params"] or not groups:
-        raise UserError(f"{Path(w['dir']).name}: its parameters have no unit groups or no lr")
-    return {**{g: "full" for g in groups}, "lr": w["params"]["lr"], "mitigation": "none"}
+def control_params(run: Any, w: dict[str, Any]) -> dict[str, Any]:
+    """The search's own Full FT baseline point (`baseline_points`), at W's learning rate."""
+    full = {p.name: p for p in run.spec.baseline_points}.get("full")
+    if full is None or "lr" not in w["params"]:
+        raise UserError(f"{run.folder}: the control needs the search's Full FT baseline and W's lr")
+    return {**full.params, "lr": w["params"]["lr"]}
 
 
 def followups(run_dir: Path, base: Path) -> dict[str, dict[str, Any]]:
@@ -132,7 +132,7 @@ def followups(run_dir: Path, base: Path) -> dict[str, dict[str, Any]]:
         specs[f"search_confirm_seed{seed}.yaml"] = _spec(
             extends, f"search_confirm_seed{seed}",
             f"The search's winner ({source}) unchanged on Table 1's seed {seed}.", found, seed)  # fmt: skip
-    control = [{"name": CONTROL, "params": control_params(w)}]
+    control = [{"name": CONTROL, "params": control_params(run, w)}]
     for seed in (run.seed, *CONFIRM_SEEDS):
         specs[f"search_control_seed{seed}.yaml"] = _spec(
             extends, f"search_control_seed{seed}",
