@@ -65,12 +65,14 @@ CONTROLS := $(SEARCH)/search_control_seed0 $(SEARCH)/search_control_seed1 $(SEAR
 search-followups: $(STAMP)
 	$(call run_and_keep,$(SEARCH_FOLLOWUPS),$(SEARCH))
 
-# The comparison and the control again from the committed records (each part once its runs are there).
+# The comparison and the control again from the committed records, each part once its runs are there.
+# A follow-up counts once its report.md is (a run writes it when it finishes): a run's records can be
+# committed half-way, to go on elsewhere with --resume, without breaking this target.
+finished = $(if $(wildcard $(SEARCH)/$(1)/report.md),$(2) $(SEARCH)/$(1))
 search-report: $(STAMP)
 	$(BIN)/python experiments/search_compare.py $(SEARCH)/search_vs_baselines \
-	  $(wildcard $(SEARCH)/search_random) --out $(SEARCH)/compare --confirm $(CONFIRM) \
-	  $(if $(wildcard $(SEARCH)/search_stops),--stops $(SEARCH)/search_stops) \
-	  $(if $(wildcard $(SEARCH)/search_transfer),--transfer $(SEARCH)/search_transfer)
+	  $(call finished,search_random) --out $(SEARCH)/compare --confirm $(CONFIRM) \
+	  $(call finished,search_stops,--stops) $(call finished,search_transfer,--transfer)
 	$(if $(filter 3,$(words $(wildcard $(CONTROLS)))),$(BIN)/python experiments/search_control.py \
 	  $(SEARCH)/search_vs_baselines --out $(SEARCH)/compare --confirm $(CONFIRM) --control $(CONTROLS))
 
