@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from capsearch.baselines import FixedTrial
+from capsearch.constraints import check_constraints
 from capsearch.errors import UserError
 from capsearch.metrics.table import reward_metrics
 from capsearch.reward import OBJECTIVES
@@ -130,6 +131,14 @@ class ObjectiveSpec(Strict):
     mode: Literal["reward", "pareto"] = "reward"
     weights: RewardWeights = Field(default_factory=RewardWeights)
     pareto: list[str] = Field(default_factory=lambda: ["fid", "amd"])
+    # metric → bound on its better side (extracted: 0 is "extracted ≤ 0"): capsearch.constraints
+    constraints: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("constraints")
+    @classmethod
+    def _constrainable(cls, constraints: dict[str, float]) -> dict[str, float]:
+        check_constraints(constraints)
+        return constraints
 
     @field_validator("pareto")
     @classmethod

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capsearch.constraints import Constraints
 from capsearch.errors import UserError
 from capsearch.export_card import data_name, model_card
 from capsearch.report import best_config_yaml
@@ -39,12 +40,15 @@ class Export:
     notes: list[str] = field(default_factory=list)
 
 
-def select_trial(records: list[dict[str, Any]], which: str = "best") -> dict[str, Any]:
-    """The trial named `which`: best (highest final-stage reward, else search reward), tNNN, NNN, or a baseline."""
+def select_trial(
+    records: list[dict[str, Any]], which: str = "best", constraints: Constraints | None = None
+) -> dict[str, Any]:
+    """The trial named `which`: best (highest final-stage reward, else search reward, those within the
+    spec's constraints first), tNNN, NNN, or a baseline."""
     if not records:
         raise UserError("the run has no finished trials yet")
     if which == "best":
-        best = best_trial(records)
+        best = best_trial(records, constraints)
         if best is None:
             raise UserError("no trial of this run finished successfully; nothing to export")
         return best
@@ -93,7 +97,7 @@ def export_trial(
 
     run_dir, out = Path(run_dir), Path(out)
     spec = read_run_spec(run_dir)
-    record = select_trial(load_trials(run_dir), which)
+    record = select_trial(load_trials(run_dir), which, spec.objective.constraints)
     name, trial = Path(record["dir"]).name, Path(record["dir"])
     if record.get("status") == CORRUPT:
         raise UserError(record["error"])

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from capsearch.constraints import Constraints
 from capsearch.errors import UserError
 from capsearch.metrics.table import column_metrics
-from capsearch.runs import FINAL_DIR, RESULT_FILE, load_trials, record_value, write_json
+from capsearch.runs import FINAL_DIR, RESULT_FILE, load_trials, rank_key, record_value, write_json
 from capsearch.settings import EvalSettings
 
 if TYPE_CHECKING:
@@ -30,13 +31,16 @@ if TYPE_CHECKING:
 COMPARED = {m.name: m.direction for m in column_metrics() if m.direction is not None}
 
 
-def finalists(records: list[dict[str, Any]], top_k: int) -> list[dict[str, Any]]:
-    """Every successful baseline, then the top_k successful searched trials by search reward."""
+def finalists(
+    records: list[dict[str, Any]], top_k: int, constraints: Constraints | None = None
+) -> list[dict[str, Any]]:
+    """Every successful baseline, then the top_k successful searched trials by search reward (those
+    within the spec's constraints on the search's evaluation first: capsearch.constraints)."""
     ok = [r for r in records if r.get("status") == "ok" and record_value(r, "reward") is not None]
     baselines = [r for r in ok if r.get("baseline")]
     searched = sorted(
         (r for r in ok if not r.get("baseline")),
-        key=lambda r: (-record_value(r, "reward"), r.get("number", 0)),
+        key=lambda r: (*rank_key(r, constraints), r.get("number", 0)),
     )
     return baselines + searched[:top_k]
 
@@ -126,7 +130,7 @@ def final_todo(spec: Spec, run_dir: Path) -> list[dict[str, Any]]:
     """The finalists still without a final result (none when the final stage is off)."""
     if not spec.final.enabled:
         return []
-    chosen = finalists(load_trials(run_dir), spec.final.top_k)
+    chosen = finalists(load_trials(run_dir), spec.final.top_k, spec.objective.constraints)
     return [r for r in chosen if not (final_dir(r) / RESULT_FILE).is_file()]
 
 
@@ -135,7 +139,7 @@ def run_final_stage(spec: Spec, run_dir: Path, data_root: Path, console: Any = N
     todo = final_todo(spec, run_dir)
     if not todo:
         return []
-    chosen = finalists(load_trials(run_dir), spec.final.top_k)
+    chosen = finalists(load_trials(run_dir), spec.final.top_k, spec.objective.constraints)
     if console is not None:
         console.print(
             f"final stage: re-evaluating {len(todo)} of {len(chosen)} finalists on the "

@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from capsearch.atomic import atomic_write
+from capsearch.constraints import standing
 from capsearch.final import COMPARED, separation
 from capsearch.metrics.table import column_metrics
+from capsearch.reward import objective_text
 from capsearch.runs import (
     PARETO_FILE,
     REPORT_FILE,
     best_trial,
     load_trials,
+    rank_key,
     read_run_spec,
     record_value,
 )
@@ -202,7 +206,7 @@ def write_report(run_dir: Path) -> Path:
     lines += [
         f"Model `{spec.model}`, {len(records)} finished trials ({n_base} baselines, "
         f"{len(records) - n_base} searched; {len(failed)} failed or stopped), "
-        f"sampler {spec.search.sampler}, objective {_objective_text(spec)}. "
+        f"sampler {spec.search.sampler}, objective {objective_text(spec.objective)}. "
         f"Written {time.strftime('%Y-%m-%d %H:%M')}.",
         "",
         "## Results",
@@ -239,7 +243,7 @@ def write_report(run_dir: Path) -> Path:
             "",
             "Squares: baselines; circles: searched trials; colour: extracted images.",
         ]
-    best = best_trial(done)
+    best = best_trial(done, spec.objective.constraints)
     if best is not None:
         name = Path(best["dir"]).name
         chosen = (
@@ -253,7 +257,7 @@ def write_report(run_dir: Path) -> Path:
             "",
             "## Best configuration",
             "",
-            f"Trial {name} ({display_name(best)}), {chosen}. "
+            f"Trial {name} ({display_name(best)}), {chosen}. {_standing(best, done, spec)}"
             f"Export it with `capsearch export {run_dir} --trial {name} --out EXPORT`.",
             "",
             "```yaml",
@@ -366,7 +370,7 @@ def _final_lines(spec: Spec, finals: list[dict[str, Any]]) -> list[str]:
     scored = [r for r in finals if record_value(r, "reward") is not None]
     if not scored:
         return lines
-    best = max(scored, key=lambda r: record_value(r, "reward"))
+    best = min(scored, key=lambda r: rank_key(r, spec.objective.constraints))
     others = [r for r in finals if r.get("baseline") and r["dir"] != best["dir"]]
     if not others:
         return lines
@@ -385,11 +389,10 @@ def _final_lines(spec: Spec, finals: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _objective_text(spec: Spec) -> str:
-    if spec.objective.mode == "pareto":
-        return "Pareto front over " + ", ".join(spec.objective.pareto)
-    w = spec.objective.weights
-    return (
-        f"reward = −{w.fid:g}·ln FID + {w.alignment:g}·image-text − {w.amd:g}·max(0, 1 − AMD/AMD_heldout) "
-        f"− {w.extracted:g}·extracted fraction"
-    )
+def _standing(best: dict[str, Any], done: list[dict[str, Any]], spec: Spec) -> str:
+    """The best trial against the constraints, on the evaluation it was chosen on ("" without any)."""
+    stage = [r["final"] for r in done if r.get("final")] if best.get("final") else done
+    values = [partial(record_value, r) for r in stage]
+    text = standing(partial(record_value, best.get("final") or best), values,
+                    spec.objective.constraints)  # fmt: skip
+    return text + " " if text else ""

@@ -3,12 +3,16 @@
 The scalar reward (docs/search.md) is
 
     reward = −w_fid·ln(FID) + w_align·alignment − w_amd·max(0, 1 − AMD / AMD_heldout)
-             − w_ext·extracted_fraction
+             − w_ext·extracted_fraction − w_own·own_image_share
 
 Each term is of order one and scale-free where it matters: ln makes FID ratios count, not absolute
 distances (halving FID is worth ln 2 ≈ 0.69 whatever the feature extractor's scale); the image-text
 score lies in [0, 1] (phantom finding agreement) or [−1, 1] (BioViL-T cosine); the extracted fraction
-(images extracted per attacked prompt, Carlini et al. 2023) in [0, 1].
+(images extracted per attacked prompt, Carlini et al. 2023) in [0, 1]; the own-image share
+(capsearch.metrics.nearest_own: how often an attack sample's nearest training image is its caption's
+own) in [0, 1] too. The share is a continuous memorisation signal: it rises before the attack's
+thresholded count does. Its weight defaults to 0 (off), so the reward of a spec that does not set it
+is the four-term one.
 
 The AMD term is a shortfall, not AMD itself. AMD (Dutt et al. 2024) grows with distance from the
 training images, and a model that never learnt the domain (Freeze) sits farthest from them: a reward
@@ -25,6 +29,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from capsearch.constraints import describe
 from capsearch.metrics.table import objectives, reward_metrics
 
 # Every metric a Pareto search may use, with the direction that is better (capsearch.metrics.table).
@@ -79,3 +84,17 @@ def pareto_front(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> lis
         if not dominated:
             front.append(i)
     return front
+
+
+def objective_text(objective: Any) -> str:
+    """The objective (a spec's `objective`) in one line, as the report states it."""
+    limits = objective.constraints
+    subject = f", subject to {describe(limits)}" if limits else ""
+    if objective.mode == "pareto":
+        return "Pareto front over " + ", ".join(objective.pareto) + subject
+    w = objective.weights
+    own = f" − {w.nearest_own:g}·own-image NN share" if w.nearest_own else ""
+    return (
+        f"reward = −{w.fid:g}·ln FID + {w.alignment:g}·image-text − {w.amd:g}·max(0, 1 − AMD/AMD_heldout) "
+        f"− {w.extracted:g}·extracted fraction{own}{subject}"
+    )

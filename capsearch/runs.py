@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from capsearch.atomic import atomic_write
+from capsearch.constraints import Constraints, violation
 from capsearch.errors import UserError
 
 if TYPE_CHECKING:
@@ -192,14 +193,26 @@ def record_value(record: dict[str, Any], key: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def best_trial(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+def rank_key(record: dict[str, Any], constraints: Constraints | None = None) -> tuple[float, float]:
+    """Sort key of an evaluated record (its own metrics, or a trial's `final`), best first: within the
+    constraints before over them (smaller total violation first), then the higher reward."""
+    reward = record_value(record, "reward")
+    total = violation(lambda k: record_value(record, k), constraints or {})
+    return total, -(reward if reward is not None else -math.inf)
+
+
+def best_trial(
+    records: list[dict[str, Any]], constraints: Constraints | None = None
+) -> dict[str, Any] | None:
     """The best trial: highest reward in the final re-evaluation if any trial has one, else in the search.
 
     A winner is chosen on an evaluation it was not searched on whenever the final stage ran; the
-    search's own reward only decides runs without a final stage (None if no trial succeeded).
+    search's own reward only decides runs without a final stage (None if no trial succeeded). With
+    constraints (the spec's `objective.constraints`), a trial within them on that evaluation ranks
+    before every trial over them (capsearch.constraints).
     """
     final = [r for r in records if record_value(r.get("final") or {}, "reward") is not None]
     if final:
-        return max(final, key=lambda r: record_value(r["final"], "reward"))
+        return min(final, key=lambda r: rank_key(r["final"], constraints))
     ok = [r for r in records if r.get("status") == "ok" and record_value(r, "reward") is not None]
-    return max(ok, key=lambda r: record_value(r, "reward")) if ok else None
+    return min(ok, key=lambda r: rank_key(r, constraints)) if ok else None

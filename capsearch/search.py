@@ -21,6 +21,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from capsearch.config import Spec
+from capsearch.constraints import margins
 from capsearch.errors import UserError
 from capsearch.final import final_todo, run_final_stage
 from capsearch.inputs import check_inputs, ensure_scorer, prepare_data
@@ -136,6 +137,10 @@ class TrialSearch(OptunaSearch):
             _finite(result.get(m)) is not None for m in metrics
         )
         if complete:
+            if ot_trial is not None and trial_id not in self._completed_trials:
+                limits = self.spec.objective.constraints
+                for name, margin in margins(lambda k: _finite(result.get(k)), limits).items():
+                    ot_trial.set_constraint(name, margin)  # the sampler prefers trials within them
             super().on_trial_complete(trial_id, result, error=False)
         else:
             stopped = "status" not in result and not error  # ASHA stopped it at this probe

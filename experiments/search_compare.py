@@ -83,7 +83,7 @@ def winner(run: Run) -> dict[str, Any]:
             f"{run.folder}: no searched trial has a final re-evaluation with a reward "
             "(the winner is chosen on the final stage); run it first"
         )
-    return best_trial(finals)  # with final rewards, best_trial ranks by them
+    return best_trial(finals, run.spec.objective.constraints)  # ranks by the final evaluation
 
 
 def baselines(runs: list[Run]) -> dict[str, dict[str, Any]]:

@@ -81,7 +81,7 @@ METRICS: tuple[Metric, ...] = (
            reward="alignment", term=lambda v, m: v),
     Metric("extracted", "extracted ↓", "ext↓", ".0f", "min", column=True, progress=True),
     Metric("nearest_own", "own-image NN ↓", "ownNN↓", ".2f", "min", column=True,
-           compute=_nearest_own),
+           reward="nearest_own", reward_default=0.0, term=lambda v, m: -v, compute=_nearest_own),
     Metric("extracted_fraction", "extracted per attacked prompt ↓", "ext%↓", ".3f", "min",
            card=False, reward="extracted", term=lambda v, m: -v),
     Metric("strength_ratio", "denoising-strength ratio (memorised/other) ↓", "str↓", ".2f", "min"),

@@ -1,0 +1,150 @@
+"""objective.constraints: margins and violations, config checks, ranking (best trial, finalists), the
+report's sentence, the sampler's constraint values; and the own-image term of the reward."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import optuna
+import pytest
+import yaml
+from test_report_export import SPEC as REPORT_SPEC
+from test_report_export import add_trial, metrics
+from test_search import SPEC as SEARCH_SPEC
+
+from capsearch.config import spec_from_dict
+from capsearch.constraints import describe, margins, violation
+from capsearch.errors import UserError
+from capsearch.final import finalists
+from capsearch.report import write_report
+from capsearch.reward import compute_reward, objective_text
+from capsearch.runs import best_trial, load_trials, write_json
+
+
+def test_margins_follow_each_metrics_direction_and_a_missing_metric_is_violated():
+    values = {"extracted": 2.0, "alignment": 0.5, "fid": 40.0}
+    limits = {"extracted": 0, "alignment": 0.3, "fid": 50.0, "amd": 0.1}
+    m = margins(values.get, limits)
+    # extracted ≤ 0 (2 over), image-text ≥ 0.3 (0.2 inside), FID ≤ 50 (10 inside), AMD missing
+    assert m == {"extracted": 2.0, "alignment": pytest.approx(-0.2), "fid": -10.0, "amd": math.inf}
+    assert violation(values.get, {"extracted": 0, "alignment": 0.6}) == pytest.approx(2.1)
+    assert violation(values.get, {"extracted": 3, "alignment": 0.3}) == 0
+    assert violation(values.get, {}) == 0
+    assert describe({"extracted": 0, "alignment": 0.3}) == "extracted ≤ 0, image-text ≥ 0.3"
+
+
+@pytest.mark.parametrize(
+    "constraints, message",
+    [
+        ({"extracted_images": 0}, "unknown constrained metric 'extracted_images'"),
+        ({"amd_heldout": 0.1}, "unknown constrained metric 'amd_heldout'"),  # a reference value
+        ({"fid": float("nan")}, "the bound of 'fid' must be a finite number"),
+    ],
+)
+def test_a_constraint_must_name_a_metric_with_a_direction(constraints, message):
+    data = json.loads(json.dumps(REPORT_SPEC))
+    data["objective"] = {"constraints": constraints}
+    with pytest.raises(UserError, match=message):
+        spec_from_dict(data)
+
+
+@pytest.fixture
+def run(tmp_path):
+    """t002 has the best reward but extracts 4; t005 extracts nothing at a lower reward."""
+    run = tmp_path / "run"
+    run.mkdir()
+    add_trial(run, 0, "ok", "freeze", metrics(300.0, 0.8, 0, 0.0), -4.0)
+    add_trial(run, 1, "ok", "difffit", metrics(15.0, 0.06, 6, 0.5), -2.5)
+    add_trial(run, 2, "ok", None, metrics(12.0, 0.07, 4, 0.3), -1.9)
+    add_trial(run, 5, "ok", None, metrics(14.0, 0.07, 0, 0.3), -2.2)
+    return run
+
+
+def write_spec(run, constraints):
+    (run / "spec.yaml").write_text(
+        yaml.safe_dump({**REPORT_SPEC, "objective": {"constraints": constraints}})
+    )
+
+
+def test_the_best_trial_and_the_finalists_are_within_the_constraints_first(run):
+    records = load_trials(run)
+    assert best_trial(records)["number"] == 2
+    assert best_trial(records, {"extracted": 0})["number"] == 5
+    # nobody reaches image-text ≥ 0.9: the nearest ranks first (ties on violation go by reward)
+    assert best_trial(records, {"extracted": 0, "alignment": 0.9})["number"] == 5
+    assert [r["number"] for r in finalists(records, 1)] == [0, 1, 2]
+    assert [r["number"] for r in finalists(records, 1, {"extracted": 0})] == [0, 1, 5]
+    assert [r["number"] for r in finalists(records, 2, {"extracted": 0})] == [0, 1, 5, 2]
+
+
+def test_the_winner_is_ranked_on_the_final_evaluation_not_the_searchs(run):
+    # t002 extracted 4 in the search but none in the final stage; t005 the other way round
+    for number, extracted, reward in ((2, 0, -2.0), (5, 3, -1.5)):
+        final = run / f"trials/t{number:03d}/final"
+        final.mkdir()
+        write_json(final / "result.json", {"status": "ok", "split": "test", "reward": reward,
+                                           "metrics": metrics(13.0, 0.07, extracted, 0.3)})  # fmt: skip
+    records = load_trials(run)
+    assert best_trial(records)["number"] == 5
+    assert best_trial(records, {"extracted": 0})["number"] == 2
+
+
+def test_the_report_states_the_constraints_and_where_the_best_stands(run):
+    write_spec(run, {"extracted": 0})
+    text = write_report(run).read_text()
+    assert "subject to extracted ≤ 0" in text
+    best = text.split("## Best configuration")[1]
+    assert "Trial t005" in best
+    assert "It is within the constraints (extracted ≤ 0), as 2 of the 4 trials" in best
+    write_spec(run, {"extracted": 0, "fid": 10.0})
+    best = write_report(run).read_text().split("## Best configuration")[1]
+    assert "**No trial of that evaluation is within the constraints**" in best
+    assert "this one is nearest (FID 4 past its bound)" in best  # t002: FID 12, extracted 4 → t005
+
+
+def test_the_searcher_tells_optuna_each_constraints_margin(tmp_path):
+    from test_search import define_space
+
+    from capsearch.search import TrialSearch, make_sampler, open_study, study_storage
+
+    data = json.loads(json.dumps(SEARCH_SPEC))
+    data["objective"] = {"constraints": {"extracted": 0, "alignment": 0.3}}
+    spec = spec_from_dict(data)
+    open_study(spec, tmp_path)
+    searcher = TrialSearch(
+        space=functools.partial(define_space, space=spec.search_space),
+        metric="reward", mode="max", sampler=make_sampler(spec),
+        study_name=spec.search.study_name, storage=study_storage(tmp_path),
+        spec=spec, run_dir=tmp_path,
+    )  # fmt: skip
+    for name in ("over", "within", "stopped"):
+        searcher.suggest(name)
+    searcher.on_trial_complete("over", {"status": "ok", "reward": 0.5, "extracted": 2,
+                                        "alignment": 0.5, "trial": "t000"})  # fmt: skip
+    searcher.on_trial_complete("within", {"status": "ok", "reward": 0.1, "extracted": 0,
+                                          "alignment": 0.4, "trial": "t001"})  # fmt: skip
+    searcher.on_trial_complete("stopped", {"training_step": 2, "probe_score": 0.3})
+    trials = {t.user_attrs.get("ray_trial_id"): t for t in optuna.load_study(
+        study_name=spec.search.study_name, storage=study_storage(tmp_path)).trials}  # fmt: skip
+    assert trials["over"].constraints == {"extracted": 2.0, "alignment": pytest.approx(-0.2)}
+    assert trials["within"].constraints == {"extracted": 0.0, "alignment": pytest.approx(-0.1)}
+    assert trials["stopped"].constraints == {}  # no evaluation: ranked by its probe score
+
+
+def test_the_own_image_share_enters_the_reward_only_with_a_weight():
+    m = {"fid": 50.0, "alignment": 0.3, "amd": 0.1, "amd_heldout": 0.1, "extracted_fraction": 0.1,
+         "nearest_own": 0.4}  # fmt: skip
+    base = {"fid": 1.0, "alignment": 1.0, "amd": 1.0, "extracted": 1.0}
+    assert compute_reward(m, base) == pytest.approx(-math.log(50.0) + 0.3 - 0.1)
+    assert compute_reward(m, {**base, "nearest_own": 2.0}) == pytest.approx(
+        -math.log(50.0) + 0.3 - 0.1 - 0.8
+    )
+    with pytest.raises(ValueError, match="metric nearest_own is missing"):
+        compute_reward({k: v for k, v in m.items() if k != "nearest_own"}, {"nearest_own": 1.0})
+    data = json.loads(json.dumps(REPORT_SPEC))
+    data["objective"] = {"weights": {"nearest_own": 2.0}, "constraints": {"extracted": 0}}
+    text = objective_text(spec_from_dict(data).objective)
+    assert text.endswith("− 1·extracted fraction − 2·own-image NN share, subject to extracted ≤ 0")
+    assert "own-image" not in objective_text(spec_from_dict(REPORT_SPEC).objective)
