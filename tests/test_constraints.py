@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from pathlib import Path
 
 import optuna
 import pytest
@@ -148,3 +149,18 @@ def test_the_own_image_share_enters_the_reward_only_with_a_weight():
     text = objective_text(spec_from_dict(data).objective)
     assert text.endswith("− 1·extracted fraction − 2·own-image NN share, subject to extracted ≤ 0")
     assert "own-image" not in objective_text(spec_from_dict(REPORT_SPEC).objective)
+
+
+def test_validate_states_the_objective_with_its_constraints(tmp_path, capsys):
+    from capsearch.cli import main
+
+    data = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "tiny.yaml").read_text())
+    data["objective"]["constraints"] = {"extracted": 0}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    assert main(["validate", str(path)]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("  objective: ")]
+    assert line == [
+        "  objective: reward = −1·ln FID + 1·image-text − 1·max(0, 1 − AMD/AMD_heldout) "
+        "− 1·extracted fraction, subject to extracted ≤ 0"
+    ]
