@@ -27,6 +27,8 @@ from capsearch.metrics.table import BY_NAME, objectives
 
 # metric name → bound; the metric's direction says which side of the bound is allowed
 Constraints = Mapping[str, float]
+# a metric's finite value in one evaluation, or None (e.g. `partial(record_value, record)`)
+Getter = Callable[[str], "float | None"]
 
 
 def check_constraints(constraints: Constraints) -> None:
@@ -39,12 +41,9 @@ def check_constraints(constraints: Constraints) -> None:
             raise ValueError(f"the bound of {name!r} must be a finite number, got {bound}")
 
 
-def margins(value: Callable[[str], float | None], constraints: Constraints) -> dict[str, float]:
+def margins(value: Getter, constraints: Constraints) -> dict[str, float]:
     """Each constrained metric's signed distance past its bound, as Optuna takes constraints: ≤ 0 within
-    (how far inside), > 0 over (how far beyond), inf when the metric is missing.
-
-    `value` gives a metric's finite value or None (e.g. `lambda k: record_value(record, k)`).
-    """
+    (how far inside), > 0 over (how far beyond), inf when the metric is missing."""
     out = {}
     for name, bound in constraints.items():
         v = value(name)
@@ -57,23 +56,23 @@ def margins(value: Callable[[str], float | None], constraints: Constraints) -> d
     return out
 
 
-def violation(value: Callable[[str], float | None], constraints: Constraints) -> float:
+def violation(value: Getter, constraints: Constraints) -> float:
     """The total violation, how far past their bounds the metrics lie summed: 0 for a trial within
     every constraint (always 0 without constraints)."""
     return float(sum(max(0.0, m) for m in margins(value, constraints).values()))
 
 
+def _label(name: str) -> str:
+    """A metric's report label without its direction arrow."""
+    return BY_NAME[name].label.rstrip(" ↑↓")
+
+
 def describe(constraints: Constraints) -> str:
     """`extracted ≤ 0, image-text ≥ 0.3`: the constraints as the report and the terminal show them."""
-    parts = []
-    for name, bound in constraints.items():
-        metric = BY_NAME[name]
-        label = metric.label.rstrip(" ↑↓")
-        parts.append(f"{label} {'≤' if metric.direction == 'min' else '≥'} {float(bound):g}")
-    return ", ".join(parts)
-
-
-Getter = Callable[[str], "float | None"]
+    return ", ".join(
+        f"{_label(name)} {'≤' if BY_NAME[name].direction == 'min' else '≥'} {float(bound):g}"
+        for name, bound in constraints.items()
+    )
 
 
 def standing(best: Getter, pool: list[Getter], constraints: Constraints) -> str:
@@ -86,7 +85,7 @@ def standing(best: Getter, pool: list[Getter], constraints: Constraints) -> str:
         return (f"It is within the constraints ({describe(constraints)}), as {feasible} of the "
                 f"{len(pool)} trials of that evaluation are.")  # fmt: skip
     over = ", ".join(
-        f"{BY_NAME[name].label.rstrip(' ↑↓')} {'missing' if math.isinf(m) else f'{m:g} past its bound'}"
+        f"{_label(name)} {'missing' if math.isinf(m) else f'{m:g} past its bound'}"
         for name, m in margins(best, constraints).items()
         if m > 0
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -197,7 +198,7 @@ def rank_key(record: dict[str, Any], constraints: Constraints | None = None) -> 
     """Sort key of an evaluated record (its own metrics, or a trial's `final`), best first: within the
     constraints before over them (smaller total violation first), then the higher reward."""
     reward = record_value(record, "reward")
-    total = violation(lambda k: record_value(record, k), constraints or {})
+    total = violation(partial(record_value, record), constraints or {})
     return total, -(reward if reward is not None else -math.inf)
 
 

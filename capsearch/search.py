@@ -127,20 +127,19 @@ class TrialSearch(OptunaSearch):
     def _on_trial_complete(self, trial_id: str, result: dict | None, error: bool) -> None:
         result = dict(result or {})
         ot_trial = self._ot_trials.get(trial_id)
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        complete = result.get("status") == "ok" and all(
+            _finite(result.get(m)) is not None for m in metrics
+        )
         if ot_trial is not None and trial_id not in self._completed_trials:
             ot_trial.set_user_attr("ray_trial_id", trial_id)
             for key in ("trial", "status", "error", *REPORTED):
                 if key in result:
                     ot_trial.set_user_attr(key, result[key])
-        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-        complete = result.get("status") == "ok" and all(
-            _finite(result.get(m)) is not None for m in metrics
-        )
+            limits = self.spec.objective.constraints if complete else {}
+            for name, margin in margins(lambda k: _finite(result.get(k)), limits).items():
+                ot_trial.set_constraint(name, margin)  # the sampler prefers trials within them
         if complete:
-            if ot_trial is not None and trial_id not in self._completed_trials:
-                limits = self.spec.objective.constraints
-                for name, margin in margins(lambda k: _finite(result.get(k)), limits).items():
-                    ot_trial.set_constraint(name, margin)  # the sampler prefers trials within them
             super().on_trial_complete(trial_id, result, error=False)
         else:
             stopped = "status" not in result and not error  # ASHA stopped it at this probe

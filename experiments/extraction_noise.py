@@ -20,46 +20,55 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from capsearch.atomic import atomic_write
 from capsearch.errors import UserError
+from capsearch.runs import load_trials
 
 
-def _trial(arg: str) -> tuple[Path, str]:
+@dataclass(frozen=True)
+class Trial:
+    run: Path
+    name: str  # tNNN
+    label: str  # RUN/tNNN (baseline)
+    model: str
+
+
+def _trial(arg: str) -> Trial:
+    """The trial named by RUN:tNNN, its record read once (UserError on anything missing)."""
     run, _, trial = arg.rpartition(":")
     if not run or not trial.startswith("t"):
         raise UserError(f"{arg!r}: expected RUN:tNNN (a run folder and one of its trials)")
-    delta = Path(run) / "trials" / trial / "delta"
-    if not (delta / "delta.safetensors").is_file():
+    folder = Path(run) / "trials" / trial
+    if not (folder / "delta" / "delta.safetensors").is_file():
         raise UserError(
-            f"{delta} holds no delta (the weights stay on the machine that trained them)"
+            f"{folder / 'delta'} holds no delta (the weights stay on the machine that trained them)"
         )
     if not (Path(run) / "data").is_dir():
         raise UserError(f"{run}/data does not exist (the run's phantom data)")
-    return Path(run), trial
+    record = next((r for r in load_trials(Path(run)) if Path(r["dir"]).name == trial), None)
+    if record is None or record.get("status") != "ok":
+        raise UserError(f"{folder} is not a finished trial of {run}")
+    baseline = f" ({record['baseline']})" if record.get("baseline") else ""
+    return Trial(Path(run), trial, f"{Path(run).name}/{trial}{baseline}", record["model"])
 
 
-def probe(run: Path, trial: str, seed: int, n: int) -> dict:
+def probe(trial: Trial, seed: int, n: int) -> dict:
     """The extraction attack on one trained model with one sampling seed."""
     from capsearch.delta import load_delta
     from capsearch.metrics.memorisation import memorisation_probe
     from capsearch.models import load_pipeline
 
-    record = json.loads((run / "trials" / trial / "result.json").read_text())
-    pipe = load_pipeline(record["model"])
-    pipe.unet = load_delta(pipe.unet, run / "trials" / trial / "delta")
+    pipe = load_pipeline(trial.model)
+    pipe.unet = load_delta(pipe.unet, trial.run / "trials" / trial.name / "delta")
     started = time.time()
     out = memorisation_probe(
-        pipe, run / "data", n=n, steps=20, guidance=1.0, strength_n=1, seed=seed
+        pipe, trial.run / "data", n=n, steps=20, guidance=1.0, strength_n=1, seed=seed
     )
     keep = ("extracted", "of", "nearest_own", "copies", "strength_ratio")
     return {**{k: out[k] for k in keep}, "seconds": round(time.time() - started, 1)}
-
-
-def _label(run: Path, trial: str) -> str:
-    record = json.loads((run / "trials" / trial / "result.json").read_text())
-    return f"{run.name}/{trial}" + (f" ({record['baseline']})" if record.get("baseline") else "")
 
 
 def table(results: dict, seeds: list[int], command: str) -> str:
@@ -115,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out.with_suffix(".json")
     results = json.loads(path.read_text())["results"] if path.is_file() else {}
     for seed in args.seeds:  # seed-major: a stopped run has every trial on the first seeds
-        for run, trial in trials:
-            label = _label(run, trial)
+        for trial in trials:
+            label = trial.label
             if str(seed) in results.get(label, {}):
                 continue
-            results.setdefault(label, {})[str(seed)] = probe(run, trial, seed, args.n)
+            results.setdefault(label, {})[str(seed)] = probe(trial, seed, args.n)
             print(f"{label} seed {seed}: {results[label][str(seed)]}", flush=True)
             atomic_write(path, json.dumps({"command": command, "results": results}, indent=1))
             atomic_write(args.out.with_suffix(".md"), table(results, args.seeds, command))

@@ -72,3 +72,20 @@ def phantom_data(tmp_path_factory: pytest.TempPathFactory, seed: int, held_out_i
     write_phantom_dataset(root, patients=16, size=32, seed=seed, dup_fraction=0.2, dup_copies=3,
                           held_out_images=held_out_images)  # fmt: skip
     return root
+
+
+def make_searcher(spec, run_dir, storage=None):
+    """The search's Optuna searcher (capsearch.search.TrialSearch) on a fresh study in run_dir, as
+    `_tune` builds it, driven by hand in the tests (storage: the study's, unless one is given)."""
+    import functools
+
+    from capsearch.search import TrialSearch, make_sampler, open_study, study_storage
+    from capsearch.space import define_space
+
+    open_study(spec, run_dir)
+    return TrialSearch(
+        space=functools.partial(define_space, space=spec.search_space),
+        metric="reward", mode="max", sampler=make_sampler(spec),
+        study_name=spec.search.study_name, storage=storage or study_storage(run_dir),
+        spec=spec, run_dir=run_dir,
+    )  # fmt: skip

@@ -3,7 +3,6 @@ report's sentence, the sampler's constraint values; and the own-image term of th
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import make_searcher
 from test_report_export import SPEC as REPORT_SPEC
 from test_report_export import add_trial, metrics
 from test_search import SPEC as SEARCH_SPEC
@@ -106,20 +106,12 @@ def test_the_report_states_the_constraints_and_where_the_best_stands(run):
 
 
 def test_the_searcher_tells_optuna_each_constraints_margin(tmp_path):
-    from test_search import define_space
-
-    from capsearch.search import TrialSearch, make_sampler, open_study, study_storage
+    from capsearch.search import study_storage
 
     data = json.loads(json.dumps(SEARCH_SPEC))
     data["objective"] = {"constraints": {"extracted": 0, "alignment": 0.3}}
     spec = spec_from_dict(data)
-    open_study(spec, tmp_path)
-    searcher = TrialSearch(
-        space=functools.partial(define_space, space=spec.search_space),
-        metric="reward", mode="max", sampler=make_sampler(spec),
-        study_name=spec.search.study_name, storage=study_storage(tmp_path),
-        spec=spec, run_dir=tmp_path,
-    )  # fmt: skip
+    searcher = make_searcher(spec, tmp_path)
     for name in ("over", "within", "stopped"):
         searcher.suggest(name)
     searcher.on_trial_complete("over", {"status": "ok", "reward": 0.5, "extracted": 2,

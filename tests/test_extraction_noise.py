@@ -29,9 +29,9 @@ def run(tmp_path_factory) -> Path:
     unet = load_pipeline("tiny:random").unet
     applied = apply_methods(unet, [{"method": "difffit", "units": ["mid_block"]}])
     save_delta(unet, folder / "delta", applied=applied, base_model="tiny:random")
-    write_json(
-        folder / "result.json", {"trial": "t000", "baseline": "difffit", "model": "tiny:random"}
-    )
+    record = {"trial": "t000", "number": 0, "status": "ok", "baseline": "difffit",
+              "model": "tiny:random"}  # fmt: skip
+    write_json(folder / "result.json", record)
     return run
 
 

@@ -232,22 +232,15 @@ STUDY_SPEC = {
 
 
 def test_a_study_write_that_fails_stops_new_trials_and_is_remembered(tmp_path):
-    import functools
-
+    from conftest import make_searcher
     from ray.tune.search import Searcher
 
     from capsearch.config import spec_from_dict
-    from capsearch.search import TrialSearch, make_sampler, open_study, study_storage
-    from capsearch.space import define_space
+    from capsearch.search import study_storage
 
     spec = spec_from_dict(json.loads(json.dumps(STUDY_SPEC)))
-    open_study(spec, tmp_path)
     storage = study_storage(tmp_path)
-    searcher = TrialSearch(
-        space=functools.partial(define_space, space=spec.search_space),
-        metric="reward", mode="max", sampler=make_sampler(spec),
-        study_name=spec.search.study_name, storage=storage, spec=spec, run_dir=tmp_path,
-    )  # fmt: skip
+    searcher = make_searcher(spec, tmp_path, storage)
     assert "plan" in searcher.suggest("a")
     full_disk(storage)
     searcher.on_trial_result("a", {"training_step": 2, "probe_score": 0.3})  # raises nothing

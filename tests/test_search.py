@@ -11,7 +11,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import mid_block_groups
+from conftest import make_searcher, mid_block_groups
 
 from capsearch.config import spec_from_dict
 from capsearch.reward import compute_reward, pareto_front, reward_terms
@@ -480,17 +480,9 @@ def test_freeze_trains_nothing_and_keeps_a_delta(spec, tmp_path, monkeypatch):
 
 
 def test_searcher_records_failures_pruning_and_probes(spec, tmp_path):
-    import functools
+    from capsearch.search import study_storage
 
-    from capsearch.search import TrialSearch, make_sampler, open_study, study_storage
-
-    open_study(spec, tmp_path)
-    searcher = TrialSearch(
-        space=functools.partial(define_space, space=spec.search_space),
-        metric="reward", mode="max", sampler=make_sampler(spec),
-        study_name=spec.search.study_name, storage=study_storage(tmp_path),
-        spec=spec, run_dir=tmp_path,
-    )  # fmt: skip
+    searcher = make_searcher(spec, tmp_path)
     configs = {name: searcher.suggest(name) for name in ("ok", "error", "stopped")}
     assert all("_number" in c and "attn.method" in c for c in configs.values())
     # each proposal carries its plan, built and validated in the driver
