@@ -254,6 +254,7 @@ def _search_held(spec: Spec, run_dir: Path, console: Any, callbacks: tuple,
     check_records(run_dir)  # a record cut short: one line naming it, nothing rewritten
     study = open_study(spec, run_dir)  # a corrupt, locked or full optuna.db: one line naming it
     check_study(study, run_dir)
+    proposed = len(study.get_trials(deepcopy=False))  # a resumed search's sampler draws anew
     data_root = prepare_data(spec, run_dir, console)
     ensure_scorer(spec, data_root, console)
     pending = plan_trials(spec, study, run_dir, retry_errors)
@@ -269,7 +270,7 @@ def _search_held(spec: Spec, run_dir: Path, console: Any, callbacks: tuple,
         if ray.is_initialized():
             _check_resources(spec)
         if pending:
-            _tune(spec, run_dir, data_root, pending, [TrialRecords(run_dir), *callbacks])
+            _tune(spec, run_dir, data_root, pending, [TrialRecords(run_dir), *callbacks], proposed)
         cut = unfinished_trials(run_dir)
         if not cut:  # interrupted (Ctrl-C): stop now; the final stage runs at the end of --resume
             run_final_stage(spec, run_dir, data_root, console)
@@ -335,7 +336,8 @@ def _asha() -> type:
     return LastProbeKeeps
 
 
-def _tune(spec: Spec, run_dir: Path, data_root: Path, pending: int, callbacks: list) -> None:
+def _tune(spec: Spec, run_dir: Path, data_root: Path, pending: int, callbacks: list,
+          proposed: int = 0) -> None:  # fmt: skip
     from ray.tune.schedulers import FIFOScheduler
 
     from capsearch.space import define_space
@@ -348,7 +350,7 @@ def _tune(spec: Spec, run_dir: Path, data_root: Path, pending: int, callbacks: l
         space=functools.partial(define_space, space=spec.search_space),
         metric=metrics[0] if len(metrics) == 1 else metrics,
         mode=modes[0] if len(modes) == 1 else modes,
-        sampler=make_sampler(spec),
+        sampler=make_sampler(spec, proposed),
         study_name=spec.search.study_name,
         storage=study_storage(run_dir),
         spec=spec,

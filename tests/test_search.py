@@ -333,6 +333,54 @@ def test_with_budget_for_one_the_newest_interrupted_trial_is_retried(spec, tmp_p
     assert retry.user_attrs == {"retry_of": 5}
 
 
+@pytest.mark.parametrize("sampler", ["random", "tpe", "nsga2"])
+def test_a_resumed_search_does_not_draw_its_first_sittings_trials_again(spec, sampler):
+    """A sampler rebuilt with the spec's seed would propose the first sitting's trials again (random
+    draws: the random sampler, TPE's start-up, NSGA-II's first generation); resumed, it draws anew."""
+    from capsearch.study import make_sampler
+
+    spec = spec.model_copy(update={"search": spec.search.model_copy(update={"sampler": sampler})})
+
+    def draws(proposed: int) -> list[dict]:
+        study = optuna.create_study(direction="maximize", sampler=make_sampler(spec, proposed))
+        out = []
+        for _ in range(4):
+            t = study.ask()
+            define_space(t, spec.search_space)
+            study.tell(t, 0.0)
+            out.append(t.params)
+        return out
+
+    first = draws(0)
+    assert draws(0) == first  # a fresh search: the spec's seed, the same draws
+    assert draws(4) == draws(4)  # a resumed one: deterministic for the same study
+    assert not any(p in first for p in draws(4))
+
+
+def test_the_search_seeds_its_sampler_from_the_trials_the_study_holds(tmp_path, monkeypatch):
+    """run_search hands _tune the number of trials its study held when it started: 0 for a new
+    search, the first sitting's count when resumed."""
+    import capsearch.search as search
+
+    seen = []
+    monkeypatch.setattr(search, "_tune", lambda *a: seen.append(a[-1]))
+    monkeypatch.setattr(search, "run_final_stage", lambda *a, **k: None)
+    monkeypatch.setattr(search, "write_report", lambda run_dir: run_dir / "report.md")
+    spec = spec_from_dict({
+        "model": "tiny:random", "data": {"phantom": {"patients": 6, "held_out_images": 8}},
+        "search": {"num_samples": 3},
+        "space": {"groups": [{"name": "a", "units": "mid_block.attentions",
+                              "methods": {"frozen": {}, "full": {}}}]},
+    })  # fmt: skip
+    run = tmp_path / "run"
+    search.run_search(spec, run)
+    study = optuna.load_study(study_name="capsearch", storage=f"sqlite:///{run / 'optuna.db'}")
+    for _ in range(2):  # the first sitting proposed two trials, then stopped
+        study.tell(study.ask(), 0.0)
+    search.run_search(spec, run, resume=True)
+    assert seen == [0, 2]
+
+
 def test_a_finished_trial_of_a_reuse_run_stands_in_for_identical_training(
     spec, tmp_path, monkeypatch
 ):
