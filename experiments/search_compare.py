@@ -122,7 +122,34 @@ def curve_lines(runs: list[Run], out: Path) -> list[str]:
     return ["", "## Learning curve", "", f"![learning curves]({CURVE})", "",
             "The best search reward (validate split) among the searched trials against the number "
             "proposed, stopped and failed ones included, one line per run, labelled by its sampler; "
-            "dotted: the main run's baselines."]  # fmt: skip
+            "dotted: the main run's baselines.", *shared_lines(runs)]  # fmt: skip
+
+
+def configurations(run: Run) -> list[dict[str, Any]]:
+    """A run's distinct searched configurations in the order first proposed (a retry of an interrupted
+    trial repeats its parameters: counted once)."""
+    out: list[dict[str, Any]] = []
+    for r in searched(run):
+        if r.get("params") and r["params"] not in out:
+            out.append(r["params"])
+    return out
+
+
+def shared_lines(runs: list[Run]) -> list[str]:
+    """How many searched configurations each other run shares with the main run, and how many of the
+    first ones in the same order: samplers on one seed draw the same random start (TPE's start-up
+    trials are its random sampler's draws), which makes a comparison of them paired there."""
+    main = configurations(runs[0])
+    lines = []
+    for run in runs[1:]:
+        theirs = configurations(run)
+        lead = next((i for i, (a, b) in enumerate(zip(main, theirs)) if a != b),
+                    min(len(main), len(theirs)))  # fmt: skip
+        same = sum(p in main for p in theirs)
+        lines += ["", f"`{run.folder}` ({run.spec.search.sampler}) shares {same} of its "
+                  f"{len(theirs)} distinct searched configurations with `{runs[0].folder}`; the "
+                  f"first {lead} are the same, in the same order."]  # fmt: skip
+    return lines
 
 
 def winner_lines(runs: list[Run], wins: list[dict[str, Any]]) -> list[str]:

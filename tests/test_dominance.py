@@ -307,6 +307,10 @@ def test_search_compare_writes_the_sections_and_the_learning_curve(tmp_path):
                     "## Dominance over seeds 0, 1, 3"):  # fmt: skip
         assert section in text, section
     assert "search_compare.py " + " ".join(argv) in text  # the command line
+    curve = text.split("## Learning curve")[1].split("\n## ")[0]
+    # both runs propose the defaults, then W (t007 / t007): 2 distinct, the first 2 alike
+    assert f"`{random_run}` (random) shares 2 of its 2 distinct searched configurations" in curve
+    assert "the first 2 are the same, in the same order." in curve
     winners = text.split("## Winners")[1].split("##")[0]
     tpe_row, random_row = [line for line in winners.splitlines() if line.startswith("| `")]
     assert (
@@ -332,6 +336,27 @@ def test_search_compare_writes_the_sections_and_the_learning_curve(tmp_path):
     )  # matched by parameters, not by the name "found"
     assert "W dominates the baselines over seeds 0, 1, 3" in over
     assert "W dominates the baselines on seed 0" in text.split("## Dominance on seed 0")[1]
+
+
+def test_shared_configurations_count_distinct_ones_and_the_common_start():
+    from types import SimpleNamespace
+
+    script = load_script()
+
+    def run(name, sampler, params):
+        records = [
+            {"number": i, "params": {"x": p}, "dir": f"{name}/t{i:03d}"}
+            for i, p in enumerate(params)
+        ]
+        return script.Run(
+            Path(name), SimpleNamespace(search=SimpleNamespace(sampler=sampler)), 0, records
+        )
+
+    tpe = run("a", "tpe", [1, 2, 3, 3, 5])  # t003 a retry of t002: one configuration
+    rnd = run("b", "random", [1, 2, 4, 5, 2])
+    (_, line) = script.shared_lines([tpe, rnd])
+    assert line == ("`b` (random) shares 3 of its 4 distinct searched configurations with `a`; the "
+                    "first 2 are the same, in the same order.")  # fmt: skip
 
 
 def test_search_compare_without_finals_is_one_line_and_exit_2(tmp_path, capsys):
