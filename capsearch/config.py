@@ -101,11 +101,14 @@ class FinalSpec(Strict):
     extraction_n: int | None = Field(None, ge=1)
     strength_prompts: int | None = Field(None, ge=1)
     strength_n: int | None = Field(None, ge=1)
+    # Training seeds on which every finalist is also trained again and re-evaluated; the best trial is
+    # then chosen on its final reward averaged over the seeds (capsearch.final, "over training seeds").
+    train_seeds: list[int] = Field(default_factory=list)
 
     def settings(self, evaluate: EvalSettings) -> EvalSettings:
         """The evaluation settings of the final stage: the search's, with this stage's overrides."""
         out = evaluate.model_dump()
-        for key, value in self.model_dump(exclude={"enabled", "top_k"}).items():
+        for key, value in self.model_dump(exclude={"enabled", "top_k", "train_seeds"}).items():
             if value is not None:
                 out[key] = value
         return EvalSettings.parse(out, "final")
@@ -446,6 +449,12 @@ def _check_consistency(spec: Spec) -> None:
     if spec.final.enabled and spec.final.seed == spec.evaluate.seed:
         raise UserError(
             "final.seed: must differ from evaluate.seed (the final stage samples on fresh seeds)"
+        )
+    seeds = spec.final.train_seeds
+    if spec.train.seed in seeds or len(set(seeds)) < len(seeds):
+        raise UserError(
+            f"final.train_seeds: {seeds} must be distinct and differ from train.seed "
+            f"({spec.train.seed}), on which every finalist is already trained"
         )
     if spec.resources.gpu == 0 and spec.train.mixed_precision not in ("auto", "no"):
         raise UserError("train.mixed_precision: needs a GPU; set resources.gpu or use auto or no")

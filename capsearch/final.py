@@ -8,6 +8,13 @@ A finalist whose delta is gone (a run resumed from its records, kept without wei
 from its record first (capsearch.retrain), and its final result says so.
 Each finalist's `trials/tNNN/final/` holds that evaluation's metrics.json, samples.png and result.json;
 the report's best trial and `capsearch export --trial best` come from it.
+
+With `final.train_seeds`, every finalist that trains anything is also trained again on each of those
+seeds (same plan and data, another initialisation, batch order and noise: capsearch.retrain) into
+`trials/tNNN/final_seedS/` and evaluated there like its `final/`; the best trial is then chosen on the
+final reward averaged over its seeds (capsearch.runs.final_choice), so that the choice does not rest
+on the one training it was searched with. Freeze trains nothing, so its seed changes nothing: it keeps
+its one evaluation.
 """
 
 from __future__ import annotations
@@ -20,7 +27,15 @@ from typing import TYPE_CHECKING, Any
 from capsearch.constraints import Constraints
 from capsearch.errors import UserError
 from capsearch.metrics.table import column_metrics
-from capsearch.runs import FINAL_DIR, RESULT_FILE, load_trials, rank_key, record_value, write_json
+from capsearch.runs import (
+    FINAL_DIR,
+    FINAL_SEED_DIR,
+    RESULT_FILE,
+    load_trials,
+    rank_key,
+    record_value,
+    write_json,
+)
 from capsearch.settings import EvalSettings
 
 if TYPE_CHECKING:
@@ -45,9 +60,16 @@ def finalists(
     return baselines + searched[:top_k]
 
 
-def final_dir(record: dict[str, Any]) -> Path:
-    """The folder of a trial's final re-evaluation."""
-    return Path(record["dir"]) / FINAL_DIR
+def final_dir(record: dict[str, Any], seed: int | None = None) -> Path:
+    """The folder of a trial's final re-evaluation (trained again on `seed`, if given)."""
+    return Path(record["dir"]) / (FINAL_DIR if seed is None else FINAL_SEED_DIR.format(seed))
+
+
+def trains_nothing(record: dict[str, Any]) -> bool:
+    """Freeze: no method trains anything, so a training seed changes nothing."""
+    from capsearch.space import FROZEN
+
+    return all(e["method"] in FROZEN for e in record.get("method_spec") or [])
 
 
 @dataclass(frozen=True)
@@ -70,8 +92,11 @@ class FinalJob:
                    spec.resources.cpu)  # fmt: skip
 
 
-def reevaluate(job: FinalJob, record: dict[str, Any], data_root: Path) -> dict:
-    """Evaluate one finished trial again from its delta with the final stage's settings; record it."""
+def reevaluate(
+    job: FinalJob, record: dict[str, Any], data_root: Path, seed: int | None = None
+) -> dict:
+    """Evaluate one finished trial again from its delta with the final stage's settings; record it.
+    With `seed`, the trial is first trained again on that training seed (final.train_seeds)."""
     import torch
 
     from capsearch.delta import load_delta
@@ -79,20 +104,20 @@ def reevaluate(job: FinalJob, record: dict[str, Any], data_root: Path) -> dict:
     from capsearch.models import load_pipeline
     from capsearch.reward import compute_reward
 
-    delta = Path(record["dir"]) / "delta"
+    out = final_dir(record, seed)
+    delta = (Path(record["dir"]) if seed is None else out) / "delta"
     retrained = None
-    if not (delta / "delta.safetensors").is_file():  # resumed from records kept without weights
+    if not (delta / "delta.safetensors").is_file():  # another seed, or records kept without weights
         from capsearch.retrain import retrain_delta
 
         # the retraining keeps its own seconds: `seconds` below stays the evaluation's
-        retrained = retrain_delta(record, data_root)
+        retrained = retrain_delta(record, data_root, delta.parent, seed)
     started = time.time()
     pipe = load_pipeline(job.model)
     pipe.unet = load_delta(pipe.unet, delta)
     if job.gpu > 0 and torch.cuda.is_available():
         pipe.to("cuda")
     settings = job.settings
-    out = final_dir(record)
     metrics = evaluate(pipe, data_root, settings, out_dir=out)
     scalars = scalar_metrics(metrics)
     scalars["trainable_pct"] = record.get("metrics", {}).get("trainable_pct")
@@ -100,6 +125,7 @@ def reevaluate(job: FinalJob, record: dict[str, Any], data_root: Path) -> dict:
         "trial": record.get("trial"),
         "split": settings.split,
         "seed": settings.seed,
+        **({} if seed is None else {"train_seed": seed}),
         "metrics": {k: v for k, v in scalars.items() if v is not None},
         "intervals": metrics["intervals"],
         "noise_floor": metrics["noise_floor"],
@@ -115,23 +141,28 @@ def reevaluate(job: FinalJob, record: dict[str, Any], data_root: Path) -> dict:
     return result
 
 
-def _task(job: FinalJob, record: dict, data_root: str) -> dict:
+def _task(job: FinalJob, record: dict, data_root: str, seed: int | None = None) -> dict:
     """A Ray task: one re-evaluation in a worker process."""
     import torch
 
     torch.set_num_threads(job.threads)
     try:
-        return reevaluate(job, record, Path(data_root))
+        return reevaluate(job, record, Path(data_root), seed)
     except UserError as exc:
         return {"trial": record.get("trial"), "error": str(exc)}
 
 
-def final_todo(spec: Spec, run_dir: Path) -> list[dict[str, Any]]:
-    """The finalists still without a final result (none when the final stage is off)."""
+def final_todo(spec: Spec, run_dir: Path) -> list[tuple[dict[str, Any], int | None]]:
+    """The finalists' re-evaluations still without a result, as (record, training seed: None for the
+    trial's own training, else one of final.train_seeds); none when the final stage is off."""
     if not spec.final.enabled:
         return []
     chosen = finalists(load_trials(run_dir), spec.final.top_k, spec.objective.constraints)
-    return [r for r in chosen if not (final_dir(r) / RESULT_FILE).is_file()]
+    todo = []
+    for r in chosen:
+        seeds = [] if trains_nothing(r) else spec.final.train_seeds
+        todo += [(r, s) for s in (None, *seeds) if not (final_dir(r, s) / RESULT_FILE).is_file()]
+    return todo
 
 
 def run_final_stage(spec: Spec, run_dir: Path, data_root: Path, console: Any = None) -> list[dict]:
@@ -141,33 +172,42 @@ def run_final_stage(spec: Spec, run_dir: Path, data_root: Path, console: Any = N
         return []
     chosen = finalists(load_trials(run_dir), spec.final.top_k, spec.objective.constraints)
     if console is not None:
+        seeds = spec.final.train_seeds
+        also = f"; each also trained again on seed(s) {', '.join(map(str, seeds))}" if seeds else ""
         console.print(
-            f"final stage: re-evaluating {len(todo)} of {len(chosen)} finalists on the "
+            f"final stage: {len(todo)} re-evaluation(s) of {len(chosen)} finalists on the "
             f"{spec.final.split} split, seed {spec.final.seed} "
-            f"({spec.final.samples(spec.evaluate)} samples each)"
+            f"({spec.final.samples(spec.evaluate)} samples each){also}"
         )
     import ray
 
     job = FinalJob.of(spec, run_dir)
     if not ray.is_initialized():
-        return [reevaluate(job, r, data_root) for r in todo]
+        return [reevaluate(job, r, data_root, s) for r, s in todo]
     remote = ray.remote(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu)(_task)
-    pending = {remote.remote(job, r, str(data_root)): r for r in todo}
+    pending = {remote.remote(job, r, str(data_root), s): (r, s) for r, s in todo}
     results = []
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
-        record = pending.pop(done[0])
+        record, seed = pending.pop(done[0])
         result = ray.get(done[0])
         results.append(result)
         if console is not None:
-            name = Path(record["dir"]).name
-            what = result.get("error") or f"reward {result.get('reward', float('nan')):.3f}"
-            if result.get("retrained"):  # its delta was gone: trained again from its record first
-                again = result["retrained"]
-                same = "identical to" if again["identical"] else "differs from"
-                what += f"; trained again from its record, {again['steps']} steps, {same} it"
-            console.print(f"  final {name}: {what} ({len(results)}/{len(todo)})")
+            name = Path(final_dir(record, seed)).relative_to(Path(record["dir"]).parent)
+            console.print(f"  final {name}: {_outcome(result)} ({len(results)}/{len(todo)})")
     return results
+
+
+def _outcome(result: dict[str, Any]) -> str:
+    """One re-evaluation's line: its reward or error, and what was trained for it."""
+    what = result.get("error") or f"reward {result.get('reward', float('nan')):.3f}"
+    again = result.get("retrained")
+    if again and "seed" in again:  # final.train_seeds: trained on another seed first
+        what += f"; trained on seed {again['seed']}, {again['steps']} steps"
+    elif again:  # its delta was gone: trained again from its record first
+        same = "identical to" if again["identical"] else "differs from"
+        what += f"; trained again from its record, {again['steps']} steps, {same} it"
+    return what
 
 
 def separation(best: dict[str, Any], other: dict[str, Any], metric: str) -> str:

@@ -17,11 +17,13 @@ from capsearch.atomic import atomic_write
 from capsearch.constraints import standing
 from capsearch.final import COMPARED, separation
 from capsearch.metrics.table import column_metrics
+from capsearch.report_notes import capped_lines, noise_floor_lines
 from capsearch.reward import objective_text
 from capsearch.runs import (
     PARETO_FILE,
     REPORT_FILE,
     best_trial,
+    final_choice,
     load_trials,
     rank_key,
     read_run_spec,
@@ -226,8 +228,8 @@ def write_report(run_dir: Path) -> Path:
         rows = [row[:-1] for row in rows]
         header = COLUMNS[:-1]
     lines += _markdown_table(header, rows, done)
-    lines += _noise_floor_lines(done, "searched")
-    lines += _capped_lines(done)
+    lines += noise_floor_lines(done, "searched")
+    lines += capped_lines(done)
     finals = [final_view(r) for r in done if r.get("final")]
     if finals:
         lines += _final_lines(spec, finals)
@@ -246,9 +248,11 @@ def write_report(run_dir: Path) -> Path:
     best = best_trial(done, spec.objective.constraints)
     if best is not None:
         name = Path(best["dir"]).name
+        pooled = final_choice(best["final"]) if best.get("final") else {}
+        over = f" averaged over {pooled['n_seeds']} training seeds" if "n_seeds" in pooled else ""
         chosen = (
-            f"final reward {record_value(best['final'], 'reward'):.3f} on the {best['final'].get('split')} "
-            f"split (search reward {record_value(best, 'reward'):.3f})"
+            f"final reward {_or_nan(record_value(pooled, 'reward')):.3f}{over} on the "
+            f"{best['final'].get('split')} split (search reward {record_value(best, 'reward'):.3f})"
             if best.get("final")
             else f"reward {record_value(best, 'reward'):.3f} (no final re-evaluation: chosen on the "
             "evaluation it was searched on)"
@@ -286,6 +290,10 @@ def write_report(run_dir: Path) -> Path:
     return path
 
 
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
 def final_view(record: dict[str, Any]) -> dict[str, Any]:
     """A trial record seen through its final re-evaluation (metrics, intervals and reward replaced)."""
     final = record["final"]
@@ -307,47 +315,6 @@ def _markdown_table(header: list[str], rows: list[list[str]], records: list[dict
     return lines
 
 
-def _noise_floor_lines(records: list[dict[str, Any]], what: str) -> list[str]:
-    """One paragraph: FID and KID between disjoint sets of real held-out images at the sample count."""
-    floors = [r.get("noise_floor") for r in records if r.get("noise_floor")]
-    if not floors:
-        return []
-    f = floors[0]
-    parts = []
-    for key, label, fmt in (("fid", "FID", ".2f"), ("kid", "KID", ".4f")):
-        if isinstance(f.get(key), dict):
-            v = f[key]
-            parts.append(
-                f"{label} {format(v['mean'], fmt)} (95% of repeats in "
-                f"[{format(v['low'], fmt)}, {format(v['high'], fmt)}])"
-            )
-    if not parts:
-        return []
-    return [
-        "",
-        f"Noise floor of the {what} evaluation: real held-out images against other real held-out "
-        f"images, {f.get('n', '?')} of each, score " + " and ".join(parts) + ". A difference "
-        "between trials smaller than this spread is not a difference. Intervals are 95%: FID and KID "
-        "by a delete-one-prompt jackknife, AMD and image-text score by resampling prompts, extracted "
-        'images by resampling attacked prompts (docs/metrics.md, "Intervals").',
-    ]
-
-
-def _capped_lines(records: list[dict[str, Any]]) -> list[str]:
-    """Whether the attack's clique enumeration was cut short anywhere (its count is then a lower bound)."""
-    capped = {Path(r["dir"]).name: record_value(r, "capped_prompts") for r in records}
-    known = {name: int(n) for name, n in capped.items() if n is not None}
-    if not known:
-        return []
-    hit = {name: n for name, n in known.items() if n > 0}
-    if not hit:
-        return ["", f"The extraction attack enumerated every clique of all {len(known)} trials "
-                "(no prompt hit the cap of 10,000 cliques)."]  # fmt: skip
-    listed = ", ".join(f"{name} ({n} prompt{'s' * (n > 1)})" for name, n in hit.items())
-    return ["", f"The extraction attack's clique enumeration hit its cap in {listed}: their "
-            "extracted counts are lower bounds."]  # fmt: skip
-
-
 def _final_lines(spec: Spec, finals: list[dict[str, Any]]) -> list[str]:
     """The final re-evaluation's table and, per metric, how the best separates from each baseline."""
     first = finals[0]["final"]
@@ -366,11 +333,12 @@ def _final_lines(spec: Spec, finals: list[dict[str, Any]]) -> list[str]:
     )
     rows = [row[:-1] for row in table_rows(finals, intervals=True)]
     lines += _markdown_table(COLUMNS[:-1], rows, finals)
-    lines += _noise_floor_lines(finals, "final")
+    lines += noise_floor_lines(finals, "final")
     scored = [r for r in finals if record_value(r, "reward") is not None]
     if not scored:
         return lines
-    best = min(scored, key=lambda r: rank_key(r, spec.objective.constraints))
+    best = min(scored, key=lambda r: rank_key(final_choice(r["final"]), spec.objective.constraints))
+    lines += _seed_lines(finals, best)
     others = [r for r in finals if r.get("baseline") and r["dir"] != best["dir"]]
     if not others:
         return lines
@@ -389,10 +357,42 @@ def _final_lines(spec: Spec, finals: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _seed_lines(finals: list[dict[str, Any]], best: dict[str, Any]) -> list[str]:
+    """The finalists trained again on other seeds (final.train_seeds): final reward per training seed,
+    and the means the best is chosen on ([] when none was)."""
+    if not any(r["final"].get("seeds") for r in finals):
+        return []
+    seeds = sorted({s.get("train_seed") for r in finals for s in r["final"].get("seeds", [])})
+    own = finals[0].get("train", {}).get("seed", "own")
+    header = ["trial", "method", f"seed {own}", *(f"seed {s}" for s in seeds),
+              "mean reward ↑", "mean FID ↓", "mean extracted ↓"]  # fmt: skip
+    lines = ["", "### Over training seeds", "", "Every finalist that trains anything trained again "
+             f"on seed(s) {', '.join(map(str, seeds))} (same plan and data) and evaluated like the "
+             "table above; final reward per training seed, and the means over them, on which the "
+             "best is chosen (Freeze trains nothing: one evaluation).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # fmt: skip
+
+    def cell(value: float | None, fmt: str) -> str:
+        return "–" if value is None else format(value, fmt)
+
+    for r in finals:
+        by_seed = {s.get("train_seed"): s for s in r["final"].get("seeds", [])}
+        pooled = final_choice(r["final"])
+        name = Path(r["dir"]).name
+        row = [f"**{name}**" if r["dir"] == best["dir"] else name, display_name(r),
+               cell(record_value(r["final"], "reward"), ".3f"),
+               *(cell(record_value(by_seed.get(s, {}), "reward"), ".3f") for s in seeds),
+               cell(record_value(pooled, "reward"), ".3f"), cell(record_value(pooled, "fid"), ".1f"),
+               cell(record_value(pooled, "extracted"), ".1f")]  # fmt: skip
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
+    return lines
+
+
 def _standing(best: dict[str, Any], done: list[dict[str, Any]], spec: Spec) -> str:
     """The best trial against the constraints, on the evaluation it was chosen on ("" without any)."""
-    stage = [r["final"] for r in done if r.get("final")] if best.get("final") else done
+    final = bool(best.get("final"))
+    stage = [final_choice(r["final"]) for r in done if r.get("final")] if final else done
     values = [partial(record_value, r) for r in stage]
-    text = standing(partial(record_value, best.get("final") or best), values,
-                    spec.objective.constraints)  # fmt: skip
+    chosen = final_choice(best["final"]) if final else best
+    text = standing(partial(record_value, chosen), values, spec.objective.constraints)
     return text + " " if text else ""

@@ -8,6 +8,7 @@ resumed run regenerates from the spec. On the same machine and thread count this
 training bit for bit (capsearch's fine-tune is deterministic on CPU: tests/test_search.py checks it);
 elsewhere the floating-point order may differ. Either way the retraining is recorded beside the final
 result: its step count and last loss against the record's, and whether they are identical.
+The final stage's `final.train_seeds` trains each finalist again here on other training seeds too.
 """
 
 from __future__ import annotations
@@ -23,8 +24,12 @@ RETRAIN_DIR = "retrained"  # trials/tNNN/retrained/: the retraining's own log an
 NEEDED = ("model", "method_spec", "train")
 
 
-def retrain_delta(record: dict[str, Any], data_root: Path) -> dict[str, Any]:
-    """Train `record`'s trial again into its folder's delta/; what the retraining measured."""
+def retrain_delta(
+    record: dict[str, Any], data_root: Path, dest: Path | None = None, seed: int | None = None
+) -> dict[str, Any]:
+    """Train `record`'s trial again into `dest`/delta/ (its own folder's by default); what the
+    retraining measured. With `seed`, on that training seed instead of the record's (the final
+    stage's `final.train_seeds`): then it is another training, not compared with the record's."""
     from capsearch.models import load_pipeline
     from capsearch.settings import TrainSettings
     from capsearch.space import FROZEN
@@ -38,19 +43,24 @@ def retrain_delta(record: dict[str, Any], data_root: Path) -> dict[str, Any]:
             f"trial {folder.name} has no delta, and its record lacks {', '.join(missing)} to train "
             "it again from"
         )
+    dest = folder if dest is None else Path(dest)
     started = time.time()
     pipe = load_pipeline(record["model"])
     if all(e["method"] in FROZEN for e in record["method_spec"]):  # Freeze: nothing to train
-        save_frozen_delta(pipe, folder, record["model"])
+        save_frozen_delta(pipe, dest, record["model"])
         return {"steps": 0, "identical": True, "seconds": round(time.time() - started, 1)}
-    settings = TrainSettings.parse(record["train"], f"{folder.name}: train")
-    scratch = folder / RETRAIN_DIR
+    train = record["train"] if seed is None else {**record["train"], "seed": seed}
+    settings = TrainSettings.parse(train, f"{folder.name}: train")
+    scratch = dest / RETRAIN_DIR
     if scratch.exists():  # a retraining cut short earlier: start it again
         shutil.rmtree(scratch)
     result = finetune(pipe, record["method_spec"], data_root, settings, out_dir=scratch, quiet=True)
     if result.status != "ok":
         raise UserError(f"training trial {folder.name} again from its record ended {result.status}")
-    shutil.move(str(scratch / "delta"), str(folder / "delta"))
+    shutil.move(str(scratch / "delta"), str(dest / "delta"))
+    if seed is not None:
+        return {"steps": result.steps, "seed": seed, "final_loss": result.final_loss,
+                "seconds": round(time.time() - started, 1)}  # fmt: skip
     recorded = record.get("final_loss")
     return {
         "steps": result.steps,

@@ -4,7 +4,8 @@
     RUN/optuna.db           the Optuna study
     RUN/trials/tNNN/        one trial (NNN: the Optuna trial number): params.json when it starts (its
                             plan), result.json when it ends, delta/, metrics.json, samples.png, and
-                            final/ (result.json, metrics.json, samples.png) for a finalist
+                            final/ (result.json, metrics.json, samples.png) for a finalist, and
+                            final_seedS/ (delta/ and the same files) per `final.train_seeds` S
     RUN/report.md, RUN/pareto.png
 
 Search, report, export and status read and write the folder through this module only. Trial records
@@ -33,6 +34,7 @@ REPORT_FILE = "report.md"
 PARETO_FILE = "pareto.png"
 STUDY_FILE = "optuna.db"
 FINAL_DIR = "final"  # a finalist's re-evaluation: trials/tNNN/final/result.json
+FINAL_SEED_DIR = "final_seed{}"  # the same, trained again on another seed (final.train_seeds)
 # Version 1: records before the trial plan (method_spec, train with caption dropout among its
 # mitigations, groups at the top); version 2: the plan's fields at the top, train.caption_dropout.
 RECORD_VERSION = 2
@@ -175,13 +177,42 @@ def first_difference(a: Any, b: Any, path: str = "") -> str | None:
     return None if a == b else (path or "<top>")
 
 
-def read_final(record_dir: Path) -> dict[str, Any] | None:
-    """A trial's final re-evaluation result, or None if it has none (or it is unreadable)."""
-    path = Path(record_dir) / FINAL_DIR / RESULT_FILE
+def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text()) if path.is_file() else None
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def read_final(record_dir: Path) -> dict[str, Any] | None:
+    """A trial's final re-evaluation result, or None if it has none (or it is unreadable); with its
+    re-evaluations trained on other seeds (final_seedS/) under `seeds`, by seed."""
+    final = _read_json(Path(record_dir) / FINAL_DIR / RESULT_FILE)
+    if final is None:
+        return None
+    others = (
+        _read_json(p / RESULT_FILE) for p in Path(record_dir).glob(FINAL_SEED_DIR.format("*"))
+    )
+    seeds = sorted((o for o in others if o is not None), key=lambda o: o.get("train_seed", 0))
+    return {**final, "seeds": seeds} if seeds else final
+
+
+def final_choice(final: dict[str, Any]) -> dict[str, Any]:
+    """What a finalist is ranked on: its final re-evaluation, or with re-evaluations trained on other
+    seeds (`seeds`), the mean reward and metrics over all of them and how many there were (`n_seeds`).
+    A value missing from any of them (an evaluation that failed) has no mean: such a finalist has no
+    reward and ranks last."""
+    runs = [final, *final.get("seeds", [])]
+    if len(runs) == 1:
+        return final
+    keys = {k for r in runs for k in r.get("metrics", {})}
+    means = {}
+    for key in sorted(keys) + ["reward"]:
+        values = [v for r in runs if (v := record_value(r, key)) is not None]
+        if len(values) == len(runs):
+            means[key] = sum(values) / len(values)
+    reward = means.pop("reward", None)
+    return {"metrics": means, "reward": reward, "n_seeds": len(runs)}
 
 
 def record_value(record: dict[str, Any], key: str) -> float | None:
@@ -207,13 +238,14 @@ def best_trial(
 ) -> dict[str, Any] | None:
     """The best trial: highest reward in the final re-evaluation if any trial has one, else in the search.
 
-    A winner is chosen on an evaluation it was not searched on whenever the final stage ran; the
+    A winner is chosen on an evaluation it was not searched on whenever the final stage ran (averaged
+    over `final.train_seeds` where finalists were trained again on other seeds: final_choice); the
     search's own reward only decides runs without a final stage (None if no trial succeeded). With
     constraints (the spec's `objective.constraints`), a trial within them on that evaluation ranks
     before every trial over them (capsearch.constraints).
     """
     final = [r for r in records if record_value(r.get("final") or {}, "reward") is not None]
     if final:
-        return min(final, key=lambda r: rank_key(r["final"], constraints))
+        return min(final, key=lambda r: rank_key(final_choice(r["final"]), constraints))
     ok = [r for r in records if r.get("status") == "ok" and record_value(r, "reward") is not None]
     return min(ok, key=lambda r: rank_key(r, constraints)) if ok else None

@@ -4,7 +4,7 @@ Usage: python experiments/keep_records.py runs/paper_table1_seed0 experiments/re
 
 Keeps the spec, the report and its plot, the Optuna study (optuna.db: the sampler's history, which
 `--resume` needs; copied through SQLite's backup, so a running search's file is read consistently), and
-for every trial its plan, result, metrics, training log and pictures, with the final re-evaluation's;
+for every trial its plan, result, metrics, training log and pictures, with the final re-evaluations';
 leaves out deltas, checkpoints, the feature cache, the generated data and Ray's folders. A run resumed
 from these records trains its finalists again from their records (capsearch.retrain). Files already
 kept are overwritten, so it can run after every finished trial.
@@ -63,7 +63,8 @@ def keep(run: Path, dest: Path) -> list[Path]:
     if (run / STUDY).is_file():
         written.append(_backup(run / STUDY, dest / STUDY))
     for trial in sorted((run / "trials").glob("t*")):
-        for sub in ("", "final"):
+        subs = ["", "final", *sorted(p.name for p in trial.glob("final_seed*") if p.is_dir())]
+        for sub in subs:
             for name in TRIAL:
                 copy(trial / sub / name, dest / "trials" / trial.name / sub / name)
     return written

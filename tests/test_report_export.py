@@ -234,9 +234,9 @@ def test_committed_records_of_the_first_format_still_report(tmp_path):
 
 
 def test_a_capped_clique_enumeration_is_reported():
-    from capsearch.report import _capped_lines
+    from capsearch.report_notes import capped_lines
 
     records = [{"dir": "x/t000", "metrics": {"capped_prompts": 0}},
                {"dir": "x/t001", "metrics": {"capped_prompts": 2}}]  # fmt: skip
-    assert "hit its cap in t001 (2 prompts)" in _capped_lines(records)[1]
-    assert _capped_lines([{"dir": "x/t000", "metrics": {}}]) == []
+    assert "hit its cap in t001 (2 prompts)" in capped_lines(records)[1]
+    assert capped_lines([{"dir": "x/t000", "metrics": {}}]) == []
