@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from capsearch.report import display_name, final_view
+from capsearch.runs import final_choice
 
 if TYPE_CHECKING:
     from capsearch.config import Spec
@@ -111,6 +112,10 @@ def memorisation_lines(view: dict[str, Any], settings: dict[str, Any]) -> list[s
     return lines
 
 
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
 def model_card(
     record: dict[str, Any],
     base_model: str,
@@ -132,6 +137,12 @@ def model_card(
         if final
         else "the search's evaluation (no final re-evaluation: the numbers it was selected on)"
     )
+    pooled = final_choice(final) if final else {}
+    if "n_seeds" in pooled:  # final.train_seeds: chosen on the mean over trainings
+        where += (
+            f"; it was chosen on its final reward averaged over {pooled['n_seeds']} training seeds "
+            f"({_fmt(pooled.get('reward'))}), and these numbers are those of the exported training"
+        )
     data, mimic = data_name(spec)
     front = {
         "library_name": "diffusers",

@@ -40,7 +40,7 @@ from capsearch.report import (
     ordered,
     table_rows,
 )
-from capsearch.runs import best_trial, load_trials, read_run_spec, record_value
+from capsearch.runs import best_trial, final_choice, load_trials, read_run_spec, record_value
 from capsearch.searchstats import (
     best_so_far,
     compute_lines,
@@ -152,6 +152,14 @@ def shared_lines(runs: list[Run]) -> list[str]:
     return lines
 
 
+def _final_reward(w: dict[str, Any]) -> str:
+    """The final reward a winner was chosen on: its own, or the mean over final.train_seeds."""
+    pooled = final_choice(w["final"])
+    reward = record_value(pooled, "reward")
+    over = f", mean of {pooled['n_seeds']} training seeds" if "n_seeds" in pooled else ""
+    return f"{'–' if reward is None else format(reward, '.3f')} ({w['final'].get('split')}{over})"
+
+
 def winner_lines(runs: list[Run], wins: list[dict[str, Any]]) -> list[str]:
     """Each run's winner: its final and search rewards and how many proposals came before it."""
     rows = []
@@ -161,7 +169,7 @@ def winner_lines(runs: list[Run], wins: list[dict[str, Any]]) -> list[str]:
         search = record_value(w, "reward")
         rows.append([f"`{run.folder}`", str(run.spec.search.sampler), _name(w), display_name(w),
                      f"{rank} of {len(numbers)} ({rank - 1} before it)",
-                     f"{record_value(w['final'], 'reward'):.3f} ({w['final'].get('split')})",
+                     _final_reward(w),
                      "–" if search is None else f"{search:.3f}"])  # fmt: skip
     header = ["run", "sampler", "winner", "configuration", "proposed as searched trial",
               "final reward ↑ (split)", "search reward ↑"]  # fmt: skip

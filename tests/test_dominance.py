@@ -359,6 +359,14 @@ def test_shared_configurations_count_distinct_ones_and_the_common_start():
                     "first 2 are the same, in the same order.")  # fmt: skip
 
 
+def test_a_winner_chosen_over_training_seeds_shows_its_mean():
+    script = load_script()
+    final = {"reward": -4.0, "split": "test", "metrics": {}}
+    assert script._final_reward({"final": final}) == "-4.000 (test)"
+    seeds = {**final, "seeds": [{"reward": -4.2, "train_seed": 1, "metrics": {}}]}
+    assert script._final_reward({"final": seeds}) == "-4.100 (test, mean of 2 training seeds)"
+
+
 def test_search_compare_without_finals_is_one_line_and_exit_2(tmp_path, capsys):
     main_run = make_run(tmp_path, "search_vs_baselines", "tpe", 0, [("ok", -4.0, None)])
     assert load_script().main([str(main_run), "--out", str(tmp_path / "out")]) == 2

@@ -41,7 +41,12 @@ def test_the_best_is_chosen_on_the_mean_over_training_seeds(tmp_path):
         "n_seeds": 2,
     }
     assert final_choice(b["final"])["reward"] == pytest.approx(-4.0666, abs=1e-3)
-    assert best_trial(records)["trial"] == "t001"
+    best = best_trial(records)
+    assert best["trial"] == "t001"
+    from capsearch.export_card import model_card
+
+    card = model_card(best, "tiny:random", "t001")
+    assert "chosen on its final reward averaged over 3 training seeds (-4.067)" in card
     # without the other seeds, t000's own final decides
     assert best_trial([{**r, "final": {k: v for k, v in r["final"].items() if k != "seeds"}}
                        for r in records])["trial"] == "t000"  # fmt: skip
