@@ -60,6 +60,19 @@ def finalists(
     return baselines + searched[:top_k]
 
 
+def final_text(spec: Spec) -> str:
+    """What the final stage does, in one line (`capsearch validate`)."""
+    f = spec.final
+    if not f.enabled:
+        return "off (the best trial is chosen on the search's own evaluation)"
+    text = (f"the baselines and the {f.top_k} best searched trials re-evaluated on the {f.split} "
+            f"split, sampling seed {f.seed}")  # fmt: skip
+    if f.train_seeds:
+        seeds = ", ".join(map(str, f.train_seeds))
+        text += f", each also trained on seed(s) {seeds}; the best chosen on the mean"
+    return text
+
+
 def final_dir(record: dict[str, Any], seed: int | None = None) -> Path:
     """The folder of a trial's final re-evaluation (trained again on `seed`, if given)."""
     return Path(record["dir"]) / (FINAL_DIR if seed is None else FINAL_SEED_DIR.format(seed))

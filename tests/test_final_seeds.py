@@ -107,3 +107,17 @@ def test_a_real_final_stage_trains_finalists_again_on_another_seed(tmp_path, cap
     trial = Path(records["difffit"]["dir"]).name
     assert (tmp_path / "kept" / "trials" / trial / "final_seed1" / "result.json").is_file()
     assert not (tmp_path / "kept" / "trials" / trial / "final_seed1" / "delta").exists()
+
+
+def test_validate_states_the_final_stage_and_its_training_seeds(capsys):
+    from capsearch.cli import main
+
+    tiny = str(Path(__file__).parents[1] / "search_spaces" / "tiny.yaml")
+    assert main(["validate", tiny, "--set", "final.train_seeds=[1, 2]"]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("  final stage: ")]
+    assert line == [
+        "  final stage: the baselines and the 2 best searched trials re-evaluated on the test "
+        "split, sampling seed 1000, each also trained on seed(s) 1, 2; the best chosen on the mean"
+    ]
+    assert main(["validate", tiny, "--set", "final.enabled=false"]) == 0
+    assert "  final stage: off" in capsys.readouterr().out

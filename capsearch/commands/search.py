@@ -326,6 +326,7 @@ def _progress(run_dir: Path) -> Any:
 def _validate(args: argparse.Namespace) -> int:
     from capsearch.config import load_spec
     from capsearch.coverage import check_units
+    from capsearch.final import final_text
     from capsearch.reward import objective_text
 
     spec = load_spec(args.spec, args.overrides, check_model=False)
@@ -344,6 +345,7 @@ def _validate(args: argparse.Namespace) -> int:
     names = ", ".join(b.name for b in spec.baseline_points) or "none"
     print(f"  baselines: {names}; searched trials: {spec.search.num_samples}")
     print(f"  objective: {objective_text(spec.objective)}")
+    print(f"  final stage: {final_text(spec)}")
     if pct < 100 and spec.baseline_points:
         print("  note: baselines train only the grouped units, not the whole UNet")
     if coverage["note"]:
