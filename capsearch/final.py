@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from capsearch.constraints import Constraints
 from capsearch.errors import UserError
 from capsearch.metrics.table import column_metrics
+from capsearch.retrain import trains_nothing
 from capsearch.runs import (
     FINAL_DIR,
     FINAL_SEED_DIR,
@@ -76,13 +77,6 @@ def final_text(spec: Spec) -> str:
 def final_dir(record: dict[str, Any], seed: int | None = None) -> Path:
     """The folder of a trial's final re-evaluation (trained again on `seed`, if given)."""
     return Path(record["dir"]) / (FINAL_DIR if seed is None else FINAL_SEED_DIR.format(seed))
-
-
-def trains_nothing(record: dict[str, Any]) -> bool:
-    """Freeze: no method trains anything, so a training seed changes nothing."""
-    from capsearch.space import FROZEN
-
-    return all(e["method"] in FROZEN for e in record.get("method_spec") or [])
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,13 @@ RETRAIN_DIR = "retrained"  # trials/tNNN/retrained/: the retraining's own log an
 NEEDED = ("model", "method_spec", "train")
 
 
+def trains_nothing(record: dict[str, Any]) -> bool:
+    """Freeze: no method trains anything, so a training seed changes nothing."""
+    from capsearch.space import FROZEN
+
+    return all(e["method"] in FROZEN for e in record.get("method_spec") or [])
+
+
 def retrain_delta(
     record: dict[str, Any], data_root: Path, dest: Path | None = None, seed: int | None = None
 ) -> dict[str, Any]:
@@ -32,7 +39,6 @@ def retrain_delta(
     stage's `final.train_seeds`): then it is another training, not compared with the record's."""
     from capsearch.models import load_pipeline
     from capsearch.settings import TrainSettings
-    from capsearch.space import FROZEN
     from capsearch.train import finetune
     from capsearch.trial import save_frozen_delta
 
@@ -46,7 +52,7 @@ def retrain_delta(
     dest = folder if dest is None else Path(dest)
     started = time.time()
     pipe = load_pipeline(record["model"])
-    if all(e["method"] in FROZEN for e in record["method_spec"]):  # Freeze: nothing to train
+    if trains_nothing(record):  # Freeze: nothing to train
         save_frozen_delta(pipe, dest, record["model"])
         return {"steps": 0, "identical": True, "seconds": round(time.time() - started, 1)}
     train = record["train"] if seed is None else {**record["train"], "seed": seed}

@@ -89,3 +89,16 @@ def make_searcher(spec, run_dir, storage=None):
         study_name=spec.search.study_name, storage=storage or study_storage(run_dir),
         spec=spec, run_dir=run_dir,
     )  # fmt: skip
+
+
+def bare_search_spec(num_samples: int):
+    """A tiny search on a 6-patient phantom world (one group: mid-block attention frozen or full), for
+    tests that drive run_search with its training and final stage patched out."""
+    from capsearch.config import spec_from_dict
+
+    return spec_from_dict({
+        "model": "tiny:random", "data": {"phantom": {"patients": 6, "held_out_images": 8}},
+        "search": {"num_samples": num_samples},
+        "space": {"groups": [{"name": "a", "units": "mid_block.attentions",
+                              "methods": {"frozen": {}, "full": {}}}]},
+    })  # fmt: skip

@@ -351,8 +351,9 @@ def test_a_study_file_that_fills_up_mid_search_stops_it_and_resume_finishes(
 
 def test_an_interrupted_search_skips_the_final_stage(tmp_path, monkeypatch):
     """Ctrl-C ends the trials unfinished: the driver stops instead of re-evaluating the finished ones."""
+    from conftest import bare_search_spec
+
     import capsearch.search as search
-    from capsearch.config import spec_from_dict
     from capsearch.runs import trial_dir, write_json
 
     def interrupted(spec, run_dir, *args, **kwargs):
@@ -364,11 +365,6 @@ def test_an_interrupted_search_skips_the_final_stage(tmp_path, monkeypatch):
     monkeypatch.setattr(search, "_tune", interrupted)
     monkeypatch.setattr(search, "run_final_stage", lambda *a, **k: finals.append(a))
     monkeypatch.setattr(search, "write_report", lambda run_dir: run_dir / "report.md")
-    spec = spec_from_dict({
-        "model": "tiny:random", "data": {"phantom": {"patients": 6, "held_out_images": 8}},
-        "search": {"num_samples": 1},
-        "space": {"groups": [{"name": "a", "units": "mid_block.attentions",
-                              "methods": {"frozen": {}, "full": {}}}]},
-    })  # fmt: skip
+    spec = bare_search_spec(num_samples=1)
     search.run_search(spec, tmp_path / "run")
     assert finals == []

@@ -11,7 +11,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import make_searcher, mid_block_groups
+from conftest import bare_search_spec, make_searcher, mid_block_groups
 
 from capsearch.config import spec_from_dict
 from capsearch.reward import compute_reward, pareto_front, reward_terms
@@ -366,12 +366,7 @@ def test_the_search_seeds_its_sampler_from_the_trials_the_study_holds(tmp_path, 
     monkeypatch.setattr(search, "_tune", lambda *a: seen.append(a[-1]))
     monkeypatch.setattr(search, "run_final_stage", lambda *a, **k: None)
     monkeypatch.setattr(search, "write_report", lambda run_dir: run_dir / "report.md")
-    spec = spec_from_dict({
-        "model": "tiny:random", "data": {"phantom": {"patients": 6, "held_out_images": 8}},
-        "search": {"num_samples": 3},
-        "space": {"groups": [{"name": "a", "units": "mid_block.attentions",
-                              "methods": {"frozen": {}, "full": {}}}]},
-    })  # fmt: skip
+    spec = bare_search_spec(num_samples=3)
     run = tmp_path / "run"
     search.run_search(spec, run)
     study = optuna.load_study(study_name="capsearch", storage=f"sqlite:///{run / 'optuna.db'}")
