@@ -45,8 +45,9 @@ paper-report: $(STAMP)
 	$(BIN)/capsearch report $(PAPER)/paper_table1 $(PAPER)/paper_table2 --out $(PAPER)/table2
 
 # The search against the baselines (docs/results.md, "Search against the baselines"): TPE, then the same
-# search with a random sampler; both reuse Table 1 seed 0's baselines from runs/paper_table1 when that
-# run is there (`make paper` makes it). Resumes where a previous call stopped; records (no weights) go to
+# search with a random sampler; both reuse Table 1 seed 0's baselines from runs/paper_table1, which must
+# exist (`make paper` makes it; a copy of experiments/results/paper/paper_table1, records without weights,
+# serves too: the baselines then train here). Resumes where a previous call stopped; records (no weights) go to
 # experiments/results/search/ as each run ends. About 3.5 hours a run here.
 SEARCH_RUNS := search_vs_baselines search_random
 SEARCH := experiments/results/search
