@@ -177,8 +177,8 @@ def winner_lines(runs: list[Run], wins: list[dict[str, Any]]) -> list[str]:
             "reward (baselines are not candidates).", "", *_table(header, rows)]  # fmt: skip
 
 
-def final_lines(run: Run, w: dict[str, Any]) -> list[str]:
-    """The main run's final re-evaluation: baselines (spec order), then finalists by final reward."""
+def final_lines(run: Run, w: dict[str, Any], which: str = "main run") -> list[str]:
+    """A run's final re-evaluation: baselines (spec order), then finalists by final reward."""
     views = ordered([final_view(r) for r in run.records if r.get("final")], run.spec)
     rows = []
     for view, row in zip(views, table_rows(views, intervals=True)):
@@ -186,7 +186,7 @@ def final_lines(run: Run, w: dict[str, Any]) -> list[str]:
             row[1] = f"**W: {row[1]}**"
         rows.append(row[:-1])  # without the status column
     split = w["final"].get("split")
-    return ["", "## Final re-evaluation (main run)", "", f"Baselines and finalists of "
+    return ["", f"## Final re-evaluation ({which})", "", f"Baselines and finalists of "
             f"`{run.folder}`, evaluated again on the {split} split (sampling seed "
             f"{w['final'].get('seed')}); values with their within-run 95% intervals.", "",
             *_table(COLUMNS[:-1], rows)]  # fmt: skip
@@ -374,6 +374,12 @@ def compare_lines(main: Run, others: list[Run], confirm: list[Run], out: Path,
         lines += stops_lines(main, w, stops)
     one = dominance(w, baselines([main]), seeds=[main.seed])
     lines += ["", f"## Dominance on seed {main.seed} (the main run)", "", *dominance_lines(one)]
+    for run, win in zip(others, wins[1:]):  # each other sampler's winner, by the same rules
+        which = f"the {run.spec.search.sampler} run"
+        theirs = dominance(win, baselines([run]), seeds=[run.seed])
+        lines += final_lines(run, win, which)
+        lines += ["", f"## Dominance on seed {run.seed} ({which})", "",
+                  f"W here is `{run.folder}`'s winner.", "", *dominance_lines(theirs)]  # fmt: skip
     if confirm:
         wins3, named, seeds = confirm_records(main, w, confirm)
         many = dominance(wins3, named, seeds=seeds)

@@ -336,6 +336,11 @@ def test_search_compare_writes_the_sections_and_the_learning_curve(tmp_path):
     )  # matched by parameters, not by the name "found"
     assert "W dominates the baselines over seeds 0, 1, 3" in over
     assert "W dominates the baselines on seed 0" in text.split("## Dominance on seed 0")[1]
+    # the random run's winner is judged too, on its own final re-evaluation and baselines
+    theirs = text.split("## Dominance on seed 0 (the random run)")[1]
+    assert f"W here is `{random_run}`'s winner." in theirs and "W = t005 (seed 0)." in theirs
+    final = text.split("## Final re-evaluation (the random run)")[1].split("\n## ")[0]
+    assert f"finalists of `{random_run}`" in final and "**W: " in final
 
 
 def test_shared_configurations_count_distinct_ones_and_the_common_start():
