@@ -7,12 +7,15 @@ the same base model, method spec and training settings (seed included), on the r
 resumed run regenerates from the spec. On the same machine and thread count this reproduces the
 training bit for bit (capsearch's fine-tune is deterministic on CPU: tests/test_search.py checks it);
 elsewhere the floating-point order may differ. Either way the retraining is recorded beside the final
-result: its step count and last loss against the record's, and whether they are identical.
+result: its step count and last loss against the record's, and whether they are identical. A retraining
+cut short (the final stage killed) goes on from its last checkpoint (`train.checkpoint_every`) when the
+stage is resumed, bit for bit as a search trial does.
 The final stage's `final.train_seeds` trains each finalist again here on other training seeds too.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -21,6 +24,17 @@ from typing import Any
 from capsearch.errors import UserError
 
 RETRAIN_DIR = "retrained"  # trials/tNNN/retrained/: the retraining's own log and train_result.json
+PLAN_FILE = "plan.json"  # in RETRAIN_DIR: what is being trained, so a cut-short retraining can go on
+
+
+def _cut_short_with(scratch: Path, plan: dict[str, Any]) -> bool:
+    """Whether `scratch` holds a checkpoint of a retraining of this very plan, cut short (a killed
+    final stage): then it goes on from that checkpoint, as a search trial does, instead of step 0."""
+    try:
+        earlier = json.loads((scratch / PLAN_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return earlier == plan and (scratch / "checkpoint" / "state.json").is_file()
 NEEDED = ("model", "method_spec", "train")
 
 
@@ -58,9 +72,14 @@ def retrain_delta(
     train = record["train"] if seed is None else {**record["train"], "seed": seed}
     settings = TrainSettings.parse(train, f"{folder.name}: train")
     scratch = dest / RETRAIN_DIR
-    if scratch.exists():  # a retraining cut short earlier: start it again
+    plan = json.loads(json.dumps({k: record[k] for k in ("model", "method_spec")} | {"train": train}))
+    resume = _cut_short_with(scratch, plan)
+    if scratch.exists() and not resume:  # another training's leftovers, or none to go on from
         shutil.rmtree(scratch)
-    result = finetune(pipe, record["method_spec"], data_root, settings, out_dir=scratch, quiet=True)
+    scratch.mkdir(parents=True, exist_ok=True)
+    (scratch / PLAN_FILE).write_text(json.dumps(plan, sort_keys=True))
+    result = finetune(pipe, record["method_spec"], data_root, settings, out_dir=scratch,
+                      resume=resume, quiet=True)  # fmt: skip
     if result.status != "ok":
         raise UserError(f"training trial {folder.name} again from its record ended {result.status}")
     shutil.move(str(scratch / "delta"), str(dest / "delta"))
