@@ -24,7 +24,8 @@ from typing import Any
 from capsearch.errors import UserError
 
 RETRAIN_DIR = "retrained"  # trials/tNNN/retrained/: the retraining's own log and train_result.json
-PLAN_FILE = "plan.json"  # in RETRAIN_DIR: what is being trained, so a cut-short retraining can go on
+# in RETRAIN_DIR: what is being trained, so that a retraining cut short can go on
+PLAN_FILE = "plan.json"
 
 
 def _cut_short_with(scratch: Path, plan: dict[str, Any]) -> bool:
@@ -35,6 +36,8 @@ def _cut_short_with(scratch: Path, plan: dict[str, Any]) -> bool:
     except (OSError, ValueError):
         return False
     return earlier == plan and (scratch / "checkpoint" / "state.json").is_file()
+
+
 NEEDED = ("model", "method_spec", "train")
 
 
@@ -72,7 +75,8 @@ def retrain_delta(
     train = record["train"] if seed is None else {**record["train"], "seed": seed}
     settings = TrainSettings.parse(train, f"{folder.name}: train")
     scratch = dest / RETRAIN_DIR
-    plan = json.loads(json.dumps({k: record[k] for k in ("model", "method_spec")} | {"train": train}))
+    plan = {"model": record["model"], "method_spec": record["method_spec"], "train": train}
+    plan = json.loads(json.dumps(plan))  # as it reads back from PLAN_FILE
     resume = _cut_short_with(scratch, plan)
     if scratch.exists() and not resume:  # another training's leftovers, or none to go on from
         shutil.rmtree(scratch)

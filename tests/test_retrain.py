@@ -58,7 +58,9 @@ def resumes_seen(monkeypatch) -> list[bool]:
     return seen
 
 
-def test_a_cut_short_retraining_goes_on_from_its_checkpoint_bit_for_bit(data, tmp_path, monkeypatch):
+def test_a_cut_short_retraining_goes_on_from_its_checkpoint_bit_for_bit(
+    data, tmp_path, monkeypatch
+):
     record = record_in(tmp_path / "t004") | {"data": data}
     straight = retrain_delta(record, data, tmp_path / "straight")
     assert straight["steps"] == 6
