@@ -161,3 +161,21 @@ def test_spent_budget_and_bad_arguments(bench, tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             bench.main(["--device", "cpu", "--tiny", *bad])
         assert exit_.value.code == 2
+
+
+def test_profile_finetune_alternates_the_loops_and_profiles_both(bench, tmp_path):
+    import profile_finetune
+
+    out = tmp_path / "prof"
+    profile_finetune.main(["--device", "cpu", "--tiny", "--out", str(out), "--rounds", "2"])
+    result = json.loads((out / "profile.json").read_text())
+    assert result["method"] == "difffit" and result["precision"] == "no"
+    for loop in ("finetune", "plain"):
+        rates = result["rounds"][loop]
+        assert len(rates) == 2 and all(r > 0 and math.isfinite(r) for r in rates)
+    ratio = result["median"]["finetune"] / result["median"]["plain"]
+    assert result["finetune_over_plain"] == pytest.approx(ratio)
+    assert (
+        "capsearch/train.py" in (out / "finetune.txt").read_text()
+    )  # the profiled loop is capsearch's
+    assert "plain_train" in (out / "plain.txt").read_text()

@@ -8,7 +8,8 @@ its ratio carries any order effect. Here the two loops alternate (finetune, plai
 each finetune on a fresh SD-v1.5-shaped pipeline, each plain loop on the UNet the finetune before it
 adapted), each round's steps/s is recorded, and the last round of each loop runs under cProfile: the
 functions with the most own time (`tottime`), the device waits included (a loss read-back waits for
-the step's kernels), so that a per-step cost in capsearch's loop shows by name. Writes DIR/profile.json
+the step's kernels), so that a per-step cost in capsearch's loop shows by name; then capsearch's own
+functions by cumulative time. Writes DIR/profile.json
 (steps/s per round, the ratio of the medians) and DIR/finetune.txt, DIR/plain.txt (the profiles).
 """
 
@@ -88,7 +89,9 @@ def _run(profiled: bool, dest: Path, fn, *fn_args) -> dict:
     prof = cProfile.Profile()
     out = prof.runcall(fn, *fn_args)
     text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(40)
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(40)
+    stats.sort_stats("cumulative").print_stats("capsearch", 25)  # capsearch's own functions
     dest.write_text(text.getvalue())
     return out
 
