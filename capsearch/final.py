@@ -194,15 +194,65 @@ def run_final_stage(spec: Spec, run_dir: Path, data_root: Path, console: Any = N
     remote = ray.remote(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu)(_task)
     pending = {remote.remote(job, r, str(data_root), s): (r, s) for r, s in todo}
     results = []
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        record, seed = pending.pop(done[0])
-        result = ray.get(done[0])
-        results.append(result)
-        if console is not None:
-            name = Path(final_dir(record, seed)).relative_to(Path(record["dir"]).parent)
-            console.print(f"  final {name}: {_outcome(result)} ({len(results)}/{len(todo)})")
+    bar = _StageBar(console, len(todo)) if console is not None else None
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
+            if not done:  # still running: the retrainings' steps on the bar
+                if bar is not None:
+                    bar.running(pending.values())
+                continue
+            record, seed = pending.pop(done[0])
+            result = ray.get(done[0])
+            results.append(result)
+            if bar is not None:
+                name = Path(final_dir(record, seed)).relative_to(Path(record["dir"]).parent)
+                bar.done(f"  final {name}: {_outcome(result)} ({len(results)}/{len(todo)})")
+    finally:
+        if bar is not None:
+            bar.stop()
     return results
+
+
+def retraining_progress(record: dict[str, Any], seed: int | None) -> str | None:
+    """`tNNN retraining step/total rate it/s` while a finalist is trained again for the final stage
+    (capsearch.retrain's log), None when it is not being retrained (or not yet)."""
+    from capsearch.progress import trial_progress
+    from capsearch.retrain import RETRAIN_DIR
+
+    folder = Path(record["dir"]) if seed is None else final_dir(record, seed)
+    what = "retraining" if seed is None else f"training on seed {seed}"
+    return trial_progress(folder / RETRAIN_DIR, name=f"{Path(record['dir']).name} {what}")
+
+
+class _StageBar:
+    """The final stage's progress: re-evaluations done, and each running retraining's step and rate."""
+
+    def __init__(self, console: Any, total: int) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.bar = Progress(TextColumn("final"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("{task.fields[running]}"),
+                            console=console)  # fmt: skip
+        self.task = self.bar.add_task("final", total=total, running="")
+        self.bar.start()
+
+    def running(self, pending: Any) -> None:
+        lines = [retraining_progress(record, seed) for record, seed in pending]
+        self.bar.update(self.task, running="  ".join(line for line in lines if line))
+
+    def done(self, line: str) -> None:
+        self.bar.console.print(line, highlight=False)
+        self.bar.advance(self.task)
+
+    def stop(self) -> None:
+        self.bar.stop()
 
 
 def _outcome(result: dict[str, Any]) -> str:

@@ -77,9 +77,10 @@ def loss_bar(
     return update
 
 
-def trial_progress(folder: Path, tail_bytes: int = 8192) -> str | None:
+def trial_progress(folder: Path, tail_bytes: int = 8192, name: str | None = None) -> str | None:
     """`tNNN step/total rate it/s` of a trial from its train_log.jsonl (a line every 10 steps) and the
-    steps its params.json plans; None before its first line. The rate spans the last logged lines."""
+    steps its params.json (a trial) or plan.json (a retraining, capsearch.retrain) plans; None before
+    its first line. The rate spans the last logged lines. `name` replaces the folder's name."""
     log = Path(folder) / "train_log.jsonl"
     try:
         with open(log, "rb") as f:
@@ -99,11 +100,14 @@ def trial_progress(folder: Path, tail_bytes: int = 8192) -> str | None:
             points.append((entry["step"], entry.get("time")))
     if not points:
         return None
-    try:
-        total = json.loads((Path(folder) / "params.json").read_text())["train"]["steps"]
-    except (OSError, ValueError, KeyError, TypeError):
-        total = "?"
-    text = f"{Path(folder).name} {points[-1][0]}/{total}"
+    total = "?"
+    for plan in ("params.json", "plan.json"):
+        try:
+            total = json.loads((Path(folder) / plan).read_text())["train"]["steps"]
+            break
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    text = f"{name or Path(folder).name} {points[-1][0]}/{total}"
     timed = [(s, t) for s, t in points if isinstance(t, (int, float))]
     if len(timed) >= 2 and timed[-1][1] > timed[0][1]:
         rate = (timed[-1][0] - timed[0][0]) / (timed[-1][1] - timed[0][1])

@@ -164,3 +164,11 @@ def test_preview_settings_do_not_make_a_different_training():
     assert same_training(old_record, _cfg(preview_every=5, preview_prompts=["x"]).model_dump())
     assert not same_training(old_record, _cfg(lr=2e-3).model_dump())
     assert not same_training({"steps": "many"}, _cfg().model_dump())  # unreadable: no match
+
+
+def test_trial_progress_of_a_retraining_reads_its_plan_and_takes_a_name(tmp_path):
+    folder = tmp_path / "t009" / "retrained"
+    folder.mkdir(parents=True)
+    (folder / "plan.json").write_text(json.dumps({"train": {"steps": 2000}}))
+    (folder / "train_log.jsonl").write_text(json.dumps({"step": 30, "loss": 0.1}) + "\n")
+    assert trial_progress(folder, name="t009 retraining") == "t009 retraining 30/2000"

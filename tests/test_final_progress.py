@@ -1,0 +1,42 @@
+"""The final stage's progress: each finalist being trained again (capsearch.retrain) shows its step and
+rate on the stage's bar, read from the retraining's own log, and each finished re-evaluation a line."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from rich.console import Console
+
+from capsearch.final import _StageBar, retraining_progress
+from capsearch.retrain import PLAN_FILE, RETRAIN_DIR
+
+
+def write_log(folder, steps: list[int], planned: int) -> None:
+    folder.mkdir(parents=True)
+    (folder / PLAN_FILE).write_text(json.dumps({"train": {"steps": planned}}))
+    lines = [{"step": s, "loss": 0.1, "time": 1000.0 + s / 2} for s in steps]
+    (folder / "train_log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_a_retraining_shows_its_step_total_and_rate(tmp_path):
+    record = {"dir": str(tmp_path / "t009")}
+    assert retraining_progress(record, None) is None  # not being retrained (its delta was there)
+    write_log(tmp_path / "t009" / RETRAIN_DIR, [10, 20, 30, 40], planned=2000)
+    assert retraining_progress(record, None) == "t009 retraining 40/2000 2.0 it/s"
+    write_log(tmp_path / "t009" / "final_seed3" / RETRAIN_DIR, [10], planned=2000)
+    assert retraining_progress(record, 3) == "t009 training on seed 3 10/2000"
+
+
+def test_the_stage_bar_prints_each_result_and_the_running_retrainings(tmp_path):
+    write_log(tmp_path / "t005" / RETRAIN_DIR, [100, 200], planned=2000)
+    out = io.StringIO()
+    bar = _StageBar(Console(file=out, width=200, force_terminal=True), total=2)
+    pending = [({"dir": str(tmp_path / "t005")}, None), ({"dir": str(tmp_path / "t017")}, None)]
+    bar.running(pending)
+    running = bar.bar.tasks[0].fields["running"]
+    assert running == "t005 retraining 200/2000 2.0 it/s"  # t017 shows nothing: not retraining
+    bar.done("  final t017/final: reward -4.162 (1/2)")
+    assert bar.bar.tasks[0].completed == 1
+    bar.stop()
+    assert "final t017/final: reward -4.162 (1/2)" in out.getvalue()
