@@ -264,6 +264,8 @@ def _outcome(result: dict[str, Any]) -> str:
     elif again:  # its delta was gone: trained again from its record first
         same = "identical to" if again["identical"] else "differs from"
         what += f"; trained again from its record, {again['steps']} steps, {same} it"
+    if again and again.get("went_on_from_step") is not None:  # a retraining cut short earlier
+        what += f" (went on from its checkpoint at step {again['went_on_from_step']})"
     return what
 
 

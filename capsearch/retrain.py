@@ -38,6 +38,14 @@ def _cut_short_with(scratch: Path, plan: dict[str, Any]) -> bool:
     return earlier == plan and (scratch / "checkpoint" / "state.json").is_file()
 
 
+def _checkpoint_step(scratch: Path) -> int | None:
+    """The step of the checkpoint a cut-short retraining goes on from."""
+    try:
+        return int(json.loads((scratch / "checkpoint" / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 NEEDED = ("model", "method_spec", "train")
 
 
@@ -78,6 +86,7 @@ def retrain_delta(
     plan = {"model": record["model"], "method_spec": record["method_spec"], "train": train}
     plan = json.loads(json.dumps(plan))  # as it reads back from PLAN_FILE
     resume = _cut_short_with(scratch, plan)
+    went_on = _checkpoint_step(scratch) if resume else None
     if scratch.exists() and not resume:  # another training's leftovers, or none to go on from
         shutil.rmtree(scratch)
     scratch.mkdir(parents=True, exist_ok=True)
@@ -87,9 +96,12 @@ def retrain_delta(
     if result.status != "ok":
         raise UserError(f"training trial {folder.name} again from its record ended {result.status}")
     shutil.move(str(scratch / "delta"), str(dest / "delta"))
+    # `seconds`: this call's; after a cut-short retraining, from the checkpoint it went on from
+    extra = {"seconds": round(time.time() - started, 1)}
+    if went_on is not None:
+        extra["went_on_from_step"] = went_on
     if seed is not None:
-        return {"steps": result.steps, "seed": seed, "final_loss": result.final_loss,
-                "seconds": round(time.time() - started, 1)}  # fmt: skip
+        return {"steps": result.steps, "seed": seed, "final_loss": result.final_loss, **extra}
     recorded = record.get("final_loss")
     return {
         "steps": result.steps,
@@ -97,5 +109,5 @@ def retrain_delta(
         "final_loss": result.final_loss,
         "recorded_final_loss": recorded,
         "identical": result.steps == record.get("steps") and result.final_loss == recorded,
-        "seconds": round(time.time() - started, 1),
+        **extra,
     }

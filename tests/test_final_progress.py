@@ -40,3 +40,17 @@ def test_the_stage_bar_prints_each_result_and_the_running_retrainings(tmp_path):
     assert bar.bar.tasks[0].completed == 1
     bar.stop()
     assert "final t017/final: reward -4.162 (1/2)" in out.getvalue()
+
+
+def test_a_result_line_says_when_a_retraining_went_on_from_a_checkpoint():
+    from capsearch.final import _outcome
+
+    again = {"steps": 2000, "identical": False, "went_on_from_step": 1000}
+    line = _outcome({"reward": -3.815, "retrained": again})
+    assert line == (
+        "reward -3.815; trained again from its record, 2000 steps, differs from it "
+        "(went on from its checkpoint at step 1000)"
+    )
+    assert "went on" not in _outcome(
+        {"reward": -3.8, "retrained": {**again, "went_on_from_step": None}}
+    )

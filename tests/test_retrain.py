@@ -70,6 +70,7 @@ def test_a_cut_short_retraining_goes_on_from_its_checkpoint_bit_for_bit(
     again = retrain_delta(record, data)
     assert seen == [True]  # went on from step 3
     assert again["steps"] == 6 and again["final_loss"] == straight["final_loss"]
+    assert again["went_on_from_step"] == 3 and "went_on_from_step" not in straight
     a = load_file(tmp_path / "straight" / "delta" / "delta.safetensors")
     b = load_file(tmp_path / "t004" / "delta" / "delta.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
