@@ -26,16 +26,8 @@ from pathlib import Path
 
 import torch
 from gpu_common import free_memory
-from gpu_sd import (
-    METHODS,
-    Shapes,
-    capsearch_train,
-    captions,
-    latent_records,
-    pipeline,
-    plain_train,
-    write_records,
-)
+from gpu_finetune import _Setting
+from gpu_sd import METHODS, Shapes, capsearch_train, plain_train
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,24 +44,20 @@ def main(argv: list[str] | None = None) -> None:
     shapes = Shapes(tiny=args.tiny, batch=args.batch or (2 if args.tiny else 8))
     steps = shapes.warmup + shapes.timed
     args.out.mkdir(parents=True, exist_ok=True)
-    texts = captions(shapes.records)
-    latents = torch.randn(
-        shapes.records, *shapes.latent, generator=torch.Generator().manual_seed(4)
-    )
     rates: dict[str, list[float]] = {"finetune": [], "plain": []}
     with tempfile.TemporaryDirectory() as tmp:
-        data = latent_records(write_records(Path(tmp) / "latents", texts), latents)
+        s = _Setting(None, shapes, device, Path(tmp))  # bench_gpu's data; its records are not used
         for r in range(args.rounds):
             last = r == args.rounds - 1
-            pipe = pipeline(shapes, device, texts)
+            pipe = s.pipe()
             out = _run(last, args.out / "finetune.txt", capsearch_train, pipe,
-                       METHODS[args.method], data, shapes, device, precision, steps)  # fmt: skip
+                       METHODS[args.method], s.data, shapes, device, precision, steps)  # fmt: skip
             rates["finetune"].append(out["steps_per_s"])
-            states = pipe.encode_prompts(texts).float()
-            out = _run(last, args.out / "plain.txt", plain_train, pipe.unet, latents.to(device),
-                       states, pipe.scheduler, shapes, device, precision, steps)  # fmt: skip
+            latents, states = s.plain_inputs(pipe)
+            out = _run(last, args.out / "plain.txt", plain_train, pipe.unet, latents, states,
+                       pipe.scheduler, shapes, device, precision, steps)  # fmt: skip
             rates["plain"].append(out["steps_per_s"])
-            del pipe, states
+            del pipe, latents, states
             free_memory(device)
             print(f"round {r + 1}: finetune {rates['finetune'][-1]:.3g} steps/s, "
                   f"plain {rates['plain'][-1]:.3g}", flush=True)  # fmt: skip
