@@ -229,19 +229,9 @@ class _StageBar:
     """The final stage's progress: re-evaluations done, and each running retraining's step and rate."""
 
     def __init__(self, console: Any, total: int) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
+        from capsearch.progress import running_bar
 
-        self.bar = Progress(TextColumn("final"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TextColumn("{task.fields[running]}"),
-                            console=console)  # fmt: skip
-        self.task = self.bar.add_task("final", total=total, running="")
-        self.bar.start()
+        self.bar, self.task = running_bar("final", total, console)
 
     def running(self, pending: Any) -> None:
         lines = [retraining_progress(record, seed) for record, seed in pending]

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 LossUpdate = Callable[[int | None, float | None], None]
 
@@ -23,6 +24,18 @@ def rich_bar(enabled: bool, total: int, label: str):
     bar.add_task(label, total=total)
     bar.start()
     return bar
+
+
+def running_bar(label: str, total: int | None, console: Any = None) -> tuple[Any, Any]:
+    """A started rich bar `label ━━ done/total elapsed <running>` and its task, whose `running` field
+    the caller fills with what is running now (the search's trials, the final stage's retrainings)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[running]}"), console=console)  # fmt: skip
+    task = bar.add_task(label, total=total, running="")
+    bar.start()
+    return bar, task
 
 
 def loss_bar(

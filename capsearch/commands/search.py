@@ -257,20 +257,16 @@ def _free_port() -> int:
 def _progress(run_dir: Path) -> Any:
     """A Ray Tune callback printing each trial's start and result under a rich progress bar."""
     from ray import tune
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from capsearch.metrics.table import METRICS
-    from capsearch.progress import trial_progress
+    from capsearch.progress import running_bar, trial_progress
     from capsearch.report import display_name
     from capsearch.runs import RESULT_FILE, trial_dir
 
     class Printer(tune.Callback):
         def setup(self, total_num_samples: int = 0, **info: Any) -> None:
-            self.bar = Progress(TextColumn("trials"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), TextColumn("{task.fields[running]}"))  # fmt: skip
-            self.task = self.bar.add_task("trials", total=total_num_samples or None, running="")
+            self.bar, self.task = running_bar("trials", total_num_samples or None)
             self.polled = 0.0
-            self.bar.start()
 
         def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
             """The running trials' step/total and rate, from their train_log.jsonl (every 2 s)."""
