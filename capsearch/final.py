@@ -197,7 +197,7 @@ def run_final_stage(spec: Spec, run_dir: Path, data_root: Path, console: Any = N
     bar = _StageBar(console, len(todo)) if console is not None else None
     try:
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=2.0 if bar else None)
             if not done:  # still running: the retrainings' steps on the bar
                 if bar is not None:
                     bar.running(pending.values())
