@@ -22,19 +22,19 @@ from pydantic import (
     model_validator,
 )
 
-from capsearch.baselines import FixedTrial
-from capsearch.constraints import check_constraints
 from capsearch.errors import UserError
 from capsearch.metrics.table import reward_metrics
-from capsearch.reward import OBJECTIVES
-from capsearch.settings import EvalSettings, Strict, TrainSettings, first_error
-from capsearch.space import (
+from capsearch.search.baselines import FixedTrial
+from capsearch.search.constraints import check_constraints
+from capsearch.search.reward import OBJECTIVES
+from capsearch.search.space import (
     Baseline,
     SearchSpace,
     base_mitigations,
     build_space,
     check_base_mitigations,
 )
+from capsearch.settings import EvalSettings, Strict, TrainSettings, first_error
 from capsearch.worlds.transfer import AvoidReports
 
 
@@ -102,7 +102,7 @@ class FinalSpec(Strict):
     strength_prompts: int | None = Field(None, ge=1)
     strength_n: int | None = Field(None, ge=1)
     # Training seeds on which every finalist is also trained again and re-evaluated; the best trial is
-    # then chosen on its final reward averaged over the seeds (capsearch.final, "over training seeds").
+    # then chosen on its final reward averaged over the seeds (capsearch.search.final, "over training seeds").
     train_seeds: list[int] = Field(default_factory=list)
 
     def settings(self, evaluate: EvalSettings) -> EvalSettings:
@@ -123,7 +123,7 @@ class FinalSpec(Strict):
 RewardWeights = create_model(
     "RewardWeights",
     __base__=Strict,
-    __doc__="Weights of the scalar reward's terms (see capsearch.reward).",
+    __doc__="Weights of the scalar reward's terms (see capsearch.search.reward).",
     **{m.reward: (float, Field(m.reward_default, ge=0)) for m in reward_metrics()},
 )
 
@@ -134,7 +134,7 @@ class ObjectiveSpec(Strict):
     mode: Literal["reward", "pareto"] = "reward"
     weights: RewardWeights = Field(default_factory=RewardWeights)
     pareto: list[str] = Field(default_factory=lambda: ["fid", "amd"])
-    # metric → bound on its better side (extracted: 0 is "extracted ≤ 0"): capsearch.constraints
+    # metric → bound on its better side (extracted: 0 is "extracted ≤ 0"): capsearch.search.constraints
     constraints: dict[str, float] = Field(default_factory=dict)
 
     @field_validator("constraints")
@@ -176,7 +176,7 @@ class SearchSettings(Strict):
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     study_name: str = "capsearch"
     # Run folders whose finished trials stand in for this run's trials of identical training on the
-    # same data (capsearch.trial.reusable_checkpoint): a baseline trained once serves many searches.
+    # same data (capsearch.search.trial.reusable_checkpoint): a baseline trained once serves many searches.
     reuse: list[str] = Field(default_factory=list)
 
     @field_validator("scheduler", mode="before")
@@ -207,7 +207,7 @@ class BaselinesSpec(Strict):
     train: dict[str, BaselineTrain] = Field(default_factory=dict)
     fixed: list[FixedTrial] = Field(
         default_factory=list
-    )  # named configurations (capsearch.baselines)
+    )  # named configurations (capsearch.search.baselines)
 
     @field_validator("mitigations")
     @classmethod
@@ -391,7 +391,7 @@ def load_spec(path: str | Path, overrides: Iterable[str] = (), check_model: bool
     data.setdefault("name", path.stem)
     spec = spec_from_dict(data, source=str(path))
     if check_model:
-        from capsearch.coverage import check_units
+        from capsearch.search.coverage import check_units
 
         check_units(spec, source=str(path))
     return spec
@@ -413,9 +413,9 @@ def spec_from_dict(data: dict[str, Any], source: str = "spec") -> Spec:
 
 
 def _baselines(spec: Spec) -> list[Baseline]:
-    from capsearch.baselines import baseline_points, fixed_points
     from capsearch.methods import get_method
-    from capsearch.space import FROZEN
+    from capsearch.search.baselines import baseline_points, fixed_points
+    from capsearch.search.space import FROZEN
 
     for i, method in enumerate(spec.baselines.methods):
         if method not in FROZEN:

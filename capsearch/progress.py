@@ -92,7 +92,7 @@ def loss_bar(
 
 def trial_progress(folder: Path, tail_bytes: int = 8192, name: str | None = None) -> str | None:
     """`tNNN step/total rate it/s` of a trial from its train_log.jsonl (a line every 10 steps) and the
-    steps its params.json (a trial) or plan.json (a retraining, capsearch.retrain) plans; None before
+    steps its params.json (a trial) or plan.json (a retraining, capsearch.search.retrain) plans; None before
     its first line. The rate spans the last logged lines. `name` replaces the folder's name."""
     log = Path(folder) / "train_log.jsonl"
     try:

@@ -1,6 +1,6 @@
 """Typed settings: the strict pydantic base every settings class uses, and its one-line error messages.
 
-Each stage has one settings class: `TrainSettings` (a fine-tune, capsearch.train) and `EvalSettings`
+Each stage has one settings class: `TrainSettings` (a fine-tune, capsearch.training.loop) and `EvalSettings`
 (an evaluation, capsearch.metrics.evaluate) here, the whole search `Spec` in capsearch.config. A YAML spec, a
 command line (`add_flags`) and a library caller all build the same class, and every error names the
 path of the offending key. This module imports no torch, so the command line stays quick to start.
@@ -54,7 +54,7 @@ class TrainSettings(Strict):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     gradient_checkpointing: bool = False
     # Encode the frozen parts once per fine-tune: text states per caption, VAE posteriors per image
-    # (capsearch.encode_cache); off encodes every batch afresh. Same losses up to rounding.
+    # (capsearch.training.encode_cache); off encodes every batch afresh. Same losses up to rounding.
     cache_encodings: bool = True
     ema_decay: float | None = Field(None, gt=0, lt=1)
     seed: int = 0
@@ -63,7 +63,7 @@ class TrainSettings(Strict):
     checkpoint_every: int = Field(0, ge=0)
     probe_every: int = Field(0, ge=0)
     # Sample-preview grids every N steps (0: off) in out_dir/previews and TensorBoard; prompts: these,
-    # or the first training captions (capsearch.previews). Previews never touch the training RNG.
+    # or the first training captions (capsearch.training.previews). Previews never touch the training RNG.
     preview_every: int = Field(0, ge=0)
     preview_prompts: list[str] = Field(default_factory=list)
     # Every fine-tune trains with caption dropout first (Dutt et al.'s code and Stable Diffusion use
@@ -72,8 +72,8 @@ class TrainSettings(Strict):
     mitigations: list[dict[str, Any]] = Field(default_factory=list)
 
     def all_mitigations(self) -> list[dict[str, Any]]:
-        """Caption dropout (if any), then the other mitigations, as capsearch.mitigations parses them."""
-        from capsearch.space import base_mitigations
+        """Caption dropout (if any), then the other mitigations, as capsearch.training.mitigations parses them."""
+        from capsearch.search.space import base_mitigations
 
         return base_mitigations(self.caption_dropout, self.mitigations)
 

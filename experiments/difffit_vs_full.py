@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from capsearch.metrics.evaluate import EvalSettings, evaluate
-from capsearch.models import load_pipeline
-from capsearch.train import TrainSettings, finetune
+from capsearch.models.load import load_pipeline
+from capsearch.training.loop import TrainSettings, finetune
 from capsearch.worlds.phantom import write_phantom_dataset
 
 RUNS = {

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from capsearch.atomic import atomic_write
 from capsearch.errors import UserError
-from capsearch.runs import load_trials
+from capsearch.search.runs import load_trials
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,9 @@ def _trial(arg: str) -> Trial:
 
 def probe(trial: Trial, seed: int, n: int) -> dict:
     """The extraction attack on one trained model with one sampling seed."""
-    from capsearch.delta import load_delta
     from capsearch.metrics.memorisation import memorisation_probe
-    from capsearch.models import load_pipeline
+    from capsearch.models.delta import load_delta
+    from capsearch.models.load import load_pipeline
 
     pipe = load_pipeline(trial.model)
     pipe.unet = load_delta(pipe.unet, trial.run / "trials" / trial.name / "delta")

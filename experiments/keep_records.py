@@ -6,7 +6,7 @@ Keeps the spec, the report and its plot, the Optuna study (optuna.db: the sample
 `--resume` needs; copied through SQLite's backup, so a running search's file is read consistently), and
 for every trial its plan, result, metrics, training log and pictures, with the final re-evaluations';
 leaves out deltas, checkpoints, the feature cache, the generated data and Ray's folders. A run resumed
-from these records trains its finalists again from their records (capsearch.retrain). Files already
+from these records trains its finalists again from their records (capsearch.search.retrain). Files already
 kept are overwritten, so it can run after every finished trial.
 `capsearch report` works on the copy as on the run folder.
 """

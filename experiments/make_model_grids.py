@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from capsearch.models import load_pipeline
-from capsearch.sample import generate, save_grid
+from capsearch.models.load import load_pipeline
+from capsearch.models.sampling import generate, save_grid
 
 SHAPES = [
     "a large bright circle in the centre on a black background",

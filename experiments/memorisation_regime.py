@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from capsearch.data import read_metadata
+from capsearch.datasets.folder import read_metadata
 from capsearch.metrics.memorisation import memorisation_probe, memorised_captions
-from capsearch.models import load_pipeline
-from capsearch.train import TrainSettings, finetune
+from capsearch.models.load import load_pipeline
+from capsearch.training.loop import TrainSettings, finetune
 from capsearch.worlds.phantom import write_phantom_dataset
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from capsearch.data import load_images, read_metadata
+from capsearch.datasets.folder import load_images, read_metadata
 from capsearch.metrics.memorisation import memorisation_probe, memorised_captions
-from capsearch.models import load_pipeline
-from capsearch.sample import generate, save_grid
+from capsearch.models.load import load_pipeline
+from capsearch.models.sampling import generate, save_grid
 
 
 def main() -> None:

@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 
 from capsearch.commands.methods import human_bytes, method_size, unet_factory
-from capsearch.delta import DELTA_FILE, save_delta
 from capsearch.methods import apply_methods
+from capsearch.models.delta import DELTA_FILE, save_delta
 
 # (label, spec, published figure or "")
 ROWS: list[tuple[str, object, str]] = [

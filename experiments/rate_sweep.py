@@ -7,7 +7,7 @@ Usage:
 
 For each method and rate: the baseline of `--spec` (the method on the whole UNet), with the spec's
 schedule (cosine to 0, warm-up) shortened to `--steps`, trained on the spec's data drawn with `--seed`;
-then the probe's held-out diffusion loss (capsearch.probe: fixed held-out images, noise and timesteps,
+then the probe's held-out diffusion loss (capsearch.training.probe: fixed held-out images, noise and timesteps,
 the same for every run) together with the memorisation signals the probe also measures. The rate with
 the lowest held-out loss is the method's; while that is the highest (lowest) rate tried, the grid is
 extended by one more step of √10 (`--rates METHOD=RATE,...` runs extra rates). A short proxy: the
@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from capsearch.config import load_spec
-from capsearch.inputs import prepare_data
-from capsearch.models import load_pipeline
-from capsearch.train import finetune
-from capsearch.trial import build_plan
+from capsearch.models.load import load_pipeline
+from capsearch.search.inputs import prepare_data
+from capsearch.search.trial import build_plan
+from capsearch.training.loop import finetune
 
 RATES = {
     "full": [1e-4, 3e-4, 1e-3],

@@ -6,7 +6,7 @@ Starts `capsearch run` on a micro spec (one trial of the random tiny model, long
 mid-training), waits until the trial trains, lists the driver's descendant processes (Ray's GCS server,
 raylet, dashboard agents, workers), SIGKILLs the driver alone, then checks every second which of them
 are still alive, up to --max seconds. With --next-at-once the second search (a fresh folder) starts
-right after the kill, as a user's next command would (capsearch.raysession reaps the leftovers when it
+right after the kill, as a user's next command would (capsearch.search.cluster reaps the leftovers when it
 starts Ray); otherwise after the watch. Writes OUT/linger.json and prints one line per process.
 """
 

@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from capsearch.atomic import atomic_write
-from capsearch.dominance import NEEDED, dominance, dominance_lines
 from capsearch.errors import UserError
-from capsearch.plots import front_plot
-from capsearch.report import (
+from capsearch.reporting.dominance import NEEDED, dominance, dominance_lines
+from capsearch.reporting.plots import front_plot
+from capsearch.reporting.report import (
     COLUMNS,
     best_config_yaml,
     display_name,
@@ -40,8 +40,7 @@ from capsearch.report import (
     ordered,
     table_rows,
 )
-from capsearch.runs import best_trial, final_choice, load_trials, read_run_spec, record_value
-from capsearch.searchstats import (
+from capsearch.reporting.searchstats import (
     best_so_far,
     compute_lines,
     compute_used,
@@ -49,6 +48,7 @@ from capsearch.searchstats import (
     group_shares,
     max_steps,
 )
+from capsearch.search.runs import best_trial, final_choice, load_trials, read_run_spec, record_value
 
 REPORT = "search.md"
 CURVE = "learning_curve.png"
@@ -64,7 +64,7 @@ class Run:
 
 
 def load_run(folder: Path) -> Run:
-    """A run folder's spec, seed (the phantom data's, else training's, as capsearch.seeds) and trials."""
+    """A run folder's spec, seed (the phantom data's, else training's, as capsearch.reporting.seeds) and trials."""
     spec = read_run_spec(folder)
     seed = spec.data.phantom.seed if spec.data.phantom is not None else spec.train.seed
     return Run(Path(folder), spec, int(seed), load_trials(folder))

@@ -8,7 +8,7 @@ Usage:
 
 W (the main run's winner, and the same parameters in the confirmation runs) and Full FT at W's learning
 rate (the fixed trial `full_at_w_rate` of the control runs, experiments/search_followups.py) are compared
-on every seed that has both, under the rules of the dominance check (capsearch.dominance.versus); so is
+on every seed that has both, under the rules of the dominance check (capsearch.reporting.dominance.versus); so is
 that control against Full FT at its own rate (Table 1's), which shows what the rate alone does. Writes
 DIR/control.md; every number is read from the runs' records.
 """
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_compare import Run, baselines, confirm_records, load_run, winner  # noqa: E402
 from search_followups import CONTROL  # noqa: E402
 
-from capsearch.dominance import table_lines, versus  # noqa: E402
 from capsearch.errors import UserError  # noqa: E402
+from capsearch.reporting.dominance import table_lines, versus  # noqa: E402
 
 LABEL = "Full FT at W's rate"
 FULL = "Full FT"

@@ -39,7 +39,7 @@ from search_compare import load_run, searched, winner  # noqa: E402
 
 from capsearch.config import deep_merge, resolve_extends  # noqa: E402
 from capsearch.errors import UserError  # noqa: E402
-from capsearch.runs import read_train_log  # noqa: E402
+from capsearch.search.runs import read_train_log  # noqa: E402
 
 CONFIRM_SEEDS = (1, 3)  # Table 1's other seeds (docs/results.md)
 CONTROL = "full_at_w_rate"  # Full FT at the winner's learning rate

@@ -75,8 +75,8 @@ def probe_auroc(x_train, y_train, x_test, y_test, l2: float = 1e-3) -> float:
 
 
 def main() -> None:
-    from capsearch.data import read_metadata
-    from capsearch.models import caption_corpus, load_pipeline
+    from capsearch.datasets.folder import read_metadata
+    from capsearch.models.load import caption_corpus, load_pipeline
     from capsearch.worlds.phantom import FINDINGS, write_phantom_dataset
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

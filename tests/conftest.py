@@ -28,7 +28,7 @@ def unet_inputs(
     seed: int, timesteps: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two random samples, their timesteps and text states, shaped for the tiny UNet."""
-    from capsearch.models_config import TINY_UNET_CONFIG
+    from capsearch.models.tiny import TINY_UNET_CONFIG
 
     g = torch.Generator().manual_seed(seed)
     size, channels = TINY_UNET_CONFIG["sample_size"], TINY_UNET_CONFIG["in_channels"]
@@ -75,12 +75,12 @@ def phantom_data(tmp_path_factory: pytest.TempPathFactory, seed: int, held_out_i
 
 
 def make_searcher(spec, run_dir, storage=None):
-    """The search's Optuna searcher (capsearch.search.TrialSearch) on a fresh study in run_dir, as
+    """The search's Optuna searcher (capsearch.search.loop.TrialSearch) on a fresh study in run_dir, as
     `_tune` builds it, driven by hand in the tests (storage: the study's, unless one is given)."""
     import functools
 
-    from capsearch.search import TrialSearch, make_sampler, open_study, study_storage
-    from capsearch.space import define_space
+    from capsearch.search.loop import TrialSearch, make_sampler, open_study, study_storage
+    from capsearch.search.space import define_space
 
     open_study(spec, run_dir)
     return TrialSearch(

@@ -37,10 +37,10 @@ def test_a_writer_failing_part_way_leaves_nothing_new(tmp_path):
 def test_run_records_deltas_and_training_results_go_through_the_atomic_writer(
     tmp_path, monkeypatch
 ):
-    from capsearch.delta import save_delta
     from capsearch.methods import apply_methods
-    from capsearch.models import load_pipeline
-    from capsearch.runs import write_json
+    from capsearch.models.delta import save_delta
+    from capsearch.models.load import load_pipeline
+    from capsearch.search.runs import write_json
 
     monkeypatch.setattr(atomic.os, "fsync", _full_disk)
     with pytest.raises(OSError):
@@ -55,7 +55,7 @@ def test_run_records_deltas_and_training_results_go_through_the_atomic_writer(
 
 def test_a_cut_short_phantom_generation_is_made_again(tmp_path):
     from capsearch.config import spec_from_dict
-    from capsearch.inputs import prepare_data
+    from capsearch.search.inputs import prepare_data
     from capsearch.worlds.phantom import COMPLETE, METADATA, phantom_complete
 
     spec = spec_from_dict(

@@ -81,7 +81,7 @@ def make_run(
     """A run folder as a search makes it (spec.yaml), with an ok baseline and an errored trial
     (with `delta`, the ok one has a delta checkpoint); `seed`: its seed in a report over seeds."""
     from capsearch.config import load_spec
-    from capsearch.runs import prepare_run_dir, trial_dir, write_json
+    from capsearch.search.runs import prepare_run_dir, trial_dir, write_json
 
     spec = spec_with(baselines={"methods": ["freeze"]}, data={"phantom": {"seed": seed}})
     spec_path = write_spec(tmp, spec, f"{name}.yaml")
@@ -105,9 +105,9 @@ def make_delta(tmp: Path, name: str = "delta", block_out_channels: tuple | None 
     """A real delta checkpoint (DiffFit on every unit) of the tiny UNet, or of one of other widths."""
     from diffusers import UNet2DConditionModel
 
-    from capsearch.delta import save_delta
     from capsearch.methods import apply_methods
-    from capsearch.models_config import TINY_UNET_CONFIG
+    from capsearch.models.delta import save_delta
+    from capsearch.models.tiny import TINY_UNET_CONFIG
 
     config = dict(TINY_UNET_CONFIG)
     if block_out_channels is not None:

@@ -121,9 +121,9 @@ def test_tiny_part_times_and_profiles_the_tiny_model(run):
 def test_environment_names_what_capsearch_imports(run):
     env = json.loads((run / "env.json").read_text())
     imports = env["results"]["capsearch_imports"]
-    assert imports["capsearch.train"]["import"] == "ok"
-    assert "pydantic" in imports["capsearch.train"]["pulls_in"]
-    for module in ("capsearch.models", "capsearch.sample", "capsearch.methods"):
+    assert imports["capsearch.training.loop"]["import"] == "ok"
+    assert "pydantic" in imports["capsearch.training.loop"]["pulls_in"]
+    for module in ("capsearch.models.load", "capsearch.models.sampling", "capsearch.methods"):
         assert not {"ray", "optuna", "faiss"} & set(imports[module]["pulls_in"])
     summary = (run / "summary.txt").read_text()
     assert "full/no finetune/plain" in summary and "nearest: top-1 agreement" in summary
@@ -176,6 +176,6 @@ def test_profile_finetune_alternates_the_loops_and_profiles_both(bench, tmp_path
     ratio = result["median"]["finetune"] / result["median"]["plain"]
     assert result["finetune_over_plain"] == pytest.approx(ratio)
     assert (
-        "capsearch/train.py" in (out / "finetune.txt").read_text()
+        "capsearch/training/loop.py" in (out / "finetune.txt").read_text()
     )  # the profiled loop is capsearch's
     assert "plain_train" in (out / "plain.txt").read_text()

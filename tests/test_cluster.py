@@ -25,7 +25,7 @@ import yaml
 from test_search import MICRO
 
 from capsearch.errors import UserError
-from capsearch.runs import load_trials
+from capsearch.search.runs import load_trials
 
 RAY = str(Path(sys.executable).parent / "ray")
 

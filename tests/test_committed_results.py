@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from capsearch.seeds import write_seeds_report
+from capsearch.reporting.seeds import write_seeds_report
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "experiments" / "results" / "paper"

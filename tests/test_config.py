@@ -9,8 +9,8 @@ import yaml
 
 from capsearch.cli import main
 from capsearch.config import apply_overrides, deep_merge, load_spec, resolve_extends
-from capsearch.coverage import check_units
 from capsearch.errors import UserError
+from capsearch.search.coverage import check_units
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -207,7 +207,7 @@ def test_searched_steps_and_learning_rate_choices_hold_the_baselines(tmp_path, c
 
 
 def test_a_method_may_search_its_own_learning_rate(tmp_path, capsys):
-    from capsearch.space import params_to_method_spec
+    from capsearch.search.space import params_to_method_spec
 
     data = modified(
         **{
@@ -340,7 +340,7 @@ def test_fid_reference_is_held_out_and_the_final_stage_samples_fresh_seeds(tmp_p
 
 
 def test_phantom_held_out_images_follow_the_largest_evaluation():
-    from capsearch.inputs import held_out_images_needed
+    from capsearch.search.inputs import held_out_images_needed
 
     spec = load_spec(ROOT / "search_spaces/tiny.yaml")
     samples = max(spec.evaluate.samples, spec.final.samples(spec.evaluate))

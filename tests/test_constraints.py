@@ -16,12 +16,12 @@ from test_report_export import add_trial, metrics
 from test_search import SPEC as SEARCH_SPEC
 
 from capsearch.config import spec_from_dict
-from capsearch.constraints import describe, margins, violation
 from capsearch.errors import UserError
-from capsearch.final import finalists
-from capsearch.report import write_report
-from capsearch.reward import compute_reward, objective_text
-from capsearch.runs import best_trial, load_trials, write_json
+from capsearch.reporting.report import write_report
+from capsearch.search.constraints import describe, margins, violation
+from capsearch.search.final import finalists
+from capsearch.search.reward import compute_reward, objective_text
+from capsearch.search.runs import best_trial, load_trials, write_json
 
 
 def test_margins_follow_each_metrics_direction_and_a_missing_metric_is_violated():
@@ -106,7 +106,7 @@ def test_the_report_states_the_constraints_and_where_the_best_stands(run):
 
 
 def test_the_searcher_tells_optuna_each_constraints_margin(tmp_path):
-    from capsearch.search import study_storage
+    from capsearch.search.loop import study_storage
 
     data = json.loads(json.dumps(SEARCH_SPEC))
     data["objective"] = {"constraints": {"extracted": 0, "alignment": 0.3}}

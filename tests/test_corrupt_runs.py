@@ -43,14 +43,14 @@ SPEC = {
 def template(tmp_path_factory) -> tuple[Path, Path]:
     """A finished run (t000 Freeze, t001 DiffFit, t002 searched; all ok, all re-evaluated) and its spec."""
     from capsearch.config import load_spec
-    from capsearch.delta import save_delta
-    from capsearch.inputs import prepare_data
     from capsearch.methods import apply_methods
-    from capsearch.models import load_pipeline
-    from capsearch.runs import prepare_run_dir, trial_dir, write_json
-    from capsearch.search import open_study, plan_trials
-    from capsearch.space import define_space
-    from capsearch.trial import build_plan
+    from capsearch.models.delta import save_delta
+    from capsearch.models.load import load_pipeline
+    from capsearch.search.inputs import prepare_data
+    from capsearch.search.loop import open_study, plan_trials
+    from capsearch.search.runs import prepare_run_dir, trial_dir, write_json
+    from capsearch.search.space import define_space
+    from capsearch.search.trial import build_plan
 
     root = tmp_path_factory.mktemp("template")
     spec_path = root / "corrupt.yaml"
@@ -236,7 +236,7 @@ def test_a_spec_edited_before_resume_is_refused(template, tmp_path, capsys):
 
 def test_status_report_and_export_read_a_folder_a_search_holds(template, tmp_path, capsys):
     """A busy run folder (its lock held by a running search) is read, never refused or written to."""
-    from capsearch.runlock import LOCK_FILE, RunLock
+    from capsearch.search.runlock import LOCK_FILE, RunLock
 
     _, original = template
     run = tmp_path / "run"

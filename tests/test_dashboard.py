@@ -1,6 +1,6 @@
 """optuna-dashboard on a run's study: the documented command serves capsearch's trials over HTTP.
 
-The study is made as a search makes it (capsearch.study and capsearch.space: baselines enqueued by
+The study is made as a search makes it (capsearch.search.study and capsearch.search.space: baselines enqueued by
 name, the define-by-run space, the user attributes the searcher stores), without training anything.
 Skipped where optuna-dashboard is not installed (`pip install 'capsearch[dashboard]'`).
 """
@@ -28,9 +28,9 @@ def _micro_study(run_dir: Path) -> dict[int, dict]:
     from optuna.trial import TrialState
 
     from capsearch.config import load_spec
-    from capsearch.runs import prepare_run_dir
-    from capsearch.space import define_space
-    from capsearch.study import open_study, plan_trials
+    from capsearch.search.runs import prepare_run_dir
+    from capsearch.search.space import define_space
+    from capsearch.search.study import open_study, plan_trials
 
     spec = load_spec(ROOT / "search_spaces" / "tiny.yaml", ["search.num_samples=1"], False)
     run_dir = prepare_run_dir(spec, run_dir, resume=False)
@@ -40,7 +40,7 @@ def _micro_study(run_dir: Path) -> dict[int, dict]:
     for reward, status in ((0.25, "ok"), (-0.5, "ok"), (None, "error")):
         trial = study.ask()  # as Ray's OptunaSearch asks, then runs the define-by-run space
         define_space(trial, spec.search_space)
-        # the attributes capsearch.search.TrialSearch stores when a trial ends
+        # the attributes capsearch.search.loop.TrialSearch stores when a trial ends
         trial.set_user_attr("trial", f"t{trial.number:03d}")
         trial.set_user_attr("status", status)
         if reward is None:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from capsearch.cli import main
-from capsearch.data import ImageCaptionDataset, check_dataset, load_images, read_metadata
+from capsearch.datasets.folder import ImageCaptionDataset, check_dataset, load_images, read_metadata
 from capsearch.errors import UserError
 from capsearch.worlds.phantom import write_phantom_dataset
 

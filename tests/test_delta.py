@@ -10,7 +10,14 @@ import torch
 from conftest import example_spec, run_unet, unet_inputs
 
 from capsearch import __version__
-from capsearch.delta import (
+from capsearch.errors import UserError
+from capsearch.methods import (
+    Applied,
+    apply_methods,
+    method_names,
+    optimizer_groups,
+)
+from capsearch.models.delta import (
     DELTA_FILE,
     LORA_FILE,
     METHODS_FILE,
@@ -20,14 +27,7 @@ from capsearch.delta import (
     read_spec,
     save_delta,
 )
-from capsearch.errors import UserError
-from capsearch.methods import (
-    Applied,
-    apply_methods,
-    method_names,
-    optimizer_groups,
-)
-from capsearch.models_config import TINY_UNET_CONFIG, build_tiny_unet
+from capsearch.models.tiny import TINY_UNET_CONFIG, build_tiny_unet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""Does the winner dominate the baselines (capsearch.dominance), and the search comparison script."""
+"""Does the winner dominate the baselines (capsearch.reporting.dominance), and the search comparison script."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from capsearch.dominance import dominance, dominance_lines
 from capsearch.errors import UserError
-from capsearch.runs import trial_dir, write_json
+from capsearch.reporting.dominance import dominance, dominance_lines
+from capsearch.search.runs import trial_dir, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE1 = ROOT / "experiments" / "results" / "paper" / "paper_table1"
@@ -413,7 +413,7 @@ def test_search_compare_checks_the_stops_and_the_transfer_and_plots_the_front(tm
 
 
 def test_the_front_keeps_the_points_nothing_beats_on_both_axes():
-    from capsearch.plots import front
+    from capsearch.reporting.plots import front
 
     points = [{"extracted": e, "fid": f} for e, f in ((10, 63), (0, 72), (0, 95), (7, 80), (0, 72))]
     assert front(points) == [1, 4, 0]  # (0, 72) twice (neither beats the other), then (10, 63)

@@ -1,4 +1,4 @@
-"""Frozen encodings computed once per fine-tune (capsearch.encode_cache): the same losses as encoding
+"""Frozen encodings computed once per fine-tune (capsearch.training.encode_cache): the same losses as encoding
 every step, bit for bit, on the tiny pixel-space base and on an SD-shaped pipeline with a VAE."""
 
 from __future__ import annotations
@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import capsearch.train as train_mod
-from capsearch.encode_cache import TextStates, TrainingInputs, host_draw, to_device
-from capsearch.models import TOKENIZER_DIR, Pipeline, load_pipeline
-from capsearch.train import TrainSettings, finetune
+import capsearch.training.loop as train_mod
+from capsearch.models.load import TOKENIZER_DIR, Pipeline, load_pipeline
+from capsearch.training.encode_cache import TextStates, TrainingInputs, host_draw, to_device
+from capsearch.training.loop import TrainSettings, finetune
 from capsearch.worlds.phantom import write_phantom_dataset
 
 REAL_LOSS = train_mod._loss
@@ -36,7 +36,7 @@ def sd_shaped() -> Pipeline:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from capsearch.tokenizer import load_clip_tokenizer
+    from capsearch.models.tokenizer import load_clip_tokenizer
 
     torch.manual_seed(0)
     tok = load_clip_tokenizer(TOKENIZER_DIR)
@@ -111,7 +111,7 @@ def test_cached_vae_latents_give_the_per_step_losses_and_the_random_stream(
 
 def test_posterior_draws_are_the_vae_samples(data):
     """Latents from the stored mean and std equal latent_dist.sample() after the same seed."""
-    from capsearch.data import load_images
+    from capsearch.datasets.folder import load_images
 
     pipe, images = sd_shaped(), load_images(data, "train", 64)
     inputs = TrainingInputs(pipe, images, chunk=4, cache=True)

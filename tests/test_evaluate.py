@@ -8,7 +8,7 @@ import pytest
 from conftest import phantom_data
 
 from capsearch.metrics.evaluate import EvalSettings, evaluate
-from capsearch.models import load_pipeline
+from capsearch.models.load import load_pipeline
 from capsearch.worlds.phantom import write_phantom_dataset
 
 SMALL = EvalSettings(
@@ -63,7 +63,7 @@ def test_evaluate_writes_every_metric_with_settings(data, tmp_path):
 def test_memorised_grid_puts_each_captions_training_image_before_its_samples(tmp_path, monkeypatch):
     import torch
 
-    import capsearch.sample
+    import capsearch.models.sampling
     from capsearch.metrics.context import EvalContext
     from capsearch.metrics.memorised_grid import save_memorised_grid
 
@@ -75,7 +75,7 @@ def test_memorised_grid_puts_each_captions_training_image_before_its_samples(tmp
     ctx.train_images, ctx.train_records, ctx.attack_n = train, records, 3
     seen = {}
     monkeypatch.setattr(
-        capsearch.sample,
+        capsearch.models.sampling,
         "save_grid",
         lambda images, path, nrow, captions: seen.update(
             images=images, nrow=nrow, captions=captions
@@ -163,7 +163,7 @@ def test_fid_reference_is_held_out_and_large_enough(data, tmp_path):
 @pytest.mark.slow
 def test_freeze_scores_worse_fid_than_full_finetune(tmp_path):
     """Control: the shapes-pretrained base is far from X-rays until it is fine-tuned on them."""
-    from capsearch.train import TrainSettings, finetune
+    from capsearch.training.loop import TrainSettings, finetune
 
     root = tmp_path / "data"
     write_phantom_dataset(root, patients=120, size=64, seed=1, held_out_images=256)

@@ -20,10 +20,10 @@ import yaml
 from conftest import mid_block_groups
 
 from capsearch.cli import main
-from capsearch.delta import LORA_FILE, merge, save_delta
 from capsearch.errors import UserError
 from capsearch.methods import apply_methods
-from capsearch.runs import trial_dir, write_json
+from capsearch.models.delta import LORA_FILE, merge, save_delta
+from capsearch.search.runs import trial_dir, write_json
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,8 +46,8 @@ def small_sd(seed: int = 0, linear_projection: bool = False):
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from capsearch.models import TOKENIZER_DIR
-    from capsearch.tokenizer import load_clip_tokenizer
+    from capsearch.models.load import TOKENIZER_DIR
+    from capsearch.models.tokenizer import load_clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -196,7 +196,7 @@ def test_kohya_file_follows_the_layout_and_round_trips(sd_export) -> None:
     import safetensors.torch
     from diffusers import StableDiffusionPipeline
 
-    from capsearch.export_lora import apply_kohya, kohya_targets
+    from capsearch.export.lora import apply_kohya, kohya_targets
 
     root, out, merged, _ = sd_export
     (path,) = out.glob("*_lora.safetensors")
@@ -258,7 +258,7 @@ def test_the_export_prints_each_file_and_its_card_holds_the_record(sd_export) ->
     )
     loads = {
         "unet/": "UNet2DConditionModel.from_pretrained",
-        "delta/": "capsearch.delta.load_delta",
+        "delta/": "capsearch.models.delta.load_delta",
         LORA_FILE: f'.load_lora_weights("{out}")',
         "_lora.safetensors": "ComfyUI models/loras/, A1111 models/Lora/",
         "sd_test_t000.safetensors": f'from_single_file("{out}/capsearch_sd_test_t000.safetensors"',
@@ -277,7 +277,7 @@ def test_the_export_prints_each_file_and_its_card_holds_the_record(sd_export) ->
 
 
 def test_ldm_key_map_covers_every_tensor_once_and_round_trips() -> None:
-    from capsearch.export_single import UNET_PREFIX, from_ldm, to_ldm
+    from capsearch.export.single_file import UNET_PREFIX, from_ldm, to_ldm
 
     pipe = small_sd()
     unet, vae, text = pipe.unet, pipe.vae, pipe.text_encoder
@@ -312,7 +312,7 @@ def test_ldm_key_map_covers_every_tensor_once_and_round_trips() -> None:
 
 
 def test_single_file_refuses_what_the_sd1_layout_cannot_hold() -> None:
-    from capsearch.export_single import check_sd1
+    from capsearch.export.single_file import check_sd1
 
     pipe = small_sd(linear_projection=True)
     with pytest.raises(UserError, match="SD 2.x"):
@@ -325,7 +325,7 @@ def test_single_file_refuses_what_the_sd1_layout_cannot_hold() -> None:
 
 
 def test_tiny_export_loads_with_capsearch_and_its_lora_with_diffusers(tmp_path, capsys) -> None:
-    from capsearch.models import load_pipeline
+    from capsearch.models.load import load_pipeline
 
     trained = load_pipeline("tiny:random").unet
     run = make_run(tmp_path, "tiny:random", trained, [LORA[0]])
@@ -333,7 +333,7 @@ def test_tiny_export_loads_with_capsearch_and_its_lora_with_diffusers(tmp_path, 
     out = tmp_path / "export"
     assert main(["export", str(run), "--out", str(out), "--lora"]) == 0
     printed = capsys.readouterr().out
-    assert f'capsearch.models.load_pipeline("{out}")' in printed
+    assert f'capsearch.models.load.load_pipeline("{out}")' in printed
     assert LORA_FILE in printed and "kohya" in printed
     pipe = load_pipeline(str(out))  # one line with capsearch installed
     assert pipe.vae is None and pipe.tokenizer is not None
@@ -344,8 +344,8 @@ def test_tiny_export_loads_with_capsearch_and_its_lora_with_diffusers(tmp_path, 
 
 
 def test_pipeline_folder_copies_where_hard_links_fail(tmp_path, monkeypatch) -> None:
-    from capsearch.export_pipeline import write_pipeline_folder
-    from capsearch.models import TINY_BASE, load_folder
+    from capsearch.export.pipeline import write_pipeline_folder
+    from capsearch.models.load import TINY_BASE, load_folder
 
     base = tmp_path / "base"
     load_folder(TINY_BASE).save(base)
@@ -367,8 +367,8 @@ def test_pipeline_folder_copies_where_hard_links_fail(tmp_path, monkeypatch) -> 
 
 
 def test_hub_cache_symlinks_become_hard_links_to_their_blobs(tmp_path) -> None:
-    from capsearch.export_pipeline import write_pipeline_folder
-    from capsearch.models import TINY_BASE, load_folder
+    from capsearch.export.pipeline import write_pipeline_folder
+    from capsearch.models.load import TINY_BASE, load_folder
 
     base = tmp_path / "snapshot"
     load_folder(TINY_BASE).save(base)
@@ -399,7 +399,7 @@ def test_hub_cache_symlinks_become_hard_links_to_their_blobs(tmp_path) -> None:
 def test_export_errors_are_one_line_and_write_nothing(
     entries, flags, message, tmp_path, capsys
 ) -> None:
-    from capsearch.models import load_pipeline
+    from capsearch.models.load import load_pipeline
 
     run = make_run(tmp_path, "tiny:random", load_pipeline("tiny:random").unet, entries)
     out = tmp_path / "export"
@@ -423,7 +423,7 @@ def test_a_base_missing_a_component_is_one_line(tmp_path, capsys) -> None:
 
 
 def test_loha_exports_merged_only_and_mimic_keeps_its_images_out(tmp_path, capsys) -> None:
-    from capsearch.models import load_pipeline
+    from capsearch.models.load import load_pipeline
 
     data = tmp_path / "cxr"
     data.mkdir()

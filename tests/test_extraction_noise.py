@@ -15,10 +15,10 @@ import extraction_noise  # noqa: E402
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A run folder with phantom data (a memorisation subset) and one trial's delta (tiny:random)."""
-    from capsearch.delta import save_delta
     from capsearch.methods import apply_methods
-    from capsearch.models import load_pipeline
-    from capsearch.runs import write_json
+    from capsearch.models.delta import save_delta
+    from capsearch.models.load import load_pipeline
+    from capsearch.search.runs import write_json
     from capsearch.worlds.phantom import write_phantom_dataset
 
     run = tmp_path_factory.mktemp("noise") / "run"

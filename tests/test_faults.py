@@ -22,7 +22,7 @@ import yaml
 
 from capsearch import faults
 from capsearch.cli import main
-from capsearch.runs import load_trials
+from capsearch.search.runs import load_trials
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -170,8 +170,8 @@ def test_a_fault_while_training_leaves_nothing_half_written(
     data, tmp_path, monkeypatch, fault, left
 ):
     """In process (no Ray): the trial's folder holds whole files only, never half a delta or checkpoint."""
-    from capsearch.models import load_pipeline
-    from capsearch.train import TrainSettings, finetune
+    from capsearch.models.load import load_pipeline
+    from capsearch.training.loop import TrainSettings, finetune
 
     monkeypatch.setenv(faults.ENV, f"t001:{fault}")
     out = tmp_path / "t001"
@@ -188,8 +188,8 @@ def test_a_fault_while_training_leaves_nothing_half_written(
 
 
 def test_a_nan_loss_is_a_nan_trial_without_a_delta(data, tmp_path, monkeypatch):
-    from capsearch.models import load_pipeline
-    from capsearch.train import TrainSettings, finetune
+    from capsearch.models.load import load_pipeline
+    from capsearch.training.loop import TrainSettings, finetune
 
     monkeypatch.setenv(faults.ENV, "t002:train_step:nan")
     out = tmp_path / "t002"
@@ -236,7 +236,7 @@ def test_a_study_write_that_fails_stops_new_trials_and_is_remembered(tmp_path):
     from ray.tune.search import Searcher
 
     from capsearch.config import spec_from_dict
-    from capsearch.search import study_storage
+    from capsearch.search.loop import study_storage
 
     spec = spec_from_dict(json.loads(json.dumps(STUDY_SPEC)))
     storage = study_storage(tmp_path)
@@ -255,9 +255,9 @@ def test_a_full_study_file_ends_the_run_with_one_line_and_resume_recovers(
     tmp_path, capsys, monkeypatch
 ):
     """The whole command without Ray: Ray Tune's Tuner is replaced by one that runs one trial."""
-    import capsearch.raysession
-    import capsearch.search
-    from capsearch.runs import trial_dir, write_json
+    import capsearch.search.cluster
+    import capsearch.search.loop
+    from capsearch.search.runs import trial_dir, write_json
 
     if not _scorer_installed():
         pytest.skip("the phantom scorer is not installed (capsearch pretrain scorer)")
@@ -281,12 +281,12 @@ def test_a_full_study_file_ends_the_run_with_one_line_and_resume_recovers(
             self.searcher.on_trial_complete("a", {"status": "ok", "reward": 0.5})
             assert self.searcher.suggest("b") == "FINISHED"
 
-    from capsearch.study import study_storage
+    from capsearch.search.study import study_storage
 
-    monkeypatch.setattr(capsearch.search, "study_storage", storage)
-    monkeypatch.setattr(capsearch.search.tune, "Tuner", OneTrial)
-    monkeypatch.setattr(capsearch.raysession, "start_local_ray", lambda *a, **k: None)
-    monkeypatch.setattr(capsearch.raysession, "stop_local_ray", lambda: None)
+    monkeypatch.setattr(capsearch.search.loop, "study_storage", storage)
+    monkeypatch.setattr(capsearch.search.loop.tune, "Tuner", OneTrial)
+    monkeypatch.setattr(capsearch.search.cluster, "start_local_ray", lambda *a, **k: None)
+    monkeypatch.setattr(capsearch.search.cluster, "stop_local_ray", lambda: None)
     spec_path = tmp_path / "study.yaml"
     spec_path.write_text(yaml.safe_dump(STUDY_SPEC))
     run = tmp_path / "run"
@@ -308,8 +308,8 @@ def test_a_study_file_that_fills_up_mid_search_stops_it_and_resume_finishes(
     tmp_path, capsys, monkeypatch
 ):
     """A real search: once t000 has finished, every write to optuna.db fails as on a full disk."""
-    import capsearch.search
-    from capsearch.study import study_storage
+    import capsearch.search.loop
+    from capsearch.search.study import study_storage
 
     if not _scorer_installed():
         pytest.skip("the phantom scorer is not installed (capsearch pretrain scorer)")
@@ -329,7 +329,7 @@ def test_a_study_file_that_fills_up_mid_search_stops_it_and_resume_finishes(
 
         return storage
 
-    monkeypatch.setattr(capsearch.search, "study_storage", filling_storage)
+    monkeypatch.setattr(capsearch.search.loop, "study_storage", filling_storage)
     spec = json.loads(json.dumps(FAULTY))
     spec["search"].update(num_samples=2, concurrency=1)  # t000, then t001, t002 (one at a time)
     spec_path = tmp_path / "full.yaml"
@@ -353,8 +353,8 @@ def test_an_interrupted_search_skips_the_final_stage(tmp_path, monkeypatch):
     """Ctrl-C ends the trials unfinished: the driver stops instead of re-evaluating the finished ones."""
     from conftest import bare_search_spec
 
-    import capsearch.search as search
-    from capsearch.runs import trial_dir, write_json
+    import capsearch.search.loop as search
+    from capsearch.search.runs import trial_dir, write_json
 
     def interrupted(spec, run_dir, *args, **kwargs):
         folder = trial_dir(run_dir, 0)

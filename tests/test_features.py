@@ -217,7 +217,7 @@ def test_cached_features_for_tensors(tmp_path: Path):
 
 
 def test_cached_features_for_a_dataset_folder(tmp_path: Path):
-    from capsearch.data import load_images
+    from capsearch.datasets.folder import load_images
     from capsearch.worlds.phantom import write_phantom_dataset
 
     root = tmp_path / "data"

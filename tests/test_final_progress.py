@@ -1,4 +1,4 @@
-"""The final stage's progress: each finalist being trained again (capsearch.retrain) shows its step and
+"""The final stage's progress: each finalist being trained again (capsearch.search.retrain) shows its step and
 rate on the stage's bar, read from the retraining's own log, and each finished re-evaluation a line."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 
 from rich.console import Console
 
-from capsearch.final import _StageBar, retraining_progress
-from capsearch.retrain import PLAN_FILE, RETRAIN_DIR
+from capsearch.search.final import _StageBar, retraining_progress
+from capsearch.search.retrain import PLAN_FILE, RETRAIN_DIR
 
 
 def write_log(folder, steps: list[int], planned: int) -> None:
@@ -43,7 +43,7 @@ def test_the_stage_bar_prints_each_result_and_the_running_retrainings(tmp_path):
 
 
 def test_a_result_line_says_when_a_retraining_went_on_from_a_checkpoint():
-    from capsearch.final import _outcome
+    from capsearch.search.final import _outcome
 
     again = {"steps": 2000, "identical": False, "went_on_from_step": 1000}
     line = _outcome({"reward": -3.815, "retrained": again})

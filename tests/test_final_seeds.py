@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from capsearch.runs import best_trial, final_choice, load_trials, trial_dir, write_json
+from capsearch.search.runs import best_trial, final_choice, load_trials, trial_dir, write_json
 
 
 def finalist(run: Path, number: int, rewards: dict[int, float | None], fid: float = 80.0) -> None:
@@ -43,7 +43,7 @@ def test_the_best_is_chosen_on_the_mean_over_training_seeds(tmp_path):
     assert final_choice(b["final"])["reward"] == pytest.approx(-4.0666, abs=1e-3)
     best = best_trial(records)
     assert best["trial"] == "t001"
-    from capsearch.export_card import model_card
+    from capsearch.export.card import model_card
 
     card = model_card(best, "tiny:random", "t001")
     assert "chosen on its final reward averaged over 3 training seeds (-4.067)" in card

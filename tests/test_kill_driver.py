@@ -24,7 +24,7 @@ import yaml
 from test_search import MICRO
 
 from capsearch.config import spec_from_dict
-from capsearch.runs import load_trials
+from capsearch.search.runs import load_trials
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

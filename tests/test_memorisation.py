@@ -11,10 +11,10 @@ import os
 import pytest
 import torch
 
-from capsearch.data import read_metadata
+from capsearch.datasets.folder import read_metadata
 from capsearch.metrics.memorisation import memorisation_probe
-from capsearch.models import load_pipeline
-from capsearch.train import TrainSettings, finetune
+from capsearch.models.load import load_pipeline
+from capsearch.training.loop import TrainSettings, finetune
 from capsearch.worlds.phantom import write_phantom_dataset
 
 # The cheapest regime found (experiments/memorisation_regime.py, docs/metrics.md).

@@ -19,7 +19,7 @@ from capsearch.methods import (
     method_names,
     optimizer_groups,
 )
-from capsearch.models_config import build_tiny_unet
+from capsearch.models.tiny import build_tiny_unet
 from capsearch.units import Unit, select_units
 
 METHODS = method_names()
@@ -392,7 +392,7 @@ def test_counts_on_sd15_shapes_are_analytic() -> None:
     """Every method on all of SD v1.5's units, on the meta device (shapes only, no memory)."""
     from diffusers import UNet2DConditionModel
 
-    from capsearch.models_config import SD15_UNET_CONFIG
+    from capsearch.models.tiny import SD15_UNET_CONFIG
 
     def sd15() -> torch.nn.Module:
         with torch.device("meta"):
@@ -413,7 +413,7 @@ def test_counts_on_sd15_shapes_are_analytic() -> None:
 def _sd15_meta() -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
-    from capsearch.models_config import SD15_UNET_CONFIG
+    from capsearch.models.tiny import SD15_UNET_CONFIG
 
     with torch.device("meta"):
         return UNet2DConditionModel(**SD15_UNET_CONFIG)

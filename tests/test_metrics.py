@@ -353,7 +353,7 @@ def test_extraction_attack_rejects_bad_settings():
 
 @pytest.fixture(scope="module")
 def tiny_pipe():
-    from capsearch.models import load_pipeline
+    from capsearch.models.load import load_pipeline
 
     return load_pipeline("tiny:random")
 
@@ -381,7 +381,7 @@ def test_extraction_attack_runs_a_pipeline(tiny_pipe):
 
 
 def test_extraction_attack_counts_a_pipeline_that_copies(tiny_pipe, monkeypatch):
-    import capsearch.sample as sample
+    import capsearch.models.sampling as sample
 
     train = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(14)) * 2 - 1
     calls = []
@@ -488,7 +488,7 @@ def test_alignment_score_averages_a_scorer():
 @pytest.fixture(scope="module")
 def phantom_world(tmp_path_factory):
     """A 30-patient phantom dataset at 32 px, the shipped scorer, and training-set features."""
-    from capsearch.data import ImageCaptionDataset
+    from capsearch.datasets.folder import ImageCaptionDataset
     from capsearch.metrics.features import PhantomFeatures
     from capsearch.worlds.phantom import write_phantom_dataset
 
@@ -584,10 +584,10 @@ def test_novelty_floor_separates_copies_from_novel_phantoms(phantom_world):
 
 
 def test_memorisation_probe_counts_a_copier_of_the_duplicates(tmp_path, monkeypatch):
-    import capsearch.sample as sample
-    from capsearch.data import load_images, read_metadata
+    import capsearch.models.sampling as sample
+    from capsearch.datasets.folder import load_images, read_metadata
     from capsearch.metrics.memorisation import memorisation_probe, memorised_captions
-    from capsearch.models import load_pipeline
+    from capsearch.models.load import load_pipeline
     from capsearch.worlds.phantom import write_phantom_dataset
 
     root = tmp_path / "data"
@@ -622,7 +622,7 @@ def test_memorisation_probe_counts_a_copier_of_the_duplicates(tmp_path, monkeypa
 
 def test_memorisation_probe_needs_a_duplicated_subset(tmp_path):
     from capsearch.metrics.memorisation import memorisation_probe
-    from capsearch.models import load_pipeline
+    from capsearch.models.load import load_pipeline
     from capsearch.worlds.phantom import write_phantom_dataset
 
     write_phantom_dataset(tmp_path / "plain", patients=6, size=32, seed=1)

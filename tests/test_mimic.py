@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from capsearch.cli import main
-from capsearch.data import ImageCaptionDataset, read_metadata
+from capsearch.datasets.folder import ImageCaptionDataset, read_metadata
+from capsearch.datasets.mimic import report_text, write_mimic_metadata
 from capsearch.errors import UserError
-from capsearch.mimic import report_text, write_mimic_metadata
 
 REPORT_WITH_IMPRESSION = """                                 FINAL REPORT
  EXAMINATION:  CHEST (PA AND LAT)

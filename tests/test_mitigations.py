@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from capsearch.errors import UserError
-from capsearch.mitigations import Mitigations, vocabulary_words
+from capsearch.training.mitigations import Mitigations, vocabulary_words
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta"]
 
@@ -52,7 +52,7 @@ def test_rwa_fixed_p_is_the_share_of_records_augmented():
 
 
 def test_vocabulary_is_every_token_of_the_tokenizer_decoded():
-    from capsearch.models import load_pipeline
+    from capsearch.models.load import load_pipeline
 
     tok = load_pipeline("tiny:random").tokenizer
     words = vocabulary_words(tok)
@@ -127,7 +127,7 @@ def test_rwa_without_a_vocabulary_is_a_user_error():
 
 
 def test_space_accepts_rwa_modes_fixed_or_searched():
-    from capsearch.space import _mitigation_choice
+    from capsearch.search.space import _mitigation_choice
 
     fixed = _mitigation_choice("rwa", {"k": 4, "p": 1.0, "mode": "fixed"}, "space.mitigations.rwa")
     assert fixed.params["mode"].value == "fixed"

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from capsearch.errors import UserError
-from capsearch.models import TINY_BASE, load_pipeline
-from capsearch.pretrain import folder_sha256
-from capsearch.sample import generate
+from capsearch.models.load import TINY_BASE, load_pipeline
+from capsearch.models.sampling import generate
+from capsearch.training.pretrain import folder_sha256
 
 
 @pytest.fixture(scope="module")

@@ -43,8 +43,8 @@ def test_left_out_when_nothing_memorised_was_attacked():
 
 
 def test_the_table_row_reaches_every_reader():
-    from capsearch.report import COLUMNS
-    from capsearch.trial import REPORTED
+    from capsearch.reporting.report import COLUMNS
+    from capsearch.search.trial import REPORTED
 
     row = BY_NAME["nearest_own"]
     assert row.compute is not None and row.direction == "min" and row.column and row.card

@@ -1,4 +1,4 @@
-"""The mid-training probe: memorisation-aware early-stopping signal (capsearch.probe)."""
+"""The mid-training probe: memorisation-aware early-stopping signal (capsearch.training.probe)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import phantom_data
 
-from capsearch.models import load_pipeline
-from capsearch.probe import Probe, probe_score
-from capsearch.train import TrainSettings, finetune
+from capsearch.models.load import load_pipeline
+from capsearch.training.loop import TrainSettings, finetune
+from capsearch.training.probe import Probe, probe_score
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def test_probe_score_grows_with_either_memorisation_signal():
 
 
 def _probe(pipe, data):
-    from capsearch.train import _load_training_images
+    from capsearch.training.loop import _load_training_images
 
     ds, images, captions, groups = _load_training_images(data, 32)
     return Probe(pipe, ds.root, images, captions, groups, 32, seed=7)

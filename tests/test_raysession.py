@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from capsearch.raysession import reap_orphans
+from capsearch.search.cluster import reap_orphans
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(60)"]
 

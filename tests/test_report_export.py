@@ -11,9 +11,9 @@ import yaml
 from conftest import mid_block_groups
 
 from capsearch.cli import main
-from capsearch.export import select_trial
-from capsearch.report import write_report
-from capsearch.runs import load_trials, trial_dir, write_json
+from capsearch.export.trial import select_trial
+from capsearch.reporting.report import write_report
+from capsearch.search.runs import load_trials, trial_dir, write_json
 
 SPEC = {
     "name": "synthetic",
@@ -130,10 +130,10 @@ def test_export_errors_are_one_line(run, tmp_path, capsys):
 def test_export_loads_with_stock_diffusers_and_reproduces_the_samples(tmp_path, capsys):
     from diffusers import UNet2DConditionModel
 
-    from capsearch.delta import save_delta
     from capsearch.methods import apply_methods
-    from capsearch.models import load_pipeline
-    from capsearch.sample import generate
+    from capsearch.models.delta import save_delta
+    from capsearch.models.load import load_pipeline
+    from capsearch.models.sampling import generate
 
     run = tmp_path / "run"
     run.mkdir()
@@ -188,7 +188,7 @@ def add_final(folder: Path, fid: float, reward: float, ci: tuple[float, float]) 
 
 
 def test_the_final_stage_picks_the_best_and_compares_it_with_each_baseline(run, tmp_path):
-    from capsearch.final import finalists, separation
+    from capsearch.search.final import finalists, separation
 
     # Search reward prefers t002; on the fresh test-split evaluation DiffFit (t001) comes out ahead.
     add_final(trial_dir(run, 0), 300.0, -4.2, (280.0, 320.0))
@@ -212,7 +212,7 @@ def test_the_final_stage_picks_the_best_and_compares_it_with_each_baseline(run, 
     assert separation(best, {"intervals": {"fid": [15.0, 20.0]}}, "fid") == "overlap"
     assert separation({"intervals": {"amd": [0.3, 0.4]}}, {"intervals": {"amd": [0.1, 0.2]}},
                       "amd") == "better"  # fmt: skip
-    from capsearch.export import model_card
+    from capsearch.export.trial import model_card
 
     card = model_card(select_trial(records), "tiny:random", "t001")
     assert "| FID ↓ | 14.00 | [12.00, 16.00] |" in card
@@ -234,7 +234,7 @@ def test_committed_records_of_the_first_format_still_report(tmp_path):
 
 
 def test_a_capped_clique_enumeration_is_reported():
-    from capsearch.report_notes import capped_lines
+    from capsearch.reporting.notes import capped_lines
 
     records = [{"dir": "x/t000", "metrics": {"capped_prompts": 0}},
                {"dir": "x/t001", "metrics": {"capped_prompts": 2}}]  # fmt: skip

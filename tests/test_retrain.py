@@ -1,4 +1,4 @@
-"""A finalist trained again from its record (capsearch.retrain): a retraining the final stage was killed
+"""A finalist trained again from its record (capsearch.search.retrain): a retraining the final stage was killed
 in goes on from its last checkpoint, to the same weights as one never cut short."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import capsearch.train as train_mod
+import capsearch.training.loop as train_mod
 from capsearch.errors import UserError
-from capsearch.retrain import PLAN_FILE, RETRAIN_DIR, retrain_delta
+from capsearch.search.retrain import PLAN_FILE, RETRAIN_DIR, retrain_delta
 from capsearch.worlds.phantom import write_phantom_dataset
 
 

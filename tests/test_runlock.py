@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-import capsearch.runlock as runlock
+import capsearch.search.runlock as runlock
 from capsearch.errors import UserError
-from capsearch.runlock import LOCK_FILE, RunLock, is_stale, read_lock
+from capsearch.search.runlock import LOCK_FILE, RunLock, is_stale, read_lock
 
 
 def _write(run, **holder):
@@ -85,7 +85,7 @@ def test_capsearch_run_on_a_held_folder_exits_2_with_one_line(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     from capsearch.config import load_spec
-    from capsearch.runs import prepare_run_dir
+    from capsearch.search.runs import prepare_run_dir
 
     prepare_run_dir(load_spec(spec), run, resume=False)
     _write(run, pid=os.getppid(), host=socket.gethostname(), started=time.time(), token="t")

@@ -33,7 +33,7 @@ def test_architecture_and_inputs():
     assert model.features(small).shape == (3, model.feature_dim)
     assert (model.features(small) >= 0).all()
     assert model.probabilities(large).shape == (3, len(FINDINGS))
-    # Other sizes are resized as capsearch.data resizes (antialiased bicubic); RGB is averaged to gray.
+    # Other sizes are resized as capsearch.datasets.folder resizes (antialiased bicubic); RGB is averaged to gray.
     resized = torch.nn.functional.interpolate(large, size=32, mode="bicubic", antialias=True)
     resized = resized.clamp(-1, 1)
     assert torch.allclose(model.features(large), model.features(resized), atol=1e-6)
@@ -121,7 +121,7 @@ def test_shipped_scorer_was_trained_on_this_phantom_world(recwarn):
     not SHIPPED, reason="no shipped phantom scorer (run `capsearch pretrain scorer`)"
 )
 def test_shipped_scorer_reads_fresh_phantoms(phantoms: Path):
-    from capsearch.data import ImageCaptionDataset
+    from capsearch.datasets.folder import ImageCaptionDataset
     from capsearch.metrics.scorer import evaluate_scorer
 
     model = load_scorer()

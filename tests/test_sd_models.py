@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from capsearch.errors import UserError
-from capsearch.models import HUB_FILES, SD15_HUB_ID, TOKENIZER_DIR, load_pipeline
-from capsearch.sample import generate
-from capsearch.train import TrainSettings, finetune
+from capsearch.models.load import HUB_FILES, SD15_HUB_ID, TOKENIZER_DIR, load_pipeline
+from capsearch.models.sampling import generate
+from capsearch.training.loop import TrainSettings, finetune
 from capsearch.worlds.phantom import write_phantom_dataset
 
 OLD_SD15_ID = "runwayml/stable-diffusion-v1-5"
@@ -89,7 +89,7 @@ def _sd2_pipeline():
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from capsearch.tokenizer import load_clip_tokenizer
+    from capsearch.models.tokenizer import load_clip_tokenizer
 
     tokenizer = load_clip_tokenizer(TOKENIZER_DIR)
     torch.manual_seed(0)
@@ -188,7 +188,7 @@ def test_an_sd2_folder_loads_as_a_v_prediction_latent_pipeline(sd2_folder):
 
 def test_an_sd2_model_trains_on_the_velocity(sd2_folder, data, monkeypatch):
     """The loss's target is v = α_t·ε − σ_t·x0 (the scheduler's get_velocity), not the noise."""
-    import capsearch.train as train_mod
+    import capsearch.training.loop as train_mod
 
     seen = []
     original = train_mod._target
@@ -215,8 +215,8 @@ def test_an_sd2_model_trains_on_the_velocity(sd2_folder, data, monkeypatch):
 
 def test_previews_leave_an_sd2_fine_tune_unchanged(sd2_folder, data, tmp_path, monkeypatch):
     """With a VAE, training draws latents from the global RNG: previews must not move it."""
-    import capsearch.previews as previews
-    from capsearch.tblog import LOSS_TAG, image_steps, read_scalars
+    import capsearch.training.previews as previews
+    from capsearch.training.tblog import LOSS_TAG, image_steps, read_scalars
 
     monkeypatch.setattr(previews, "PREVIEW_STEPS", 1)  # one 768 px image, one DDIM step: cheap
     monkeypatch.setattr(previews, "PREVIEW_PER_PROMPT", 1)

@@ -14,9 +14,9 @@ import yaml
 from conftest import bare_search_spec, make_searcher, mid_block_groups
 
 from capsearch.config import spec_from_dict
-from capsearch.reward import compute_reward, pareto_front, reward_terms
-from capsearch.runs import load_trials, trial_dir
-from capsearch.space import (
+from capsearch.search.reward import compute_reward, pareto_front, reward_terms
+from capsearch.search.runs import load_trials, trial_dir
+from capsearch.search.space import (
     define_space,
     params_to_method_spec,
     params_to_mitigations,
@@ -85,7 +85,7 @@ def test_define_by_run_suggests_only_the_chosen_methods_parameters(spec):
 
 
 def test_baselines_are_points_of_the_space(spec):
-    from capsearch.trial import build_plan
+    from capsearch.search.trial import build_plan
 
     points = {b.name: b for b in spec.baseline_points}
     assert list(points) == ["freeze", "difffit", "lora"]
@@ -108,7 +108,7 @@ def test_baselines_are_points_of_the_space(spec):
 
 def test_trial_mitigations_stack_base_ones_under_the_chosen_one(spec):
     """Caption dropout and train.mitigations reach every trial, baselines too, under its choice."""
-    from capsearch.trial import TrialPlan, build_plan
+    from capsearch.search.trial import TrialPlan, build_plan
 
     data = json.loads(json.dumps(SPEC))
     data["train"].update(caption_dropout=0.2, mitigations=[{"name": "gni", "sigma": 0.01}])
@@ -152,7 +152,7 @@ def test_a_mitigation_twice_in_a_trial_is_one_line(train, space_mitigations, mat
 
 
 def test_plan_trials_enqueues_baselines_with_their_names(spec, tmp_path):
-    from capsearch.search import open_study, plan_trials
+    from capsearch.search.loop import open_study, plan_trials
 
     study = open_study(spec, tmp_path)
     assert plan_trials(spec, study, tmp_path) == 3 + 2
@@ -172,9 +172,9 @@ def test_plan_trials_enqueues_baselines_with_their_names(spec, tmp_path):
 
 def test_fixed_configurations_run_by_name_like_baselines(tmp_path):
     from capsearch.errors import UserError
-    from capsearch.runs import write_json
-    from capsearch.search import open_study, plan_trials
-    from capsearch.trial import build_plan
+    from capsearch.search.loop import open_study, plan_trials
+    from capsearch.search.runs import write_json
+    from capsearch.search.trial import build_plan
 
     found = {"attn.method": "lora", "attn.lora.rank": 3, "attn.lora.alpha": 8.0,
              "mid.method": "difffit", "lr": 1.0e-4, "mitigation": "rwa", "mitigation.rwa.k": 2}  # fmt: skip
@@ -217,8 +217,8 @@ def test_fixed_configurations_run_by_name_like_baselines(tmp_path):
 
 
 def test_resume_counts_finished_trials_and_settles_interrupted_ones(spec, tmp_path):
-    from capsearch.runs import write_json
-    from capsearch.search import open_study, plan_trials
+    from capsearch.search.loop import open_study, plan_trials
+    from capsearch.search.runs import write_json
 
     study = open_study(spec, tmp_path)
     plan_trials(spec, study, tmp_path)
@@ -250,8 +250,8 @@ def test_resume_counts_finished_trials_and_settles_interrupted_ones(spec, tmp_pa
 
 
 def test_an_interrupted_baseline_goes_on_from_its_own_checkpoint(spec, tmp_path):
-    from capsearch.runs import write_json
-    from capsearch.trial import _take_checkpoint, build_plan, resumable_checkpoint
+    from capsearch.search.runs import write_json
+    from capsearch.search.trial import _take_checkpoint, build_plan, resumable_checkpoint
 
     plan = build_plan(spec, spec.baseline("difffit").params, "difffit", 5, tmp_path)
     record = {**plan.model_dump(mode="json"), "status": "interrupted"}
@@ -276,9 +276,9 @@ def test_an_interrupted_baseline_goes_on_from_its_own_checkpoint(spec, tmp_path)
 
 
 def test_an_interrupted_searched_trial_is_retried_once_with_its_parameters(spec, tmp_path):
-    from capsearch.runs import write_json
-    from capsearch.search import open_study, plan_trials
-    from capsearch.trial import build_plan, resumable_checkpoint
+    from capsearch.search.loop import open_study, plan_trials
+    from capsearch.search.runs import write_json
+    from capsearch.search.trial import build_plan, resumable_checkpoint
 
     study = open_study(spec, tmp_path)
     plan_trials(spec, study, tmp_path)
@@ -314,8 +314,8 @@ def test_an_interrupted_searched_trial_is_retried_once_with_its_parameters(spec,
 
 
 def test_with_budget_for_one_the_newest_interrupted_trial_is_retried(spec, tmp_path):
-    from capsearch.runs import write_json
-    from capsearch.search import open_study, plan_trials
+    from capsearch.search.loop import open_study, plan_trials
+    from capsearch.search.runs import write_json
 
     study = open_study(spec, tmp_path)
     plan_trials(spec, study, tmp_path)
@@ -337,7 +337,7 @@ def test_with_budget_for_one_the_newest_interrupted_trial_is_retried(spec, tmp_p
 def test_a_resumed_search_does_not_draw_its_first_sittings_trials_again(spec, sampler):
     """A sampler rebuilt with the spec's seed would propose the first sitting's trials again (random
     draws: the random sampler, TPE's start-up, NSGA-II's first generation); resumed, it draws anew."""
-    from capsearch.study import make_sampler
+    from capsearch.search.study import make_sampler
 
     spec = spec.model_copy(update={"search": spec.search.model_copy(update={"sampler": sampler})})
 
@@ -360,7 +360,7 @@ def test_a_resumed_search_does_not_draw_its_first_sittings_trials_again(spec, sa
 def test_the_search_seeds_its_sampler_from_the_trials_the_study_holds(tmp_path, monkeypatch):
     """run_search hands _tune the number of trials its study held when it started: 0 for a new
     search, the first sitting's count when resumed."""
-    import capsearch.search as search
+    import capsearch.search.loop as search
 
     seen = []
     monkeypatch.setattr(search, "_tune", lambda *a: seen.append(a[-1]))
@@ -379,8 +379,8 @@ def test_the_search_seeds_its_sampler_from_the_trials_the_study_holds(tmp_path, 
 def test_a_finished_trial_of_a_reuse_run_stands_in_for_identical_training(
     spec, tmp_path, monkeypatch
 ):
-    from capsearch.runs import write_json
-    from capsearch.trial import build_plan, reusable_trial
+    from capsearch.search.runs import write_json
+    from capsearch.search.trial import build_plan, reusable_trial
 
     other = tmp_path / "other"
     other.mkdir()
@@ -449,9 +449,9 @@ def fake_evaluate(pipe, data_root, config, out_dir=None):
 
 def test_run_trial_records_success_failure_and_nan(spec, tmp_path, monkeypatch):
     import capsearch.metrics.evaluate
-    import capsearch.train
-    from capsearch.train import TrainResult
-    from capsearch.trial import build_plan, final_result, run_trial
+    import capsearch.training.loop
+    from capsearch.search.trial import build_plan, final_result, run_trial
+    from capsearch.training.loop import TrainResult
 
     def run(params, baseline, number, report=None):
         plan = build_plan(spec, params, baseline, number, tmp_path)
@@ -461,8 +461,8 @@ def test_run_trial_records_success_failure_and_nan(spec, tmp_path, monkeypatch):
 
     def fake_finetune(pipe, entries, data, config, callbacks=(), out_dir=None, **kw):
         calls.append((entries, config))
-        from capsearch.delta import save_delta
         from capsearch.methods import apply_methods
+        from capsearch.models.delta import save_delta
 
         applied = apply_methods(pipe.unet, entries)
         for cb in callbacks:
@@ -470,7 +470,7 @@ def test_run_trial_records_success_failure_and_nan(spec, tmp_path, monkeypatch):
         save_delta(pipe.unet, Path(out_dir) / "delta", applied=applied)
         return TrainResult("ok", config.steps, 0.1, 123, 1000, 0.5)
 
-    monkeypatch.setattr(capsearch.train, "finetune", fake_finetune)
+    monkeypatch.setattr(capsearch.training.loop, "finetune", fake_finetune)
     monkeypatch.setattr(capsearch.metrics.evaluate, "evaluate", fake_evaluate)
     reported = []
     params = dict(spec.baseline("lora").params, mitigation="rwa", **{"mitigation.rwa.k": 2})
@@ -492,14 +492,14 @@ def test_run_trial_records_success_failure_and_nan(spec, tmp_path, monkeypatch):
     def broken(*a, **kw):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(capsearch.train, "finetune", broken)
+    monkeypatch.setattr(capsearch.training.loop, "finetune", broken)
     record = run(params, None, 8)
     assert record["status"] == "error" and "out of memory" in record["error"]
     assert (trial_dir(tmp_path, 8) / "error.txt").is_file()
     assert final_result(record) == {"status": "error", "trial": "t008", "training_step": 0,
                                     "error": "RuntimeError: out of memory"}  # fmt: skip
 
-    monkeypatch.setattr(capsearch.train, "finetune",
+    monkeypatch.setattr(capsearch.training.loop, "finetune",
                         lambda *a, **kw: TrainResult("nan", 2, math.nan, 5, 10, 0.1, message="diverged"))  # fmt: skip
     record = run(params, None, 9)
     assert record["status"] == "nan" and record["error"] == "diverged" and "reward" not in record
@@ -507,10 +507,12 @@ def test_run_trial_records_success_failure_and_nan(spec, tmp_path, monkeypatch):
 
 def test_freeze_trains_nothing_and_keeps_a_delta(spec, tmp_path, monkeypatch):
     import capsearch.metrics.evaluate
-    import capsearch.train
-    from capsearch.trial import build_plan, run_trial
+    import capsearch.training.loop
+    from capsearch.search.trial import build_plan, run_trial
 
-    monkeypatch.setattr(capsearch.train, "finetune", lambda *a, **kw: pytest.fail("trained"))
+    monkeypatch.setattr(
+        capsearch.training.loop, "finetune", lambda *a, **kw: pytest.fail("trained")
+    )
     monkeypatch.setattr(capsearch.metrics.evaluate, "evaluate", fake_evaluate)
     plan = build_plan(spec, dict(spec.baseline("freeze").params), "freeze", 0, tmp_path)
     record = run_trial(plan, tmp_path, tmp_path)
@@ -523,7 +525,7 @@ def test_freeze_trains_nothing_and_keeps_a_delta(spec, tmp_path, monkeypatch):
 
 
 def test_searcher_records_failures_pruning_and_probes(spec, tmp_path):
-    from capsearch.search import study_storage
+    from capsearch.search.loop import study_storage
 
     searcher = make_searcher(spec, tmp_path)
     configs = {name: searcher.suggest(name) for name in ("ok", "error", "stopped")}
@@ -763,7 +765,7 @@ def test_asha_stops_searched_trials_but_never_baselines(tmp_path, capsys):
 
 def test_a_finalist_without_delta_or_training_record_is_one_line(tmp_path):
     from capsearch.errors import UserError
-    from capsearch.retrain import retrain_delta
+    from capsearch.search.retrain import retrain_delta
 
     record = {"dir": str(tmp_path / "t003"), "trial": "t003", "model": "tiny"}
     with pytest.raises(UserError) as exc:
@@ -773,9 +775,9 @@ def test_a_finalist_without_delta_or_training_record_is_one_line(tmp_path):
 
 
 def test_retry_errors_runs_an_errored_baseline_and_searched_trial_again(spec, tmp_path):
-    from capsearch.runs import write_json
-    from capsearch.search import open_study, plan_trials
-    from capsearch.trial import build_plan
+    from capsearch.search.loop import open_study, plan_trials
+    from capsearch.search.runs import write_json
+    from capsearch.search.trial import build_plan
 
     study = open_study(spec, tmp_path)
     plan_trials(spec, study, tmp_path)

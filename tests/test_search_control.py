@@ -1,4 +1,4 @@
-"""W against a single other trial (capsearch.dominance.versus) and experiments/search_control.py: is the
+"""W against a single other trial (capsearch.reporting.dominance.versus) and experiments/search_control.py: is the
 search's winner better than Full FT because of its capacity or because of its lower learning rate?"""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import sys
 import pytest
 from test_dominance import GOOD_W, ROOT, TPE, W_PARAMS, load_script, make_run, record
 
-from capsearch.dominance import table_lines, versus
 from capsearch.errors import UserError
-from capsearch.runs import trial_dir
+from capsearch.reporting.dominance import table_lines, versus
+from capsearch.search.runs import trial_dir
 
 SEEDS = (0, 1, 3)
 

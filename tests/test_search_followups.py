@@ -11,9 +11,9 @@ import optuna
 import pytest
 import yaml
 
-from capsearch.baselines import fixed_points
 from capsearch.config import load_spec, resolve_extends
-from capsearch.space import define_space
+from capsearch.search.baselines import fixed_points
+from capsearch.search.space import define_space
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "experiments" / "search_vs_baselines.yaml"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from capsearch.searchstats import best_so_far, compute_used, curve_plot, group_shares
+from capsearch.reporting.searchstats import best_so_far, compute_used, curve_plot, group_shares
 
 DIFFFIT = [{"method": "difffit", "units": ["mid_block.attentions"]}]
 FREEZE = [{"method": "freeze", "units": []}]
@@ -59,7 +59,7 @@ def test_learning_curve_counts_every_proposal_and_keeps_the_best(tmp_path):
 
 
 def test_group_shares_count_each_groups_trainable_parameters():
-    from capsearch.models import load_pipeline
+    from capsearch.models.load import load_pipeline
 
     record = {
         "model": "tiny:random",
@@ -80,8 +80,8 @@ def test_group_shares_count_each_groups_trainable_parameters():
 def test_interrupted_trials_count_what_they_trained_before_they_stopped(tmp_path):
     import json
 
-    from capsearch.runs import write_json
-    from capsearch.searchstats import interrupted_work, report_lines
+    from capsearch.reporting.searchstats import interrupted_work, report_lines
+    from capsearch.search.runs import write_json
 
     for number, status, log in (
         (1, "interrupted", [{"step": 10, "time": 1000.0}, {"step": 20, "time": 1100.0}]),

@@ -12,8 +12,8 @@ from conftest import mid_block_groups
 
 from capsearch.cli import main
 from capsearch.errors import UserError
-from capsearch.runs import trial_dir, write_json
-from capsearch.seeds import load_pool, verdict, write_seeds_report
+from capsearch.reporting.seeds import load_pool, verdict, write_seeds_report
+from capsearch.search.runs import trial_dir, write_json
 
 SPEC = {
     "name": "paper_table1",
@@ -155,7 +155,7 @@ def test_table_2_run_pools_with_table_1_run_of_the_same_seed(tmp_path):
 
 
 def test_the_plot_colours_by_method_and_shapes_by_mitigation():
-    from capsearch.plots import method_and_marker
+    from capsearch.reporting.plots import method_and_marker
 
     assert method_and_marker("Full FT") == ("Full FT", "o")
     assert method_and_marker("Full FT + RWA†") == ("Full FT", "s")

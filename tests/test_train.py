@@ -11,8 +11,8 @@ from accelerate import Accelerator
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from capsearch.errors import UserError
-from capsearch.models import load_pipeline
-from capsearch.train import TrainSettings, finetune
+from capsearch.models.load import load_pipeline
+from capsearch.training.loop import TrainSettings, finetune
 from capsearch.worlds.phantom import write_phantom_dataset
 
 
@@ -59,7 +59,7 @@ def test_resume_is_bit_identical(data, tmp_path, mitigations):
     finetune(straight, spec, data, _cfg(steps=6, mitigations=mitigations), quiet=True)
     first = load_pipeline("tiny:random")
     cfg = _cfg(steps=6, checkpoint_every=3, mitigations=mitigations)
-    import capsearch.train as train_mod
+    import capsearch.training.loop as train_mod
 
     original = train_mod._save_checkpoint
 
@@ -126,7 +126,7 @@ def test_probe_reports_heldout_loss_and_strength(data):
 
 def test_a_resumed_fine_tune_reports_its_earlier_probes_first(data, tmp_path, monkeypatch):
     """A scheduler (ASHA) sees a resumed trial's whole probe history, as if it had not stopped."""
-    import capsearch.train as train_mod
+    import capsearch.training.loop as train_mod
 
     spec = [{"method": "bitfit", "units": "mid_block"}]
     cfg = _cfg(steps=6, probe_every=2, checkpoint_every=4)
@@ -236,7 +236,7 @@ def test_threshold_drops_the_strongest_samples_and_they_get_no_gradient(data, mo
     """Wen et al.'s mitigation: samples whose ‖ε(x_t,e_p) − ε(x_t,e_∅)‖ exceeds the batch's limit leave
     the loss; the step's gradient is that of the kept samples' loss alone."""
     import capsearch.metrics.denoising as denoising
-    import capsearch.train as train_mod
+    import capsearch.training.loop as train_mod
 
     seen = {"scores": [], "targets": [], "outputs": [], "grads": []}
     real_scores, real_target = denoising.threshold_scores, train_mod._target
@@ -324,7 +324,7 @@ def _cpu_accelerator(scale: float | None, overflow_at: tuple[int, ...] = ()) -> 
 
 
 def test_fp16_loss_scaling_clips_unscaled_gradients(data, monkeypatch):
-    import capsearch.train as train_mod
+    import capsearch.training.loop as train_mod
 
     spec, cfg = [{"method": "bitfit", "units": "mid_block"}], _cfg(steps=3, max_grad_norm=1e-4)
     runs = {}
@@ -343,7 +343,7 @@ def test_fp16_loss_scaling_clips_unscaled_gradients(data, monkeypatch):
 
 
 def test_fp16_overflow_step_is_skipped_and_the_schedule_waits(data, tmp_path, monkeypatch):
-    import capsearch.train as train_mod
+    import capsearch.training.loop as train_mod
 
     acc = _cpu_accelerator(2.0**12, overflow_at=(1,))
     monkeypatch.setattr(train_mod, "_accelerator", lambda precision, cuda: acc)
@@ -378,7 +378,7 @@ def test_autocast_runs_during_training_and_is_undone_afterwards(data, monkeypatc
     pipe.unet computes in fp32 again, as sampling and saving expect."""
     from accelerate.state import AcceleratorState
 
-    import capsearch.train as train_mod
+    import capsearch.training.loop as train_mod
 
     def bf16_on_cpu(precision, cuda):
         AcceleratorState._reset_state()
@@ -399,7 +399,7 @@ def test_autocast_runs_during_training_and_is_undone_afterwards(data, monkeypatc
 
 
 def test_auto_precision_is_bf16_where_the_gpu_has_it(monkeypatch):
-    from capsearch.train import resolve_precision
+    from capsearch.training.loop import resolve_precision
 
     assert resolve_precision("auto", cuda=False) == "no"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -465,7 +465,7 @@ def test_cache_encodings_is_a_train_flag_and_older_records_train_the_same(
 ):
     """`--no-cache-encodings` reaches the fine-tune; a record written before the field existed
     compares as the default (cache on), so resumed searches keep their finished trials."""
-    import capsearch.train as train_mod
+    import capsearch.training.loop as train_mod
     from capsearch.cli import main
     from capsearch.settings import same_training
 

@@ -14,7 +14,7 @@ import yaml
 from capsearch.cli import main
 from capsearch.config import load_spec
 from capsearch.errors import UserError
-from capsearch.inputs import prepare_data
+from capsearch.search.inputs import prepare_data
 from capsearch.worlds.phantom import COMPLETE, METADATA, phantom_complete, write_phantom_dataset
 from capsearch.worlds.reports import ReportBank, report_bank
 from capsearch.worlds.transfer import (

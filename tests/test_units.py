@@ -9,7 +9,7 @@ import torch
 
 from capsearch.errors import UserError
 from capsearch.methods import method_names
-from capsearch.models_config import SD15_UNET_CONFIG, build_tiny_unet
+from capsearch.models.tiny import SD15_UNET_CONFIG, build_tiny_unet
 from capsearch.units import Unit, list_units, select_units, unit_matches
 
 BLOCK_CLASSES = {"Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"}

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from capsearch.models import load_pipeline
-from capsearch.previews import PREVIEW_PER_PROMPT, preview_prompts, render_preview
+from capsearch.models.load import load_pipeline
 from capsearch.progress import trial_progress
-from capsearch.tblog import LOSS_TAG, event_files, image_steps, read_events, read_scalars
-from capsearch.train import TrainSettings, finetune
+from capsearch.training.loop import TrainSettings, finetune
+from capsearch.training.previews import PREVIEW_PER_PROMPT, preview_prompts, render_preview
+from capsearch.training.tblog import LOSS_TAG, event_files, image_steps, read_events, read_scalars
 from capsearch.worlds.phantom import write_phantom_dataset
 
 # Two entries, the second at its own rate: two parameter groups (capsearch.methods.optimizer_groups).
@@ -62,7 +62,7 @@ def test_every_step_logs_its_loss_and_the_rate_of_each_group(data, tmp_path):
 
 def test_previews_leave_the_training_stream_unchanged(data, tmp_path, monkeypatch):
     """Previews sample on their own generators: the loss of every step and the weights are the same."""
-    import capsearch.previews as previews
+    import capsearch.training.previews as previews
 
     monkeypatch.setattr(previews, "PREVIEW_STEPS", 4)  # the default prompts, fewer sampler steps
     with_previews, without = load_pipeline("tiny:random"), load_pipeline("tiny:random")
@@ -82,7 +82,7 @@ def test_previews_leave_the_training_stream_unchanged(data, tmp_path, monkeypatc
 
 
 def test_a_preview_is_a_fixed_grid_and_touches_no_global_rng(data, tmp_path, monkeypatch):
-    import capsearch.previews as previews
+    import capsearch.training.previews as previews
 
     monkeypatch.setattr(previews, "PREVIEW_STEPS", 4)
     pipe = load_pipeline("tiny:random")
@@ -104,7 +104,7 @@ def test_a_preview_is_a_fixed_grid_and_touches_no_global_rng(data, tmp_path, mon
 
 def test_a_resumed_fine_tune_appends_without_repeating_steps(data, tmp_path, monkeypatch):
     """Killed at step 5 after a checkpoint at 3: the resumed session's file restarts at step 4."""
-    import capsearch.train as train_mod
+    import capsearch.training.loop as train_mod
 
     straight = tmp_path / "straight"
     finetune(load_pipeline("tiny:random"), SPEC, data, _cfg(steps=6), out_dir=straight, quiet=True)

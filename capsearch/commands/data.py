@@ -78,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _phantom(args: argparse.Namespace) -> int:
     """Write a phantom dataset and print what was written."""
-    from capsearch.data import read_metadata
+    from capsearch.datasets.folder import read_metadata
     from capsearch.worlds.phantom import write_phantom_dataset
 
     avoid = _avoid_reports_of(args.avoid_reports_of)
@@ -139,7 +139,7 @@ def _avoid_reports_of(value: str | None) -> dict[str, int] | None:
 
 def _mimic(args: argparse.Namespace) -> int:
     """Import a MIMIC-CXR-JPG folder and print what was kept and left out."""
-    from capsearch.mimic import write_mimic_metadata
+    from capsearch.datasets.mimic import write_mimic_metadata
 
     result = write_mimic_metadata(args.root, args.out, reports=args.reports, progress=True)
     print(f"wrote {result.written} frontal images to {result.metadata}")
@@ -154,7 +154,7 @@ def _check(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from capsearch.data import check_dataset
+    from capsearch.datasets.folder import check_dataset
 
     records, problems = check_dataset(args.dir, progress=True)
     console = Console()

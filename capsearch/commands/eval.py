@@ -33,9 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from capsearch.data import metadata_path
+    from capsearch.datasets.folder import metadata_path
     from capsearch.metrics.evaluate import evaluate
-    from capsearch.models import load_pipeline
+    from capsearch.models.load import load_pipeline
     from capsearch.settings import EvalSettings, flag_values
 
     if not args.data.is_dir():
@@ -46,7 +46,7 @@ def _eval(args: argparse.Namespace) -> int:
     config = EvalSettings.parse(flag_values(args, EvalSettings), "eval")
     pipe = load_pipeline(args.model)
     if args.delta:
-        from capsearch.delta import load_delta
+        from capsearch.models.delta import load_delta
 
         if not args.delta.is_dir():
             raise UserError(f"delta folder {args.delta} does not exist")

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     """Write the export and print one line per file: what it is and how to load it."""
-    from capsearch.export import export_trial
+    from capsearch.export.trial import export_trial
 
     result = export_trial(
         args.run_dir, args.out, args.trial, lora=args.lora, single_file=args.single_file

@@ -36,15 +36,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def unet_factory(model: str) -> Callable[[], torch.nn.Module]:
     """A function returning a fresh UNet for a model spec (`tiny`, `sd15-config`, or a pipeline spec)."""
     if model == "tiny":
-        from capsearch.models_config import build_tiny_unet
+        from capsearch.models.tiny import build_tiny_unet
 
         return build_tiny_unet
     if model == "sd15-config":
         return _sd15_on_meta
     try:
-        from capsearch.models import load_pipeline
+        from capsearch.models.load import load_pipeline
     except ImportError as exc:  # the models stage is not built: only the two specs above exist
-        if getattr(exc, "name", None) not in (None, "capsearch.models"):
+        if getattr(exc, "name", None) not in (None, "capsearch.models.load"):
             raise
         raise UserError(f"unknown model {model!r}; use tiny or sd15-config") from None
     import copy
@@ -58,7 +58,7 @@ def _sd15_on_meta() -> torch.nn.Module:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from capsearch.models_config import SD15_UNET_CONFIG
+    from capsearch.models.tiny import SD15_UNET_CONFIG
 
     with torch.device("meta"):
         return UNet2DConditionModel(**SD15_UNET_CONFIG)

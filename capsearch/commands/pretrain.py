@@ -72,7 +72,7 @@ def _shapes(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise UserError(f"--device {args.device}: no CUDA device is visible")
-    from capsearch.pretrain import pretrain_shapes
+    from capsearch.training.pretrain import pretrain_shapes
 
     meta = pretrain_shapes(
         args.out,

@@ -24,8 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from capsearch.models import load_pipeline
-    from capsearch.sample import generate, save_grid
+    from capsearch.models.load import load_pipeline
+    from capsearch.models.sampling import generate, save_grid
 
     for flag, value in (("--n", args.n), ("--steps", args.steps)):
         if value < 1:
@@ -36,7 +36,7 @@ def _sample(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out}: {args.out.parent} is a file, not a folder")
     pipe = load_pipeline(args.model)
     if args.delta:
-        from capsearch.delta import load_delta
+        from capsearch.models.delta import load_delta
 
         if not args.delta.is_dir():
             raise UserError(f"delta folder {args.delta} does not exist")

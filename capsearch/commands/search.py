@@ -79,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from capsearch.config import load_spec
-    from capsearch.raysession import reap_orphans
+    from capsearch.search.cluster import reap_orphans
 
     console = Console()
     reaped = reap_orphans()  # first of all: a killed search's workers would train on for a minute
@@ -90,8 +90,8 @@ def _run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
     out = args.out or default_run_dir(spec.name or args.spec.stem, args.resume)
     connected = connect_ray(args.address, args.dashboard, console)
-    from capsearch.search import run_search
-    from capsearch.study import StudyNotSaved
+    from capsearch.search.loop import run_search
+    from capsearch.search.study import StudyNotSaved
 
     try:
         console.print(f"search {spec.name!r} → {out}  (Optuna study: {out}/optuna.db)")
@@ -108,10 +108,10 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"{exc}: `capsearch run {args.spec} --out {out} --resume`") from None
     finally:
         if connected:
-            from capsearch.raysession import stop_local_ray
+            from capsearch.search.cluster import stop_local_ray
 
             stop_local_ray()  # also for a joined cluster: leaves it running, removes no entry
-    from capsearch.runs import unfinished_trials
+    from capsearch.search.runs import unfinished_trials
 
     console.print(f"report: {report}")
     cut = unfinished_trials(out)
@@ -141,7 +141,7 @@ def connect_ray(address: str | None, dashboard: bool, console: Any) -> bool:
         return False
     import ray
 
-    from capsearch.search import prepare_ray_start
+    from capsearch.search.loop import prepare_ray_start
 
     prepare_ray_start()
     quiet = {"log_to_driver": False, "logging_level": "WARNING"}
@@ -153,7 +153,7 @@ def connect_ray(address: str | None, dashboard: bool, console: Any) -> bool:
         if address is not None:
             context = ray.init(address=address, **quiet)
         else:
-            from capsearch.raysession import start_local_ray
+            from capsearch.search.cluster import start_local_ray
 
             context = start_local_ray(
                 console,
@@ -260,8 +260,8 @@ def _progress(run_dir: Path) -> Any:
 
     from capsearch.metrics.table import METRICS
     from capsearch.progress import running_bar, trial_progress
-    from capsearch.report import display_name
-    from capsearch.runs import RESULT_FILE, trial_dir
+    from capsearch.reporting.report import display_name
+    from capsearch.search.runs import RESULT_FILE, trial_dir
 
     class Printer(tune.Callback):
         def setup(self, total_num_samples: int = 0, **info: Any) -> None:
@@ -321,9 +321,9 @@ def _progress(run_dir: Path) -> Any:
 
 def _validate(args: argparse.Namespace) -> int:
     from capsearch.config import load_spec
-    from capsearch.coverage import check_units
-    from capsearch.final import final_text
-    from capsearch.reward import objective_text
+    from capsearch.search.coverage import check_units
+    from capsearch.search.final import final_text
+    from capsearch.search.reward import objective_text
 
     spec = load_spec(args.spec, args.overrides, check_model=False)
     coverage = check_units(spec, source=str(args.spec))
@@ -354,8 +354,8 @@ def _status(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from capsearch.report import ordered, results_table
-    from capsearch.runs import load_trials, read_run_spec
+    from capsearch.reporting.report import ordered, results_table
+    from capsearch.search.runs import load_trials, read_run_spec
 
     spec = read_run_spec(args.run_dir)
     records = ordered(load_trials(args.run_dir, finished_only=False), spec)
@@ -374,13 +374,13 @@ def _report(args: argparse.Namespace) -> int:
             raise UserError(
                 f"{len(args.run_dirs)} runs make one report over seeds: give its folder with --out DIR"
             )
-        from capsearch.report import write_report
+        from capsearch.reporting.report import write_report
 
         print(f"wrote {write_report(args.run_dirs[0])}")
         return 0
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} exists and is not a folder")
-    from capsearch.seeds import write_seeds_report
+    from capsearch.reporting.seeds import write_seeds_report
 
     print(f"wrote {write_seeds_report(args.run_dirs, args.out)}")
     return 0

@@ -77,9 +77,9 @@ def parse_mitigation(text: str) -> dict:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from capsearch.models import load_pipeline
+    from capsearch.models.load import load_pipeline
     from capsearch.settings import TrainSettings, flag_values
-    from capsearch.train import finetune
+    from capsearch.training.loop import finetune
 
     if not args.data.is_dir():
         raise UserError(f"data folder {args.data} does not exist")

@@ -41,10 +41,10 @@ def denoising_strength_per_prompt(
 ) -> torch.Tensor:
     """Wen et al.'s detection metric per prompt [P]: mean over n DDIM trajectories and all their steps.
 
-    The trajectories are those of `capsearch.sample.generate` with the same seed (same per-sample noise,
+    The trajectories are those of `capsearch.models.sampling.generate` with the same seed (same per-sample noise,
     same guided DDIM steps), so the strength of a prompt belongs to the images generated for it.
     """
-    from capsearch.sample import generate
+    from capsearch.models.sampling import generate
 
     prompts = list(prompts)
     if not prompts:

@@ -89,7 +89,7 @@ def evaluate(
     import torch
 
     from capsearch.atomic import atomic_target
-    from capsearch.data import load_images, read_metadata
+    from capsearch.datasets.folder import load_images, read_metadata
     from capsearch.faults import maybe_fail
     from capsearch.metrics import (
         PHANTOM_THRESHOLD,
@@ -113,7 +113,7 @@ def evaluate(
     from capsearch.metrics.kid import kernel_inception_distance_to
     from capsearch.metrics.memorised_grid import MEMORISED_GRID, save_memorised_grid
     from capsearch.metrics.table import METRICS
-    from capsearch.sample import generate, save_grid
+    from capsearch.models.sampling import generate, save_grid
 
     config = config or EvalSettings()
     if config.split == "train":  # settings built without validation (model_construct) land here
@@ -174,7 +174,7 @@ def evaluate(
     nearest = nearest_train(gen_feats, train_feats)[0][:, 0].double().numpy()
     aligned = alignment_scores(gen, gen_prompts, text_scorer).double().numpy()
     # Real held-out images' own distance to the training set, at the generated sample count: the AMD
-    # a model that learnt the domain without copying would reach (the reward's reference, capsearch.reward).
+    # a model that learnt the domain without copying would reach (the reward's reference, capsearch.search.reward).
     pick = np.random.default_rng(rng_seed).choice(len(ref_feats), size=n_gen, replace=False)
     heldout_nearest = nearest_train(ref_feats[pick], train_feats)[0][:, 0].double().numpy()
     metrics: dict = {

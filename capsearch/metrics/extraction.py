@@ -125,8 +125,8 @@ def prompt_cliques(
 
 
 def _pipeline_generator(pipe, steps: int, guidance: float, batch_size: int) -> ImageGenerator:
-    """A `(prompts, n_per_prompt, seed) -> images` callable backed by capsearch.sample.generate."""
-    from capsearch.sample import generate
+    """A `(prompts, n_per_prompt, seed) -> images` callable backed by capsearch.models.sampling.generate."""
+    from capsearch.models.sampling import generate
 
     def run(prompts: list[str], n_per_prompt: int, seed: int) -> torch.Tensor:
         return generate(

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from capsearch.errors import UserError
-from capsearch.models import TINY_MODELS
+from capsearch.models.load import TINY_MODELS
 
 XRV_WEIGHTS = "densenet121-res224-mimic_ch"
 BIOVIL_T_HUB_ID = "microsoft/BiomedVLP-BioViL-T"
@@ -297,7 +297,7 @@ def _source_digest(source: torch.Tensor | Path, split: str, size: int) -> str:
         digest.update(json.dumps(list(x.shape)).encode())
         digest.update(x.numpy().tobytes())
         return digest.hexdigest()
-    from capsearch.data import in_split, metadata_path, read_metadata
+    from capsearch.datasets.folder import in_split, metadata_path, read_metadata
 
     root = Path(source)
     meta = metadata_path(root)
@@ -346,7 +346,7 @@ def cached_features(
     if torch.is_tensor(source):
         images = source
     else:
-        from capsearch.data import load_images
+        from capsearch.datasets.folder import load_images
 
         images = load_images(source, split, size)
     feats = extractor.features(images, batch_size=batch_size).float().contiguous()

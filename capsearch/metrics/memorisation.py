@@ -45,7 +45,7 @@ def memorisation_probe(
     with `other_n` > 0 also `copies_other` and `median_dist_other` from other_n samples of each other
     caption (copies there would mean the threshold, not memorisation, is at work).
     """
-    from capsearch.data import load_images, read_metadata
+    from capsearch.datasets.folder import load_images, read_metadata
     from capsearch.metrics.denoising import denoising_strength_per_prompt
     from capsearch.metrics.extraction import (
         DEFAULT_TILES,
@@ -53,7 +53,7 @@ def memorisation_probe(
         _nearest_training,
         extraction_attack,
     )
-    from capsearch.sample import generate
+    from capsearch.models.sampling import generate
 
     records = [r for r in read_metadata(root) if r["split"] == "train"]
     memorised, own_rows, others = memorised_captions(records)

@@ -17,7 +17,7 @@ def save_memorised_grid(ctx, extracted: set[str], path: Path, per_caption: int =
     """Write the grid; None (nothing written) when no memorised caption was attacked."""
     import torch
 
-    from capsearch.sample import save_grid
+    from capsearch.models.sampling import save_grid
 
     images, prompts = ctx.memorised_images, ctx.memorised_prompts
     if images is None or not prompts or ctx.train_images is None:

@@ -65,7 +65,7 @@ class PhantomScorer(nn.Module):
         if x.shape[1] != 1:
             x = x.mean(dim=1, keepdim=True)
         if tuple(x.shape[-2:]) != (self.size, self.size):
-            # Antialiased bicubic, as Pillow's resize that made the training images (capsearch.data):
+            # Antialiased bicubic, as Pillow's resize that made the training images (capsearch.datasets.folder):
             # a bilinear resize shifted held-out finding agreement from 0.68 to 0.49 in one measurement.
             x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True)
             x = x.clamp(-1, 1)
@@ -163,7 +163,7 @@ def phantom_world_digest() -> str:
     import numpy as np
     from PIL import Image
 
-    from capsearch.data import read_metadata
+    from capsearch.datasets.folder import read_metadata
     from capsearch.worlds.phantom import write_phantom_dataset
 
     digest = hashlib.sha256()
@@ -251,7 +251,7 @@ def load_scorer(
 
 def _split_tensors(data_dir: Path, split: str, size: int, findings: Sequence[str]):
     """Images [N, 1, size, size] and multi-hot labels [N, F] of one split of a phantom dataset."""
-    from capsearch.data import ImageCaptionDataset
+    from capsearch.datasets.folder import ImageCaptionDataset
 
     dataset = ImageCaptionDataset(data_dir, split=split, size=size)
     if len(dataset) == 0:
@@ -269,7 +269,7 @@ def _split_tensors(data_dir: Path, split: str, size: int, findings: Sequence[str
 
 def _dataset_summary(data_dir: Path) -> dict:
     """Patients, images and metadata hash of the training dataset, for the record."""
-    from capsearch.data import read_metadata
+    from capsearch.datasets.folder import read_metadata
 
     records = read_metadata(data_dir)
     return {

@@ -1,9 +1,9 @@
 """The one table of metrics: name, direction, labels, format, reward term, interval, how it is computed.
 
 Everything that shows, ranks or rewards a metric reads it from here: the reward and the Pareto
-objectives (capsearch.reward), the results tables and report (capsearch.report), the model card
-(capsearch.export), the progress lines of a search and `capsearch status`, and what a trial reports to
-Ray (capsearch.trial). A metric with a `compute` hook is also computed through the table: evaluate hands
+objectives (capsearch.search.reward), the results tables and report (capsearch.reporting.report), the model card
+(capsearch.export.trial), the progress lines of a search and `capsearch status`, and what a trial reports to
+Ray (capsearch.search.trial). A metric with a `compute` hook is also computed through the table: evaluate hands
 every hook the same `EvalContext` (samples, features, attack images, training records), so a new metric
 is its own file, one entry here and its test.
 """

@@ -19,7 +19,7 @@ import time
 import torch
 
 from capsearch.metrics import PHANTOM_THRESHOLD, extraction_attack
-from capsearch.models import load_pipeline
+from capsearch.models.load import load_pipeline
 from capsearch.worlds.phantom import write_phantom_dataset
 
 
@@ -97,7 +97,7 @@ def main() -> None:
     pipe = load_pipeline("tiny")
     import tempfile
 
-    from capsearch.data import load_images
+    from capsearch.datasets.folder import load_images
 
     with tempfile.TemporaryDirectory() as tmp:
         write_phantom_dataset(tmp, patients=40, size=32, seed=0)

@@ -1,4 +1,4 @@
-"""`capsearch.train.finetune` against a plain diffusers-style loop, side by side in one process; per-method cost.
+"""`capsearch.training.loop.finetune` against a plain diffusers-style loop, side by side in one process; per-method cost.
 
 Usage: python experiments/benchmarks/bench_finetune.py [--steps 30] [--methods full,attention,difffit,svdiff,lora]
 The plain loop is written the way diffusers' examples/text_to_image/train_text_to_image.py trains (tokenise,
@@ -53,8 +53,8 @@ def plain_loop(pipe, images, captions, steps: int, batch: int, seed: int) -> flo
 def capsearch_loop(
     data, steps: int, batch: int, seed: int, spec=None, cache: bool = True, dropout: float = 0.0
 ) -> float:
-    from capsearch.models import load_pipeline
-    from capsearch.train import TrainSettings, finetune
+    from capsearch.models.load import load_pipeline
+    from capsearch.training.loop import TrainSettings, finetune
 
     pipe = load_pipeline("tiny:random")
     cfg = TrainSettings(steps=steps, batch_size=batch, seed=seed, caption_dropout=dropout,
@@ -73,8 +73,8 @@ def cache_rounds(data, steps: int, rounds: int, batch: int = 16) -> None:
               f"encoding every step {rates[False][-1]:.2f} steps/s")  # fmt: skip
     ratio = sum(rates[True]) / sum(rates[False])
     print(f"cached / encoding every step, steps-per-second ratio: {ratio:.3f}")
-    from capsearch.data import ImageCaptionDataset
-    from capsearch.models import load_pipeline
+    from capsearch.datasets.folder import ImageCaptionDataset
+    from capsearch.models.load import load_pipeline
 
     pipe = load_pipeline("tiny:random")
     texts = ImageCaptionDataset(data, "train", 32).captions[:batch]
@@ -96,8 +96,8 @@ def _status_kb(field: str) -> int:
 
 def one_method(method: str, data: str, steps: int) -> None:
     """Train one method in this (fresh) process; print step time and peak RSS growth during training."""
-    from capsearch.models import load_pipeline
-    from capsearch.train import TrainSettings, finetune
+    from capsearch.models.load import load_pipeline
+    from capsearch.training.loop import TrainSettings, finetune
 
     pipe = load_pipeline("tiny:random")
     spec = [{"method": method, "units": "*" if method != "attention" else "*:*_attn"}]
@@ -124,8 +124,8 @@ def main() -> None:
     if args.one_method:
         one_method(args.one_method, args.data, args.steps)
         return
-    from capsearch.data import ImageCaptionDataset, load_images
-    from capsearch.models import load_pipeline
+    from capsearch.datasets.folder import ImageCaptionDataset, load_images
+    from capsearch.models.load import load_pipeline
     from capsearch.worlds.phantom import write_phantom_dataset
 
     data = Path(tempfile.mkdtemp()) / "phantom"

@@ -3,10 +3,10 @@
 Usage: python experiments/benchmarks/bench_gpu.py --out experiments/results/gpu
        python experiments/benchmarks/bench_gpu.py --device cpu --tiny --out /tmp/gpu   (a CPU check)
 Parts (each with its own time budget, each written to OUT/<part>.json as its results come in):
-  finetune  SD-v1.5-shaped UNet: capsearch.train.finetune against a plain diffusers-style loop for full,
+  finetune  SD-v1.5-shaped UNet: capsearch.training.loop.finetune against a plain diffusers-style loop for full,
             DiffFit, SV-DIFF and LoRA at bf16/fp16 (fp32 for numerics); MFU; attention, layout,
             checkpointing and latent-caching variants
-  sampling  50-step guided DDIM: capsearch.sample.generate against a plain loop; the extraction attack
+  sampling  50-step guided DDIM: capsearch.models.sampling.generate against a plain loop; the extraction attack
   nearest   AMD's nearest neighbour, 110,000 x 1,024 training features, on the GPU by chunked matmul
   sharing   N tiny-model trials as processes sharing the GPU against one alone
   tiny      the tiny model's finetune (batch 16) and pretraining loop (batch 256): rate and profile
@@ -32,7 +32,7 @@ PARTS = ("finetune", "sampling", "nearest", "sharing", "tiny")
 BUDGETS = {"finetune": 140.0, "sampling": 30.0, "nearest": 15.0, "sharing": 45.0, "tiny": 35.0}
 TINY_BUDGET = 120.0  # --tiny: enough for every measurement of the toy sizes on a CPU
 WATCHED = ("ray", "optuna", "pydantic", "faiss")
-IMPORT_CHECK = ("capsearch.models", "capsearch.methods", "capsearch.sample", "capsearch.train",
+IMPORT_CHECK = ("capsearch.models.load", "capsearch.methods", "capsearch.models.sampling", "capsearch.training.loop",
                 "capsearch.metrics.amd")  # fmt: skip
 
 
@@ -124,8 +124,8 @@ def preload() -> None:
     (between runs, to free GPU memory held in reference cycles) then skips those objects."""
     import gc
 
-    for name in ("diffusers", "transformers", "accelerate", "peft", "capsearch.models",
-                 "capsearch.methods", "capsearch.sample", "capsearch.train"):  # fmt: skip
+    for name in ("diffusers", "transformers", "accelerate", "peft", "capsearch.models.load",
+                 "capsearch.methods", "capsearch.models.sampling", "capsearch.training.loop"):  # fmt: skip
         missing(name)  # a module that is missing is reported by the part that needs it
     if sys.modules.get("diffusers") is not None:
         sys.modules["diffusers"].utils.logging.set_verbosity_error()  # no dtype-cast notices

@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from capsearch.models import load_pipeline
+from capsearch.models.load import load_pipeline
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Part 1 of bench_gpu.py: fine-tuning an SD-v1.5-shaped UNet, capsearch's loop against a plain one.
 
-Per method (full, DiffFit, SV-DIFF, LoRA): `capsearch.train.finetune` at bf16, then the plain loop on the
+Per method (full, DiffFit, SV-DIFF, LoRA): `capsearch.training.loop.finetune` at bf16, then the plain loop on the
 UNet it adapted at bf16, fp16 and fp32 (the numerics reference), and the step's FLOPs. Then the
 variants (classic attention instead of SDPA, channels-last, gradient checkpointing, encoding every step
 instead of cached latents and text states), then finetune at fp16 and at fp32.
@@ -42,7 +42,7 @@ class _Setting:
         self.data = latent_records(write_records(tmp / "latents", self.texts), self.latents)
         self.pixel_data = tmp / "pixels"  # written on first use (the encoding variant)
         self.precisions = ["bf16", "fp16"] if device.type == "cuda" else ["no"]
-        self.capsearch_missing = missing("pydantic")  # capsearch.train → capsearch.settings
+        self.capsearch_missing = missing("pydantic")  # capsearch.training.loop → capsearch.settings
 
     def pipe(self, encoding: bool = False):
         """A fresh pipeline (same UNet weights every time)."""

@@ -1,4 +1,4 @@
-"""Part 2 of bench_gpu.py: guided DDIM sampling, `capsearch.sample.generate` against a plain loop.
+"""Part 2 of bench_gpu.py: guided DDIM sampling, `capsearch.models.sampling.generate` against a plain loop.
 
 Both sample the same SD-v1.5-shaped UNet (fp16 on a GPU) with classifier-free guidance, text encoded
 once per batch; images are the latents (no VAE decode on either side). Rounds alternate the two.
@@ -52,8 +52,8 @@ def run(rec: Record, device: torch.device, tiny: bool, batch: int, rounds: int =
         return
     from diffusers import DDPMScheduler
 
-    from capsearch.models import Pipeline
-    from capsearch.sample import generate
+    from capsearch.models.load import Pipeline
+    from capsearch.models.sampling import generate
 
     shapes = Shapes(tiny=tiny, batch=batch)
     steps = 3 if tiny else 50

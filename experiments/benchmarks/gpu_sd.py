@@ -147,7 +147,7 @@ def write_records(root: Path, texts: list[str], pixels: int | None = None, seed:
 
 def latent_records(root: Path, latents: torch.Tensor):
     """The records of `root` with precomputed latents for images (with no VAE, finetune trains on them)."""
-    from capsearch.data import ImageCaptionDataset
+    from capsearch.datasets.folder import ImageCaptionDataset
 
     class LatentRecords(ImageCaptionDataset):
         def load(self, index: int, warn: bool = True) -> torch.Tensor:
@@ -207,8 +207,8 @@ def build_vae(shapes: Shapes, device: torch.device):
 @functools.cache
 def tokenizer():
     """capsearch's shipped CLIP tokenizer (77 tokens), loaded once."""
-    from capsearch.models import TOKENIZER_DIR
-    from capsearch.tokenizer import load_clip_tokenizer
+    from capsearch.models.load import TOKENIZER_DIR
+    from capsearch.models.tokenizer import load_clip_tokenizer
 
     return load_clip_tokenizer(TOKENIZER_DIR)
 
@@ -217,7 +217,7 @@ def pipeline(shapes: Shapes, device: torch.device, texts: list[str], encoding: b
     """A capsearch Pipeline: cached text states and no VAE, or (`encoding`) a real CLIP and VAE."""
     from diffusers import DDPMScheduler
 
-    from capsearch.models import Pipeline
+    from capsearch.models.load import Pipeline
 
     tok = tokenizer()
     if encoding:
@@ -234,9 +234,9 @@ def pipeline(shapes: Shapes, device: torch.device, texts: list[str], encoding: b
 
 def capsearch_train(pipe, spec: dict, data, shapes: Shapes, device: torch.device, precision: str,
                     steps: int, checkpointing: bool = False, cache: bool = True) -> dict:  # fmt: skip
-    """capsearch.train.finetune on `pipe` (adapted in place); its steady steps/s, memory and losses."""
+    """capsearch.training.loop.finetune on `pipe` (adapted in place); its steady steps/s, memory and losses."""
     from capsearch.settings import TrainSettings
-    from capsearch.train import finetune
+    from capsearch.training.loop import finetune
 
     cfg = TrainSettings(steps=steps, batch_size=shapes.batch, lr=1e-4, mixed_precision=precision,
                         size=shapes.pixels, gradient_checkpointing=checkpointing, seed=0,

@@ -1,9 +1,9 @@
 """Parts 4 and 5 of bench_gpu.py: the tiny model's trials sharing one GPU, and its training throughput.
 
-Part 4 runs short `capsearch.train.finetune` trials of `capsearch.models.tiny_random` as N separate
+Part 4 runs short `capsearch.training.loop.finetune` trials of `capsearch.models.load.tiny_random` as N separate
 processes: the first alone while the others wait, warm, then all N at once, their timed windows lined
 up by a barrier.
-Part 5 times finetune at batch 16 and a loop written like capsearch/pretrain.py's at batch 256, profiles
+Part 5 times finetune at batch 16 and a loop written like capsearch/training/pretrain.py's at batch 256, profiles
 the latter, and tries it as one CUDA graph.
 """
 
@@ -37,9 +37,9 @@ def _finetune_tiny(
     """A full fine-tune of the random tiny model; steady steps/s and the timed window (wall clock).
 
     `before(n)` runs before step n is timed (part 4's barrier at the first timed step)."""
-    from capsearch.models import tiny_random
+    from capsearch.models.load import tiny_random
     from capsearch.settings import TrainSettings
-    from capsearch.train import finetune
+    from capsearch.training.loop import finetune
 
     pipe = tiny_random().to(device)
     times, handle = step_timer(pipe.unet, device, before)
@@ -67,7 +67,7 @@ def share_worker(args) -> None:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)
-    from capsearch.models import tiny_random
+    from capsearch.models.load import tiny_random
 
     tiny_random().to(device)  # imports, CUDA context and allocator warm before the barrier
     barrier, data = Path(args.barrier), Path(args.data)
@@ -146,11 +146,11 @@ def run_sharing(rec: Record, device: torch.device, tiny: bool, procs: int, work:
 
 
 class PretrainLoop:
-    """One step as capsearch/pretrain.py takes it: UNet and text encoder trained, bf16 autocast on a
+    """One step as capsearch/training/pretrain.py takes it: UNet and text encoder trained, bf16 autocast on a
     GPU, caption dropout, AdamW, clipping, an EMA of every parameter; data already on the device."""
 
     def __init__(self, device: torch.device, batch: int, capturable: bool = False) -> None:
-        from capsearch.models import tiny_random
+        from capsearch.models.load import tiny_random
 
         pipe = tiny_random().to(device)
         self.unet, self.text = pipe.unet.train(), pipe.text_encoder.train().requires_grad_(True)

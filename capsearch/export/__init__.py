@@ -1,0 +1,1 @@
+"""Export one trial: pipeline folder, delta, LoRA files, single-file checkpoint, model card."""

@@ -1,0 +1,1 @@
+"""The diffusion models: loading, the tiny architecture, tokenizer, sampling, delta checkpoints."""

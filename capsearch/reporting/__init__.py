@@ -1,0 +1,1 @@
+"""Reading run folders for people: report.md, plots, statistics over seeds, dominance."""

@@ -1,0 +1,273 @@
+"""The final stage: baselines and the top searched trials re-evaluated on fresh seeds, on another split.
+
+The search picks trials on one evaluation (the validate split, one sampling seed); a winner chosen on
+the evaluation it was searched on is partly chosen for its noise. After the search, every baseline and
+the `final.top_k` searched trials with the highest search reward are evaluated again from their saved
+deltas (no retraining) on the test split, with the final stage's own sampling seed and sample counts.
+A finalist whose delta is gone (a run resumed from its records, kept without weights) is trained again
+from its record first (capsearch.search.retrain), and its final result says so.
+Each finalist's `trials/tNNN/final/` holds that evaluation's metrics.json, samples.png and result.json;
+the report's best trial and `capsearch export --trial best` come from it.
+
+With `final.train_seeds`, every finalist that trains anything is also trained again on each of those
+seeds (same plan and data, another initialisation, batch order and noise: capsearch.search.retrain) into
+`trials/tNNN/final_seedS/` and evaluated there like its `final/`; the best trial is then chosen on the
+final reward averaged over its seeds (capsearch.search.runs.final_choice), so that the choice does not rest
+on the one training it was searched with. Freeze trains nothing, so its seed changes nothing: it keeps
+its one evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from capsearch.errors import UserError
+from capsearch.metrics.table import column_metrics
+from capsearch.search.constraints import Constraints
+from capsearch.search.retrain import trains_nothing
+from capsearch.search.runs import (
+    FINAL_DIR,
+    FINAL_SEED_DIR,
+    RESULT_FILE,
+    load_trials,
+    rank_key,
+    record_value,
+    write_json,
+)
+from capsearch.settings import EvalSettings
+
+if TYPE_CHECKING:
+    from capsearch.config import Spec
+
+# Metrics whose intervals the report compares between the best trial and each baseline, with the
+# direction that is better: the results tables' columns (capsearch.metrics.table).
+COMPARED = {m.name: m.direction for m in column_metrics() if m.direction is not None}
+
+
+def finalists(
+    records: list[dict[str, Any]], top_k: int, constraints: Constraints | None = None
+) -> list[dict[str, Any]]:
+    """Every successful baseline, then the top_k successful searched trials by search reward (those
+    within the spec's constraints on the search's evaluation first: capsearch.search.constraints)."""
+    ok = [r for r in records if r.get("status") == "ok" and record_value(r, "reward") is not None]
+    baselines = [r for r in ok if r.get("baseline")]
+    searched = sorted(
+        (r for r in ok if not r.get("baseline")),
+        key=lambda r: (*rank_key(r, constraints), r.get("number", 0)),
+    )
+    return baselines + searched[:top_k]
+
+
+def final_text(spec: Spec) -> str:
+    """What the final stage does, in one line (`capsearch validate`)."""
+    f = spec.final
+    if not f.enabled:
+        return "off (the best trial is chosen on the search's own evaluation)"
+    text = (f"the baselines and the {f.top_k} best searched trials re-evaluated on the {f.split} "
+            f"split, sampling seed {f.seed}")  # fmt: skip
+    if f.train_seeds:
+        seeds = ", ".join(map(str, f.train_seeds))
+        text += f", each also trained on seed(s) {seeds}; the best chosen on the mean"
+    return text
+
+
+def final_dir(record: dict[str, Any], seed: int | None = None) -> Path:
+    """The folder of a trial's final re-evaluation (trained again on `seed`, if given)."""
+    return Path(record["dir"]) / (FINAL_DIR if seed is None else FINAL_SEED_DIR.format(seed))
+
+
+@dataclass(frozen=True)
+class FinalJob:
+    """What every re-evaluation of one final stage shares, built once from the spec in the driver."""
+
+    model: str
+    settings: EvalSettings
+    reward_weights: dict[str, float]
+    gpu: float
+    threads: int
+
+    @classmethod
+    def of(cls, spec: Spec, run_dir: Path) -> FinalJob:
+        """The final stage's job: the search's evaluation with the final stage's overrides."""
+        settings = spec.final.settings(spec.evaluate)
+        cache = settings.cache_dir or str(Path(run_dir) / "cache")
+        return cls(spec.model, settings.model_copy(update={"cache_dir": cache}),
+                   spec.objective.weights.model_dump(), spec.resources.gpu,
+                   spec.resources.cpu)  # fmt: skip
+
+
+def reevaluate(
+    job: FinalJob, record: dict[str, Any], data_root: Path, seed: int | None = None
+) -> dict:
+    """Evaluate one finished trial again from its delta with the final stage's settings; record it.
+    With `seed`, the trial is first trained again on that training seed (final.train_seeds)."""
+    import torch
+
+    from capsearch.metrics.evaluate import evaluate, scalar_metrics
+    from capsearch.models.delta import load_delta
+    from capsearch.models.load import load_pipeline
+    from capsearch.search.reward import compute_reward
+
+    out = final_dir(record, seed)
+    delta = (Path(record["dir"]) if seed is None else out) / "delta"
+    retrained = None
+    if not (delta / "delta.safetensors").is_file():  # another seed, or records kept without weights
+        from capsearch.search.retrain import retrain_delta
+
+        # the retraining keeps its own seconds: `seconds` below stays the evaluation's
+        retrained = retrain_delta(record, data_root, delta.parent, seed)
+    started = time.time()
+    pipe = load_pipeline(job.model)
+    pipe.unet = load_delta(pipe.unet, delta)
+    if job.gpu > 0 and torch.cuda.is_available():
+        pipe.to("cuda")
+    settings = job.settings
+    metrics = evaluate(pipe, data_root, settings, out_dir=out)
+    scalars = scalar_metrics(metrics)
+    scalars["trainable_pct"] = record.get("metrics", {}).get("trainable_pct")
+    result = {
+        "trial": record.get("trial"),
+        "split": settings.split,
+        "seed": settings.seed,
+        **({} if seed is None else {"train_seed": seed}),
+        "metrics": {k: v for k, v in scalars.items() if v is not None},
+        "intervals": metrics["intervals"],
+        "noise_floor": metrics["noise_floor"],
+        "seconds": round(time.time() - started, 1),
+    }
+    if retrained is not None:
+        result["retrained"] = retrained
+    try:
+        result["reward"] = compute_reward(result["metrics"], job.reward_weights)
+    except ValueError as exc:
+        result["error"] = f"no reward: {exc}"
+    write_json(out / RESULT_FILE, result)
+    return result
+
+
+def _task(job: FinalJob, record: dict, data_root: str, seed: int | None = None) -> dict:
+    """A Ray task: one re-evaluation in a worker process."""
+    import torch
+
+    torch.set_num_threads(job.threads)
+    try:
+        return reevaluate(job, record, Path(data_root), seed)
+    except UserError as exc:
+        return {"trial": record.get("trial"), "error": str(exc)}
+
+
+def final_todo(spec: Spec, run_dir: Path) -> list[tuple[dict[str, Any], int | None]]:
+    """The finalists' re-evaluations still without a result, as (record, training seed: None for the
+    trial's own training, else one of final.train_seeds); none when the final stage is off."""
+    if not spec.final.enabled:
+        return []
+    chosen = finalists(load_trials(run_dir), spec.final.top_k, spec.objective.constraints)
+    todo = []
+    for r in chosen:
+        seeds = [] if trains_nothing(r) else spec.final.train_seeds
+        todo += [(r, s) for s in (None, *seeds) if not (final_dir(r, s) / RESULT_FILE).is_file()]
+    return todo
+
+
+def run_final_stage(spec: Spec, run_dir: Path, data_root: Path, console: Any = None) -> list[dict]:
+    """Re-evaluate the finalists that have no final result yet (in Ray tasks when Ray is up)."""
+    todo = final_todo(spec, run_dir)
+    if not todo:
+        return []
+    chosen = finalists(load_trials(run_dir), spec.final.top_k, spec.objective.constraints)
+    if console is not None:
+        seeds = spec.final.train_seeds
+        also = f"; each also trained again on seed(s) {', '.join(map(str, seeds))}" if seeds else ""
+        console.print(
+            f"final stage: {len(todo)} re-evaluation(s) of {len(chosen)} finalists on the "
+            f"{spec.final.split} split, seed {spec.final.seed} "
+            f"({spec.final.samples(spec.evaluate)} samples each){also}"
+        )
+    import ray
+
+    job = FinalJob.of(spec, run_dir)
+    if not ray.is_initialized():
+        return [reevaluate(job, r, data_root, s) for r, s in todo]
+    remote = ray.remote(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu)(_task)
+    pending = {remote.remote(job, r, str(data_root), s): (r, s) for r, s in todo}
+    results = []
+    bar = _StageBar(console, len(todo)) if console is not None else None
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=2.0 if bar else None)
+            if not done:  # still running: the retrainings' steps on the bar
+                if bar is not None:
+                    bar.running(pending.values())
+                continue
+            record, seed = pending.pop(done[0])
+            result = ray.get(done[0])
+            results.append(result)
+            if bar is not None:
+                name = Path(final_dir(record, seed)).relative_to(Path(record["dir"]).parent)
+                bar.done(f"  final {name}: {_outcome(result)} ({len(results)}/{len(todo)})")
+    finally:
+        if bar is not None:
+            bar.stop()
+    return results
+
+
+def retraining_progress(record: dict[str, Any], seed: int | None) -> str | None:
+    """`tNNN retraining step/total rate it/s` while a finalist is trained again for the final stage
+    (capsearch.search.retrain's log), None when it is not being retrained (or not yet)."""
+    from capsearch.progress import trial_progress
+    from capsearch.search.retrain import RETRAIN_DIR
+
+    folder = Path(record["dir"]) if seed is None else final_dir(record, seed)
+    what = "retraining" if seed is None else f"training on seed {seed}"
+    return trial_progress(folder / RETRAIN_DIR, name=f"{Path(record['dir']).name} {what}")
+
+
+class _StageBar:
+    """The final stage's progress: re-evaluations done, and each running retraining's step and rate."""
+
+    def __init__(self, console: Any, total: int) -> None:
+        from capsearch.progress import running_bar
+
+        self.bar, self.task = running_bar("final", total, console)
+
+    def running(self, pending: Any) -> None:
+        lines = [retraining_progress(record, seed) for record, seed in pending]
+        self.bar.update(self.task, running="  ".join(line for line in lines if line))
+
+    def done(self, line: str) -> None:
+        self.bar.console.print(line, highlight=False)
+        self.bar.advance(self.task)
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+def _outcome(result: dict[str, Any]) -> str:
+    """One re-evaluation's line: its reward or error, and what was trained for it."""
+    what = result.get("error") or f"reward {result.get('reward', float('nan')):.3f}"
+    again = result.get("retrained")
+    if again and "seed" in again:  # final.train_seeds: trained on another seed first
+        what += f"; trained on seed {again['seed']}, {again['steps']} steps"
+    elif again:  # its delta was gone: trained again from its record first
+        same = "identical to" if again["identical"] else "differs from"
+        what += f"; trained again from its record, {again['steps']} steps, {same} it"
+    if again and again.get("went_on_from_step") is not None:  # a retraining cut short earlier
+        what += f" (went on from its checkpoint at step {again['went_on_from_step']})"
+    return what
+
+
+def separation(best: dict[str, Any], other: dict[str, Any], metric: str) -> str:
+    """Whether best's 95% interval lies wholly on the better side of other's: better, worse or overlap."""
+    a = (best.get("intervals") or {}).get(metric)
+    b = (other.get("intervals") or {}).get(metric)
+    if not a or not b:
+        return "n/a"
+    better_low = COMPARED[metric] == "max"
+    if (a[0] > b[1]) if better_low else (a[1] < b[0]):
+        return "better"
+    if (a[1] < b[0]) if better_low else (a[0] > b[1]):
+        return "worse"
+    return "overlap"

@@ -1,0 +1,251 @@
+"""The run folder: its layout, atomic writes, the spec it was started with, trial records, the best trial.
+
+    RUN/spec.yaml           the resolved spec (extends and --set applied)
+    RUN/optuna.db           the Optuna study
+    RUN/trials/tNNN/        one trial (NNN: the Optuna trial number): params.json when it starts (its
+                            plan), result.json when it ends, delta/, metrics.json, samples.png, and
+                            final/ (result.json, metrics.json, samples.png) for a finalist, and
+                            final_seedS/ (delta/ and the same files) per `final.train_seeds` S
+    RUN/report.md, RUN/pareto.png
+
+Search, report, export and status read and write the folder through this module only. Trial records
+carry a format version (`RECORD_VERSION`); records written before versions existed read as version 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from capsearch.atomic import atomic_write
+from capsearch.errors import UserError
+from capsearch.search.constraints import Constraints, violation
+
+if TYPE_CHECKING:
+    from capsearch.config import Spec
+
+SPEC_FILE = "spec.yaml"
+PARAMS_FILE = "params.json"
+RESULT_FILE = "result.json"
+REPORT_FILE = "report.md"
+PARETO_FILE = "pareto.png"
+STUDY_FILE = "optuna.db"
+FINAL_DIR = "final"  # a finalist's re-evaluation: trials/tNNN/final/result.json
+FINAL_SEED_DIR = "final_seed{}"  # the same, trained again on another seed (final.train_seeds)
+# Version 1: records before the trial plan (method_spec, train with caption dropout among its
+# mitigations, groups at the top); version 2: the plan's fields at the top, train.caption_dropout.
+RECORD_VERSION = 2
+# A record file that does not parse (damaged outside capsearch: its writes are atomic) makes the trial
+# "corrupt": shown, never rerun, never overwritten; --resume refuses the run until it is dealt with.
+CORRUPT = "corrupt"
+# "interrupted" and "running" trials do not count as finished
+FINISHED = ("ok", "error", "nan", "stopped", CORRUPT)
+
+
+def trial_dir(run_dir: Path, number: int) -> Path:
+    """The folder of the trial with that Optuna number."""
+    return Path(run_dir) / "trials" / f"t{number:03d}"
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (a reader never sees half a file)."""
+    atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def unfinished_trials(run_dir: Path) -> list[dict[str, Any]]:
+    """Trials started and never finished (their search was stopped while they ran)."""
+    return [r for r in load_trials(run_dir, finished_only=False) if r.get("status") == "running"]
+
+
+def read_run_spec(run_dir: Path) -> Spec:
+    """The resolved spec a run folder was started with (UserError if it is not a run folder)."""
+    from capsearch.config import read_yaml, spec_from_dict
+
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise UserError(f"{run_dir} is a file, not a capsearch run folder")
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist")
+    if not (run_dir / SPEC_FILE).is_file():
+        raise UserError(f"{run_dir} is not a capsearch run folder (no {SPEC_FILE})")
+    return spec_from_dict(read_yaml(run_dir / SPEC_FILE), source=str(run_dir / SPEC_FILE))
+
+
+def load_trials(run_dir: Path, finished_only: bool = True) -> list[dict[str, Any]]:
+    """Trial records in Optuna order; with finished_only=False also running/interrupted ones."""
+    folder = Path(run_dir) / "trials"
+    records = []
+    for sub in sorted(folder.glob("t*")) if folder.is_dir() else []:
+        result, params = _read_record(sub / RESULT_FILE), _read_record(sub / PARAMS_FILE)
+        record = result if isinstance(result, dict) else params
+        if result is False or (result is None and params is False):
+            broken = sub / (RESULT_FILE if result is False else PARAMS_FILE)
+            number = int(sub.name[1:]) if sub.name[1:].isdigit() else -1
+            record = {**(params or {}), "trial": sub.name, "number": number, "status": CORRUPT,
+                      "error": corrupt_error(broken)}  # fmt: skip
+        if record is None:
+            continue
+        record.setdefault("status", "running")
+        record.setdefault("version", 1)
+        record["dir"] = str(sub)
+        final = read_final(sub)
+        if final is not None:
+            record["final"] = final
+        if not finished_only or record["status"] in FINISHED:
+            records.append(record)
+    return records
+
+
+def read_train_log(folder: Path) -> list[dict[str, Any]]:
+    """A trial's train_log.jsonl as its entries; a line cut short (a trial killed mid-write) is skipped."""
+    log = Path(folder) / "train_log.jsonl"
+    entries = []
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
+
+
+def _read_record(path: Path) -> dict[str, Any] | bool | None:
+    """A record file's JSON object; None if there is no such file, False if it does not parse."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):  # ValueError: JSON and UTF-8 decoding errors
+        return False
+    return record if isinstance(record, dict) else False
+
+
+def corrupt_error(
+    path: Path, remedy: str = "or move its trial folder out of the run to run that trial again"
+) -> str:
+    """The line that names a damaged record or metrics file and what to do about it."""
+    return f"{path} is cut short or corrupt (not a JSON object); restore it, {remedy}"
+
+
+def check_records(run_dir: Path) -> None:
+    """Refuse to resume a run with a damaged trial record (UserError naming the first one)."""
+    for record in load_trials(run_dir, finished_only=False):
+        if record["status"] == CORRUPT:
+            raise UserError(record["error"])
+
+
+def prepare_run_dir(spec: Spec, out: Path, resume: bool) -> Path:
+    """Create the run folder with spec.yaml, or check that a resumed run was started with this spec."""
+    import yaml
+
+    from capsearch.config import read_yaml, spec_from_dict
+
+    run_dir = Path(out).resolve()
+    saved = run_dir / SPEC_FILE
+    data = spec.to_dict()
+    if saved.is_file():
+        if not resume:
+            raise UserError(
+                f"{run_dir} already holds a search; finish it with --resume or choose another --out"
+            )
+        old = spec_from_dict(read_yaml(saved), source=str(saved)).to_dict()
+        where = first_difference(old, data)
+        if where is not None:
+            raise UserError(
+                f"the spec differs from the one {run_dir} was started with (at {where})"
+            )
+        return run_dir
+    if resume:
+        raise UserError(f"nothing to resume: {run_dir} holds no search ({SPEC_FILE} is missing)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(saved, yaml.safe_dump(data, sort_keys=False))
+    return run_dir
+
+
+def first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    """The first YAML path where two plain data trees differ, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            where = first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+            if where is not None:
+                return where
+        return None
+    return None if a == b else (path or "<top>")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def read_final(record_dir: Path) -> dict[str, Any] | None:
+    """A trial's final re-evaluation result, or None if it has none (or it is unreadable); with its
+    re-evaluations trained on other seeds (final_seedS/) under `seeds`, by seed."""
+    final = _read_json(Path(record_dir) / FINAL_DIR / RESULT_FILE)
+    if final is None:
+        return None
+    others = (
+        _read_json(p / RESULT_FILE) for p in Path(record_dir).glob(FINAL_SEED_DIR.format("*"))
+    )
+    seeds = sorted((o for o in others if o is not None), key=lambda o: o.get("train_seed", 0))
+    return {**final, "seeds": seeds} if seeds else final
+
+
+def final_choice(final: dict[str, Any]) -> dict[str, Any]:
+    """What a finalist is ranked on: its final re-evaluation, or with re-evaluations trained on other
+    seeds (`seeds`), the mean reward and metrics over all of them and how many there were (`n_seeds`).
+    A value missing from any of them (an evaluation that failed) has no mean: such a finalist has no
+    reward and ranks last."""
+    runs = [final, *final.get("seeds", [])]
+    if len(runs) == 1:
+        return final
+    keys = {k for r in runs for k in r.get("metrics", {})}
+    means = {}
+    for key in sorted(keys) + ["reward"]:
+        values = [v for r in runs if (v := record_value(r, key)) is not None]
+        if len(values) == len(runs):
+            means[key] = sum(values) / len(values)
+    reward = means.pop("reward", None)
+    return {"metrics": means, "reward": reward, "n_seeds": len(runs)}
+
+
+def record_value(record: dict[str, Any], key: str) -> float | None:
+    """A record's finite value of a metric (or top-level key such as reward), else None."""
+    value = record.get("metrics", {}).get(key, record.get(key))
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def rank_key(record: dict[str, Any], constraints: Constraints | None = None) -> tuple[float, float]:
+    """Sort key of an evaluated record (its own metrics, or a trial's `final`), best first: within the
+    constraints before over them (smaller total violation first), then the higher reward."""
+    reward = record_value(record, "reward")
+    total = violation(partial(record_value, record), constraints or {})
+    return total, -(reward if reward is not None else -math.inf)
+
+
+def best_trial(
+    records: list[dict[str, Any]], constraints: Constraints | None = None
+) -> dict[str, Any] | None:
+    """The best trial: highest reward in the final re-evaluation if any trial has one, else in the search.
+
+    A winner is chosen on an evaluation it was not searched on whenever the final stage ran (averaged
+    over `final.train_seeds` where finalists were trained again on other seeds: final_choice); the
+    search's own reward only decides runs without a final stage (None if no trial succeeded). With
+    constraints (the spec's `objective.constraints`), a trial within them on that evaluation ranks
+    before every trial over them (capsearch.search.constraints).
+    """
+    final = [r for r in records if record_value(r.get("final") or {}, "reward") is not None]
+    if final:
+        return min(final, key=lambda r: rank_key(final_choice(r["final"]), constraints))
+    ok = [r for r in records if r.get("status") == "ok" and record_value(r, "reward") is not None]
+    return min(ok, key=lambda r: rank_key(r, constraints)) if ok else None

@@ -1,0 +1,136 @@
+"""The mid-training probe: a cheap, memorisation-aware signal for early stopping (ASHA).
+
+Held-out diffusion loss alone ranks trials by how fast they fit, and the trials with the most capacity
+lower it fastest: an early stopper on it favours capacity, against the thesis being searched (Dutt et
+al. 2024: more capacity, more memorisation). The probe adds two memorisation signals, each measured on
+fixed batches with fixed noise and timesteps, so that every probe of every trial is comparable:
+
+- the generalisation gap the fine-tune has opened: on a fixed batch of training images and one of
+  held-out images, paired by noise and timestep, `gap = (L_held − L_train) / L_held`, minus the same
+  quantity of the base model before training (two different image sets never have exactly equal
+  losses); a model that fits its training images better than unseen ones of the same domain is
+  learning them, not the domain;
+- the denoising-strength ratio (Wen et al. 2024) of the data set's memorised (duplicated) captions
+  against other training captions at a fixed noisy latent: memorised prompts pull harder on the
+  text-conditional prediction.
+
+The score ASHA minimises is
+
+    probe_score = L_held · (1 + max(0, gap)) · max(1, strength_ratio)
+
+which is the held-out loss when nothing is memorised and grows with either sign of memorisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from capsearch.errors import UserError
+
+PROBE_IMAGES = 32  # images per fixed probe batch (held-out and training)
+PROBE_PROMPTS = 8  # memorised and other captions for the strength ratio
+
+
+def diffusion_target(pipe, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to predict under the scheduler's prediction type."""
+    kind = pipe.scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return pipe.scheduler.get_velocity(x0, noise, t)
+    raise UserError(f"unsupported scheduler prediction_type {kind!r}")
+
+
+def probe_score(heldout_loss: float, gap: float | None, strength_ratio: float | None) -> float:
+    """The early-stopping score: held-out loss inflated by the opened gap and the strength ratio."""
+    score = heldout_loss * (1.0 + max(0.0, gap or 0.0))
+    return score * max(1.0, strength_ratio if strength_ratio is not None else 1.0)
+
+
+class Probe:
+    """Fixed probe batches of one fine-tune; calling it measures the current UNet."""
+
+    def __init__(self, pipe, root, images, captions, groups, size: int, seed: int) -> None:
+        from capsearch.datasets.folder import ImageCaptionDataset
+
+        g = torch.Generator().manual_seed(seed)
+        held = ImageCaptionDataset(root, split="validate", size=size)
+        imgs = [
+            t for t in (held.load(i) for i in range(min(len(held), PROBE_IMAGES))) if t is not None
+        ]
+        self.held = torch.stack(imgs) if imgs else None
+        self.held_caps = held.captions[: len(imgs)]
+        # Distinct training images (one per duplicated group), in a seeded order.
+        first: dict[object, int] = {}
+        for i, (caption, group) in enumerate(zip(captions, groups)):
+            first.setdefault(caption if group is not None else i, i)
+        order = torch.randperm(len(first), generator=g).tolist()
+        picked = [list(first.values())[j] for j in order][: len(imgs)]
+        self.train = images[picked] if picked else None
+        self.train_caps = [captions[i] for i in picked]
+        n = min(len(imgs), len(picked))
+        if n:
+            shape = (n, *pipe.latent_shape)
+            self.noise = torch.randn(shape, generator=g)
+            self.t = torch.randint(50, 950, (n,), generator=g)
+            self.held, self.held_caps = self.held[:n], self.held_caps[:n]
+            self.train, self.train_caps = self.train[:n], self.train_caps[:n]
+        else:
+            self.held = self.train = None
+        self.mem = sorted({c for c, gr in zip(captions, groups) if gr is not None})[:PROBE_PROMPTS]
+        self.other = sorted({c for c, gr in zip(captions, groups) if gr is None})[:PROBE_PROMPTS]
+        self.z = torch.randn((PROBE_PROMPTS, *pipe.latent_shape), generator=g)
+        self.base_gap: float | None = None
+
+    def _loss(self, pipe, latents_of, x: torch.Tensor, caps: list[str]) -> float:
+        x0 = latents_of(x.to(pipe.device))
+        noise, t = self.noise.to(x0), self.t.to(x0.device)
+        noisy = pipe.scheduler.add_noise(x0, noise, t)
+        pred = pipe.unet(noisy, t, encoder_hidden_states=pipe.encode_prompts(caps)).sample
+        return F.mse_loss(pred.float(), diffusion_target(pipe, x0, noise, t).float()).item()
+
+    def _strength(self, pipe, prompts: list[str], uncond: torch.Tensor) -> float:
+        from capsearch.metrics.denoising import threshold_scores
+
+        t = torch.tensor(int(pipe.scheduler.config.num_train_timesteps * 0.8), device=pipe.device)
+        z = self.z[: len(prompts)].to(pipe.device, pipe.dtype)
+        return threshold_scores(pipe.unet, z, t, pipe.encode_prompts(prompts), uncond).mean().item()
+
+    @torch.no_grad()
+    def measure_base(self, pipe, latents_of) -> None:
+        """Measure the base model's gap once, before any training step (or resumed state)."""
+        if self.held is not None and self.base_gap is None:
+            out = self(pipe, latents_of)
+            self.base_gap = out["raw_gap"]
+
+    @torch.no_grad()
+    def __call__(self, pipe, latents_of) -> dict:
+        """Held-out and training loss, the opened gap, the strength ratio and the probe score."""
+        unet = pipe.unet
+        was = unet.training
+        unet.eval()
+        out: dict = {}
+        try:
+            if self.held is not None:
+                held = self._loss(pipe, latents_of, self.held, self.held_caps)
+                train = self._loss(pipe, latents_of, self.train, self.train_caps)
+                out.update(heldout_loss=held, train_loss=train)
+                out["raw_gap"] = (held - train) / max(held, 1e-12)
+                if self.base_gap is not None:
+                    out["loss_gap"] = out["raw_gap"] - self.base_gap
+            if self.mem and self.other:
+                uncond = pipe.encode_prompts([""])
+                mem, other = (
+                    self._strength(pipe, self.mem, uncond),
+                    self._strength(pipe, self.other, uncond),
+                )
+                out.update(strength_memorised=mem, strength_other=other)
+                out["strength_ratio"] = mem / max(other, 1e-12)
+            if "heldout_loss" in out:
+                out["probe_score"] = probe_score(
+                    out["heldout_loss"], out.get("loss_gap"), out.get("strength_ratio")
+                )
+        finally:
+            unet.train(was)
+        return out
