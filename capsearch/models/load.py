@@ -14,7 +14,7 @@ import torch
 from capsearch.errors import UserError
 from capsearch.models.tiny import TINY_SCHEDULER_CONFIG, TINY_TEXT_CONFIG, build_tiny_unet
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"
 TINY_BASE = ASSETS / "tiny_base"
 TOKENIZER_DIR = ASSETS / "tokenizer"
 # The tiny models `load_pipeline` knows by name: pixel space, without a VAE.
