@@ -11,6 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
 LossUpdate = Callable[[int | None, float | None], None]
 
 
@@ -18,7 +27,6 @@ def rich_bar(enabled: bool, total: int, label: str):
     """A started, transient rich progress bar with one task, or None when progress is off."""
     if not enabled:
         return None
-    from rich.progress import Progress
 
     bar = Progress(transient=True)
     bar.add_task(label, total=total)
@@ -29,8 +37,6 @@ def rich_bar(enabled: bool, total: int, label: str):
 def running_bar(label: str, total: int | None, console: Any = None) -> tuple[Any, Any]:
     """A started rich bar `label ━━ done/total elapsed <running>` and its task, whose `running` field
     the caller fills with what is running now (the search's trials, the final stage's retrainings)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.fields[running]}"), console=console)  # fmt: skip
     task = bar.add_task(label, total=total, running="")
@@ -56,14 +62,6 @@ def loss_bar(
                 print(f"{label} step {step}/{total} loss {loss_text(loss)}", flush=True)
 
         return log
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
     prog = Progress(
         TextColumn(label),

@@ -46,9 +46,9 @@ from capsearch.reporting.searchstats import (
     compute_used,
     curve_plot,
     group_shares,
-    max_steps,
 )
 from capsearch.search.runs import best_trial, final_choice, load_trials, read_run_spec, record_value
+from capsearch.search.schedule import max_steps
 
 REPORT = "search.md"
 CURVE = "learning_curve.png"

@@ -147,17 +147,17 @@ def test_a_refused_explicit_address_says_how_to_give_the_token(monkeypatch):
     import ray
     from rich.console import Console
 
-    from capsearch.commands import search
+    from capsearch.search import cluster
 
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    monkeypatch.setattr(search, "_check_reachable", lambda address: None)
+    monkeypatch.setattr(cluster, "_check_reachable", lambda address: None)
 
     def refused(**kwargs):
         raise ConnectionError("Failed to connect to Ray cluster at 198.51.100.7:6379")
 
     monkeypatch.setattr(ray, "init", refused)
     with pytest.raises(UserError) as caught:
-        search.connect_ray("198.51.100.7:6379", False, Console())
+        cluster.connect("198.51.100.7:6379", False, Console())
     text = str(caught.value)
     assert "\n" not in text and text.startswith("cannot reach a Ray cluster at 198.51.100.7:6379")
     assert "RAY_AUTH_MODE=token" in text and "ray get-auth-token" in text
@@ -168,7 +168,7 @@ def test_a_refused_explicit_address_says_how_to_give_the_token(monkeypatch):
 def test_an_unreachable_address_fails_in_seconds_with_one_line():
     from rich.console import Console
 
-    from capsearch.commands.search import connect_ray
+    from capsearch.search.cluster import connect as connect_ray
 
     started = time.time()
     with pytest.raises(UserError, match=r"^cannot reach a Ray cluster at 127\.0\.0\.1:\d+: "):
@@ -177,7 +177,7 @@ def test_an_unreachable_address_fails_in_seconds_with_one_line():
 
 
 def test_only_addresses_of_this_machine_count_as_local():
-    from capsearch.commands.search import _is_this_machine
+    from capsearch.search.cluster import _is_this_machine
 
     assert _is_this_machine("127.0.0.1:6379") and _is_this_machine("localhost:6379")
     assert not _is_this_machine("198.51.100.7:6379")

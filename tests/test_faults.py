@@ -364,7 +364,6 @@ def test_an_interrupted_search_skips_the_final_stage(tmp_path, monkeypatch):
     finals = []
     monkeypatch.setattr(search, "_tune", interrupted)
     monkeypatch.setattr(search, "run_final_stage", lambda *a, **k: finals.append(a))
-    monkeypatch.setattr(search, "write_report", lambda run_dir: run_dir / "report.md")
     spec = bare_search_spec(num_samples=1)
     search.run_search(spec, tmp_path / "run")
     assert finals == []

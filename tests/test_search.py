@@ -365,7 +365,6 @@ def test_the_search_seeds_its_sampler_from_the_trials_the_study_holds(tmp_path, 
     seen = []
     monkeypatch.setattr(search, "_tune", lambda *a: seen.append(a[-1]))
     monkeypatch.setattr(search, "run_final_stage", lambda *a, **k: None)
-    monkeypatch.setattr(search, "write_report", lambda run_dir: run_dir / "report.md")
     spec = bare_search_spec(num_samples=3)
     run = tmp_path / "run"
     search.run_search(spec, run)
@@ -699,7 +698,7 @@ def test_dashboard_url_answers(tmp_path, monkeypatch):
     import ray
     from rich.console import Console
 
-    from capsearch.commands.search import connect_ray
+    from capsearch.search.cluster import connect as connect_ray
 
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # restored after the test: ray.init sets it
     console = Console(record=True, width=200)

@@ -12,6 +12,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from capsearch.errors import UserError
 from capsearch.models.load import load_pipeline
+from capsearch.training import precision
 from capsearch.training.loop import TrainSettings, finetune
 from capsearch.worlds.phantom import write_phantom_dataset
 
@@ -254,7 +255,7 @@ def test_threshold_drops_the_strongest_samples_and_they_get_no_gradient(data, mo
         if output.sample.requires_grad:  # the conditional prediction the loss is built on
             output.sample.register_hook(lambda g: seen["grads"].append(g.clone()))
 
-    monkeypatch.setattr(denoising, "threshold_scores", scores)
+    monkeypatch.setattr(train_mod, "threshold_scores", scores)
     monkeypatch.setattr(train_mod, "_target", target)
     pipe = load_pipeline("tiny:random")
     pipe.unet.register_forward_hook(on_forward)
@@ -324,13 +325,12 @@ def _cpu_accelerator(scale: float | None, overflow_at: tuple[int, ...] = ()) -> 
 
 
 def test_fp16_loss_scaling_clips_unscaled_gradients(data, monkeypatch):
-    import capsearch.training.loop as train_mod
 
     spec, cfg = [{"method": "bitfit", "units": "mid_block"}], _cfg(steps=3, max_grad_norm=1e-4)
     runs = {}
     for scale in (None, 2.0**12):
         acc = _cpu_accelerator(scale)
-        monkeypatch.setattr(train_mod, "_accelerator", lambda precision, cuda, acc=acc: acc)
+        monkeypatch.setattr(precision, "make_accelerator", lambda precision, cuda, acc=acc: acc)
         pipe = load_pipeline("tiny:random")
         assert finetune(pipe, spec, data, cfg, quiet=True).status == "ok"
         runs[scale] = (acc, _trained(pipe.unet))
@@ -346,7 +346,7 @@ def test_fp16_overflow_step_is_skipped_and_the_schedule_waits(data, tmp_path, mo
     import capsearch.training.loop as train_mod
 
     acc = _cpu_accelerator(2.0**12, overflow_at=(1,))
-    monkeypatch.setattr(train_mod, "_accelerator", lambda precision, cuda: acc)
+    monkeypatch.setattr(precision, "make_accelerator", lambda precision, cuda: acc)
     saved, original = [], train_mod._save_checkpoint
 
     def save(path, step, unet, opt, lr_sched, *rest):
@@ -378,13 +378,11 @@ def test_autocast_runs_during_training_and_is_undone_afterwards(data, monkeypatc
     pipe.unet computes in fp32 again, as sampling and saving expect."""
     from accelerate.state import AcceleratorState
 
-    import capsearch.training.loop as train_mod
-
     def bf16_on_cpu(precision, cuda):
         AcceleratorState._reset_state()
         return Accelerator(mixed_precision="bf16", cpu=True, device_placement=False)
 
-    monkeypatch.setattr(train_mod, "_accelerator", bf16_on_cpu)
+    monkeypatch.setattr(precision, "make_accelerator", bf16_on_cpu)
     pipe = load_pipeline("tiny:random")
     dtypes = []
     pipe.unet.conv_in.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
@@ -399,16 +397,14 @@ def test_autocast_runs_during_training_and_is_undone_afterwards(data, monkeypatc
 
 
 def test_auto_precision_is_bf16_where_the_gpu_has_it(monkeypatch):
-    from capsearch.training.loop import resolve_precision
-
-    assert resolve_precision("auto", cuda=False) == "no"
+    assert precision.resolve_precision("auto", cuda=False) == "no"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert resolve_precision("auto", cuda=True) == "bf16"
+    assert precision.resolve_precision("auto", cuda=True) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert resolve_precision("auto", cuda=True) == "fp16"
-    assert resolve_precision("fp16", cuda=True) == "fp16"
+    assert precision.resolve_precision("auto", cuda=True) == "fp16"
+    assert precision.resolve_precision("fp16", cuda=True) == "fp16"
     with pytest.raises(UserError, match="needs a GPU"):
-        resolve_precision("fp16", cuda=False)
+        precision.resolve_precision("fp16", cuda=False)
 
 
 @pytest.mark.gpu

@@ -78,6 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _phantom(args: argparse.Namespace) -> int:
     """Write a phantom dataset and print what was written."""
+    # lazy: `capsearch --help` loads no library
     from capsearch.datasets.folder import read_metadata
     from capsearch.worlds.phantom import write_phantom_dataset
 
@@ -118,6 +119,7 @@ def _phantom(args: argparse.Namespace) -> int:
 
 def _avoid_reports_of(value: str | None) -> dict[str, int] | None:
     """--avoid-reports-of SEED:PATIENTS[:HELD_OUT_IMAGES] as avoid_reports_of settings."""
+    # lazy: `capsearch --help` loads no library
     from capsearch.errors import UserError
 
     if value is None:
@@ -139,6 +141,7 @@ def _avoid_reports_of(value: str | None) -> dict[str, int] | None:
 
 def _mimic(args: argparse.Namespace) -> int:
     """Import a MIMIC-CXR-JPG folder and print what was kept and left out."""
+    # lazy: `capsearch --help` loads no library
     from capsearch.datasets.mimic import write_mimic_metadata
 
     result = write_mimic_metadata(args.root, args.out, reports=args.reports, progress=True)
@@ -151,6 +154,7 @@ def _mimic(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     """Check a dataset folder; print a table of problems; 1 if any, else 0."""
+    # lazy: `capsearch --help` loads no library
     from rich.console import Console
     from rich.table import Table
 

@@ -11,6 +11,7 @@ from capsearch.errors import UserError
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `eval`."""
+    # lazy: `capsearch --help` loads no library
     from capsearch.settings import EvalSettings, add_flags
 
     p = sub.add_parser(
@@ -31,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    # lazy: `capsearch --help` loads no library
     import torch
 
     from capsearch.datasets.folder import metadata_path
@@ -46,6 +48,7 @@ def _eval(args: argparse.Namespace) -> int:
     config = EvalSettings.parse(flag_values(args, EvalSettings), "eval")
     pipe = load_pipeline(args.model)
     if args.delta:
+        # lazy: `capsearch --help` loads no library
         from capsearch.models.delta import load_delta
 
         if not args.delta.is_dir():

@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     """Write the export and print one line per file: what it is and how to load it."""
+    # lazy: `capsearch --help` loads no library
     from capsearch.export.trial import export_trial
 
     result = export_trial(

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-
-from capsearch.errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -36,18 +36,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def unet_factory(model: str) -> Callable[[], torch.nn.Module]:
     """A function returning a fresh UNet for a model spec (`tiny`, `sd15-config`, or a pipeline spec)."""
     if model == "tiny":
+        # lazy: `capsearch --help` loads no library
         from capsearch.models.tiny import build_tiny_unet
 
         return build_tiny_unet
     if model == "sd15-config":
         return _sd15_on_meta
-    try:
-        from capsearch.models.load import load_pipeline
-    except ImportError as exc:  # the models stage is not built: only the two specs above exist
-        if getattr(exc, "name", None) not in (None, "capsearch.models.load"):
-            raise
-        raise UserError(f"unknown model {model!r}; use tiny or sd15-config") from None
-    import copy
+    # lazy: `capsearch --help` loads no library
+    # lazy: `capsearch --help` loads no library
+
+    from capsearch.models.load import load_pipeline
 
     unet = load_pipeline(model).unet
     return lambda: copy.deepcopy(unet)
@@ -55,6 +53,7 @@ def unet_factory(model: str) -> Callable[[], torch.nn.Module]:
 
 def _sd15_on_meta() -> torch.nn.Module:
     """Stable Diffusion v1.5's UNet built from its config on the meta device (shapes, no memory)."""
+    # lazy: `capsearch --help` loads no library
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -66,6 +65,7 @@ def _sd15_on_meta() -> torch.nn.Module:
 
 def method_size(make_unet: Callable[[], torch.nn.Module], spec: Any) -> tuple[int, int]:
     """(trainable, total base) parameter counts of a method spec applied to a fresh UNet."""
+    # lazy: `capsearch --help` loads no library
     from capsearch.methods import apply_methods, count_trainable
 
     unet = make_unet()
@@ -76,6 +76,7 @@ def method_size(make_unet: Callable[[], torch.nn.Module], spec: Any) -> tuple[in
 
 def default_hyper(name: str) -> str:
     """A method's default hyper-parameters as `k=v` text."""
+    # lazy: `capsearch --help` loads no library
     from capsearch.methods import get_method
 
     cfg = get_method(name).config()
@@ -87,8 +88,7 @@ def _short(value: Any) -> str:
 
 
 def _run_methods(args: argparse.Namespace) -> int:
-    import logging
-
+    # lazy: `capsearch --help` loads no library
     from rich.console import Console
     from rich.table import Table
 
@@ -115,6 +115,7 @@ def _run_methods(args: argparse.Namespace) -> int:
 
 
 def _run_units(args: argparse.Namespace) -> int:
+    # lazy: `capsearch --help` loads no library
     from rich.console import Console
     from rich.table import Table
 

@@ -68,10 +68,12 @@ def _shapes(args: argparse.Namespace) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
     _out_folder(args.out)
     if args.device.startswith("cuda"):
+        # lazy: `capsearch --help` loads no library
         import torch
 
         if not torch.cuda.is_available():
             raise UserError(f"--device {args.device}: no CUDA device is visible")
+    # lazy: `capsearch --help` loads no library
     from capsearch.training.pretrain import pretrain_shapes
 
     meta = pretrain_shapes(
@@ -101,6 +103,7 @@ def _scorer(args: argparse.Namespace) -> int:
     if args.size < 8:
         raise UserError(f"--size must be at least 8, got {args.size}")
     _out_folder(args.out)
+    # lazy: `capsearch --help` loads no library
     from capsearch.metrics.scorer import train_scorer
 
     result = train_scorer(

@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    # lazy: `capsearch --help` loads no library
     from capsearch.models.load import load_pipeline
     from capsearch.models.sampling import generate, save_grid
 
@@ -36,6 +37,7 @@ def _sample(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out}: {args.out.parent} is a file, not a folder")
     pipe = load_pipeline(args.model)
     if args.delta:
+        # lazy: `capsearch --help` loads no library
         from capsearch.models.delta import load_delta
 
         if not args.delta.is_dir():

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -76,27 +75,30 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # lazy: `capsearch --help` loads no library
     from rich.console import Console
 
     from capsearch.config import load_spec
-    from capsearch.search.cluster import reap_orphans
+    from capsearch.search import cluster
 
     console = Console()
-    reaped = reap_orphans()  # first of all: a killed search's workers would train on for a minute
+    # first of all: a killed search's workers would train on for a minute
+    reaped = cluster.reap_orphans()
     if reaped:
         console.print(f"stopped {len(reaped)} Ray worker(s) that a killed search had left running")
     if args.retry_errors and not args.resume:
         raise UserError("--retry-errors runs failed trials of an existing run again: add --resume")
     spec = load_spec(args.spec, args.overrides)
     out = args.out or default_run_dir(spec.name or args.spec.stem, args.resume)
-    connected = connect_ray(args.address, args.dashboard, console)
+    connected = cluster.connect(args.address, args.dashboard, console)
+    # lazy: `capsearch --help` loads no library
     from capsearch.search.loop import run_search
     from capsearch.search.study import StudyNotSaved
 
     try:
         console.print(f"search {spec.name!r} → {out}  (Optuna study: {out}/optuna.db)")
-        report = run_search(spec, out, resume=args.resume, console=console,
-                            callbacks=(_progress(out),), retry_errors=args.retry_errors)  # fmt: skip
+        run_dir = run_search(spec, out, resume=args.resume, console=console,
+                             callbacks=(_progress(out),), retry_errors=args.retry_errors)  # fmt: skip
     except KeyboardInterrupt:
         console.print(
             f"interrupted; finish it with `capsearch run {args.spec} --out {out} --resume`"
@@ -108,12 +110,11 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"{exc}: `capsearch run {args.spec} --out {out} --resume`") from None
     finally:
         if connected:
-            from capsearch.search.cluster import stop_local_ray
-
-            stop_local_ray()  # also for a joined cluster: leaves it running, removes no entry
+            cluster.stop_local_ray()  # also for a joined cluster: leaves it running, removes no entry
+    # lazy: `capsearch --help` loads no library
     from capsearch.search.runs import unfinished_trials
 
-    console.print(f"report: {report}")
+    console.print(f"report: {_summarise(run_dir, spec, console)}")
     cut = unfinished_trials(out)
     if cut:  # Ray ended the session on Ctrl-C with these trials still running
         console.print(
@@ -122,6 +123,24 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 130
     return 0
+
+
+def _summarise(run_dir: Path, spec: Any, console: Any) -> Path:
+    """Print a finished search's results tables and write its report.md; return the report's path."""
+    # lazy: `capsearch --help` loads no library
+    from capsearch.reporting.report import final_view, ordered, results_table, write_report
+    from capsearch.search.runs import load_trials
+
+    records = ordered(load_trials(run_dir), spec)
+    console.print(results_table(records, title=f"{spec.name}: {len(records)} trials"))
+    finals = [final_view(r) for r in records if r.get("final")]
+    if finals:
+        title = (
+            f"final re-evaluation ({spec.final.split} split, seed {spec.final.seed}); "
+            "95% intervals in report.md"
+        )
+        console.print(results_table(finals, title=title))
+    return write_report(run_dir)
 
 
 def default_run_dir(name: str, resume: bool) -> Path:
@@ -135,127 +154,9 @@ def default_run_dir(name: str, resume: bool) -> Path:
     return next(c for c in candidates if not c.exists())
 
 
-def connect_ray(address: str | None, dashboard: bool, console: Any) -> bool:
-    """Join a cluster (--address) or start a local one with a dashboard; False if neither was asked."""
-    if address is None and not dashboard:
-        return False
-    import ray
-
-    from capsearch.search.loop import prepare_ray_start
-
-    prepare_ray_start()
-    quiet = {"log_to_driver": False, "logging_level": "WARNING"}
-    explicit = address is not None and address != "auto"
-    if explicit:
-        _check_reachable(address)
-        _token_mode_for_this_machine(address)
-    try:
-        if address is not None:
-            context = ray.init(address=address, **quiet)
-        else:
-            from capsearch.search.cluster import start_local_ray
-
-            context = start_local_ray(
-                console,
-                num_cpus=os.cpu_count(),
-                include_dashboard=True,
-                dashboard_host="127.0.0.1",
-                dashboard_port=_free_port(),
-                **quiet,
-            )
-    except ConnectionError as exc:
-        hint = _token_hint(address) if explicit else ""
-        raise UserError(f"cannot reach a Ray cluster at {address}: {exc}{hint}") from None
-    if dashboard:
-        url = dashboard_url(context)
-        if url is None:
-            console.print("Ray's dashboard is not running on this cluster")
-        else:
-            note = ""
-            if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
-                # ray.init turns token authentication on for a local dashboard: the page asks once.
-                note = (
-                    " (token authentication: paste the output of `ray get-auth-token` when asked)"
-                )
-            console.print(f"Ray dashboard: {url}{note}")
-    return True
-
-
-def _check_reachable(address: str) -> None:
-    """Fail in seconds, not minutes (Ray retries), when HOST:PORT does not answer."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        return  # ray://... and other forms: leave them to Ray
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except OSError as exc:
-        raise UserError(f"cannot reach a Ray cluster at {address}: {exc}") from None
-
-
-def _token_mode_for_this_machine(address: str) -> None:
-    """Send this machine's Ray token to a cluster on this machine, as Ray does for `--address auto`.
-
-    A `ray start --head` on a machine that holds a token (~/.ray/auth_token, which any local
-    `ray.init` writes, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) turns token authentication on. Ray's
-    driver sends the token unasked only when it finds the cluster itself (`auto`); for an explicit
-    address it sends none unless RAY_AUTH_MODE=token, and the connection fails after ~20 s. A
-    HOST:PORT of this very machine is the `auto` case written out, so it gets `auto`'s rule; a
-    token is never sent to another machine unasked (that would hand it to whoever listens there).
-    """
-    if os.environ.get("RAY_AUTH_MODE") is not None or not _is_this_machine(address):
-        return
-    try:  # Ray's own rule for `auto` (Ray 2.60): token mode if a token is found locally
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-    except ImportError:  # a Ray without token authentication: nothing to send
-        return
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-
-
-def _is_this_machine(address: str) -> bool:
-    import ipaddress
-
-    import psutil
-
-    host = address.rpartition(":")[0].strip("[]")
-    try:
-        ips = {info[4][0] for info in socket.getaddrinfo(host, None)}
-    except OSError:
-        return False
-    own = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
-    return all(ipaddress.ip_address(ip).is_loopback or ip in own for ip in ips)
-
-
-def _token_hint(address: str) -> str:
-    """What to do when an explicit address refused the connection: most often a missing token."""
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
-        how = "check that this machine has the head's token"
-    else:
-        how = "set RAY_AUTH_MODE=token and give this machine the head's token"
-    return (
-        f"; if the cluster uses token authentication (a `ray start --head` on a machine with a "
-        f"token turns it on), {how}: copy the head's ~/.ray/auth_token here, or set "
-        "RAY_AUTH_TOKEN to what `ray get-auth-token` prints on the head"
-    )
-
-
-def dashboard_url(context: Any) -> str | None:
-    """The dashboard's http URL from a ray.init context, or None."""
-    url = getattr(context, "dashboard_url", None)
-    if not url:
-        return None
-    return url if url.startswith("http") else f"http://{url}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _progress(run_dir: Path) -> Any:
     """A Ray Tune callback printing each trial's start and result under a rich progress bar."""
+    # lazy: `capsearch --help` loads no library
     from ray import tune
 
     from capsearch.metrics.table import METRICS
@@ -288,6 +189,7 @@ def _progress(run_dir: Path) -> Any:
             self.bar.console.print(line, highlight=False)
 
         def _done(self, trial: Any) -> None:
+            # lazy: `capsearch --help` loads no library
             import json
 
             path = trial_dir(Path(run_dir), int(trial.config.get("_number", 0))) / RESULT_FILE
@@ -320,6 +222,7 @@ def _progress(run_dir: Path) -> Any:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    # lazy: `capsearch --help` loads no library
     from capsearch.config import load_spec
     from capsearch.search.coverage import check_units
     from capsearch.search.final import final_text
@@ -350,8 +253,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from collections import Counter
-
+    # lazy: `capsearch --help` loads no library
     from rich.console import Console
 
     from capsearch.reporting.report import ordered, results_table
@@ -374,12 +276,14 @@ def _report(args: argparse.Namespace) -> int:
             raise UserError(
                 f"{len(args.run_dirs)} runs make one report over seeds: give its folder with --out DIR"
             )
+        # lazy: `capsearch --help` loads no library
         from capsearch.reporting.report import write_report
 
         print(f"wrote {write_report(args.run_dirs[0])}")
         return 0
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} exists and is not a folder")
+    # lazy: `capsearch --help` loads no library
     from capsearch.reporting.seeds import write_seeds_report
 
     print(f"wrote {write_seeds_report(args.run_dirs, args.out)}")

@@ -11,6 +11,7 @@ from capsearch.errors import UserError
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `train`."""
+    # lazy: `capsearch --help` loads no library
     from capsearch.settings import TrainSettings, add_flags
 
     p = sub.add_parser(
@@ -75,6 +76,7 @@ def parse_mitigation(text: str) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
+    # lazy: `capsearch --help` loads no library
     import torch
 
     from capsearch.models.load import load_pipeline
@@ -92,6 +94,7 @@ def _train(args: argparse.Namespace) -> int:
             spec = json.loads(args.spec.read_text())
         except json.JSONDecodeError as exc:
             raise UserError(f"method spec {args.spec} is not valid JSON: {exc}") from None
+        # lazy: `capsearch --help` loads no library
         from capsearch.methods import normalise_spec
 
         try:

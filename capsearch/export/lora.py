@@ -17,7 +17,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import safetensors.torch
+import torch
+
 from capsearch.errors import UserError
+from capsearch.methods._peft import ADAPTER
+from capsearch.models.delta import LORA_FILE, export_lora
 
 if TYPE_CHECKING:
     import torch
@@ -37,10 +42,8 @@ def kohya_name(module_name: str) -> str:
 
 def kohya_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The UNet's LoRA factors in the kohya layout: lora_down (A), lora_up (B) and alpha per module."""
-    import torch
+    # lazy: peft loads only when its methods are applied
     from peft.tuners.lora import LoraLayer
-
-    from capsearch.methods._peft import ADAPTER
 
     out: dict[str, torch.Tensor] = {}
     for name, module in unet.named_modules():
@@ -59,8 +62,6 @@ def kohya_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def kohya_targets(unet: torch.nn.Module) -> dict[str, str]:
     """Every Linear/Conv2d of a plain UNet by its kohya stem (the inverse of kohya_name)."""
-    import torch
-
     targets = {}
     for name, module in unet.named_modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
@@ -86,8 +87,6 @@ def apply_kohya(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> int:
     The inverse of kohya_state_dict: every stem must name a Linear/Conv2d of this UNet and carry its
     lora_up and alpha.
     """
-    import torch
-
     targets = kohya_targets(unet)
     stems = {k.rsplit(".", 2)[0] for k in state if k.endswith(".lora_down.weight")}
     known = {
@@ -128,9 +127,6 @@ def write_lora_files(
     unet: torch.nn.Module, out: Path, applied: Applied, kohya_file: str = KOHYA_FILE
 ) -> list[Path]:
     """Write diffusers' LoRA file and the kohya file of a LoRA-only UNet into `out`."""
-    import safetensors.torch
-
-    from capsearch.models.delta import LORA_FILE, export_lora
 
     problem = lora_only_error(applied.entries)
     if problem:

@@ -12,6 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import safetensors.torch
+import torch
+
 from capsearch.errors import UserError
 
 if TYPE_CHECKING:
@@ -164,8 +167,6 @@ def to_ldm(
     unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module
 ) -> dict[str, torch.Tensor]:
     """The three models' tensors under SD 1.x's original key names and shapes."""
-    import torch
-
     out: dict[str, torch.Tensor] = {}
     parts = (
         (unet, unet_rules(dict(unet.config)), UNET_PREFIX, "UNet"),
@@ -227,8 +228,6 @@ def write_single_file(
     path: Path, unet: torch.nn.Module, vae: torch.nn.Module | None, text_encoder: torch.nn.Module
 ) -> Path:
     """Write the merged UNet with the base's VAE and text encoder as one SD 1.x safetensors file."""
-    import safetensors.torch
-
     check_sd1(unet, vae, text_encoder)
     state = to_ldm(unet, vae, text_encoder)
     path = Path(path)

@@ -29,6 +29,7 @@ def inject(
     `make_config(target_regex)` builds the peft config; `accepts(module)` filters modules the adapter
     cannot take. Requires_grad flags set by earlier entries survive (peft re-freezes the whole model).
     """
+    # lazy: peft loads only when its methods are applied
     from peft import inject_adapter_in_model
 
     targets = []
@@ -58,6 +59,7 @@ def inject(
 
 def is_adapter_layer(module: torch.nn.Module) -> bool:
     """Whether a module is a peft adapter layer wrapping a base layer."""
+    # lazy: peft loads only when its methods are applied
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return isinstance(module, BaseTunerLayer)

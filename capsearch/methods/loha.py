@@ -35,6 +35,7 @@ class LoHa(MethodConfig):
 @register_method("loha", LoHa, example_units="*:*_attn")
 def apply(unet: torch.nn.Module, units: Sequence[Unit], cfg: LoHa) -> list[str]:
     """Inject LoHa into the units' Linear/Conv2d modules; return the factor names."""
+    # lazy: peft loads only when its methods are applied
     from peft import LoHaConfig
 
     def make(targets: str) -> LoHaConfig:

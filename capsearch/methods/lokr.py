@@ -39,6 +39,7 @@ class LoKr(MethodConfig):
 @register_method("lokr", LoKr, example_units="*:*_attn")
 def apply(unet: torch.nn.Module, units: Sequence[Unit], cfg: LoKr) -> list[str]:
     """Inject LoKr into the units' Linear/Conv2d modules; return the factor names."""
+    # lazy: peft loads only when its methods are applied
     from peft import LoKrConfig
 
     def make(targets: str) -> LoKrConfig:

@@ -35,6 +35,7 @@ class LoRA(MethodConfig):
 @register_method("lora", LoRA, example_units="*:*_attn")
 def apply(unet: torch.nn.Module, units: Sequence[Unit], cfg: LoRA) -> list[str]:
     """Inject LoRA into the units' Linear/Conv2d modules; return the A and B names."""
+    # lazy: peft loads only when its methods are applied
     from peft import LoraConfig
 
     def make(targets: str) -> LoraConfig:

@@ -54,6 +54,7 @@ class OFT(MethodConfig):
 @register_method("oft", OFT, example_units="*:*_attn")
 def apply(unet: torch.nn.Module, units: Sequence[Unit], cfg: OFT) -> list[str]:
     """Inject OFT into the units' Linear and 1×1 conv modules that fit; return the rotation names."""
+    # lazy: peft loads only when its methods are applied
     from peft import OFTConfig
 
     def make(targets: str) -> OFTConfig:

@@ -12,15 +12,20 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import safetensors
+import safetensors.torch
+import torch
+from torch.nn.utils import parametrize
+
+from capsearch import __version__
 from capsearch.atomic import atomic_target, atomic_write
 from capsearch.errors import UserError
 from capsearch.faults import maybe_fail
+from capsearch.methods import APPLIED_MARK, Applied, apply_methods, get_method, method_names
+from capsearch.methods._peft import ADAPTER, merge_adapters
 
 if TYPE_CHECKING:
-    import torch
     from diffusers import UNet2DConditionModel
-
-    from capsearch.methods import Applied
 
 DELTA_FILE = "delta.safetensors"
 # The delta's method entries, base model and format (named spec.json since the first deltas: kept).
@@ -58,10 +63,6 @@ def save_delta(
     unet: torch.nn.Module, path: str | Path, *, applied: Applied, base_model: str | None = None
 ) -> Path:
     """Write the trained tensors and the method entries `applied` to `unet` into the folder `path`."""
-    import safetensors.torch
-
-    from capsearch import __version__
-
     tensors = {
         name: p.detach().to("cpu").contiguous()
         for name, p in unet.named_parameters()
@@ -132,12 +133,6 @@ def _from_version_1(entry: Any) -> Any:
 
 def load_delta(base_unet: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     """Apply a delta folder's methods to a fresh base UNet and load its tensors; return the UNet."""
-    import safetensors
-    import safetensors.torch
-    import torch
-
-    from capsearch.methods import apply_methods
-
     folder = Path(path)
     meta = read_spec(folder)
     expected = meta.get("unet_shape") or {}
@@ -181,12 +176,6 @@ def merge(unet: torch.nn.Module) -> UNet2DConditionModel:
     method scaling a module's output (DiffFit's γ) folds into the already-shifted weight; peft
     adapters wrap whole modules and share them with nothing, so they merge last.
     """
-    import torch
-    from torch.nn.utils import parametrize
-
-    from capsearch.methods import APPLIED_MARK, get_method, method_names
-    from capsearch.methods._peft import merge_adapters
-
     with torch.no_grad():
         for module in list(unet.modules()):
             if parametrize.is_parametrized(module):
@@ -206,7 +195,7 @@ def merge(unet: torch.nn.Module) -> UNet2DConditionModel:
 
 def _check_vanilla(unet: torch.nn.Module) -> None:
     """Fail loudly if the merged UNet's parameters differ from a stock UNet of its config."""
-    import torch
+    # lazy: diffusers' heavy modules load only on this path
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
@@ -224,9 +213,8 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     B is multiplied by α/r so that a loader assuming α = r (diffusers, when no alphas are stored)
     reproduces the same update.
     """
+    # lazy: peft loads only when its methods are applied
     from peft.tuners.lora import LoraLayer
-
-    from capsearch.methods._peft import ADAPTER
 
     out = {}
     for name, module in unet.named_modules():
@@ -241,6 +229,7 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def export_lora(unet: torch.nn.Module, path: str | Path, *, applied: Applied) -> Path:
     """Write the UNet's LoRA as `pytorch_lora_weights.safetensors` for `pipe.load_lora_weights`."""
+    # lazy: diffusers' heavy modules load only on this path
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
     others = sorted({e["method"] for e in applied.entries} - {"lora", "freeze"})

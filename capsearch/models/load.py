@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import tarfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import torch
 
 from capsearch.errors import UserError
 from capsearch.models.tiny import TINY_SCHEDULER_CONFIG, TINY_TEXT_CONFIG, build_tiny_unet
+from capsearch.models.tokenizer import learn_bpe, load_clip_tokenizer, write_clip_vocabulary
+from capsearch.worlds.shapes import make_shapes
 
 ASSETS = Path(__file__).parents[1] / "assets"
 TINY_BASE = ASSETS / "tiny_base"
@@ -113,14 +116,13 @@ class Pipeline:
 
 def caption_corpus(n_shapes: int = 20000) -> list[str]:
     """Texts the tokenizer's BPE merges are learnt on: shape-world captions and radiology reports."""
-    from capsearch.worlds.shapes import make_shapes
-
     _, captions = make_shapes(n_shapes, size=8, seed=123)
     return captions + iu_impressions()
 
 
 def iu_impressions() -> list[str]:
     """IMPRESSION texts of the Indiana University chest X-ray reports that torchxrayvision ships."""
+    # lazy: torchxrayvision loads only where its data or weights are read
     import torchxrayvision
 
     path = Path(torchxrayvision.__file__).parent / "data" / "NLMCXR_reports.tgz"
@@ -137,17 +139,14 @@ def iu_impressions() -> list[str]:
 
 def build_tokenizer(out: Path = TOKENIZER_DIR, num_merges: int = 3000) -> Path:
     """Learn the tiny model's BPE vocabulary from capsearch's corpora and write it in CLIP's format."""
-    from capsearch.models.tokenizer import learn_bpe, write_clip_vocabulary
-
     return write_clip_vocabulary(out, learn_bpe(caption_corpus(), num_merges=num_merges))
 
 
 def tiny_random(seed: int = 0) -> Pipeline:
     """The tiny architecture with random weights (same classes as SD v1.5), for tests."""
+    # lazy: diffusers' heavy modules load only on this path
     from diffusers import DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from capsearch.models.tokenizer import load_clip_tokenizer
 
     tokenizer = load_clip_tokenizer(TOKENIZER_DIR)
     torch.manual_seed(seed)
@@ -196,8 +195,7 @@ def download_command(hub_id: str) -> str:
 
 def _cached_hub_folder(spec: str) -> Path:
     """The snapshot folder of a hub id (or of an alias of it) in the local Hugging Face cache."""
-    import warnings
-
+    # lazy: the hub client loads only for a model named by hub id
     from huggingface_hub import constants, snapshot_download
 
     for name in hub_names(spec):
@@ -223,6 +221,7 @@ def _cached_hub_folder(spec: str) -> Path:
 def load_folder(path: Path, spec: str = "") -> Pipeline:
     """Load a diffusers-style folder: SD 1.x/2.x (with VAE; ε- or v-prediction, as its scheduler config
     says) or a saved tiny pipeline (pixel space)."""
+    # lazy: diffusers' heavy modules load only on this path
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

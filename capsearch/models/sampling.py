@@ -96,9 +96,11 @@ def generate(
 
 def save_grid(images: torch.Tensor, path, nrow: int = 8, captions: list[str] | None = None) -> None:
     """Write images in [-1, 1] as a PNG grid (with captions under each tile when given)."""
+    # lazy: matplotlib loads only where a plot is drawn
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: matplotlib loads only where a plot is drawn
     import matplotlib.pyplot as plt
 
     n = len(images)

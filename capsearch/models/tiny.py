@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 # Block names mirror SD v1.5 (down_blocks.i.{resnets,attentions}.j, mid_block, up_blocks.i...), but attention
 # sits only at the two lowest resolutions: on 2 CPU cores attention over 32x32 tokens costs several times
 # the rest of a training step (measured, see docs/models.md).
@@ -68,7 +70,7 @@ SD15_UNET_CONFIG: dict = {
 
 def build_tiny_unet(seed: int = 0):
     """A randomly initialised tiny UNet2DConditionModel (for tests and pretraining)."""
-    import torch
+    # lazy: diffusers' heavy modules load only on this path
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)

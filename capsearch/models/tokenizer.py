@@ -114,6 +114,7 @@ def write_clip_vocabulary(
 
 def load_clip_tokenizer(path: Path):
     """Load a CLIPTokenizer from a folder written by write_clip_vocabulary."""
+    # lazy: transformers' tokenizer loads only where a pipeline is built
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(str(path))

@@ -270,7 +270,8 @@ def write_report(run_dir: Path) -> Path:
         ]
         if (Path(best["dir"]) / "samples.png").is_file():
             lines += ["", f"![samples of {name}](trials/{name}/samples.png)"]
-    from capsearch.reporting.searchstats import max_steps, report_lines
+    from capsearch.reporting.searchstats import report_lines
+    from capsearch.search.schedule import max_steps
 
     lines += report_lines(run_dir, records, max_steps(spec))
     lines += ["", "## Samples", "", "| trial | method | samples |", "|---|---|---|"]

@@ -18,19 +18,10 @@ from capsearch.search.runs import record_value
 from capsearch.search.space import FROZEN
 
 if TYPE_CHECKING:
-    from capsearch.config import Spec
+    pass
 
 # Trial states the accounting tells apart.
 STATES = ("ok", "stopped", "error", "nan", "corrupt", "interrupted")
-
-
-def max_steps(spec: Spec) -> int:
-    """The most training steps any trial can run (ASHA's max_t)."""
-    steps = [spec.train.steps] + [b.train.get("steps", 0) for b in spec.baseline_points]
-    p = spec.search_space.steps
-    if p is not None:
-        steps += [int(p.high)] if p.kind == "int" else [int(v) for v in (p.choices or [p.value])]
-    return max(steps)
 
 
 def _trains(record: dict[str, Any]) -> bool:

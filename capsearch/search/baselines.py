@@ -18,7 +18,17 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from capsearch.errors import UserError
-from capsearch.search.space import FROZEN, Baseline, Group, Param, SearchSpace, _is_number
+from capsearch.methods import get_method
+from capsearch.search.space import (
+    FROZEN,
+    Baseline,
+    Group,
+    Param,
+    SearchSpace,
+    _is_number,
+    params_to_method_spec,
+    params_to_mitigations,
+)
 from capsearch.settings import Strict
 
 
@@ -48,8 +58,6 @@ def fixed_points(
     space: SearchSpace, fixed: Sequence[FixedTrial], taken: set[str]
 ) -> list[Baseline]:
     """`baselines.fixed` as baselines: each checked against the space (one line naming it if not)."""
-    from capsearch.search.space import params_to_method_spec, params_to_mitigations
-
     points = []
     for i, entry in enumerate(fixed):
         where = f"baselines.fixed[{i}]"
@@ -81,7 +89,6 @@ def baseline_value(p: Param, method_default: Any = None) -> Any:
 
 
 def _method_default(method: str, key: str) -> Any:
-    from capsearch.methods import get_method
 
     for f in dataclasses.fields(get_method(method).config):
         if f.name == key and f.default is not dataclasses.MISSING:

@@ -1,4 +1,5 @@
-"""The local Ray instances capsearch starts, and the workers a killed driver leaves behind.
+"""All of capsearch's Ray set-up: starting a local instance or joining a cluster (its address, token
+and dashboard), the resources a spec asks of it, and the workers a killed driver leaves behind.
 
 When a driver that started its own Ray instance is killed with SIGKILL, Ray's GCS server and raylet go
 at once, but its worker processes notice only when their raylet's heartbeat times out, and its agents
@@ -16,14 +17,24 @@ not start, not live instances.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
+import logging
 import os
 import socket
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import psutil
+import ray
+
+from capsearch.errors import UserError
 from capsearch.search.runlock import process_alive
+
+if TYPE_CHECKING:
+    from capsearch.config import Spec
 
 REGISTRY = Path(tempfile.gettempdir()) / f"capsearch-ray-{os.getuid()}"
 
@@ -34,8 +45,6 @@ def _entry_path(registry: Path) -> Path:
 
 def register_local_instance(registry: Path = REGISTRY) -> Path | None:
     """Record the Ray instance this process just started (its raylet is a child of this process)."""
-    import psutil
-
     started = psutil.Process().children(recursive=True)
     raylets = [p for p in started if _is_raylet(p)]
     if not raylets:
@@ -61,8 +70,6 @@ def unregister(path: Path | None) -> None:
 
 
 def _is_raylet(proc) -> bool:
-    import psutil
-
     try:
         return proc.name() == "raylet" or "raylet" in Path(proc.cmdline()[0]).name
     except (psutil.Error, IndexError):
@@ -71,8 +78,6 @@ def _is_raylet(proc) -> bool:
 
 def _running(pid: int, started: float) -> bool:
     """Whether the process `pid` that started at `started` still runs (not a reuse of its pid)."""
-    import psutil
-
     try:
         proc = psutil.Process(pid)
         return abs(proc.create_time() - started) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
@@ -82,8 +87,6 @@ def _running(pid: int, started: float) -> bool:
 
 def reap_orphans(registry: Path = REGISTRY) -> list[int]:
     """Kill the leftover workers of registered instances whose driver is gone; return their pids."""
-    import psutil
-
     if not registry.is_dir():
         return []
     killed: list[int] = []
@@ -122,8 +125,6 @@ def start_local_ray(console=None, **kwargs):
 
     Returns ray.init's context; its registry entry is removed by `stop_local_ray`.
     """
-    import ray
-
     reaped = reap_orphans()
     if reaped and console is not None:
         console.print(f"stopped {len(reaped)} Ray worker(s) that a killed search had left running")
@@ -140,9 +141,138 @@ _registered: Path | None = None
 
 def stop_local_ray() -> None:
     """Shut the local instance down and remove its registry entry."""
-    import ray
-
     global _registered
     ray.shutdown()
     unregister(_registered)
     _registered = None
+
+
+def prepare_ray_start() -> None:
+    """Prepare a local Ray start: quiet notices that do not apply, trials at normal priority."""
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR
+    )
+    logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)  # its resume hint is Ray's, not ours
+    # Ray starts workers at nice 15 to keep its own services responsive; here the trials are the
+    # work, and at 15 they get a fraction of a core whenever anything else runs on the machine.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+
+
+def check_resources(spec: Spec) -> None:
+    """Refuse a spec whose trials ask for more CPUs or GPUs than the Ray cluster has."""
+    have = ray.cluster_resources()
+    for key, want in (("CPU", spec.resources.cpu), ("GPU", spec.resources.gpu)):
+        if want > have.get(key, 0):
+            raise UserError(
+                f"resources.{key.lower()}: a trial asks for {want:g} but the Ray cluster has "
+                f"{have.get(key, 0):g}; lower it or join a bigger cluster with --address"
+            )
+
+
+def connect(address: str | None, dashboard: bool, console: Any) -> bool:
+    """Join a cluster (--address) or start a local one with a dashboard; False if neither was asked."""
+    if address is None and not dashboard:
+        return False
+    prepare_ray_start()
+    quiet = {"log_to_driver": False, "logging_level": "WARNING"}
+    explicit = address is not None and address != "auto"
+    if explicit:
+        _check_reachable(address)
+        _token_mode_for_this_machine(address)
+    try:
+        if address is not None:
+            context = ray.init(address=address, **quiet)
+        else:
+            context = start_local_ray(
+                console,
+                num_cpus=os.cpu_count(),
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=_free_port(),
+                **quiet,
+            )
+    except ConnectionError as exc:
+        hint = _token_hint(address) if explicit else ""
+        raise UserError(f"cannot reach a Ray cluster at {address}: {exc}{hint}") from None
+    if dashboard:
+        url = dashboard_url(context)
+        if url is None:
+            console.print("Ray's dashboard is not running on this cluster")
+        else:
+            note = ""
+            if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+                # ray.init turns token authentication on for a local dashboard: the page asks once.
+                note = (
+                    " (token authentication: paste the output of `ray get-auth-token` when asked)"
+                )
+            console.print(f"Ray dashboard: {url}{note}")
+    return True
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not minutes (Ray retries), when HOST:PORT does not answer."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return  # ray://... and other forms: leave them to Ray
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise UserError(f"cannot reach a Ray cluster at {address}: {exc}") from None
+
+
+def _token_mode_for_this_machine(address: str) -> None:
+    """Send this machine's Ray token to a cluster on this machine, as Ray does for `--address auto`.
+
+    A `ray start --head` on a machine that holds a token (~/.ray/auth_token, which any local
+    `ray.init` writes, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) turns token authentication on. Ray's
+    driver sends the token unasked only when it finds the cluster itself (`auto`); for an explicit
+    address it sends none unless RAY_AUTH_MODE=token, and the connection fails after ~20 s. A
+    HOST:PORT of this very machine is the `auto` case written out, so it gets `auto`'s rule; a
+    token is never sent to another machine unasked (that would hand it to whoever listens there).
+    """
+    if os.environ.get("RAY_AUTH_MODE") is not None or not _is_this_machine(address):
+        return
+    try:  # Ray's own rule for `auto` (Ray 2.60): token mode if a token is found locally
+        from ray._private.authentication.authentication_token_setup import (  # lazy: Ray >= 2.60
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication: nothing to send
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def _is_this_machine(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        ips = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    own = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
+    return all(ipaddress.ip_address(ip).is_loopback or ip in own for ip in ips)
+
+
+def _token_hint(address: str) -> str:
+    """What to do when an explicit address refused the connection: most often a missing token."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        how = "check that this machine has the head's token"
+    else:
+        how = "set RAY_AUTH_MODE=token and give this machine the head's token"
+    return (
+        f"; if the cluster uses token authentication (a `ray start --head` on a machine with a "
+        f"token turns it on), {how}: copy the head's ~/.ray/auth_token here, or set "
+        "RAY_AUTH_TOKEN to what `ray get-auth-token` prints on the head"
+    )
+
+
+def dashboard_url(context: Any) -> str | None:
+    """The dashboard's http URL from a ray.init context, or None."""
+    url = getattr(context, "dashboard_url", None)
+    if not url:
+        return None
+    return url if url.startswith("http") else f"http://{url}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -7,11 +7,19 @@ The model's UNet is built on the meta device (shapes only): the tiny one from it
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from capsearch.errors import UserError
+from capsearch.methods import trained_units
+from capsearch.models.load import TINY_BASE
+from capsearch.models.tiny import SD15_UNET_CONFIG, TINY_UNET_CONFIG
+from capsearch.search.space import FROZEN
+from capsearch.units import list_units, select_units
 
 if TYPE_CHECKING:
     from capsearch.config import Spec
@@ -19,13 +27,8 @@ if TYPE_CHECKING:
 
 def unet_for_validation(model: str) -> tuple[Any, str]:
     """The model's UNet built on the meta device (shapes only) and a note on where its config came from."""
-    import json
-
-    import torch
+    # lazy: diffusers' heavy modules load only on this path
     from diffusers import UNet2DConditionModel
-
-    from capsearch.models.load import TINY_BASE
-    from capsearch.models.tiny import SD15_UNET_CONFIG, TINY_UNET_CONFIG
 
     config, note = None, ""
     if model in ("tiny", "tiny:random"):
@@ -38,6 +41,7 @@ def unet_for_validation(model: str) -> tuple[Any, str]:
             config = json.loads(local.read_text())
         elif re.fullmatch(r"[\w.-]+/[\w.-]+", model):
             try:
+                # lazy: the hub client loads only for a model named by hub id
                 from huggingface_hub import try_to_load_from_cache
 
                 cached = try_to_load_from_cache(model, "unet/config.json")
@@ -55,8 +59,6 @@ def unet_for_validation(model: str) -> tuple[Any, str]:
 
 def check_units(spec: Spec, source: str = "spec") -> dict[str, Any]:
     """Check every group's unit selection against the model; return coverage numbers for reports."""
-    from capsearch.units import list_units, select_units
-
     unet, note = unet_for_validation(spec.model)
     units = list_units(unet)
     owner: dict[str, str] = {}
@@ -86,9 +88,6 @@ def check_units(spec: Spec, source: str = "spec") -> dict[str, Any]:
 
 def _check_baselines_cover(spec: Spec, owner: dict[str, str], source: str) -> None:
     """A baseline must be its method on the whole UNet: every unit it trains there is in a group allowing it."""
-    from capsearch.methods import trained_units
-    from capsearch.search.space import FROZEN
-
     groups = {g.name: g for g in spec.search_space.groups}
     for i, method in enumerate(spec.baselines.methods):
         if method in FROZEN:

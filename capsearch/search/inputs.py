@@ -8,24 +8,24 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from capsearch.config import Spec, load_spec
+from capsearch.datasets.folder import metadata_path
 from capsearch.errors import UserError
-
-if TYPE_CHECKING:
-    from capsearch.config import Spec
+from capsearch.metrics.features import resolve_extractor
+from capsearch.metrics.scorer import SCORER_DIR, load_scorer, train_scorer
+from capsearch.models import load as models
+from capsearch.worlds.phantom import phantom_complete, write_phantom_dataset
 
 
 def prepare_data(spec: Spec, run_dir: Path, console: Any = None) -> Path:
     """The training data folder: an existing one, or phantoms generated into the run folder once."""
-    from capsearch.datasets.folder import metadata_path
-
     if spec.data.path is not None:
         root = Path(spec.data.path).expanduser().resolve()
         metadata_path(root)
         return root
     root = run_dir / "data"
-    from capsearch.worlds.phantom import phantom_complete, write_phantom_dataset
 
     settings = spec.data.phantom.model_dump()
     if settings["held_out_images"] is None:
@@ -49,8 +49,6 @@ def held_out_images_needed(spec: Spec) -> int:
 
 def uses_phantom_scorer(spec: Spec) -> bool:
     """Whether evaluation scores with the phantom scorer (pixel-space models under extractor auto)."""
-    from capsearch.metrics.features import resolve_extractor
-
     return resolve_extractor(spec.evaluate.extractor, spec.model) == "phantom"
 
 
@@ -58,7 +56,6 @@ def ensure_scorer(spec: Spec, data_root: Path, console: Any = None) -> None:
     """Train the phantom scorer once if evaluation needs it and it is not installed."""
     if not uses_phantom_scorer(spec):
         return
-    from capsearch.metrics.scorer import SCORER_DIR, load_scorer, train_scorer
 
     try:
         load_scorer()
@@ -72,9 +69,6 @@ def ensure_scorer(spec: Spec, data_root: Path, console: Any = None) -> None:
 
 def check_inputs(spec: Spec) -> None:
     """Fail before the run folder is made if the base model or the data folder is not here."""
-    from capsearch.datasets.folder import metadata_path
-    from capsearch.models import load as models
-
     if spec.model in models.TINY_MODELS:
         models.load_pipeline(spec.model)
     else:
@@ -86,7 +80,6 @@ def check_inputs(spec: Spec) -> None:
             raise UserError(
                 f"search.reuse[{i}]: {folder} is not a capsearch run folder (no spec.yaml in it)"
             )
-        from capsearch.config import load_spec
 
         try:
             load_spec(folder / "spec.yaml", check_model=False)

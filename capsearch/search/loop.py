@@ -17,27 +17,33 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from capsearch.config import Spec
 from capsearch.errors import UserError
-from capsearch.reporting.report import final_view, ordered, results_table, write_report
-from capsearch.reporting.searchstats import max_steps
+from capsearch.search.cluster import (
+    check_resources,
+    prepare_ray_start,
+    start_local_ray,
+    stop_local_ray,
+)
 from capsearch.search.constraints import margins
 from capsearch.search.final import final_todo, run_final_stage
 from capsearch.search.inputs import check_inputs, ensure_scorer, prepare_data
+from capsearch.search.runlock import RunLock, describe
 from capsearch.search.runs import (
     PARAMS_FILE,
     RESULT_FILE,
     check_records,
-    load_trials,
     prepare_run_dir,
     trial_dir,
     unfinished_trials,
     write_json,
 )
-from capsearch.search.space import CONFIG_EXTRAS
+from capsearch.search.schedule import trial_scheduler
+from capsearch.search.space import CONFIG_EXTRAS, define_space
 from capsearch.search.study import (
     StudyNotSaved,
     check_study,
@@ -49,7 +55,16 @@ from capsearch.search.study import (
     study_failure,
     study_storage,
 )
-from capsearch.search.trial import REPORTED
+from capsearch.search.trial import (
+    REPORTED,
+    TrialPlan,
+    build_plan,
+    failed_record,
+    final_result,
+    resumable_checkpoint,
+    reusable_trial,
+    run_trial,
+)
 
 
 def _finite(value: Any) -> float | None:
@@ -84,13 +99,13 @@ class TrialSearch(OptunaSearch):
 
     def suggest(self, trial_id: str) -> dict | str | None:
         """Optuna's parameters with the trial's plan, built and validated here, once, in the driver."""
+        # lazy: Ray loads only where a search runs
         from ray.tune.search import Searcher
 
         config = self._saving(self._suggest, trial_id)
         return Searcher.FINISHED if self.study_error is not None else config
 
     def _suggest(self, trial_id: str) -> dict | str | None:
-        from capsearch.search.trial import build_plan, resumable_checkpoint, reusable_trial
 
         config = super().suggest(trial_id)
         if not isinstance(config, dict) or "_number" not in config:
@@ -151,8 +166,6 @@ class TrialSearch(OptunaSearch):
 
 def _trainable(config: dict, run_dir: str, data_root: str) -> None:
     """The Ray Tune function trainable: one planned trial, reporting probes and then its result."""
-    from capsearch.search.trial import TrialPlan, failed_record, final_result, run_trial
-
     if "plan_error" in config:  # the driver could not build the plan: record why, train nothing
         number = int(config["_number"])
         folder = trial_dir(Path(run_dir), number)
@@ -230,14 +243,12 @@ def run_search(
     callbacks: tuple = (),
     retry_errors: bool = False,
 ) -> Path:
-    """Run (or finish) a search into the folder `out`; return the path of its report.md.
+    """Run (or finish) a search into the folder `out`; return the run folder (report: capsearch.reporting).
 
     `retry_errors` (with `resume`): run the trials that ended in `error` again (plan_trials).
 
     Uses the Ray cluster the caller connected to, or starts a local one sized to this machine.
     """
-    from capsearch.search.runlock import RunLock, describe
-
     check_inputs(spec)
     run_dir = prepare_run_dir(spec, out, resume)
     with RunLock(run_dir, resume) as lock:  # one search per run folder (capsearch.search.runlock)
@@ -249,8 +260,6 @@ def run_search(
 def _search_held(spec: Spec, run_dir: Path, console: Any, callbacks: tuple,
                  retry_errors: bool = False) -> Path:  # fmt: skip
     """run_search with the run folder's lock held."""
-    import ray
-
     check_records(run_dir)  # a record cut short: one line naming it, nothing rewritten
     study = open_study(spec, run_dir)  # a corrupt, locked or full optuna.db: one line naming it
     check_study(study, run_dir)
@@ -261,14 +270,12 @@ def _search_held(spec: Spec, run_dir: Path, console: Any, callbacks: tuple,
     # a finished run resumed: nothing to train or re-evaluate, no Ray to start
     started_here = not ray.is_initialized() and bool(pending or final_todo(spec, run_dir))
     if started_here:
-        from capsearch.search.cluster import start_local_ray
-
         prepare_ray_start()
         start_local_ray(console, num_cpus=os.cpu_count(), include_dashboard=False,
                         log_to_driver=False, logging_level="WARNING")  # fmt: skip
     try:
         if ray.is_initialized():
-            _check_resources(spec)
+            check_resources(spec)
         if pending:
             _tune(spec, run_dir, data_root, pending, [TrialRecords(run_dir), *callbacks], proposed)
         cut = unfinished_trials(run_dir)
@@ -278,70 +285,12 @@ def _search_held(spec: Spec, run_dir: Path, console: Any, callbacks: tuple,
             console.print(f"final stage skipped: {len(cut)} trial(s) unfinished")
     finally:
         if started_here:
-            from capsearch.search.cluster import stop_local_ray
-
             stop_local_ray()
-    if console is not None:
-        records = ordered(load_trials(run_dir), spec)
-        console.print(results_table(records, title=f"{spec.name}: {len(records)} trials"))
-        finals = [final_view(r) for r in records if r.get("final")]
-        if finals:
-            title = (
-                f"final re-evaluation ({spec.final.split} split, seed {spec.final.seed}); "
-                "95% intervals in report.md"
-            )
-            console.print(results_table(finals, title=title))
-    return write_report(run_dir)
-
-
-def prepare_ray_start() -> None:
-    """Prepare a local Ray start: quiet notices that do not apply, trials at normal priority."""
-    import logging
-
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
-        logging.ERROR
-    )
-    logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)  # its resume hint is Ray's, not ours
-    # Ray starts workers at nice 15 to keep its own services responsive; here the trials are the
-    # work, and at 15 they get a fraction of a core whenever anything else runs on the machine.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-
-
-def _check_resources(spec: Spec) -> None:
-    import ray
-
-    have = ray.cluster_resources()
-    for key, want in (("CPU", spec.resources.cpu), ("GPU", spec.resources.gpu)):
-        if want > have.get(key, 0):
-            raise UserError(
-                f"resources.{key.lower()}: a trial asks for {want:g} but the Ray cluster has "
-                f"{have.get(key, 0):g}; lower it or join a bigger cluster with --address"
-            )
-
-
-def _asha() -> type:
-    """Ray's ASHA, except that a trial's last probe never stops it: its training is done, and only its
-    evaluation is left (Ray's rungs can include max_t itself, where `stop_last_trials=False` does not
-    help: grace 2, factor 2, 8 steps stopped a trial at step 8)."""
-    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
-
-    class LastProbeKeeps(ASHAScheduler):
-        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-            action = super().on_trial_result(tune_controller, trial, result)
-            if action == TrialScheduler.STOP and result.get(self._time_attr, 0) >= self._max_t:
-                self._num_stopped -= 1
-                return TrialScheduler.CONTINUE
-            return action
-
-    return LastProbeKeeps
+    return run_dir
 
 
 def _tune(spec: Spec, run_dir: Path, data_root: Path, pending: int, callbacks: list,
           proposed: int = 0) -> None:  # fmt: skip
-    from ray.tune.schedulers import FIFOScheduler
-
-    from capsearch.search.space import define_space
-
     # Probe results carry the scheduler's metric, final results the searcher's: neither has both.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # capsearch prints its own progress
@@ -356,20 +305,13 @@ def _tune(spec: Spec, run_dir: Path, data_root: Path, pending: int, callbacks: l
         spec=spec,
         run_dir=run_dir,
     )
-    sched = spec.search.scheduler
-    scheduler = (
-        _asha()(time_attr="training_step", metric="probe_score", mode="min",
-                max_t=max_steps(spec), grace_period=sched.grace_period,
-                reduction_factor=sched.reduction_factor, stop_last_trials=False)
-        if sched.name == "asha" else FIFOScheduler()
-    )  # fmt: skip
     trainable = tune.with_parameters(_trainable, run_dir=str(run_dir), data_root=str(data_root))
     resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     tuner = tune.Tuner(
         tune.with_resources(trainable, resources),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
-            scheduler=scheduler,
+            scheduler=trial_scheduler(spec),
             num_samples=pending,
             max_concurrent_trials=spec.search.concurrency,
             reuse_actors=True,

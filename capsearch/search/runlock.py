@@ -23,6 +23,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from capsearch.errors import UserError
 
 LOCK_FILE = "lock.json"
@@ -32,8 +34,6 @@ STALE_S = 90.0
 
 def process_alive(pid: int) -> bool:
     """Whether a process runs (a killed one its parent has not waited for is a zombie: not alive)."""
-    import psutil
-
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:

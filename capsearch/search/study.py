@@ -13,9 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import optuna
+import sqlalchemy.exc
+from optuna.trial import TrialState
 
 from capsearch.errors import UserError
 from capsearch.search.reward import OBJECTIVES
@@ -57,7 +63,6 @@ def sampler_seed(seed: int, proposed: int) -> int:
     """
     if proposed == 0:
         return seed
-    import numpy as np
 
     return int(np.random.SeedSequence([seed, proposed]).generate_state(1)[0])
 
@@ -65,10 +70,6 @@ def sampler_seed(seed: int, proposed: int) -> int:
 def make_sampler(spec: Spec, proposed: int = 0) -> Any:
     """The Optuna sampler the spec names, seeded (for a study already holding `proposed` trials:
     sampler_seed)."""
-    import warnings
-
-    import optuna
-
     s = spec.search
     seed = sampler_seed(s.seed, proposed)
     if s.sampler == "random":
@@ -84,16 +85,11 @@ def make_sampler(spec: Spec, proposed: int = 0) -> Any:
 
 def study_storage(run_dir: Path) -> Any:
     """The run's SQLite Optuna storage."""
-    import optuna
-
     return optuna.storages.RDBStorage(f"sqlite:///{Path(run_dir) / STUDY_FILE}")
 
 
 def storage_errors() -> tuple[type[BaseException], ...]:
     """What a failing SQLite study raises: Optuna's wrapper, SQLAlchemy's errors, sqlite3's own."""
-    import optuna
-    import sqlalchemy.exc
-
     return (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, sqlite3.Error)
 
 
@@ -138,8 +134,6 @@ def study_guard(run_dir: Path, opening: bool = False) -> Iterator[None]:
 
 def open_study(spec: Spec, run_dir: Path) -> Any:
     """Create or load the run's Optuna study (one line if its file is corrupt, locked or full)."""
-    import optuna
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     path = Path(run_dir) / STUDY_FILE
     if not path.is_file() and load_trials(run_dir, finished_only=False):
@@ -180,8 +174,6 @@ def plan_trials(spec: Spec, study: Any, run_dir: Path, retry_errors: bool = Fals
     record is an error is enqueued as itself, a searched one with its parameters (as an interrupted
     one is, `retry_of` in its record), and it no longer counts against the search's budget.
     """
-    from optuna.trial import TrialState
-
     for record in load_trials(run_dir, finished_only=False):
         if record["status"] == "running":  # started, never finished: the run was interrupted
             write_json(Path(record["dir"]) / RESULT_FILE, {**record, "status": "interrupted"})
@@ -224,8 +216,6 @@ def _enqueue_retries(study: Any, run_dir: Path, budget: int, retry_errors: bool 
     search resumed by an older capsearch sampled new trials in place of its interrupted ones, so the
     budget left is the newest ones'.
     """
-    from optuna.trial import TrialState
-
     retried = {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False)}
     queued = len(
         [

@@ -15,32 +15,36 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
 
 from capsearch.atomic import atomic_write
+from capsearch.datasets.folder import ImageCaptionDataset
 from capsearch.errors import UserError
 from capsearch.faults import maybe_fail
+from capsearch.methods import Applied, apply_methods, optimizer_groups
+from capsearch.metrics.denoising import threshold_scores
+from capsearch.models.delta import save_delta
 from capsearch.progress import loss_bar
 from capsearch.settings import TrainSettings
+from capsearch.training import precision
 from capsearch.training.encode_cache import TrainingInputs, encode_latents, host_draw
 from capsearch.training.mitigations import Mitigations, vocabulary_words
+from capsearch.training.probe import Probe, diffusion_target
 from capsearch.training.state import TrainState
 
 # bound here under private names: the tests wrap this module's _save_checkpoint
 from capsearch.training.state import load_checkpoint as _load_checkpoint
 from capsearch.training.state import save_checkpoint as _save_checkpoint
+from capsearch.training.watch import TrainingWatch
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from accelerate.scheduler import AcceleratedScheduler
     from torch.optim.lr_scheduler import LRScheduler
 
-    from capsearch.datasets.folder import ImageCaptionDataset
-    from capsearch.methods import Applied
     from capsearch.models.load import Pipeline
-    from capsearch.training.probe import Probe
 
 Callback = Callable[[str, dict], None]
-PRECISIONS = ("auto", "no", "fp16", "bf16")
 
 
 @dataclass
@@ -62,8 +66,6 @@ class TrainResult:
 
 
 def _load_training_images(data, size: int):
-    from capsearch.datasets.folder import ImageCaptionDataset
-
     ds = (
         data
         if isinstance(data, ImageCaptionDataset)
@@ -92,8 +94,6 @@ def _load_training_images(data, size: int):
 
 
 def _target(pipe, x0, noise, t):
-    from capsearch.training.probe import diffusion_target
-
     return diffusion_target(pipe, x0, noise, t)
 
 
@@ -151,7 +151,7 @@ def finetune(
     finally:
         bar(None, None)
         books.close()
-        pipe.unet = run.unet = _plain_unet(run.accelerator, run.unet)
+        pipe.unet = run.unet = precision.plain_unet(run.accelerator, run.unet)
     return _wrap_up(run, state, out, books)
 
 
@@ -164,7 +164,7 @@ class _Run:
     mit: Mitigations
     accelerator: Accelerator
     precision: str  # resolved: no, fp16 or bf16
-    unet: torch.nn.Module  # prepared by accelerate (autocast forward) until _plain_unet
+    unet: torch.nn.Module  # prepared by accelerate (autocast forward) until precision.plain_unet
     optimizer: torch.optim.Optimizer | None  # None when the method spec trains nothing
     scheduler: AcceleratedScheduler | None
     trainable: list[torch.nn.Parameter]
@@ -200,11 +200,9 @@ def _set_up(
     pipe: Pipeline, method_spec: list[dict] | dict, data, config: TrainSettings, mit: Mitigations
 ) -> _Run:
     """Seed, load the images, apply the methods, prepare UNet, optimizer and LR schedule; probe base."""
-    from capsearch.methods import apply_methods
-
     use_cuda = torch.cuda.is_available() and pipe.device.type == "cuda"
-    precision = resolve_precision(config.mixed_precision, use_cuda)
-    accelerator = _accelerator(precision, use_cuda)
+    autocast = precision.resolve_precision(config.mixed_precision, use_cuda)
+    accelerator = precision.make_accelerator(autocast, use_cuda)
     torch.manual_seed(config.seed)
     ds, images, captions, groups = _load_training_images(data, config.size)
     mit.fix_captions(captions, groups, config.seed)  # fixed RWA: once per record, before training
@@ -215,7 +213,7 @@ def _set_up(
     trainable = [p for p in unet.parameters() if p.requires_grad]
     if trainable:
         # Through accelerate, fp16 gradients are unscaled before clipping and overflow steps skipped
-        # (GradScaler); the UNet's forward runs under autocast until _plain_unet undoes it.
+        # (GradScaler); the UNet's forward runs under autocast until precision.plain_unet undoes it.
         unet, opt, lr_sched = accelerator.prepare(unet, *_optimizer(applied, unet, config))
     unet.train()
     pipe.text_encoder.requires_grad_(False).eval()
@@ -225,7 +223,7 @@ def _set_up(
         config=config,
         mit=mit,
         accelerator=accelerator,
-        precision=precision,
+        precision=autocast,
         unet=unet,
         optimizer=opt,
         scheduler=lr_sched,
@@ -239,8 +237,6 @@ def _set_up(
     if mit.threshold:
         run.uncond = pipe.encode_prompts([""])  # frozen text encoder: once
     if config.probe_every:  # its base measurement comes before any training (or resumed state)
-        from capsearch.training.probe import Probe
-
         run.probe = Probe(pipe, ds.root, images, captions, groups, config.size, config.seed + 7)
         run.probe.measure_base(pipe, run.latents_of)
     return run
@@ -250,10 +246,6 @@ def _optimizer(
     applied: Applied, unet: torch.nn.Module, config: TrainSettings
 ) -> tuple[torch.optim.Optimizer, LRScheduler]:
     """AdamW over the method entries' parameter groups (their own rates), and the LR schedule."""
-    from diffusers.optimization import get_scheduler
-
-    from capsearch.methods import optimizer_groups
-
     groups = optimizer_groups(applied, unet, config.lr, config.weight_decay)
     opt = torch.optim.AdamW(groups, lr=config.lr)
     schedule = get_scheduler(
@@ -282,8 +274,6 @@ def _loss(run: _Run, state: TrainState) -> tuple[torch.Tensor, dict[str, int]]:
     target = _target(pipe, x0, noise, t)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
     if mit.threshold:
-        from capsearch.metrics.denoising import threshold_scores
-
         with torch.no_grad():  # the scores choose samples; no gradient through them
             scores = threshold_scores(run.unet, noisy, t, ehs, run.uncond, cond_pred=pred)
         keep = mit.keep_mask(scores)
@@ -314,7 +304,6 @@ class _Bookkeeper:
 
     def __init__(self, run: _Run, callbacks: Sequence[Callback], out_dir: Path | None,
                  ckpt: Path | None, start: int = 0, method_spec=None) -> None:  # fmt: skip
-        from capsearch.training.watch import TrainingWatch
 
         self.run, self.callbacks, self.checkpoint = run, callbacks, ckpt
         self.out_dir = Path(out_dir) if out_dir else None
@@ -364,8 +353,6 @@ class _Bookkeeper:
 
 def _wrap_up(run: _Run, state: TrainState, out: _Outcome, books: _Bookkeeper) -> TrainResult:
     """Keep the EMA weights, save the delta and train_result.json, report the end; the result."""
-    from capsearch.models.delta import save_delta
-
     if state.ema is not None and out.status == "ok":
         with torch.no_grad():
             for p, e in zip(run.trainable, state.ema):
@@ -394,40 +381,3 @@ def _wrap_up(run: _Run, state: TrainState, out: _Outcome, books: _Bookkeeper) ->
             json.dumps({**asdict(result), "trainable_names": len(run.applied.names)}, indent=2),
         )
     return result
-
-
-def resolve_precision(requested: str, cuda: bool) -> str:
-    """A fine-tune's autocast precision: auto is bf16 on a GPU that has it, else fp16; no on CPU."""
-    if requested == "auto":
-        if not cuda:
-            return "no"
-        # bf16 has fp32's exponent range: no loss scaling, no skipped steps (Ampere and later)
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if requested != "no" and not cuda:
-        raise UserError(f"train.mixed_precision={requested} needs a GPU; use auto or no on CPU")
-    return requested
-
-
-def _accelerator(precision: str, cuda: bool):
-    """An Accelerator for one fine-tune on the UNet's own device (the pipeline placed it already)."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    # accelerate keeps one process-wide state that refuses a second precision; one process may
-    # fine-tune several times (tests, experiments), each at its own precision.
-    AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=precision, cpu=not cuda, device_placement=False)
-
-
-def _plain_unet(accelerator, unet: torch.nn.Module) -> torch.nn.Module:
-    """The UNet as it was before accelerator.prepare: its class's forward, no autocast wrapper."""
-    if not getattr(unet, "_is_accelerate_prepared", False):
-        return unet
-    wrapped = "_original_forward" in unet.__dict__
-    unet = accelerator.unwrap_model(unet, keep_fp32_wrapper=False)
-    # unwrap_model leaves the original forward bound on the instance and the prepared flag set; drop
-    # both so sampling and saving see the plain module and a later fine-tune prepares it afresh.
-    if wrapped:
-        unet.__dict__.pop("forward", None)
-    unet.__dict__.pop("_is_accelerate_prepared", None)
-    return unet

@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import time
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,10 @@ import torch.nn.functional as F
 
 from capsearch.models.load import tiny_random
 from capsearch.progress import loss_bar
+from capsearch.worlds.shapes import make_shapes
 
 
 def _shapes_chunk(args: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:
-    from capsearch.worlds.shapes import make_shapes
 
     n, size, seed = args
     return make_shapes(n, size=size, seed=seed)
@@ -33,8 +34,6 @@ def shapes_pool(n: int, size: int, seed: int, workers: int = 1) -> tuple[torch.T
     """Render n shape scenes in chunks of 1,000 (chunk k seeded seed·10⁶+k), optionally in parallel."""
     jobs = [(min(1000, n - s), size, seed * 1_000_000 + k) for k, s in enumerate(range(0, n, 1000))]
     if workers > 1:
-        from multiprocessing import get_context
-
         with get_context("spawn").Pool(workers) as pool:
             parts = pool.map(_shapes_chunk, jobs)
     else:

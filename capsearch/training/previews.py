@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from capsearch.atomic import atomic_write
+from capsearch.models.sampling import generate, save_grid
 
 PREVIEW_PROMPTS = 4  # training captions previewed when the spec gives none
 PREVIEW_PER_PROMPT = 2  # samples per prompt (fixed seeds 0, 1 of PREVIEW_SEED)
@@ -46,8 +47,6 @@ def render_preview(
     pipe, unet: torch.nn.Module, prompts: list[str], step: int, out_dir: Path
 ) -> Path:
     """Sample the prompts with `unet` in place of pipe's, write the grid for `step`; its path."""
-    from capsearch.models.sampling import generate, save_grid
-
     current = dataclasses.replace(pipe, unet=unet)  # the prepared UNet being trained
     cuda = [current.device] if current.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # nothing drawn here reaches the training stream

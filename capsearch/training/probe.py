@@ -26,7 +26,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from capsearch.datasets.folder import ImageCaptionDataset
 from capsearch.errors import UserError
+from capsearch.metrics.denoising import threshold_scores
 
 PROBE_IMAGES = 32  # images per fixed probe batch (held-out and training)
 PROBE_PROMPTS = 8  # memorised and other captions for the strength ratio
@@ -52,7 +54,6 @@ class Probe:
     """Fixed probe batches of one fine-tune; calling it measures the current UNet."""
 
     def __init__(self, pipe, root, images, captions, groups, size: int, seed: int) -> None:
-        from capsearch.datasets.folder import ImageCaptionDataset
 
         g = torch.Generator().manual_seed(seed)
         held = ImageCaptionDataset(root, split="validate", size=size)
@@ -91,7 +92,6 @@ class Probe:
         return F.mse_loss(pred.float(), diffusion_target(pipe, x0, noise, t).float()).item()
 
     def _strength(self, pipe, prompts: list[str], uncond: torch.Tensor) -> float:
-        from capsearch.metrics.denoising import threshold_scores
 
         t = torch.tensor(int(pipe.scheduler.config.num_train_timesteps * 0.8), device=pipe.device)
         z = self.z[: len(prompts)].to(pipe.device, pipe.dtype)

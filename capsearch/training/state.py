@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from capsearch.errors import UserError
 from capsearch.faults import maybe_fail
@@ -94,7 +95,6 @@ def _write_checkpoint(
     scheduler: AcceleratedScheduler | None,
     state: TrainState,
 ) -> None:
-    from safetensors.torch import save_file
 
     named = {n: p.detach().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
     if state.ema is not None:
@@ -132,8 +132,6 @@ def load_checkpoint(
     state: TrainState,
 ) -> int:
     """Restore a checkpoint into the UNet, optimizer, LR schedule and `state`; return its step."""
-    from safetensors.torch import load_file
-
     tensors = load_file(str(path / "trainable.safetensors"))
     params = dict(unet.named_parameters())
     with torch.no_grad():

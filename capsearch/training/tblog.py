@@ -18,6 +18,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 LOSS_TAG = "train/loss"
 LR_PREFIX = "lr/"  # one series per optimizer parameter group: lr/matrices, lr/vectors_0.001, ...
 PROBE_PREFIX = "probe/"
@@ -38,6 +41,7 @@ class TrainEvents:
     """The event file of one fine-tune session in `folder`; steps from `start` + 1 on."""
 
     def __init__(self, folder: Path, start: int = 0) -> None:
+        # lazy: tensorboardX loads only for a run that logs to TensorBoard
         from tensorboardX import SummaryWriter
 
         # A fresh file per session (name: time, host, pid, first step): a resumed run never writes
@@ -64,9 +68,6 @@ class TrainEvents:
 
     def image(self, step: int, png: Path) -> None:
         """A PNG (a preview grid) as the image of `step`."""
-        import numpy as np
-        from PIL import Image
-
         with Image.open(png) as img:
             pixels = np.asarray(img.convert("RGB"))
         self.writer.add_image(PREVIEW_TAG, pixels, step, dataformats="HWC")
@@ -104,6 +105,7 @@ def read_events(path: Path) -> Iterator[Any]:
 
     A record is: length (uint64), masked CRC-32C of the length, the serialised event, its masked CRC-32C.
     """
+    # lazy: tensorboardX loads only for a run that logs to TensorBoard
     from tensorboardX.proto.event_pb2 import Event
     from tensorboardX.record_writer import masked_crc32c
 
@@ -130,6 +132,7 @@ def read_events(path: Path) -> Iterator[Any]:
 def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar series of a fine-tune's folder as [(step, value)], restarts applied as TensorBoard
     applies them (a session-start marker at step S drops the earlier events at steps >= S)."""
+    # lazy: tensorboardX loads only for a run that logs to TensorBoard
     from tensorboardX.proto.event_pb2 import SessionLog
 
     series: dict[str, list[tuple[int, float]]] = {}
@@ -148,6 +151,7 @@ def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 def image_steps(folder: Path, tag: str = PREVIEW_TAG) -> list[int]:
     """The steps at which an image of `tag` was logged (after restarts), in order."""
+    # lazy: tensorboardX loads only for a run that logs to TensorBoard
     from tensorboardX.proto.event_pb2 import SessionLog
 
     steps: list[int] = []

@@ -6,7 +6,6 @@ import hashlib
 import json
 import shutil
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +18,11 @@ from capsearch.errors import UserError
 from capsearch.progress import rich_bar
 from capsearch.worlds import lesions
 from capsearch.worlds.anatomy import HEART, LUNG_AIR, Anatomy, build_scene, sample_anatomy
-from capsearch.worlds.cooccurrence import sample_findings
+from capsearch.worlds.patients import Study, assign_splits, held_out_patients, plan_patient
 from capsearch.worlds.reports import (
     FINDINGS,
     ReportBank,
-    attributes_from_text,
     findings_from_text,
-    report_bank,
 )
 from capsearch.worlds.transfer import AvoidReports, avoided_world, bank_avoiding
 
@@ -45,7 +42,7 @@ METADATA = "metadata.jsonl"
 # (and the world whose reports were avoided, if any). A generated folder without it (or whose metadata
 # no longer matches it) was cut short: make it again.
 COMPLETE = "complete.json"
-_PATIENT_STREAM, _SPLIT_STREAM, _DUP_STREAM = 0, 1, 2  # numpy seed sequences [seed, stream, ...]
+_DUP_STREAM = 2  # numpy seed sequence [seed, stream, ...]; streams 0 and 1: worlds.patients
 
 
 def _acquire(density: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -130,68 +127,6 @@ def render_phantom(
     return _acquire(density, size, acquisition_rng)
 
 
-@dataclass
-class _Study:
-    """One report and the images taken with it."""
-
-    patient_id: str
-    study_id: str
-    findings: frozenset[str]
-    text: str
-    source: str
-    attributes: dict
-    lesion_seed: int
-    views: list[str]
-    acquisition_seeds: list[int]
-
-
-def _plan_patient(
-    index: int, seed: int, bank: ReportBank | None = None
-) -> tuple[Anatomy, list[_Study]]:
-    """A patient's anatomy and studies: several studies, several images each, as in MIMIC-CXR.
-
-    Reports come from `bank` (default: the full shared bank; a transfer world passes a filtered one).
-    """
-    rng = np.random.default_rng([seed, _PATIENT_STREAM, index])
-    anatomy = sample_anatomy(rng)
-    bank = report_bank() if bank is None else bank
-    patient_id = f"p{index:05d}"
-    studies: list[_Study] = []
-    for k in range(int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))):
-        keep = studies and rng.random() < 0.5  # follow-up studies often show the same findings
-        findings = studies[-1].findings if keep else sample_findings(rng)
-        text, source = bank.describe(findings, rng)
-        n_images = int(rng.choice([1, 2, 3], p=[0.45, 0.4, 0.15]))
-        ap = 0.7 if "support_device" in findings else 0.35  # portable (AP) films for ICU patients
-        studies.append(
-            _Study(
-                patient_id=patient_id,
-                study_id=f"{patient_id}_s{k}",
-                findings=findings,
-                text=text,
-                source=source,
-                attributes=attributes_from_text(text),
-                lesion_seed=int(rng.integers(2**31)),
-                views=["AP" if rng.random() < ap else "PA" for _ in range(n_images)],
-                acquisition_seeds=[int(rng.integers(2**31)) for _ in range(n_images)],
-            )
-        )
-    return anatomy, studies
-
-
-def _assign_splits(patients: int, seed: int) -> list[str]:
-    """Split per patient, about 80/10/10 (no patient in two splits)."""
-    order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(patients)
-    n_held = int(round(0.1 * patients)) if patients >= 3 else 0
-    splits = ["train"] * patients
-    for rank, index in enumerate(order):
-        if rank < n_held:
-            splits[index] = "test"
-        elif rank < 2 * n_held:
-            splits[index] = "validate"
-    return splits
-
-
 def _distinctive_clause(group: int, rng: np.random.Generator) -> str:
     """A comparison date and accession number unique to one memorisation group."""
     year, month, day = rng.integers(2008, 2020), rng.integers(1, 13), rng.integers(1, 29)
@@ -218,28 +153,6 @@ def _validate(out: Path, patients: int, size: int, dup_fraction: float, dup_copi
             raise UserError(
                 f"output folder {out} holds other files ({foreign[0]}, ...); choose a new or empty folder"
             )
-
-
-def _held_out_patients(
-    patients: int, seed: int, splits: list[str], images: int, bank: ReportBank | None = None
-) -> list[str]:
-    """Splits of extra held-out patients, drawn until validate and test each hold `images` images.
-
-    They are patients `patients`, `patients + 1`, ... of the same world (their own random streams), so
-    the training set and the 80/10/10 split of the first `patients` do not change; each extra patient
-    goes to whichever held-out split has fewer images so far.
-    """
-    count = {"validate": 0, "test": 0}
-    for index, split in enumerate(splits):
-        if split in count:
-            count[split] += sum(len(s.views) for s in _plan_patient(index, seed, bank)[1])
-    extra: list[str] = []
-    while min(count.values()) < images:
-        split = min(count, key=lambda k: (count[k], k == "validate"))  # ties: test first
-        plan = _plan_patient(patients + len(extra), seed, bank)
-        count[split] += sum(len(s.views) for s in plan[1])
-        extra.append(split)
-    return extra
 
 
 def write_phantom_dataset(
@@ -281,13 +194,13 @@ def _plan_rows(
     dup_copies: int,
     held_out_images: int,
     bank: ReportBank | None = None,
-) -> list[tuple[dict, tuple[Anatomy, _Study, int], list[str]]]:
+) -> list[tuple[dict, tuple[Anatomy, Study, int], list[str]]]:
     """Every image's metadata row, what to render it from and the file name(s) it is written to."""
-    splits = _assign_splits(patients, seed)
-    splits += _held_out_patients(patients, seed, splits, held_out_images, bank)
-    plans = [_plan_patient(i, seed, bank) for i in range(len(splits))]
+    splits = assign_splits(patients, seed)
+    splits += held_out_patients(patients, seed, splits, held_out_images, bank)
+    plans = [plan_patient(i, seed, bank) for i in range(len(splits))]
     rows: list[dict] = []
-    jobs: list[tuple[Anatomy, _Study, int]] = []
+    jobs: list[tuple[Anatomy, Study, int]] = []
     for (anatomy, studies), split in zip(plans, splits, strict=True):
         for study in studies:
             for i in range(len(study.views)):
@@ -315,7 +228,7 @@ def _plan_rows(
         sorted(dup_rng.choice(train, size=n_groups, replace=False).tolist()) if n_groups else []
     )
     groups = {j: g for g, j in enumerate(chosen)}
-    expanded: list[tuple[dict, tuple[Anatomy, _Study, int], list[str]]] = []
+    expanded: list[tuple[dict, tuple[Anatomy, Study, int], list[str]]] = []
     for j, (row, job) in enumerate(zip(rows, jobs, strict=True)):
         if j not in groups:
             expanded.append((row, job, [row["file_name"]]))
@@ -332,7 +245,7 @@ def _plan_rows(
 def _write(
     out: Path,
     size: int,
-    expanded: list[tuple[dict, tuple[Anatomy, _Study, int], list[str]]],
+    expanded: list[tuple[dict, tuple[Anatomy, Study, int], list[str]]],
     progress: bool,
     marker: dict[str, Any],
 ) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import Field
 
 from capsearch.settings import Strict
+from capsearch.worlds.patients import assign_splits, held_out_patients, plan_patient
 from capsearch.worlds.reports import (
     _DEGREE,
     _NEGATIVE_TEMPLATES,
@@ -59,12 +60,9 @@ def world_texts(seed: int, patients: int, held_out_images: int) -> set[str]:
     Its memorisation subset only prefixes a date-and-accession clause to some of these texts, so the
     duplication settings do not change the set.
     """
-    # Imported here: the phantom world imports this module for its settings and its bank.
-    from capsearch.worlds.phantom import _assign_splits, _held_out_patients, _plan_patient
-
-    splits = _assign_splits(patients, seed)
-    count = patients + len(_held_out_patients(patients, seed, splits, held_out_images))
-    return {study.text for i in range(count) for study in _plan_patient(i, seed)[1]}
+    splits = assign_splits(patients, seed)
+    count = patients + len(held_out_patients(patients, seed, splits, held_out_images))
+    return {study.text for i in range(count) for study in plan_patient(i, seed)[1]}
 
 
 @functools.lru_cache(maxsize=4)
