@@ -216,6 +216,14 @@ class BaselinesSpec(Strict):
             raise ValueError("empty choice: list at least one mitigation (none for none)")
         return names
 
+    @field_validator("train", mode="before")
+    @classmethod
+    def _drop_nulls(cls, train: Any) -> Any:
+        """`METHOD: null` drops what a spec it extends set for a method that does not run here."""
+        return (
+            {k: v for k, v in train.items() if v is not None} if isinstance(train, dict) else train
+        )
+
 
 class GroupSpec(Strict):
     """A named selection of units and the methods (with hyper-parameters) it may be trained with."""
@@ -456,7 +464,9 @@ def _check_consistency(spec: Spec) -> None:
             f"final.train_seeds: {seeds} must be distinct and differ from train.seed "
             f"({spec.train.seed}), on which every finalist is already trained"
         )
-    if spec.resources.gpu == 0 and spec.train.mixed_precision not in ("auto", "no"):
-        raise UserError("train.mixed_precision: needs a GPU; set resources.gpu or use auto or no")
+    if spec.resources.gpu == 0 and spec.train.mixed_precision == "fp16":
+        raise UserError(
+            "train.mixed_precision: fp16 needs a GPU; set resources.gpu or use bf16, auto or no"
+        )
     base = base_mitigations(spec.train.caption_dropout, spec.train.mitigations)
     check_base_mitigations(base, spec.search_space)

@@ -50,7 +50,7 @@ class TrainSettings(Strict):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_accum: int = Field(1, ge=1)
-    # auto: bf16 or fp16 on a GPU, no on CPU (resolve_precision)
+    # auto: bf16 or fp16 on a GPU; on a CPU, capsearch.training.precision.CPU_AUTO (resolve_precision)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     gradient_checkpointing: bool = False
     # Encode the frozen parts once per fine-tune: text states per caption, VAE posteriors per image

@@ -297,6 +297,21 @@ def test_extends_deep_merges_and_lists_replace(tmp_path):
     assert spec.name == "exp"
 
 
+def test_extends_drops_a_baselines_rate_set_to_null(tmp_path):
+    train = {"lora": {"lr": 1e-3}, "difffit": {"lr": 2e-2}}
+    write(
+        tmp_path,
+        {**MINIMAL, "baselines": {"methods": ["difffit", "lora"], "train": train}},
+        "b.yaml",
+    )
+    fewer = {"extends": "b.yaml", "baselines": {"methods": ["difffit"], "train": {"lora": None}}}
+    spec = load_spec(write(tmp_path, fewer, "fewer.yaml"), check_model=False)
+    assert list(spec.baselines.train) == ["difffit"] and spec.baselines.train["difffit"].lr == 2e-2
+    bad = {**fewer, "baselines": {"methods": ["difffit"]}}  # lora's rate kept, lora not run
+    with pytest.raises(UserError, match="baselines.train.lora: 'lora' is not in baselines.methods"):
+        load_spec(write(tmp_path, bad, "bad.yaml"), check_model=False)
+
+
 def test_extends_loops_and_missing_bases_are_errors(tmp_path):
     write(tmp_path, {"extends": "b.yaml"}, "a.yaml")
     write(tmp_path, {"extends": "a.yaml"}, "b.yaml")

@@ -275,8 +275,20 @@ def test_threshold_drops_the_strongest_samples_and_they_get_no_gradient(data, mo
     assert torch.allclose(grad, pred.grad, rtol=1e-5, atol=1e-12)
 
 
-def test_mixed_precision_on_cpu_is_a_clear_error(data):
-    with pytest.raises(UserError, match="needs a GPU"):
+def test_fp16_on_cpu_is_a_clear_error(data):
+    with pytest.raises(UserError, match="fp16 needs a GPU"):
+        finetune(
+            load_pipeline("tiny:random"),
+            [{"method": "freeze"}],
+            data,
+            _cfg(mixed_precision="fp16"),
+            quiet=True,
+        )
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_a_clear_error(data, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    with pytest.raises(UserError, match="needs native bf16"):
         finetune(
             load_pipeline("tiny:random"),
             [{"method": "freeze"}],
@@ -284,6 +296,25 @@ def test_mixed_precision_on_cpu_is_a_clear_error(data):
             _cfg(mixed_precision="bf16"),
             quiet=True,
         )
+
+
+def test_bf16_trains_on_a_cpu_with_native_bf16_and_follows_fp32_closely(data, monkeypatch):
+    """bf16 autocast on a CPU (the path `train.mixed_precision: bf16` takes, faked as native where
+    the CPU lacks it: autocast computes bf16 either way) trains the same parameters as fp32, and
+    its first step's loss agrees with fp32's to bf16's precision (8 mantissa bits)."""
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    spec = [{"method": "bitfit", "units": "mid_block"}]
+    losses, moved = {}, {}
+    for mode in ("no", "bf16"):
+        pipe = load_pipeline("tiny:random")
+        before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+        res = finetune(pipe, spec, data, _cfg(steps=2, mixed_precision=mode), quiet=True)
+        assert res.status == "ok" and res.mixed_precision == mode
+        losses[mode] = res.losses[0][1]
+        moved[mode] = {n for n, p in pipe.unet.named_parameters() if not torch.equal(p, before[n])}
+    assert moved["bf16"] == moved["no"] and moved["no"]
+    assert losses["bf16"] == pytest.approx(losses["no"], rel=2e-2)
+    assert losses["bf16"] != losses["no"]  # it did compute in bf16
 
 
 class _RecordingAccelerator(Accelerator):
@@ -397,6 +428,7 @@ def test_autocast_runs_during_training_and_is_undone_afterwards(data, monkeypatc
 
 
 def test_auto_precision_is_bf16_where_the_gpu_has_it(monkeypatch):
+    monkeypatch.setattr(precision, "CPU_AUTO", "no")
     assert precision.resolve_precision("auto", cuda=False) == "no"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert precision.resolve_precision("auto", cuda=True) == "bf16"
@@ -405,6 +437,15 @@ def test_auto_precision_is_bf16_where_the_gpu_has_it(monkeypatch):
     assert precision.resolve_precision("fp16", cuda=True) == "fp16"
     with pytest.raises(UserError, match="needs a GPU"):
         precision.resolve_precision("fp16", cuda=False)
+
+
+def test_auto_on_a_cpu_takes_bf16_only_where_chosen_and_native(monkeypatch):
+    monkeypatch.setattr(precision, "CPU_AUTO", "bf16")
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert precision.resolve_precision("auto", cuda=False) == "bf16"
+    assert precision.resolve_precision("no", cuda=False) == "no"
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    assert precision.resolve_precision("auto", cuda=False) == "no"
 
 
 @pytest.mark.gpu

@@ -11,15 +11,34 @@ from capsearch.errors import UserError
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 
 
+# What `auto` picks on a CPU with native bf16 (cpu_has_bf16). "no" until the parity check of
+# docs/benchmarks.md ("Precision on the CPU") shows bf16 training within fp32's seed-to-seed spread.
+CPU_AUTO = "no"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast can pay."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: take the CPU as one without bf16
+        return False
+
+
 def resolve_precision(requested: str, cuda: bool) -> str:
-    """A fine-tune's autocast precision: auto is bf16 on a GPU that has it, else fp16; no on CPU."""
+    """A fine-tune's autocast precision: auto is bf16 on a GPU that has it, else fp16; on a CPU,
+    CPU_AUTO where the CPU has native bf16, else no. bf16 on a CPU needs native bf16; fp16 a GPU."""
     if requested == "auto":
         if not cuda:
-            return "no"
+            return CPU_AUTO if CPU_AUTO == "no" or cpu_has_bf16() else "no"
         # bf16 has fp32's exponent range: no loss scaling, no skipped steps (Ampere and later)
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if requested != "no" and not cuda:
-        raise UserError(f"train.mixed_precision={requested} needs a GPU; use auto or no on CPU")
+    if requested == "fp16" and not cuda:
+        raise UserError("train.mixed_precision=fp16 needs a GPU; use bf16, auto or no on a CPU")
+    if requested == "bf16" and not cuda and not cpu_has_bf16():
+        raise UserError(
+            "train.mixed_precision=bf16 on a CPU needs native bf16 (AVX512-BF16 or AMX; "
+            "`lscpu` lists avx512_bf16 or amx_bf16), which this CPU lacks; use auto or no"
+        )
     return requested
 
 
