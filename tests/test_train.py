@@ -94,6 +94,65 @@ def test_nan_loss_stops_with_status_and_no_model(data, tmp_path):
     assert json.loads((tmp_path / "train_result.json").read_text())["status"] == "nan"
 
 
+def test_one_host_sync_per_optimizer_step(data, monkeypatch):
+    """Between one optimizer step and the next, finetune reads the loss back once, however many
+    micro-batches it accumulates: every Tensor → Python conversion (item, float, bool) is counted.
+    The optimizer's own (AdamW reads its CPU step counters) are not the loop's and not counted."""
+    import capsearch.training.loop as train_mod
+
+    events = []
+    for name in ("item", "__float__", "__bool__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _r=real: events.append("sync") or _r(self, *a))  # fmt: skip
+    real_step = train_mod._optimizer_step
+
+    def step(run, state):
+        events.append("step")
+        real_step(run, state)
+        events.append("stepped")
+
+    monkeypatch.setattr(train_mod, "_optimizer_step", step)
+    pipe = load_pipeline("tiny:random")
+    res = finetune(pipe, [{"method": "bitfit", "units": "mid_block"}], data,
+                   _cfg(steps=4, grad_accum=2), quiet=True)  # fmt: skip
+    assert res.status == "ok" and events.count("step") == 4
+    ends = [i for i, e in enumerate(events) if e == "stepped"]
+    starts = [i for i, e in enumerate(events) if e == "step"]
+    between = [events[a + 1 : b].count("sync") for a, b in zip(ends, starts[1:])]
+    assert between == [1, 1, 1]
+
+
+def test_a_nan_in_a_later_micro_batch_reaches_no_weight(data, monkeypatch):
+    """The step's loss is checked once, after its micro-batches and before its optimizer step: a NaN in
+    the second micro-batch of step 2 stops training with step 1's weights untouched since."""
+    import capsearch.training.loop as train_mod
+
+    calls, real_loss = [], train_mod._loss
+
+    def loss(run, state):
+        value, touched = real_loss(run, state)
+        calls.append(1)
+        return (value * float("nan") if len(calls) == 4 else value), touched
+
+    monkeypatch.setattr(train_mod, "_loss", loss)
+    saved = {}
+    real_step = train_mod._optimizer_step
+
+    def step(run, state):
+        real_step(run, state)
+        saved.update(_trained(run.unet))
+
+    monkeypatch.setattr(train_mod, "_optimizer_step", step)
+    pipe = load_pipeline("tiny:random")
+    spec = [{"method": "bitfit", "units": "mid_block"}]
+    res = finetune(pipe, spec, data, _cfg(steps=3, grad_accum=2), quiet=True)
+    assert res.status == "nan" and "non-finite loss at step 2" in res.message
+    assert len(calls) == 4 and saved  # step 1's optimizer step ran, step 2's did not
+    assert all(torch.equal(v, saved[k]) for k, v in _trained(pipe.unet).items())
+    assert all(torch.isfinite(v).all() for v in saved.values())
+
+
 def test_corrupt_image_is_skipped_not_fatal(data, tmp_path):
     import shutil
 

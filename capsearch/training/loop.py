@@ -6,6 +6,7 @@ Only the UNet changes (θ0 + ω ⊙ Δφ, Dutt et al. 2024 eq. 1); text encoder 
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -125,19 +126,22 @@ def finetune(
     trial = Path(out_dir).name if out_dir else None  # a search trial's tNNN (capsearch.faults)
     try:
         for step in range(start, config.steps):
-            step_loss = 0.0
+            summed = 0.0  # becomes a tensor on the loss's device: no sync to add to it
             for _ in range(config.grad_accum):
                 loss, touched = _loss(run, state)  # add_noise → unet → mse_loss
                 if maybe_fail(trial, "train_step") == "nan":  # tests only: an injected fault
                     loss = loss * float("nan")
-                if not torch.isfinite(loss):
-                    raise _NonFiniteLoss(
-                        f"non-finite loss at step {step + 1}; training stopped, no model saved"
-                    )
                 if run.optimizer is not None:
                     run.accelerator.backward(loss / config.grad_accum)
-                step_loss += loss.item() / config.grad_accum
+                summed = summed + loss.detach().float()
                 state.count(touched)
+            # The step's one host sync (on a GPU the others let it run ahead): a non-finite loss in
+            # any micro-batch stops training before its optimizer step, so no weight takes it in.
+            step_loss = float(summed) / config.grad_accum
+            if not math.isfinite(step_loss):
+                raise _NonFiniteLoss(
+                    f"non-finite loss at step {step + 1}; training stopped, no model saved"
+                )
             if run.optimizer is not None:
                 _optimizer_step(run, state)
             out.loss = step_loss
