@@ -12,6 +12,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from capsearch.figures import save_figure
 from capsearch.worlds.anatomy import sample_anatomy
 from capsearch.worlds.phantom import render_phantom
 from capsearch.worlds.reports import attributes_from_text, report_bank
@@ -64,7 +65,7 @@ def main() -> None:
         ax.axis("off")
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=110)
+    save_figure(fig, args.out, dpi=110, grey=True)
     print(f"wrote {args.out}")
 
 

@@ -103,6 +103,8 @@ def save_grid(images: torch.Tensor, path, nrow: int = 8, captions: list[str] | N
     # lazy: matplotlib loads only where a plot is drawn
     import matplotlib.pyplot as plt
 
+    from capsearch.figures import save_figure
+
     n = len(images)
     ncol = min(nrow, n)
     nrows = (n + ncol - 1) // ncol
@@ -119,7 +121,7 @@ def save_grid(images: torch.Tensor, path, nrow: int = 8, captions: list[str] | N
         if captions:
             ax.set_title(_wrap(captions[k]), fontsize=4.5)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110, grey=True)  # grey levels, captions in black: a grey PNG
     plt.close(fig)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from capsearch.figures import save_figure
 from capsearch.search.runs import record_value
 
 
@@ -187,7 +188,7 @@ def front_plot(panels: list[tuple[str, list[dict[str, Any]]]], path: Path) -> Pa
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -226,6 +227,6 @@ def _finish(fig, ax, title: str, path: Path) -> Path:
     ax.set_title(title)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
