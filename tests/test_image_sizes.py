@@ -31,7 +31,9 @@ def test_a_sample_grid_of_noise_stays_under_the_limit(tmp_path):
     assert 10_000 < path.stat().st_size < MAX_IMAGE_BYTES
 
 
-def test_a_memorised_grid_of_20_captions_is_cut_to_fit(tmp_path):
+def test_a_memorised_grid_of_20_captions_fits_with_every_caption_extracted_first(
+    tmp_path, monkeypatch
+):
     from capsearch.metrics.context import EvalContext
     from capsearch.metrics.memorised_grid import MAX_TILES, save_memorised_grid
 
@@ -39,14 +41,26 @@ def test_a_memorised_grid_of_20_captions_is_cut_to_fit(tmp_path):
     ctx = EvalContext.__new__(EvalContext)
     ctx.memorised_images, ctx.memorised_prompts, ctx.attack_n = _noise(20 * 16), prompts, 16
     ctx.train_images, ctx.train_records = _noise(20), [{"text": p} for p in prompts]
+    import capsearch.metrics.memorised_grid as grid_mod
+    from capsearch.models.sampling import save_grid
+
+    seen = {}
+    monkeypatch.setattr(grid_mod, "save_grid",
+                        lambda tiles, path, nrow, captions: seen.update(nrow=nrow, captions=captions)
+                        or save_grid(tiles, path, nrow=nrow, captions=captions))  # fmt: skip
     path = tmp_path / "memorised.png"
-    assert save_memorised_grid(ctx, set(prompts[:3]), path) == path
+    extracted = {prompts[5], prompts[12]}
+    assert save_memorised_grid(ctx, extracted, path) == path
     assert 10_000 < path.stat().st_size < MAX_IMAGE_BYTES
+    rows = [c for c in seen["captions"] if c.startswith("train")]
+    assert seen["nrow"] == 3 and len(rows) == 20 == MAX_TILES // 3  # every caption, 2 samples each
+    assert rows[:2] == [f"train [extracted]: {prompts[5]}", f"train [extracted]: {prompts[12]}"]
+    assert rows[2] == f"train: {prompts[0]}"
 
     from PIL import Image
 
-    with Image.open(path) as grid:  # rows of 9 tiles, 1.6 + 0.5 inches each at 110 dpi
-        assert round(grid.height / (2.1 * 110)) == MAX_TILES // 9
+    with Image.open(path) as grid:  # rows of 3 tiles, 1.6 + 0.5 inches each at 110 dpi
+        assert round(grid.height / (2.1 * 110)) == 20
 
 
 def test_a_report_plot_stays_under_the_limit_and_keeps_its_colours(tmp_path):
