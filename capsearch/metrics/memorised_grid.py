@@ -10,15 +10,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from capsearch.metrics.context import EvalContext
+from capsearch.models.sampling import save_grid
+
 MEMORISED_GRID = "memorised.png"
 
 
-def save_memorised_grid(ctx, extracted: set[str], path: Path, per_caption: int = 8) -> Path | None:
+def save_memorised_grid(
+    ctx: EvalContext, extracted: set[str], path: Path, per_caption: int = 8
+) -> Path | None:
     """Write the grid; None (nothing written) when no memorised caption was attacked."""
-    import torch
-
-    from capsearch.models.sampling import save_grid
-
     images, prompts = ctx.memorised_images, ctx.memorised_prompts
     if images is None or not prompts or ctx.train_images is None:
         return None
