@@ -1,18 +1,16 @@
-"""Search specs: the YAML schema (unknown keys rejected), `extends:` merging and `--set` overrides.
+"""Search specs: the YAML schema (unknown keys rejected), one class per section, and loading a spec.
 
 Every error names its YAML path (`space.groups[1].methods.lora.rank: ...`) and becomes one line on
-stderr with exit code 2. docs/search.md documents every key.
+stderr with exit code 2. docs/search.md documents every key. Reading the file (`extends:` merging and
+`--set` overrides) is capsearch.specfile's.
 """
 
 from __future__ import annotations
 
-import copy
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     Field,
     PrivateAttr,
@@ -23,30 +21,27 @@ from pydantic import (
 )
 
 from capsearch.errors import UserError
+from capsearch.methods import get_method
 from capsearch.metrics.table import reward_metrics
-from capsearch.search.baselines import FixedTrial
+from capsearch.search.baselines import FixedTrial, baseline_points, fixed_points
 from capsearch.search.constraints import check_constraints
+from capsearch.search.coverage import check_units
 from capsearch.search.reward import OBJECTIVES
 from capsearch.search.space import (
+    FROZEN,
     Baseline,
     SearchSpace,
-    base_mitigations,
     build_space,
     check_base_mitigations,
 )
 from capsearch.settings import EvalSettings, Strict, TrainSettings, first_error
-from capsearch.worlds.transfer import AvoidReports
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-4` as a string; learning rates are written that way, so read it as a float."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d[\d_]*)(?:\.\d*)?[eE][-+]?\d+$"),
-    list("-+0123456789"),
+from capsearch.specfile import (  # noqa: F401  (read here by callers that load specs)
+    apply_overrides,
+    deep_merge,
+    read_yaml,
+    resolve_extends,
 )
+from capsearch.worlds.transfer import AvoidReports
 
 
 def _none_to_empty(value: Any) -> Any:
@@ -317,81 +312,6 @@ class Spec(Strict):
 # --- loading ----------------------------------------------------------------------------------------
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """A YAML file's top-level mapping (UserError if missing, unreadable or not a mapping)."""
-    if not path.is_file():
-        raise UserError(f"spec file {path} does not exist")
-    try:
-        data = yaml.load(path.read_text(), Loader=_Loader)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"{path}:{where}: invalid YAML: {problem}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: the top level must be a mapping of keys")
-    return data
-
-
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Override merged into base: mappings merge key by key, anything else (lists too) replaces."""
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def resolve_extends(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A spec file with its `extends:` chain merged in (paths relative to the file that names them)."""
-    path = path.resolve()
-    if path in _seen:
-        raise UserError(f"{path}: extends loops back to itself")
-    data = read_yaml(path)
-    parent = data.pop("extends", None)
-    if parent is None:
-        return data
-    if not isinstance(parent, str):
-        raise UserError(f"{path}: extends: must be a path, got {parent!r}")
-    if not (path.parent / parent).is_file():
-        raise UserError(f"{path}: extends: {path.parent / parent} does not exist")
-    base = resolve_extends((path.parent / parent), (*_seen, path))
-    return deep_merge(base, data)
-
-
-def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply `a.b.c=VALUE` overrides (VALUE read as YAML; `groups[0]` indexes a list)."""
-    data = copy.deepcopy(data)
-    for item in overrides:
-        key, eq, text = item.partition("=")
-        if not eq or not key.strip():
-            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. search.num_samples=4")
-        try:
-            value = yaml.load(text, Loader=_Loader)
-        except yaml.YAMLError:
-            raise UserError(f"--set {item!r}: the value is not valid YAML") from None
-        parts = [int(p) if p.isdigit() else p for p in re.split(r"\.|\[(\d+)\]", key) if p]
-        node: Any = data
-        for depth, part in enumerate(parts):
-            last = depth == len(parts) - 1
-            if isinstance(node, dict) and isinstance(part, str):
-                if not last and not isinstance(node.get(part), (dict, list)):
-                    node[part] = {}
-            elif not (isinstance(node, list) and isinstance(part, int) and part < len(node)):
-                raise UserError(f"--set {key}: there is no {part!r} at that place in the spec")
-            if last:
-                node[part] = value
-            else:
-                node = node[part]
-    return data
-
-
 def load_spec(path: str | Path, overrides: Iterable[str] = (), check_model: bool = True) -> Spec:
     """Read, merge, override and validate a spec file; check unit selections against the model."""
     path = Path(path)
@@ -399,8 +319,6 @@ def load_spec(path: str | Path, overrides: Iterable[str] = (), check_model: bool
     data.setdefault("name", path.stem)
     spec = spec_from_dict(data, source=str(path))
     if check_model:
-        from capsearch.search.coverage import check_units
-
         check_units(spec, source=str(path))
     return spec
 
@@ -421,10 +339,6 @@ def spec_from_dict(data: dict[str, Any], source: str = "spec") -> Spec:
 
 
 def _baselines(spec: Spec) -> list[Baseline]:
-    from capsearch.methods import get_method
-    from capsearch.search.baselines import baseline_points, fixed_points
-    from capsearch.search.space import FROZEN
-
     for i, method in enumerate(spec.baselines.methods):
         if method not in FROZEN:
             try:
@@ -468,5 +382,4 @@ def _check_consistency(spec: Spec) -> None:
         raise UserError(
             "train.mixed_precision: fp16 needs a GPU; set resources.gpu or use bf16, auto or no"
         )
-    base = base_mitigations(spec.train.caption_dropout, spec.train.mitigations)
-    check_base_mitigations(base, spec.search_space)
+    check_base_mitigations(spec.train.all_mitigations(), spec.search_space)

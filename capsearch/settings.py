@@ -15,9 +15,23 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from capsearch.errors import UserError
+from capsearch.training.mitigations import (
+    MitigationConfig,
+    parse_mitigations,
+    shorthand_fields,
+    train_mitigations,
+)
 
 T = TypeVar("T", bound="Strict")
 
@@ -67,15 +81,31 @@ class TrainSettings(Strict):
     preview_every: int = Field(0, ge=0)
     preview_prompts: list[str] = Field(default_factory=list)
     # Every fine-tune trains with caption dropout first (Dutt et al.'s code and Stable Diffusion use
-    # 0.1; it also trains the unconditional branch guidance samples with), then `mitigations` stacked.
+    # 0.1; it also trains the unconditional branch guidance samples with): the shorthand field of
+    # that mitigation (capsearch.training.mitigations), then `mitigations` stacked.
     caption_dropout: float = Field(0.1, ge=0, le=1)
     mitigations: list[dict[str, Any]] = Field(default_factory=list)
 
-    def all_mitigations(self) -> list[dict[str, Any]]:
-        """Caption dropout (if any), then the other mitigations, as capsearch.training.mitigations parses them."""
-        from capsearch.search.space import base_mitigations
+    @field_validator("mitigations")
+    @classmethod
+    def _parsed(cls, items: list[dict[str, Any]], info: ValidationInfo) -> list[dict[str, Any]]:
+        # The shorthand fields come first in the class, so they are validated (info.data) by now.
+        shorthands = {name: info.data.get(name) for name in shorthand_fields()}
+        try:
+            parse_mitigations(train_mitigations({**shorthands, "mitigations": items}))
+        except UserError as exc:
+            twice = [f for f in shorthands if f"{f} is listed twice" in str(exc)]
+            hint = f" (train.{twice[0]} counts)" if twice else ""
+            raise ValueError(f"{exc}{hint}") from None
+        return items
 
-        return base_mitigations(self.caption_dropout, self.mitigations)
+    def all_mitigations(self) -> list[dict[str, Any]]:
+        """The shorthand fields' mitigations (caption dropout, if above 0), then `mitigations`."""
+        return train_mitigations(self.model_dump(include={*shorthand_fields(), "mitigations"}))
+
+    def mitigation_stack(self) -> tuple[MitigationConfig, ...]:
+        """Every mitigation of the run, parsed (once: the validation above parsed the same list)."""
+        return parse_mitigations(self.all_mitigations())
 
 
 # TrainSettings fields that change what a fine-tune records or how fast it runs, not what it trains

@@ -50,6 +50,9 @@ def test_evaluate_writes_every_metric_with_settings(data, tmp_path):
     assert 0 < m["amd_heldout"] <= 2 and m["capped_prompts"] == 0
     # computed through the metric table from the attack's samples of memorised captions
     assert 0 <= m["nearest_own"] <= 1
+    # its own pass over the model: training against held-out images by their diffusion loss
+    low, high = m["intervals"]["membership_auc"]
+    assert 0 <= low <= m["membership_auc"] <= high <= 1 and m["membership_loss_train"] > 0
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["settings"]["split"] == "validate" and saved["settings"]["reference_images"] >= 24
     assert saved["settings"]["samples"] == 6 and saved["settings"]["world"] == "phantom"
@@ -63,7 +66,7 @@ def test_evaluate_writes_every_metric_with_settings(data, tmp_path):
 def test_memorised_grid_puts_each_captions_training_image_before_its_samples(tmp_path, monkeypatch):
     import torch
 
-    import capsearch.models.sampling
+    import capsearch.metrics.memorised_grid as grid
     from capsearch.metrics.context import EvalContext
     from capsearch.metrics.memorised_grid import save_memorised_grid
 
@@ -75,7 +78,7 @@ def test_memorised_grid_puts_each_captions_training_image_before_its_samples(tmp
     ctx.train_images, ctx.train_records, ctx.attack_n = train, records, 3
     seen = {}
     monkeypatch.setattr(
-        capsearch.models.sampling,
+        grid,
         "save_grid",
         lambda images, path, nrow, captions: seen.update(
             images=images, nrow=nrow, captions=captions
@@ -93,20 +96,48 @@ def test_memorised_grid_puts_each_captions_training_image_before_its_samples(tmp
 
 
 def test_the_attack_samples_at_its_own_guidance(data, monkeypatch):
-    import capsearch.metrics as metrics
+    import capsearch.metrics.stages as stages
 
     seen = []
-    real = metrics.extraction_attack
+    real = stages.extraction_attack
 
     def spy(*args, **kwargs):
         seen.append(kwargs["guidance"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(metrics, "extraction_attack", spy)
+    monkeypatch.setattr(stages, "extraction_attack", spy)
     config = SMALL.model_copy(update=dict(extraction_guidance=1.0))
     m = evaluate(load_pipeline("tiny:random"), data, config)
     assert seen == [1.0] and m["settings"]["extraction_guidance"] == 1.0
     assert m["settings"]["guidance"] == 3.0
+
+
+def test_a_metric_is_one_row_and_only_the_stages_its_rows_need_run(data, monkeypatch):
+    """A row with its own pass over the model reaches metrics.json; a stage no row needs is skipped."""
+    import torch
+
+    import capsearch.metrics.evaluate as evaluation
+    import capsearch.metrics.stages as stages
+    from capsearch.metrics.context import MODEL, Measured
+    from capsearch.metrics.table import BY_NAME, Metric
+
+    @torch.no_grad()
+    def own_pass(ctx):
+        # a pass of its own: the UNet's mean output on zeros, at one timestep
+        x = torch.zeros(1, *ctx.pipe.latent_shape)
+        out = ctx.pipe.unet(x, 10, encoder_hidden_states=ctx.pipe.encode_prompts([""])).sample
+        return Measured(float(out.abs().mean()), (0.0, 1e9), {"unet_probe_steps": 1})
+
+    probe = Metric(
+        "unet_probe", "UNet probe", "probe", ".3f", None, compute=own_pass, needs=(MODEL,)
+    )
+    rows = (BY_NAME["fid"], BY_NAME["extracted"], probe)  # nothing needs the strength pass
+    monkeypatch.setattr(evaluation, "METRICS", rows)
+    monkeypatch.setattr(stages, "denoising_strength_per_prompt", lambda *a, **k: pytest.fail("ran"))
+    m = evaluation.evaluate(load_pipeline("tiny:random"), data, SMALL)
+    assert m["unet_probe"] > 0 and m["unet_probe_steps"] == 1
+    assert set(m["intervals"]) == {"fid", "extracted", "unet_probe"}
+    assert "strength_ratio" not in m and "kid" not in m and "extracted" in m
 
 
 def test_eval_cli(data, tmp_path, capsys):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import capsearch.metrics.intervals as intervals
+import capsearch.metrics.reference as reference
 from capsearch.errors import UserError
 from capsearch.metrics import (
     ExtractionResult,
@@ -196,7 +197,7 @@ def test_noise_floor_compares_disjoint_real_subsets(monkeypatch):
         seen.append((ref[:, 0].copy(), fake[:, 0].copy()))
         return frechet_distance(ref[:, 1:], fake[:, 1:])
 
-    monkeypatch.setattr(intervals, "frechet_distance", recording_fid)
+    monkeypatch.setattr(reference, "frechet_distance", recording_fid)
     floor = noise_floor(feats, n=20, repeats=5, seed=2, reference_n=30)
     assert len(seen) == 5 and floor["n"] == 20 and floor["reference_n"] == 30
     for ref_ids, fake_ids in seen:
@@ -220,3 +221,21 @@ def test_noise_floor_is_what_same_distribution_scores():
     assert frechet_distance(held_out[:50], shifted) > floor["fid"]["high"]
     with pytest.raises(UserError, match="needs 100 held-out samples"):
         noise_floor(held_out[:99], n=50)
+
+
+def test_two_sample_bootstrap_keeps_each_samples_size():
+    sizes = []
+
+    def difference(a: np.ndarray, b: np.ndarray) -> float:
+        sizes.append((len(a), len(b)))
+        return float(a.mean() - b.mean())
+
+    first, second = np.arange(10.0), np.arange(4.0) + 100
+    low, high = intervals.two_sample_bootstrap(first, second, difference, n_boot=300, seed=1)
+    assert set(sizes) == {(10, 4)} and len(sizes) == 300
+    assert low <= first.mean() - second.mean() <= high and low < high
+    assert (low, high) == intervals.two_sample_bootstrap(
+        first, second, difference, n_boot=300, seed=1
+    )
+    with pytest.raises(UserError, match="two 1-D samples"):
+        intervals.two_sample_bootstrap([1.0], second, difference)

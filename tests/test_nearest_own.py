@@ -29,11 +29,11 @@ def test_copies_of_the_own_image_score_one_and_others_do_not():
     ctx, train = _context(None, [], 3)
     copies = torch.cat([train[[1, 1, 0]], train[[2, 2, 2]]])  # "a" rows 0-1, "b" row 2
     ctx.memorised_images, ctx.memorised_prompts = copies, ["a", "b"]
-    value, (low, high) = nearest_own_share(ctx)
+    value, (low, high), _ = nearest_own_share(ctx)
     assert value == 1.0 and low == high == 1.0
     # the samples of "b" are copies of "c"'s image: half the samples miss their own image
     ctx.memorised_images = torch.cat([train[[1, 1, 0]], train[[3, 3, 3]]])
-    value, (low, high) = nearest_own_share(ctx)
+    value, (low, high), _ = nearest_own_share(ctx)
     assert value == pytest.approx(0.5) and low <= 0.5 <= high and high - low > 0
 
 
@@ -47,5 +47,6 @@ def test_the_table_row_reaches_every_reader():
     from capsearch.search.trial import REPORTED
 
     row = BY_NAME["nearest_own"]
-    assert row.compute is not None and row.direction == "min" and row.column and row.card
+    assert row.compute is nearest_own_share and row.direction == "min" and row.column and row.card
+    assert row.needs == ("attack",)  # computed from the extraction attack's samples
     assert "own-image NN ↓" in COLUMNS and "nearest_own" in REPORTED

@@ -1,4 +1,4 @@
-"""Evaluation metrics (FID, KID, AMD, extraction, denoising strength, alignment) and intervals."""
+"""Evaluation metrics (FID, KID, AMD, extraction, denoising strength, alignment, membership) and intervals."""
 
 from capsearch.metrics.alignment import ImageTextScorer, alignment_score, alignment_scores
 from capsearch.metrics.amd import amd, nearest_train
@@ -11,6 +11,7 @@ from capsearch.metrics.extraction import (
     PHANTOM_THRESHOLD,
     ExtractionResult,
     extraction_attack,
+    extraction_interval,
     novelty_floor,
     prompt_cliques,
     tiled_distance,
@@ -24,15 +25,16 @@ from capsearch.metrics.fid import (
 from capsearch.metrics.intervals import (
     cluster_bootstrap,
     cluster_bootstrap_ratio,
-    extraction_interval,
     jackknife_interval,
-    noise_floor,
     prompt_clusters,
     seed_interval,
+    two_sample_bootstrap,
     wilson_interval,
 )
 from capsearch.metrics.kid import kernel_inception_distance, kernel_inception_distance_to
+from capsearch.metrics.membership import membership_auc_of, membership_losses
 from capsearch.metrics.memorisation import memorisation_probe, memorised_captions
+from capsearch.metrics.reference import noise_floor
 
 __all__ = [
     "PHANTOM_THRESHOLD",
@@ -54,6 +56,8 @@ __all__ = [
     "jackknife_interval",
     "kernel_inception_distance",
     "kernel_inception_distance_to",
+    "membership_auc_of",
+    "membership_losses",
     "memorisation_probe",
     "memorised_captions",
     "nearest_train",
@@ -64,5 +68,6 @@ __all__ = [
     "seed_interval",
     "threshold_scores",
     "tiled_distance",
+    "two_sample_bootstrap",
     "wilson_interval",
 ]

@@ -8,6 +8,8 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from capsearch.errors import UserError
+from capsearch.metrics.context import Computed, EvalContext, Measured
+from capsearch.metrics.intervals import cluster_bootstrap
 
 
 @runtime_checkable
@@ -47,3 +49,10 @@ def alignment_score(
     if len(values) == 0:
         raise UserError("alignment score needs at least one image")
     return float(values.double().mean())
+
+
+def alignment_of(ctx: EvalContext) -> Computed:
+    """Mean image-text score of the quality samples against their prompts, with its prompt bootstrap."""
+    aligned = alignment_scores(ctx.gen, ctx.gen_prompts, ctx.text_scorer).double().numpy()
+    interval = cluster_bootstrap(aligned, ctx.clusters, n_boot=ctx.bootstrap, seed=ctx.seed)
+    return Measured(float(aligned.mean()), interval)

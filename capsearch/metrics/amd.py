@@ -11,6 +11,8 @@ import numpy as np
 import torch
 
 from capsearch.errors import UserError
+from capsearch.metrics.context import Computed, EvalContext, Measured
+from capsearch.metrics.intervals import cluster_bootstrap
 
 # One block of training features, normalised float32, is held twice while faiss copies it into its index:
 # at 128 MB a block, 110,000 × 1,024 training features are searched in four blocks well inside 2 GB.
@@ -47,7 +49,7 @@ def _unit_rows(feats: torch.Tensor | np.ndarray, start: int, stop: int, device) 
 
 def _has_faiss() -> bool:
     try:
-        import faiss  # noqa: F401
+        import faiss  # noqa: F401  # lazy: optional, absent where it is not installed
     except ImportError:
         return False
     return True
@@ -55,7 +57,7 @@ def _has_faiss() -> bool:
 
 def _flat_ip_index(dim: int):
     """An exact inner-product index: on a GPU when faiss sees one, else on the CPU."""
-    import faiss
+    import faiss  # lazy: optional (only where _has_faiss), seconds to import
 
     index = faiss.IndexFlatIP(dim)
     if faiss.get_num_gpus() > 0 and hasattr(faiss, "index_cpu_to_all_gpus"):
@@ -152,3 +154,20 @@ def amd(
     """Average minimum cosine distance of generated samples to the training set (higher = less copying)."""
     dist, _ = nearest_train(gen_feats, train_feats, k=1, block_rows=block_rows)
     return float(dist[:, 0].double().mean())
+
+
+def amd_of(ctx: EvalContext) -> Computed:
+    """AMD of the quality samples to the training set, with its prompt-bootstrap interval."""
+    nearest = nearest_train(ctx.gen_feats, ctx.train_feats)[0][:, 0].double().numpy()
+    interval = cluster_bootstrap(nearest, ctx.clusters, n_boot=ctx.bootstrap, seed=ctx.seed)
+    return Measured(float(nearest.mean()), interval)
+
+
+def amd_heldout_of(ctx: EvalContext) -> Computed:
+    """AMD of real held-out images, as many as the quality samples: the reward's reference."""
+    # Real held-out images' own distance to the training set, at the generated sample count: the AMD
+    # a model that learnt the domain without copying would reach (the reward's AMD term).
+    n_gen = len(ctx.gen_feats)
+    pick = np.random.default_rng(ctx.seed).choice(len(ctx.ref_feats), size=n_gen, replace=False)
+    nearest = nearest_train(ctx.ref_feats[pick], ctx.train_feats)[0][:, 0].double().numpy()
+    return Measured(float(nearest.mean()))

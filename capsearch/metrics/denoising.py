@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 
 from capsearch.errors import UserError
+from capsearch.metrics.context import Computed, EvalContext, Measured
+from capsearch.metrics.intervals import cluster_bootstrap_ratio
 
 
 @torch.no_grad()
@@ -44,7 +46,7 @@ def denoising_strength_per_prompt(
     The trajectories are those of `capsearch.models.sampling.generate` with the same seed (same per-sample noise,
     same guided DDIM steps), so the strength of a prompt belongs to the images generated for it.
     """
-    from capsearch.models.sampling import generate
+    from capsearch.models.sampling import generate  # lazy: diffusers takes seconds to import
 
     prompts = list(prompts)
     if not prompts:
@@ -76,3 +78,15 @@ def denoising_strength(
     """Mean denoising strength over prompts, generations and DDIM steps (higher = more memorisation)."""
     values = denoising_strength_per_prompt(pipe, prompts, steps, n, guidance, seed, batch_size)
     return float(values.double().mean())
+
+
+def strength_ratio_of(ctx: EvalContext) -> Computed:
+    """Denoising strength of memorised captions over other training captions (the strength stage's)."""
+    s_mem, s_other = ctx.strength_memorised, ctx.strength_other
+    if s_mem is None or s_other is None:
+        return None  # no memorised captions, or no others, to compare
+    interval = None
+    if len(s_mem) > 1 and len(s_other) > 1:
+        interval = cluster_bootstrap_ratio(s_mem, s_other, n_boot=ctx.bootstrap, seed=ctx.seed)
+    extra = {"strength_memorised": float(s_mem.mean()), "strength_other": float(s_other.mean())}
+    return Measured(float(s_mem.mean() / max(s_other.mean(), 1e-12)), interval, extra)

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from capsearch.errors import UserError
+from capsearch.metrics.context import Computed, EvalContext, Measured
+from capsearch.metrics.intervals import wilson_interval
 from capsearch.progress import rich_bar
 
 # Defaults, scaled down for CPU (docs/metrics.md compares them with the paper and the authors' code):
@@ -100,7 +102,7 @@ def prompt_cliques(
     max_cliques: int = MAX_CLIQUES_PER_PROMPT,
 ) -> tuple[list[tuple[list[int], int]], bool]:
     """Maximal cliques (≥ min_clique) of one prompt's generations under the tiled threshold, each with its medoid."""
-    import networkx as nx
+    import networkx as nx  # lazy: networkx loads in ~0.3 s and only the attack's cliques need it
 
     dist = tiled_distance(images, images, tiles)
     close = (dist <= threshold).cpu()
@@ -126,7 +128,7 @@ def prompt_cliques(
 
 def _pipeline_generator(pipe, steps: int, guidance: float, batch_size: int) -> ImageGenerator:
     """A `(prompts, n_per_prompt, seed) -> images` callable backed by capsearch.models.sampling.generate."""
-    from capsearch.models.sampling import generate
+    from capsearch.models.sampling import generate  # lazy: diffusers takes seconds to import
 
     def run(prompts: list[str], n_per_prompt: int, seed: int) -> torch.Tensor:
         return generate(
@@ -255,3 +257,34 @@ def extraction_attack(
         "seconds": round(time.perf_counter() - started, 3),
     }
     return ExtractionResult(len({t for _, t, _ in extracted}), extracted, settings)
+
+
+def extraction_interval(result: ExtractionResult, level: float = 0.95) -> tuple[int, float, float]:
+    """(prompts with an extraction, low, high): Wilson interval on that count out of the attacked prompts."""
+    if not isinstance(result, ExtractionResult):
+        raise UserError(f"expected an ExtractionResult, got {type(result).__name__}")
+    attacked = int(result.settings["n_prompts"])
+    hit = len({prompt for prompt, _, _ in result.extracted})
+    low, high = wilson_interval(hit, attacked, level)
+    return hit, low * attacked, high * attacked
+
+
+def extracted_images(ctx: EvalContext) -> Computed:
+    """Distinct training images the attack extracted, with the attacked prompts' Wilson interval."""
+    ext = ctx.extraction
+    if ext is None:
+        return None  # nothing attacked
+    # Wilson interval on the attacked prompts that yield an extraction, in images (one training
+    # image per memorised prompt): attacked prompts are the unit, never generated images.
+    extra = {
+        "capped_prompts": int(ext.settings.get("prompts_with_capped_cliques", 0)),
+        "extracted_pairs": [list(e) for e in ext.extracted],
+    }
+    return Measured(ext.count, extraction_interval(ext)[1:], extra)
+
+
+def extracted_fraction(ctx: EvalContext) -> Computed:
+    """Images extracted per attacked prompt (the reward's extraction term)."""
+    if ctx.extraction is None:
+        return None
+    return Measured(ctx.extraction.count / len(ctx.attack_prompts))

@@ -13,8 +13,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
+from capsearch.datasets.folder import in_split, load_images, metadata_path, read_metadata
 from capsearch.errors import UserError
+from capsearch.metrics.fingerprint import weights_fingerprint
+from capsearch.metrics.scorer import load_scorer
 from capsearch.models.load import TINY_MODELS
 
 XRV_WEIGHTS = "densenet121-res224-mimic_ch"
@@ -33,17 +37,6 @@ class FeatureExtractor(Protocol):
     def features(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """Float32 features [N, D] on the CPU."""
         ...
-
-
-def weights_fingerprint(module: torch.nn.Module, extra: str = "") -> str:
-    """SHA-256 over a module's parameter and buffer bytes (plus any extra configuration text)."""
-    digest = hashlib.sha256(extra.encode())
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(
-            tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-        )
-    return digest.hexdigest()
 
 
 def _grayscale(images: torch.Tensor) -> torch.Tensor:
@@ -71,7 +64,7 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 
 def xrv_weights_path(weights: str = XRV_WEIGHTS, cache_dir: str | Path | None = None) -> Path:
     """Where torchxrayvision keeps the named weights (its cache: ~/.torchxrayvision/models_data/)."""
-    import torchxrayvision as xrv
+    import torchxrayvision as xrv  # lazy: heavy, real world only
 
     if weights not in xrv.models.model_urls:
         raise UserError(f"unknown torchxrayvision weights {weights!r}")
@@ -83,7 +76,7 @@ def load_xrv_densenet(
     weights: str = XRV_WEIGHTS, cache_dir: str | Path | None = None
 ) -> torch.nn.Module:
     """torchxrayvision's DenseNet-121 from its local weight cache; missing weights → one-line UserError."""
-    import torchxrayvision as xrv
+    import torchxrayvision as xrv  # lazy: heavy, real world only
 
     path = xrv_weights_path(weights, cache_dir)
     if not path.is_file():
@@ -137,20 +130,20 @@ def _biovil_image_weights(cache_dir: str | Path | None) -> Path:
     for folder in folders:
         if (folder / BIOVIL_T_IMAGE_WEIGHTS).is_file():
             return folder / BIOVIL_T_IMAGE_WEIGHTS
-    from health_multimodal.image.model.pretrained import BIOVIL_T_IMAGE_WEIGHTS_URL
+    from health_multimodal.image.model import pretrained  # lazy: heavy, real world only
 
     raise UserError(
         f"BioViL-T image weights {BIOVIL_T_IMAGE_WEIGHTS} not found in {', '.join(map(str, folders))}; "
-        f"download {BIOVIL_T_IMAGE_WEIGHTS_URL} into one of them"
+        f"download {pretrained.BIOVIL_T_IMAGE_WEIGHTS_URL} into one of them"
     )
 
 
 def load_biovil_t(cache_dir: str | Path | None = None):
     """BioViL-T image model, tokenizer and text model from local caches; anything missing → one-line UserError."""
-    from health_multimodal.image.model.model import ImageModel
-    from health_multimodal.image.model.pretrained import JOINT_FEATURE_SIZE
-    from health_multimodal.image.model.types import ImageEncoderType
-    from health_multimodal.text import CXRBertModel, CXRBertTokenizer
+    from health_multimodal.image.model.model import ImageModel  # lazy: heavy, real world only
+    from health_multimodal.image.model.pretrained import JOINT_FEATURE_SIZE  # lazy: as above
+    from health_multimodal.image.model.types import ImageEncoderType  # lazy: as above
+    from health_multimodal.text import CXRBertModel, CXRBertTokenizer  # lazy: as above
 
     weights = _biovil_image_weights(cache_dir)
     try:
@@ -246,8 +239,6 @@ class PhantomFeatures:
     """Penultimate features of the phantom scorer (capsearch.metrics.scorer)."""
 
     def __init__(self, scorer: torch.nn.Module | None = None) -> None:
-        from capsearch.metrics.scorer import load_scorer
-
         self.scorer = scorer if scorer is not None else load_scorer()
         self.input_size = self.scorer.size
         self.name = "phantom-scorer"
@@ -297,8 +288,6 @@ def _source_digest(source: torch.Tensor | Path, split: str, size: int) -> str:
         digest.update(json.dumps(list(x.shape)).encode())
         digest.update(x.numpy().tobytes())
         return digest.hexdigest()
-    from capsearch.datasets.folder import in_split, metadata_path, read_metadata
-
     root = Path(source)
     meta = metadata_path(root)
     digest.update(f"{split}:{size}:".encode())
@@ -324,8 +313,6 @@ def cached_features(
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Features of a tensor of images or a dataset split, computed once and cached under a content hash."""
-    from safetensors.torch import load_file, save_file
-
     source = images_or_dataset_root
     if not torch.is_tensor(source):
         source = Path(source)
@@ -346,8 +333,6 @@ def cached_features(
     if torch.is_tensor(source):
         images = source
     else:
-        from capsearch.datasets.folder import load_images
-
         images = load_images(source, split, size)
     feats = extractor.features(images, batch_size=batch_size).float().contiguous()
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 
 from capsearch.errors import UserError
+from capsearch.metrics.context import Computed, EvalContext, Measured
+from capsearch.metrics.intervals import jackknife_interval
 
 # Eigenvalues of a covariance within this fraction of its largest one are rounding, not signal: features
 # arrive as float32 (relative precision 6e-8), and eigh's own error is ~1e-16·D of the largest eigenvalue.
@@ -158,3 +160,12 @@ def frechet_distance_to(
         return _frechet(stats, _gaussian(fake))
 
     return distance
+
+
+def fid_of(ctx: EvalContext) -> Computed:
+    """FID of the quality samples against the held-out reference, with its delete-one-prompt interval."""
+    # The reference's statistics are computed once for the estimate and all jackknife replicates.
+    value, low, high = jackknife_interval(
+        frechet_distance_to(ctx.ref_feats), ctx.gen_feats, ctx.clusters
+    )
+    return Measured(value, (low, high))

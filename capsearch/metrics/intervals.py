@@ -15,16 +15,13 @@ import numpy as np
 import torch
 
 from capsearch.errors import UserError
-from capsearch.metrics.extraction import ExtractionResult
-from capsearch.metrics.fid import _as_float64, frechet_distance
-from capsearch.metrics.kid import kernel_inception_distance
 
 Statistic = Callable[[np.ndarray], float]
 
 
 def _t_quantile(q: float, dof: int) -> float:
     """Student t quantile (scipy.special: about half of scipy.stats' import time)."""
-    from scipy.special import stdtrit
+    from scipy.special import stdtrit  # lazy: scipy costs ~0.3 s at import
 
     return float(stdtrit(dof, q))
 
@@ -181,16 +178,6 @@ def wilson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def extraction_interval(result: ExtractionResult, level: float = 0.95) -> tuple[int, float, float]:
-    """(prompts with an extraction, low, high): Wilson interval on that count out of the attacked prompts."""
-    if not isinstance(result, ExtractionResult):
-        raise UserError(f"expected an ExtractionResult, got {type(result).__name__}")
-    attacked = int(result.settings["n_prompts"])
-    hit = len({prompt for prompt, _, _ in result.extracted})
-    low, high = wilson_interval(hit, attacked, level)
-    return hit, low * attacked, high * attacked
-
-
 def seed_interval(
     values: Sequence[float] | np.ndarray | torch.Tensor, level: float = 0.95
 ) -> tuple[float, float, float]:
@@ -205,39 +192,31 @@ def seed_interval(
     return mean, mean - half, mean + half
 
 
-def noise_floor(
-    reference_feats: torch.Tensor | np.ndarray,
-    n: int,
-    repeats: int = 50,
+def two_sample_bootstrap(
+    first: Sequence[float] | np.ndarray | torch.Tensor,
+    second: Sequence[float] | np.ndarray | torch.Tensor,
+    statistic: Callable[[np.ndarray, np.ndarray], float],
+    n_boot: int = 1000,
     seed: int = 0,
-    reference_n: int | None = None,
-    kid: bool = True,
     level: float = 0.95,
-) -> dict:
-    """FID (and KID) between disjoint random subsets of real held-out features: what "nothing wrong" scores."""
-    alpha = _check_level(level)
-    feats = _as_float64(reference_feats, "held-out")
-    m = n if reference_n is None else reference_n
-    if n < 2 or m < 2 or repeats < 1:
+) -> tuple[float, float]:
+    """Percentile interval of statistic(first, second), each sample resampled on its own with replacement.
+
+    The two samples are different units (e.g. training and held-out images), so a resample keeps each
+    one's size, as a stratified bootstrap does.
+    """
+    alpha = _check_boot(level, n_boot)
+    a, b = _values(first, "first sample"), _values(second, "second sample")
+    if a.ndim != 1 or b.ndim != 1 or len(a) < 2 or len(b) < 2:
         raise UserError(
-            f"noise floor needs n ≥ 2, reference_n ≥ 2, repeats ≥ 1; got {n}, {m}, {repeats}"
-        )
-    if len(feats) < n + m:
-        raise UserError(
-            f"noise floor needs {n + m} held-out samples (two disjoint subsets of {m} and {n}), got {len(feats)}"
+            f"a two-sample interval needs two 1-D samples of ≥ 2, got {a.shape}, {b.shape}"
         )
     rng = np.random.default_rng(seed)
-    values: dict[str, list[float]] = {"fid": [], "kid": []} if kid else {"fid": []}
-    for _ in range(repeats):
-        perm = rng.permutation(len(feats))
-        # The first m play the reference, the next n the generated set, as the evaluation compares them.
-        ref, fake = feats[perm[:m]], feats[perm[m : m + n]]
-        values["fid"].append(frechet_distance(ref, fake))
-        if kid:
-            values["kid"].append(kernel_inception_distance(ref, fake))
-    out: dict = {"n": n, "reference_n": m, "repeats": repeats, "level": level}
-    for name, vals in values.items():
-        vals = np.asarray(vals)
-        low, high = np.quantile(vals, [alpha / 2, 1 - alpha / 2])
-        out[name] = {"mean": float(vals.mean()), "low": float(low), "high": float(high)}
-    return out
+    boot = np.array(
+        [
+            statistic(a[rng.integers(0, len(a), len(a))], b[rng.integers(0, len(b), len(b))])
+            for _ in range(n_boot)
+        ]
+    )
+    low, high = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)

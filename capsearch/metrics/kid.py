@@ -8,7 +8,9 @@ import numpy as np
 import torch
 
 from capsearch.errors import UserError
+from capsearch.metrics.context import Computed, EvalContext, Measured
 from capsearch.metrics.fid import _as_float64, feature_pair
+from capsearch.metrics.intervals import jackknife_interval
 
 # Rows of the first set per kernel block: a block is block_rows × N float64, so 2,048 × 10,000 is 160 MB.
 DEFAULT_BLOCK_ROWS = 2048
@@ -85,3 +87,10 @@ def kernel_inception_distance_to(
         return _mmd2(kernel, reference, within, fake)
 
     return distance
+
+
+def kid_of(ctx: EvalContext) -> Computed:
+    """KID of the quality samples against the held-out reference, with its delete-one-prompt interval."""
+    distance = kernel_inception_distance_to(ctx.ref_feats)
+    value, low, high = jackknife_interval(distance, ctx.gen_feats, ctx.clusters)
+    return Measured(value, (low, high))

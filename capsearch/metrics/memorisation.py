@@ -13,7 +13,16 @@ from pathlib import Path
 
 import torch
 
+from capsearch.datasets.folder import load_images, read_metadata
 from capsearch.errors import UserError
+from capsearch.metrics.context import image_size
+from capsearch.metrics.denoising import denoising_strength_per_prompt
+from capsearch.metrics.extraction import (
+    DEFAULT_TILES,
+    PHANTOM_THRESHOLD,
+    _nearest_training,
+    extraction_attack,
+)
 
 
 def memorised_captions(records: list[dict]) -> tuple[list[str], dict[str, set[int]], list[str]]:
@@ -45,15 +54,7 @@ def memorisation_probe(
     with `other_n` > 0 also `copies_other` and `median_dist_other` from other_n samples of each other
     caption (copies there would mean the threshold, not memorisation, is at work).
     """
-    from capsearch.datasets.folder import load_images, read_metadata
-    from capsearch.metrics.denoising import denoising_strength_per_prompt
-    from capsearch.metrics.extraction import (
-        DEFAULT_TILES,
-        PHANTOM_THRESHOLD,
-        _nearest_training,
-        extraction_attack,
-    )
-    from capsearch.models.sampling import generate
+    from capsearch.models.sampling import generate  # lazy: diffusers takes seconds to import
 
     records = [r for r in read_metadata(root) if r["split"] == "train"]
     memorised, own_rows, others = memorised_captions(records)
@@ -62,8 +63,7 @@ def memorisation_probe(
             f"{root} has no memorisation subset (write it with dup_fraction > 0) or no other captions"
         )
     threshold = PHANTOM_THRESHOLD if threshold is None else threshold
-    size = pipe.unet.config.sample_size * (8 if pipe.vae is not None else 1)
-    train = load_images(root, "train", size)
+    train = load_images(root, "train", image_size(pipe))
     if len(train) != len(records):
         raise UserError(f"some training images of {root} are unreadable (capsearch data check)")
     # Generate once: the attack and the nearest-neighbour numbers read the same samples.

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from capsearch.metrics.context import EvalContext
 from capsearch.models.sampling import save_grid
 
 MEMORISED_GRID = "memorised.png"
@@ -23,10 +24,13 @@ MAX_TILES = 60
 
 
 def save_memorised_grid(
-    ctx, extracted: set[str], path: Path, per_caption: int = 8, max_tiles: int = MAX_TILES
+    ctx: EvalContext,
+    extracted: set[str],
+    path: Path,
+    per_caption: int = 8,
+    max_tiles: int = MAX_TILES,
 ) -> Path | None:
     """Write the grid; None (nothing written) when no memorised caption was attacked."""
-
     images, prompts = ctx.memorised_images, ctx.memorised_prompts
     if images is None or not prompts or ctx.train_images is None:
         return None

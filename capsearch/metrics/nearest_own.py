@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from capsearch.metrics.table import Computed
+from capsearch.metrics.context import Computed, EvalContext, Measured
+from capsearch.metrics.extraction import DEFAULT_TILES, _nearest_training
+from capsearch.metrics.intervals import cluster_bootstrap, prompt_clusters
 
 
-def nearest_own_share(ctx) -> Computed:
+def nearest_own_share(ctx: EvalContext) -> Computed:
     """The share of memorised-caption attack samples whose nearest training image is their own."""
-    from capsearch.metrics.extraction import DEFAULT_TILES, _nearest_training
-    from capsearch.metrics.intervals import cluster_bootstrap, prompt_clusters
-
     images, prompts = ctx.memorised_images, ctx.memorised_prompts
     if images is None or not prompts or ctx.train_images is None:
         return None  # nothing memorised to attack here: the metric is left out, not set to 0
@@ -32,6 +31,6 @@ def nearest_own_share(ctx) -> Computed:
     own = np.array([int(t) in rows[p] for p, t in zip(owner, nearest.tolist(), strict=True)], float)
     value = float(own.mean())
     if len(prompts) < 2:
-        return value, None
+        return Measured(value)
     clusters = prompt_clusters(len(prompts), ctx.attack_n)
-    return value, cluster_bootstrap(own, clusters, n_boot=ctx.bootstrap, seed=ctx.seed)
+    return Measured(value, cluster_bootstrap(own, clusters, n_boot=ctx.bootstrap, seed=ctx.seed))

@@ -5,18 +5,24 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from capsearch.datasets.folder import ImageCaptionDataset, read_metadata
 from capsearch.errors import UserError
-from capsearch.metrics.features import weights_fingerprint
+from capsearch.metrics.fingerprint import weights_fingerprint
 from capsearch.progress import rich_bar
+from capsearch.worlds.phantom import FINDINGS, findings_from_text, write_phantom_dataset
 
 SCORER_DIR = Path(__file__).parents[1] / "assets" / "scorer"
 WEIGHTS_FILE = "scorer.safetensors"
@@ -112,8 +118,6 @@ class PhantomScorer(nn.Module):
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Per-sample agreement [N]: Jaccard index between findings seen in each image and named in its prompt."""
-        from capsearch.worlds.phantom import findings_from_text
-
         named = [set(findings_from_text(p)) & set(self.findings) for p in prompts]
         return finding_agreement(self.predict_findings(images), named)
 
@@ -158,14 +162,6 @@ def phantom_world_digest() -> str:
     A fixed small data set (32 and 64 px) is rendered and its records and decoded pixels hashed: an edit
     that changes no pixel and no caption keeps the shipped scorer valid. About a second, once a process.
     """
-    import tempfile
-
-    import numpy as np
-    from PIL import Image
-
-    from capsearch.datasets.folder import read_metadata
-    from capsearch.worlds.phantom import write_phantom_dataset
-
     digest = hashlib.sha256()
     with tempfile.TemporaryDirectory() as tmp:
         for size in (32, 64):
@@ -190,8 +186,6 @@ def _file_sha256(path: Path) -> str:
 
 def save_scorer(model: PhantomScorer, out_dir: Path, report: dict) -> Path:
     """Write scorer.safetensors and scorer.json (config, report, sha256 of the weights)."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS_FILE
@@ -211,8 +205,6 @@ def load_scorer(
     path: Path | str | None = None, device: str | torch.device = "cpu"
 ) -> PhantomScorer:
     """Load a trained phantom scorer (default: the one shipped under capsearch/assets/scorer/)."""
-    from safetensors.torch import load_file
-
     folder = Path(path) if path is not None else SCORER_DIR
     if folder.suffix == ".safetensors" or folder.name == CONFIG_FILE:
         folder = folder.parent
@@ -251,8 +243,6 @@ def load_scorer(
 
 def _split_tensors(data_dir: Path, split: str, size: int, findings: Sequence[str]):
     """Images [N, 1, size, size] and multi-hot labels [N, F] of one split of a phantom dataset."""
-    from capsearch.datasets.folder import ImageCaptionDataset
-
     dataset = ImageCaptionDataset(data_dir, split=split, size=size)
     if len(dataset) == 0:
         return torch.zeros(0, 1, size, size), torch.zeros(0, len(findings))
@@ -269,8 +259,6 @@ def _split_tensors(data_dir: Path, split: str, size: int, findings: Sequence[str
 
 def _dataset_summary(data_dir: Path) -> dict:
     """Patients, images and metadata hash of the training dataset, for the record."""
-    from capsearch.datasets.folder import read_metadata
-
     records = read_metadata(data_dir)
     return {
         "patients": len({r.get("patient_id") for r in records}),
@@ -323,8 +311,6 @@ def train_scorer(
     command: str | None = None,
 ) -> dict:
     """Train the phantom scorer on a phantom dataset's train split, save it, and return its report."""
-    from capsearch.worlds.phantom import FINDINGS
-
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if not (data_dir / "metadata.jsonl").is_file():
         raise UserError(f"{data_dir} is not a phantom dataset (no metadata.jsonl)")

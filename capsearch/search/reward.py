@@ -1,18 +1,20 @@
 """Objectives of the outer loop: a scalar reward over quality and memorisation, or a Pareto front.
 
-The scalar reward (docs/search.md) is
+The scalar reward (docs/search.md) is a weighted sum of one term per metric of the table that has one
+(capsearch.metrics.table, `reward`); with the table as it stands
 
     reward = −w_fid·ln(FID) + w_align·alignment − w_amd·max(0, 1 − AMD / AMD_heldout)
-             − w_ext·extracted_fraction − w_own·own_image_share
+             − w_ext·extracted_fraction − w_own·own_image_share − w_mia·max(0, 2·MIA_AUC − 1)
 
 Each term is of order one and scale-free where it matters: ln makes FID ratios count, not absolute
 distances (halving FID is worth ln 2 ≈ 0.69 whatever the feature extractor's scale); the image-text
 score lies in [0, 1] (phantom finding agreement) or [−1, 1] (BioViL-T cosine); the extracted fraction
 (images extracted per attacked prompt, Carlini et al. 2023) in [0, 1]; the own-image share
 (capsearch.metrics.nearest_own: how often an attack sample's nearest training image is its caption's
-own) in [0, 1] too. The share is a continuous memorisation signal: it rises before the attack's
-thresholded count does. Its weight defaults to 0 (off), so the reward of a spec that does not set it
-is the four-term one.
+own) in [0, 1] too, and so does the membership attacker's advantage over chance
+(capsearch.metrics.membership). The share is a continuous memorisation signal: it rises before the
+attack's thresholded count does. The weights of the last two default to 0 (off), so the reward of a
+spec that does not set them is the four-term one.
 
 The AMD term is a shortfall, not AMD itself. AMD (Dutt et al. 2024) grows with distance from the
 training images, and a model that never learnt the domain (Freeze) sits farthest from them: a reward
@@ -29,7 +31,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from capsearch.metrics.table import objectives, reward_metrics
+from capsearch.metrics.table import formula_metrics, objectives, reward_metrics
 from capsearch.search.constraints import describe
 
 # Every metric a Pareto search may use, with the direction that is better (capsearch.metrics.table).
@@ -92,9 +94,13 @@ def objective_text(objective: Any) -> str:
     subject = f", subject to {describe(limits)}" if limits else ""
     if objective.mode == "pareto":
         return "Pareto front over " + ", ".join(objective.pareto) + subject
-    w = objective.weights
-    own = f" − {w.nearest_own:g}·own-image NN share" if w.nearest_own else ""
-    return (
-        f"reward = −{w.fid:g}·ln FID + {w.alignment:g}·image-text − {w.amd:g}·max(0, 1 − AMD/AMD_heldout) "
-        f"− {w.extracted:g}·extracted fraction{own}{subject}"
-    )
+    pieces = []
+    for metric in formula_metrics():
+        weight = float(getattr(objective.weights, metric.reward))
+        if weight == 0 and metric.reward_default == 0:
+            continue  # a term the spec did not switch on
+        pieces.append(metric.formula.format(w=f"{weight:g}"))
+    # The first term's sign is written without its space ("−1·ln FID"), a leading + not at all.
+    text = " ".join(pieces)
+    text = text[2:] if text.startswith("+ ") else text.replace("− ", "−", 1)
+    return f"reward = {text}{subject}"

@@ -16,28 +16,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from capsearch.errors import UserError
+from capsearch.methods import RATE_KEYS, entry_rates, get_method, make_config
+from capsearch.search.params import (
+    Param,
+    _is_number,  # noqa: F401  (capsearch.search.baselines reads it from here)
+    _positive_number,
+    corner,
+    param_values,
+    parse_param,
+    suggest_param,
+)
+from capsearch.training.mitigations import make_config as make_mitigation
+from capsearch.training.mitigations import (
+    mitigation_names,
+    mitigation_params,
+    shorthand_fields,
+    train_mitigations,
+)
 
 FROZEN = ("frozen", "freeze")  # a group left untouched: no method entry at all
 RESERVED_GROUP_NAMES = ("lr", "steps", "mitigation", "baseline")
-
-
-@dataclass(frozen=True)
-class Param:
-    """A hyper-parameter: a fixed value, an int/float range, or a categorical choice."""
-
-    kind: str  # "fixed" | "int" | "float" | "categorical"
-    value: Any = None
-    low: float | int | None = None
-    high: float | int | None = None
-    log: bool = False
-    step: float | int | None = None
-    choices: tuple = ()
-    default: Any = None
-
-    @property
-    def searched(self) -> bool:
-        """Whether the sampler chooses this value."""
-        return self.kind != "fixed"
 
 
 @dataclass(frozen=True)
@@ -81,96 +79,6 @@ class Baseline:
 # --- parsing ---------------------------------------------------------------------------------------
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def parse_param(value: Any, where: str, log_default: bool = False) -> Param:
-    """Read one YAML hyper-parameter: scalar (fixed), [low, high], {low, high, ...} or {choices: [...]}."""
-    if isinstance(value, Mapping):
-        keys = set(value)
-        if "choices" in keys:
-            extra = keys - {"choices", "default"}
-            if extra:
-                raise UserError(
-                    f"{where}.{sorted(extra)[0]}: unknown key (allowed: choices, default)"
-                )
-            choices = value["choices"]
-            if not isinstance(choices, list) or not choices:
-                raise UserError(f"{where}.choices: must be a non-empty list")
-            for c in choices:
-                if c is not None and not isinstance(c, (bool, int, float, str)):
-                    raise UserError(f"{where}.choices: {c!r} is not a number, string or boolean")
-            if len(set(map(repr, choices))) != len(choices):
-                raise UserError(f"{where}.choices: values repeat")
-            default = value.get("default")
-            if "default" in value and default not in choices:
-                raise UserError(f"{where}.default: {default!r} is not one of the choices")
-            return Param("categorical", choices=tuple(choices), default=default)
-        extra = keys - {"low", "high", "log", "step", "default"}
-        if extra or not {"low", "high"} <= keys:
-            bad = sorted(extra)[0] if extra else None
-            if bad:
-                raise UserError(
-                    f"{where}.{bad}: unknown key (allowed: low, high, log, step, default or choices)"
-                )
-            raise UserError(f"{where}: a range needs both low and high (or use choices: [...])")
-        return _range(
-            value["low"],
-            value["high"],
-            where,
-            value.get("log", log_default),
-            value.get("step"),
-            value.get("default"),
-        )
-    if isinstance(value, list):
-        if len(value) == 2 and all(_is_number(v) for v in value):
-            return _range(value[0], value[1], where, log_default, None, None)
-        if value and all(isinstance(v, str) for v in value):
-            return Param("fixed", value=tuple(value))
-        if not value:
-            raise UserError(f"{where}: empty list")
-        raise UserError(
-            f"{where}: a list must be [low, high] (two numbers) or a list of names; "
-            "write {choices: [...]} for a categorical choice"
-        )
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return Param("fixed", value=value)
-    raise UserError(f"{where}: unsupported value {value!r}")
-
-
-def _range(low: Any, high: Any, where: str, log: Any, step: Any, default: Any) -> Param:
-    if not (_is_number(low) and _is_number(high)):
-        raise UserError(f"{where}: low and high must be numbers, got {low!r} and {high!r}")
-    if not isinstance(log, bool):
-        raise UserError(f"{where}.log: must be true or false, got {log!r}")
-    if step is not None and (not _is_number(step) or step <= 0):
-        raise UserError(f"{where}.step: must be a positive number, got {step!r}")
-    if not low < high:
-        raise UserError(f"{where}: low ({low}) must be below high ({high})")
-    if log and low <= 0:
-        raise UserError(f"{where}: a log range needs low > 0, got {low}")
-    if log and step is not None:
-        raise UserError(f"{where}: a range cannot have both log and step")
-    integer = (
-        isinstance(low, int) and isinstance(high, int) and (step is None or isinstance(step, int))
-    )
-    if default is not None and not (_is_number(default) and low <= default <= high):
-        raise UserError(f"{where}.default: {default!r} is not within [{low}, {high}]")
-    return Param(
-        "int" if integer else "float", low=low, high=high, log=log, step=step, default=default
-    )
-
-
-def param_values(p: Param) -> list[Any]:
-    """Representative values of a parameter (for type checks): the value, the bounds or the choices."""
-    if p.kind == "fixed":
-        return [list(p.value) if isinstance(p.value, tuple) else p.value]
-    if p.kind == "categorical":
-        return list(p.choices)
-    return [p.low, p.high] + ([p.default] if p.default is not None else [])
-
-
 def build_space(space_spec: Any) -> SearchSpace:
     """Parse a validated `space:` section (groups, methods, ranges, mitigations) into a SearchSpace."""
     groups = []
@@ -204,13 +112,7 @@ def build_space(space_spec: Any) -> SearchSpace:
     return SearchSpace(tuple(groups), mitigations, lr, steps)
 
 
-def _positive_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-
-
 def _method_choice(method: str, raw: Mapping[str, Any], where: str) -> Choice:
-    from capsearch.methods import RATE_KEYS, entry_rates, get_method, make_config
-
     if method in FROZEN:
         if raw:
             raise UserError(f"{where}: {method} takes no hyper-parameters")
@@ -245,20 +147,20 @@ def _method_choice(method: str, raw: Mapping[str, Any], where: str) -> Choice:
 
 
 def _mitigation_choice(name: str, raw: Mapping[str, Any], where: str) -> Choice:
-    from capsearch.training.mitigations import KNOWN, Mitigations
-
     if name == "none":
         if raw:
             raise UserError(f"{where}: none takes no parameters")
         return Choice(name, {})
-    if name not in KNOWN:
-        raise UserError(f"{where}: unknown mitigation; choose from none, {', '.join(KNOWN)}")
+    if name not in mitigation_names():
+        known = ", ".join(mitigation_names())
+        raise UserError(f"{where}: unknown mitigation; choose from none, {known}")
+    kinds = mitigation_params(name)
     params = {}
     for key, value in raw.items():
-        if key not in KNOWN[name]:
-            raise UserError(f"{where}.{key}: unknown parameter (allowed: {', '.join(KNOWN[name])})")
+        if key not in kinds:
+            raise UserError(f"{where}.{key}: unknown parameter (allowed: {', '.join(kinds)})")
         p = parse_param(value, f"{where}.{key}")
-        allowed = KNOWN[name][key]
+        allowed = kinds[key]
         for v in param_values(p):
             if isinstance(allowed, tuple):  # a named choice, e.g. rwa's mode
                 if v not in allowed:
@@ -271,35 +173,15 @@ def _mitigation_choice(name: str, raw: Mapping[str, Any], where: str) -> Choice:
                 kind = "an integer" if integer else "a number"
                 raise UserError(f"{where}.{key}: must be {kind}, got {v!r}")
         params[key] = p
-    for low_end in (True, False):  # the low ends, then the high ends, checked by the training code
-        item = {"name": name, **{k: _corner(p, low_end) for k, p in params.items()}}
+    for low_end in (True, False):  # the low ends, then the high ends, checked by the registry
         try:
-            Mitigations.parse([item], vocabulary=["word"])
+            make_mitigation(name, {k: corner(p, low_end) for k, p in params.items()})
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from None
     return Choice(name, params)
 
 
-def _corner(p: Param, low_end: bool) -> Any:
-    if p.kind == "fixed":
-        return p.value
-    if p.kind == "categorical":
-        return p.choices[0 if low_end else -1]
-    return p.low if low_end else p.high
-
-
 # --- define-by-run ---------------------------------------------------------------------------------
-
-
-def suggest_param(trial: Any, name: str, p: Param) -> Any:
-    """Ask an Optuna trial for one parameter (fixed ones are returned without asking)."""
-    if p.kind == "fixed":
-        return p.value
-    if p.kind == "categorical":
-        return trial.suggest_categorical(name, list(p.choices))
-    if p.kind == "int":
-        return trial.suggest_int(name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
-    return trial.suggest_float(name, float(p.low), float(p.high), step=p.step, log=p.log)
 
 
 # The keys define_space (and the driver, for a plan it could not build) adds to a Ray trial's config
@@ -362,8 +244,6 @@ def params_to_mitigations(
     params: Mapping[str, Any], space: SearchSpace, base: Sequence[Mapping[str, Any]] = ()
 ) -> list[dict[str, Any]]:
     """A trial's training mitigations as capsearch.training.loop expects them: `base`, then the chosen one."""
-    from capsearch.training.mitigations import Mitigations
-
     name = params.get("mitigation", "none")
     if name not in space.mitigations:
         raise UserError(f"trial parameter mitigation={name!r} is not allowed")
@@ -371,34 +251,30 @@ def params_to_mitigations(
     if name != "none":
         choice = space.mitigations[name]
         values = {k: _value(params, f"mitigation.{name}.{k}", p) for k, p in choice.params.items()}
+        make_mitigation(name, values)  # a fixed trial's values may lie outside the space's ranges
         stacked.append({"name": name, **values})
-    Mitigations.parse(stacked, vocabulary=["word"])  # one line if a mitigation is there twice
     return stacked
 
 
 def base_mitigations(
     caption_dropout: float, others: Sequence[Mapping[str, Any]] = ()
 ) -> list[dict[str, Any]]:
-    """The mitigations of every trial, baselines included: caption dropout (when above 0), then others."""
-    dropout = [{"name": "caption_dropout", "p": caption_dropout}] if caption_dropout > 0 else []
-    return dropout + [dict(m) for m in others]
+    """Caption dropout (when above 0), then others: a `train` record's mitigations (train_mitigations)."""
+    # Kept for readers of records that still call it; capsearch.training.mitigations.train_mitigations
+    # is the general form.
+    return train_mitigations({"caption_dropout": caption_dropout, "mitigations": list(others)})
 
 
 def check_base_mitigations(base: Sequence[Mapping[str, Any]], space: SearchSpace) -> None:
-    """Base mitigations must parse, and none may also be a choice of space.mitigations."""
-    from capsearch.training.mitigations import Mitigations
-
-    try:
-        Mitigations.parse(list(base), vocabulary=["word"])
-    except UserError as exc:
-        hint = " (train.caption_dropout counts)" if "caption_dropout" in str(exc) else ""
-        raise UserError(f"train.mitigations: {exc}{hint}") from None
+    """No mitigation every trial applies (`base`, parsed by the settings) may also be a choice of
+    space.mitigations."""
     names = {m["name"] for m in base}
     for name in space.mitigations:
         if name in names:
+            fields = ", ".join(f"train.{f}" for f in shorthand_fields())
             raise UserError(
                 f"space.mitigations.{name}: train already applies {name} to every trial "
-                f"(train.caption_dropout, train.mitigations); remove it from one of them"
+                f"({fields}, train.mitigations); remove it from one of them"
             )
 
 

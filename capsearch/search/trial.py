@@ -73,10 +73,7 @@ def build_plan(
         train.update(spec.baseline(baseline).train)
     # The spec's mitigations of every trial, then the chosen one (caption dropout stays its own field).
     train["mitigations"] = params_to_mitigations(params, space, train["mitigations"])
-    settings = TrainSettings.parse(train, "train")
-    from capsearch.training.mitigations import Mitigations
-
-    Mitigations.parse(settings.all_mitigations(), vocabulary=["word"])  # one line if one is twice
+    settings = TrainSettings.parse(train, "train")  # its mitigations too: one line if one is twice
     evaluate = spec.evaluate.model_copy(
         update={"cache_dir": spec.evaluate.cache_dir or str(Path(run_dir) / "cache")}
     )

@@ -29,7 +29,7 @@ from capsearch.progress import loss_bar
 from capsearch.settings import TrainSettings
 from capsearch.training import precision
 from capsearch.training.encode_cache import TrainingInputs, encode_latents, host_draw
-from capsearch.training.mitigations import Mitigations, vocabulary_words
+from capsearch.training.mitigations import Mitigations
 from capsearch.training.probe import Probe, diffusion_target
 from capsearch.training.state import TrainState
 
@@ -109,9 +109,7 @@ def finetune(
     quiet: bool = False,
 ) -> TrainResult:
     """Fine-tune pipe.unet in place with a method spec on a dataset folder; return what happened."""
-    mit = Mitigations.parse(config.all_mitigations())
-    if mit.rwa:
-        mit.words = vocabulary_words(pipe.tokenizer)
+    mit = Mitigations(config.mitigation_stack(), pipe.tokenizer)  # parsed once, by the settings
     run = _set_up(pipe, method_spec, data, config, mit)
     state = TrainState.begin(config.seed, run.trainable if config.ema_decay else None)
     ckpt = Path(out_dir) / "checkpoint" if out_dir else None
@@ -238,7 +236,7 @@ def _set_up(
         captions=captions,
         inputs=TrainingInputs(pipe, images, config.batch_size, config.cache_encodings, recurring),
     )
-    if mit.threshold:
+    if mit.filters_batch:
         run.uncond = pipe.encode_prompts([""])  # frozen text encoder: once
     if config.probe_every:  # its base measurement comes before any training (or resumed state)
         run.probe = Probe(pipe, ds.root, images, captions, groups, config.size, config.seed + 7)
@@ -277,7 +275,7 @@ def _loss(run: _Run, state: TrainState) -> tuple[torch.Tensor, dict[str, int]]:
     pred = run.unet(noisy, t, encoder_hidden_states=ehs).sample  # autocast: prepare()
     target = _target(pipe, x0, noise, t)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
-    if mit.threshold:
+    if mit.filters_batch:
         with torch.no_grad():  # the scores choose samples; no gradient through them
             scores = threshold_scores(run.unet, noisy, t, ehs, run.uncond, cond_pred=pred)
         keep = mit.keep_mask(scores)
