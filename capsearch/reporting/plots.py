@@ -6,19 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from capsearch.search.runs import record_value
+from capsearch.reporting.describe import display_name
+from capsearch.search.records import TrialRecord
+from capsearch.search.reward import pareto_front
 
 
-def pareto_plot(records: list[dict[str, Any]], path: Path) -> Path | None:
+def pareto_plot(records: list[TrialRecord], path: Path) -> Path | None:
     """FID against AMD, extracted images as colour, baselines labelled; None if nothing to plot."""
-    from capsearch.reporting.report import display_name
-    from capsearch.search.reward import pareto_front
-
-    points = [
-        r
-        for r in records
-        if record_value(r, "fid") is not None and record_value(r, "amd") is not None
-    ]
+    points = [r for r in records if r.value("fid") is not None and r.value("amd") is not None]
     if not points:
         return None
     import matplotlib
@@ -26,9 +21,9 @@ def pareto_plot(records: list[dict[str, Any]], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fid = [record_value(r, "fid") for r in points]
-    amd = [record_value(r, "amd") for r in points]
-    ext = [record_value(r, "extracted") or 0.0 for r in points]
+    fid = [r.value("fid") for r in points]
+    amd = [r.value("amd") for r in points]
+    ext = [r.value("extracted") or 0.0 for r in points]
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     front = sorted(
         pareto_front([{"fid": f, "amd": a} for f, a in zip(fid, amd)], ["fid", "amd"]),
@@ -45,7 +40,7 @@ def pareto_plot(records: list[dict[str, Any]], path: Path) -> Path | None:
             label="Pareto front",
         )
     for is_base, marker in ((True, "s"), (False, "o")):
-        idx = [i for i, r in enumerate(points) if bool(r.get("baseline")) == is_base]
+        idx = [i for i, r in enumerate(points) if bool(r.baseline) == is_base]
         if idx:
             sc = ax.scatter(
                 [fid[i] for i in idx],
@@ -61,7 +56,7 @@ def pareto_plot(records: list[dict[str, Any]], path: Path) -> Path | None:
                 label="baselines" if is_base else "searched",
             )
     for i, r in enumerate(points):
-        label = display_name(r) if r.get("baseline") else Path(r.get("dir", "")).name
+        label = display_name(r) if r.baseline else r.folder.name
         ax.annotate(label, (fid[i], amd[i]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     if max(fid) / max(min(fid), 1e-9) > 20:
         ax.set_xscale("log")

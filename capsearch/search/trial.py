@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from capsearch.errors import UserError
 from capsearch.metrics.table import METRICS
-from capsearch.search.runs import PARAMS_FILE, RECORD_VERSION, RESULT_FILE, trial_dir, write_json
+from capsearch.search.records import RECORD_VERSION, TrialRecord
+from capsearch.search.runs import PARAMS_FILE, RESULT_FILE, trial_dir, write_record
 from capsearch.settings import EvalSettings, Strict, TrainSettings, same_training
 
 if TYPE_CHECKING:
@@ -96,10 +97,10 @@ def build_plan(
     )
 
 
-def trains_alike(record: dict[str, Any], plan: dict[str, Any]) -> bool:
+def trains_alike(record: TrialRecord, plan: dict[str, Any]) -> bool:
     """Whether a trial record trained exactly as a plan (as JSON) would: model, method spec, settings."""
-    same = all(record.get(k) == plan[k] for k in ("model", "method_spec"))
-    return same and same_training(record.get("train") or {}, plan["train"])
+    same = record.model == plan["model"] and record.method_spec == plan["method_spec"]
+    return same and same_training(record.train or {}, plan["train"])
 
 
 def resumable_checkpoint(run_dir: Path, plan: TrialPlan) -> str | None:
@@ -113,9 +114,9 @@ def resumable_checkpoint(run_dir: Path, plan: TrialPlan) -> str | None:
     mine = plan.model_dump(mode="json")
     found = None
     for record in load_trials(run_dir, finished_only=False):
-        ckpt = Path(record["dir"]) / "checkpoint"
-        same = record.get("baseline") == mine["baseline"] and trains_alike(record, mine)
-        if record.get("status") == "interrupted" and same and ckpt.is_dir():
+        ckpt = record.folder / "checkpoint"
+        same = record.baseline == mine["baseline"] and trains_alike(record, mine)
+        if record.status == "interrupted" and same and ckpt.is_dir():
             found = str(ckpt)
     return found
 
@@ -137,10 +138,10 @@ def reusable_trial(spec: Spec, plan: TrialPlan) -> str | None:
         if other.model != spec.model or other.data.model_dump() != spec.data.model_dump():
             continue
         for record in load_trials(folder):
-            kept = all((Path(record["dir"]) / f).exists() for f in (TRAIN_FILE, "delta"))
-            if record.get("status") == "ok" and trains_alike(record, mine) and kept:
+            kept = all((record.folder / f).exists() for f in (TRAIN_FILE, "delta"))
+            if record.status == "ok" and trains_alike(record, mine) and kept:
                 # absolute: a trial's worker may run in another folder (Ray Tune moves it to its own)
-                return str(Path(record["dir"]).resolve())
+                return str(record.folder.resolve())
     return None
 
 
@@ -149,7 +150,7 @@ def run_trial(
     run_dir: Path,
     data_root: Path,
     report: Callable[[dict], None] | None = None,
-) -> dict[str, Any]:
+) -> TrialRecord:
     """Fine-tune, evaluate and score one planned trial; any failure is recorded, never raised."""
     import torch
 
@@ -168,7 +169,7 @@ def run_trial(
     }
     started = time.time()
     try:
-        write_json(folder / PARAMS_FILE, record)
+        write_record(folder / PARAMS_FILE, record)
         record.update(_train_and_evaluate(plan, folder, data_root, report))
     except UserError as exc:
         record.update(status="error", error=str(exc))
@@ -182,8 +183,7 @@ def run_trial(
             record["reward"] = compute_reward(record["metrics"], plan.reward_weights)
         except ValueError as exc:
             record.update(status="error", error=f"no reward: {exc}")
-    write_json(folder / RESULT_FILE, record)
-    return record
+    return write_record(folder / RESULT_FILE, record)
 
 
 def _ray_node() -> str | None:
@@ -303,19 +303,17 @@ def _take_checkpoint(plan: TrialPlan, folder: Path) -> bool:
     return False
 
 
-def final_result(record: dict[str, Any]) -> dict[str, Any]:
+def final_result(record: TrialRecord) -> dict[str, Any]:
     """What a trial reports to Ray when it ends: status, finite metrics and reward, error line."""
-    from capsearch.search.runs import record_value
-
     out: dict[str, Any] = {
-        "status": record["status"],
-        "trial": record["trial"],
-        "training_step": record.get("steps", 0),
+        "status": record.status,
+        "trial": record.trial,
+        "training_step": record.steps or 0,
     }
     for key in REPORTED:
-        value = record_value(record, key)
+        value = record.value(key)
         if value is not None:
             out[key] = value
-    if record.get("error"):
-        out["error"] = str(record["error"]).splitlines()[0][:300]
+    if record.error:
+        out["error"] = record.error.splitlines()[0][:300]
     return out
