@@ -48,11 +48,11 @@ def _trial(arg: str) -> Trial:
         )
     if not (Path(run) / "data").is_dir():
         raise UserError(f"{run}/data does not exist (the run's phantom data)")
-    record = next((r for r in load_trials(Path(run)) if Path(r["dir"]).name == trial), None)
-    if record is None or record.get("status") != "ok":
+    record = next((r for r in load_trials(Path(run)) if r.folder.name == trial), None)
+    if record is None or record.status != "ok" or record.model is None:
         raise UserError(f"{folder} is not a finished trial of {run}")
-    baseline = f" ({record['baseline']})" if record.get("baseline") else ""
-    return Trial(Path(run), trial, f"{Path(run).name}/{trial}{baseline}", record["model"])
+    baseline = f" ({record.baseline})" if record.baseline else ""
+    return Trial(Path(run), trial, f"{Path(run).name}/{trial}{baseline}", record.model)
 
 
 def probe(trial: Trial, seed: int, n: int) -> dict:

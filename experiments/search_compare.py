@@ -30,16 +30,10 @@ from typing import Any
 
 from capsearch.atomic import atomic_write
 from capsearch.errors import UserError
+from capsearch.reporting.describe import best_config_yaml, display_name
 from capsearch.reporting.dominance import NEEDED, dominance, dominance_lines
 from capsearch.reporting.plots import front_plot
-from capsearch.reporting.report import (
-    COLUMNS,
-    best_config_yaml,
-    display_name,
-    final_view,
-    ordered,
-    table_rows,
-)
+from capsearch.reporting.report import COLUMNS, final_view, ordered, table_rows
 from capsearch.reporting.searchstats import (
     best_so_far,
     compute_lines,
@@ -47,7 +41,8 @@ from capsearch.reporting.searchstats import (
     curve_plot,
     group_shares,
 )
-from capsearch.search.runs import best_trial, final_choice, load_trials, read_run_spec, record_value
+from capsearch.search.records import SeedMean, TrialRecord
+from capsearch.search.runs import best_trial, final_choice, load_trials, read_run_spec
 from capsearch.search.schedule import max_steps
 
 REPORT = "search.md"
@@ -60,7 +55,7 @@ class Run:
     folder: Path
     spec: Any
     seed: int
-    records: list[dict[str, Any]]
+    records: list[TrialRecord]
 
 
 def load_run(folder: Path) -> Run:
@@ -70,14 +65,16 @@ def load_run(folder: Path) -> Run:
     return Run(Path(folder), spec, int(seed), load_trials(folder))
 
 
-def searched(run: Run) -> list[dict[str, Any]]:
+def searched(run: Run) -> list[TrialRecord]:
     """The sampler's proposals (every finished trial that is not a baseline), by trial number."""
-    return sorted((r for r in run.records if not r.get("baseline")), key=lambda r: r["number"])
+    return sorted((r for r in run.records if not r.baseline), key=lambda r: r.number)
 
 
-def winner(run: Run) -> dict[str, Any]:
+def winner(run: Run) -> TrialRecord:
     """The searched trial with the best final reward (UserError if no searched trial has one)."""
-    finals = [r for r in searched(run) if record_value(r.get("final") or {}, "reward") is not None]
+    finals = [
+        r for r in searched(run) if r.final is not None and r.final.value("reward") is not None
+    ]
     if not finals:
         raise UserError(
             f"{run.folder}: no searched trial has a final re-evaluation with a reward "
@@ -86,23 +83,23 @@ def winner(run: Run) -> dict[str, Any]:
     return best_trial(finals, run.spec.objective.constraints)  # ranks by the final evaluation
 
 
-def baselines(runs: list[Run]) -> dict[str, dict[str, Any]]:
+def baselines(runs: list[Run]) -> dict[str, TrialRecord]:
     """The finished (ok) baseline trials of runs of one seed by name (UserError on a name found twice;
     a baseline that errored and was run again with --retry-errors is found once)."""
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, TrialRecord] = {}
     for run in runs:
         for r in run.records:
-            name = r.get("baseline") if r.get("status") == "ok" else None
+            name = r.baseline if r.status == "ok" else None
             if name and name in out:
                 raise UserError(f"baseline {name!r} appears twice for seed {run.seed} "
-                                f"({out[name]['dir']} and {r['dir']})")  # fmt: skip
+                                f"({out[name].dir} and {r.dir})")  # fmt: skip
             if name:
                 out[name] = r
     return out
 
 
-def _name(record: dict[str, Any]) -> str:
-    return Path(record["dir"]).name
+def _name(record: TrialRecord) -> str:
+    return record.folder.name
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -116,7 +113,7 @@ def curve_lines(runs: list[Run], out: Path) -> list[str]:
     labels = [f"{x} ({r.spec.name})" if labels.count(x) > 1 else x for x, r in zip(labels, runs)]
     curves = [(label, best_so_far(run.records)) for label, run in zip(labels, runs)]
     base = [(f"{display_name(r)} (baseline)", v) for r in runs[0].records
-            if r.get("baseline") and (v := record_value(r, "reward")) is not None]  # fmt: skip
+            if r.baseline and (v := r.value("reward")) is not None]  # fmt: skip
     if curve_plot(curves, base, out / CURVE) is None:
         return ["", "## Learning curve", "", "No searched trial of any run has a search reward."]
     return ["", "## Learning curve", "", f"![learning curves]({CURVE})", "",
@@ -130,8 +127,8 @@ def configurations(run: Run) -> list[dict[str, Any]]:
     trial repeats its parameters: counted once)."""
     out: list[dict[str, Any]] = []
     for r in searched(run):
-        if r.get("params") and r["params"] not in out:
-            out.append(r["params"])
+        if r.params and r.params not in out:
+            out.append(r.params)
     return out
 
 
@@ -152,21 +149,21 @@ def shared_lines(runs: list[Run]) -> list[str]:
     return lines
 
 
-def _final_reward(w: dict[str, Any]) -> str:
+def _final_reward(w: TrialRecord) -> str:
     """The final reward a winner was chosen on: its own, or the mean over final.train_seeds."""
-    pooled = final_choice(w["final"])
-    reward = record_value(pooled, "reward")
-    over = f", mean of {pooled['n_seeds']} training seeds" if "n_seeds" in pooled else ""
-    return f"{'–' if reward is None else format(reward, '.3f')} ({w['final'].get('split')}{over})"
+    pooled = final_choice(w.final)
+    reward = pooled.value("reward")
+    over = f", mean of {pooled.n_seeds} training seeds" if isinstance(pooled, SeedMean) else ""
+    return f"{'–' if reward is None else format(reward, '.3f')} ({w.final.split}{over})"
 
 
-def winner_lines(runs: list[Run], wins: list[dict[str, Any]]) -> list[str]:
+def winner_lines(runs: list[Run], wins: list[TrialRecord]) -> list[str]:
     """Each run's winner: its final and search rewards and how many proposals came before it."""
     rows = []
     for run, w in zip(runs, wins):
-        numbers = [r["number"] for r in searched(run)]
-        rank = numbers.index(w["number"]) + 1
-        search = record_value(w, "reward")
+        numbers = [r.number for r in searched(run)]
+        rank = numbers.index(w.number) + 1
+        search = w.value("reward")
         rows.append([f"`{run.folder}`", str(run.spec.search.sampler), _name(w), display_name(w),
                      f"{rank} of {len(numbers)} ({rank - 1} before it)",
                      _final_reward(w),
@@ -177,45 +174,39 @@ def winner_lines(runs: list[Run], wins: list[dict[str, Any]]) -> list[str]:
             "reward (baselines are not candidates).", "", *_table(header, rows)]  # fmt: skip
 
 
-def final_lines(run: Run, w: dict[str, Any], which: str = "main run") -> list[str]:
+def final_lines(run: Run, w: TrialRecord, which: str = "main run") -> list[str]:
     """A run's final re-evaluation: baselines (spec order), then finalists by final reward."""
-    views = ordered([final_view(r) for r in run.records if r.get("final")], run.spec)
+    views = ordered([final_view(r) for r in run.records if r.final is not None], run.spec)
     rows = []
     for view, row in zip(views, table_rows(views, intervals=True)):
-        if view["dir"] == w["dir"]:
+        if view.dir == w.dir:
             row[1] = f"**W: {row[1]}**"
         rows.append(row[:-1])  # without the status column
-    split = w["final"].get("split")
+    split = w.final.split
     return ["", f"## Final re-evaluation ({which})", "", f"Baselines and finalists of "
             f"`{run.folder}`, evaluated again on the {split} split (sampling seed "
-            f"{w['final'].get('seed')}); values with their within-run 95% intervals.", "",
+            f"{w.final.seed}); values with their within-run 95% intervals.", "",
             *_table(COLUMNS[:-1], rows)]  # fmt: skip
 
 
-def _point(record: dict[str, Any], w: dict[str, Any], final: bool) -> dict[str, Any] | None:
+def _point(record: TrialRecord, w: TrialRecord, final: bool) -> dict[str, Any] | None:
     """A trial as a front_plot point at the search stage or (final) its final re-evaluation."""
     view = final_view(record) if final else record
-    fid, ext = record_value(view, "fid"), record_value(view, "extracted")
+    fid, ext = view.value("fid"), view.value("extracted")
     if fid is None or ext is None:
         return None
-    kind = (
-        "winner"
-        if record["dir"] == w["dir"]
-        else "baseline"
-        if record.get("baseline")
-        else "searched"
-    )
-    label = display_name(record) if record.get("baseline") else _name(record)
+    kind = "winner" if record.dir == w.dir else "baseline" if record.baseline else "searched"
+    label = display_name(record) if record.baseline else _name(record)
     return {"label": label, "kind": kind, "fid": fid, "extracted": ext,
-            "intervals": view.get("intervals") if final else None}  # fmt: skip
+            "intervals": view.intervals if final else None}  # fmt: skip
 
 
-def front_lines(run: Run, w: dict[str, Any], out: Path) -> list[str]:
+def front_lines(run: Run, w: TrialRecord, out: Path) -> list[str]:
     """The front plot: every evaluated trial at the search stage, the finalists at the final stage."""
     stages = []
     for final, title in ((False, "search stage (validate split): every evaluated trial"),
                          (True, "final stage (test split, fresh seeds): 95% intervals")):  # fmt: skip
-        pts = [p for r in run.records if (not final or r.get("final"))
+        pts = [p for r in run.records if (not final or r.final is not None)
                and (p := _point(r, w, final)) is not None]  # fmt: skip
         stages.append((title, pts))
     if front_plot(stages, out / FRONT) is None:
@@ -226,33 +217,33 @@ def front_lines(run: Run, w: dict[str, Any], out: Path) -> list[str]:
             "trials no other trial beats on both axes."]  # fmt: skip
 
 
-def stops_lines(main: Run, w: dict[str, Any], stops: Run) -> list[str]:
+def stops_lines(main: Run, w: TrialRecord, stops: Run) -> list[str]:
     """Were ASHA's stops right? Each stopped trial run to the end (`stopped_tNNN` fixed trials of the
     stops run, same seed and evaluation). The plan's rule: a stop was wrong if the trial's final reward
     beats the winner's. Also shown: whether its search reward would have made it a finalist."""
     if stops.seed != main.seed:
         raise UserError(f"{stops.folder} has seed {stops.seed}; the stops check runs on the main "
                         f"run's seed {main.seed}")  # fmt: skip
-    ranked = sorted((v for r in searched(main) if (v := record_value(r, "reward")) is not None),
+    ranked = sorted((v for r in searched(main) if (v := r.value("reward")) is not None),
                     reverse=True)  # fmt: skip
     k = main.spec.final.top_k
     bar = ranked[k - 1] if 0 < k <= len(ranked) else None
-    w_final = record_value(w["final"], "reward")
+    w_final = w.final.value("reward")
     rows, wrong = [], 0
-    for r in sorted(stops.records, key=lambda r: r["number"]):
-        name = str(r.get("baseline") or "")
+    for r in sorted(stops.records, key=lambda r: r.number):
+        name = str(r.baseline or "")
         if not name.startswith("stopped_"):
             continue
         source = next((x for x in main.records if _name(x) == name[len("stopped_") :]), None)
-        if source is None or source.get("params") != r.get("params"):
+        if source is None or source.params != r.params:
             raise UserError(f"{stops.folder}: {name} does not match a trial of {main.folder} "
                             "with its parameters")  # fmt: skip
-        search = record_value(r, "reward")
-        final = record_value(r.get("final") or {}, "reward")
+        search = r.value("reward")
+        final = r.final.value("reward") if r.final is not None else None
         finalist = search is not None and bar is not None and search >= bar
         beats = final is not None and w_final is not None and final > w_final
         wrong += bool(beats)
-        rows.append([_name(source), display_name(source), f"{source.get('steps', 0):,}",
+        rows.append([_name(source), display_name(source), f"{source.steps or 0:,}",
                      _fmt(search), "yes" if finalist else "no", _fmt(final),
                      "yes" if beats else "no"])  # fmt: skip
     if not rows:
@@ -278,19 +269,17 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-def transfer_lines(main: Run, w: dict[str, Any], transfer: Run) -> list[str]:
+def transfer_lines(main: Run, w: TrialRecord, transfer: Run) -> list[str]:
     """W unchanged (the fixed trial with its parameters) and the baselines on another world."""
-    matches = [
-        r for r in transfer.records if r.get("baseline") and r.get("params") == w.get("params")
-    ]
+    matches = [r for r in transfer.records if r.baseline and r.params == w.params]
     if len(matches) != 1:
         raise UserError(f"{transfer.folder}: {len(matches)} trials have the winner's parameters "
                         "(one is needed: `found` of search_transfer.yaml)")  # fmt: skip
     tw = matches[0]
-    views = ordered([final_view(r) for r in transfer.records if r.get("final")], transfer.spec)
+    views = ordered([final_view(r) for r in transfer.records if r.final is not None], transfer.spec)
     rows = []
     for view, row in zip(views, table_rows(views, intervals=True)):
-        if view["dir"] == tw["dir"]:
+        if view.dir == tw.dir:
             row[1] = f"**W: {row[1]}**"
         rows.append(row[:-1])
     pool = {k: v for k, v in baselines([transfer]).items() if v is not tw}
@@ -305,13 +294,13 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}%"
 
 
-def config_lines(w: dict[str, Any]) -> list[str]:
+def config_lines(w: TrialRecord) -> list[str]:
     """The found configuration as YAML and the share of each unit group's parameters it trains."""
     shares = group_shares(w)
     rows = [[s["group"], str(s["method"]), f"{s['trainable']:,}", f"{s['parameters']:,}",
              f"{100 * s['share']:.2f}"] for s in shares]  # fmt: skip
     lines = ["", "## Found configuration", "", f"Trial {_name(w)} ({display_name(w)}); trainable "
-             f"{_pct(record_value(w, 'trainable_pct'))} of the UNet.", "", "```yaml",
+             f"{_pct(w.value('trainable_pct'))} of the UNet.", "", "```yaml",
              best_config_yaml(w).rstrip(), "```", ""]  # fmt: skip
     if not rows:
         return lines + ["It trains no unit group."]
@@ -327,7 +316,7 @@ def compute_section(runs: list[Run]) -> list[str]:
     return lines
 
 
-def confirm_records(main: Run, w: dict[str, Any], confirm: list[Run]) -> tuple[list, dict, list]:
+def confirm_records(main: Run, w: TrialRecord, confirm: list[Run]) -> tuple[list, dict, list]:
     """W and the baselines per seed: the main run's seed, then each confirmation seed (sorted)."""
     by_seed: dict[int, list[Run]] = {}
     for run in confirm:
@@ -339,7 +328,7 @@ def confirm_records(main: Run, w: dict[str, Any], confirm: list[Run]) -> tuple[l
     for seed in sorted(by_seed):
         runs = by_seed[seed]
         named = baselines(runs)  # the finished fixed trials and baselines of this seed
-        matches = [r for r in named.values() if r.get("params") == w.get("params")]
+        matches = [r for r in named.values() if r.params == w.params]
         folders = ", ".join(str(r.folder) for r in runs)
         if len(matches) != 1:
             found = "no trial" if not matches else f"{len(matches)} trials"
@@ -364,7 +353,7 @@ def compare_lines(main: Run, others: list[Run], confirm: list[Run], out: Path,
     w = wins[0]
     lines = ["", "Runs:", ""]
     for run in runs:
-        n_base = sum(1 for r in run.records if r.get("baseline"))
+        n_base = sum(1 for r in run.records if r.baseline)
         lines.append(f"- `{run.folder}`: spec `{run.spec.name}`, sampler {run.spec.search.sampler}, "
                      f"seed {run.seed}, {len(searched(run))} searched trials and {n_base} baselines "
                      "finished")  # fmt: skip

@@ -27,15 +27,16 @@ from search_followups import CONTROL  # noqa: E402
 
 from capsearch.errors import UserError  # noqa: E402
 from capsearch.reporting.dominance import table_lines, versus  # noqa: E402
+from capsearch.search.records import TrialRecord  # noqa: E402
 
 LABEL = "Full FT at W's rate"
 FULL = "Full FT"
 
 
-def _controls(runs: list[Run]) -> dict[int, dict[str, Any]]:
+def _controls(runs: list[Run]) -> dict[int, TrialRecord]:
     """The finished control trial of each run by seed (UserError on a run without it or a seed
     twice)."""
-    out: dict[int, dict[str, Any]] = {}
+    out: dict[int, TrialRecord] = {}
     for run in runs:
         found = baselines([run]).get(CONTROL)
         if found is None:
@@ -46,11 +47,11 @@ def _controls(runs: list[Run]) -> dict[int, dict[str, Any]]:
     return out
 
 
-def _share_lines(seeds: list[int], *trials: list[dict[str, Any]]) -> list[str]:
+def _share_lines(seeds: list[int], *trials: list[TrialRecord]) -> list[str]:
     """Per seed, the own-image share of W, the control and Full FT (not judged, shown)."""
 
-    def share(record: dict[str, Any]) -> str:
-        value = ((record.get("final") or {}).get("metrics") or {}).get("nearest_own")
+    def share(record: TrialRecord) -> str:
+        value = record.final.metrics.get("nearest_own") if record.final is not None else None
         return "–" if value is None else f"{value:.2f}"
 
     lines = ["Own-image share (the fraction of a memorised caption's attack samples nearest to that "
@@ -76,13 +77,13 @@ def control_lines(main: Run, confirm: list[Run], controls: list[Run]) -> list[st
     if missing:
         raise UserError(f"no control run for seed(s) {', '.join(map(str, missing))}")
     ctrl = [by_seed[s] for s in seeds]
-    rates = sorted({(r.get("params") or {}).get("lr") for r in ctrl}, key=str)
+    rates = sorted({r.params.get("lr") for r in ctrl}, key=str)
     rate = rates[0]
-    if len(rates) != 1 or rate is None or rate != w["params"].get("lr", rate):
+    if len(rates) != 1 or rate is None or rate != w.params.get("lr", rate):
         raise UserError(f"the control trials' learning rates ({', '.join(map(str, rates))}) "
-                        f"should be one, W's ({w['params'].get('lr')})")  # fmt: skip
-    full_rates = sorted({(p.get("params") or {}).get("lr") for p in pools["full"]} - {None})
-    lines = [f"W = {Path(w['dir']).name} of `{main.folder}` (lr {rate:.3g}); {LABEL}: every unit "
+                        f"should be one, W's ({w.params.get('lr')})")  # fmt: skip
+    full_rates = sorted({p.params.get("lr") for p in pools["full"]} - {None})
+    lines = [f"W = {w.folder.name} of `{main.folder}` (lr {rate:.3g}); {LABEL}: every unit "
              f"group full, caption dropout only, lr {rate:.3g}; {FULL} at Table 1's rate "
              f"({', '.join(f'{r:.3g}' for r in full_rates)}).", "",
              *_share_lines(seeds, wins, ctrl, pools["full"]), "",

@@ -39,6 +39,7 @@ from search_compare import load_run, searched, winner  # noqa: E402
 
 from capsearch.config import deep_merge, resolve_extends  # noqa: E402
 from capsearch.errors import UserError  # noqa: E402
+from capsearch.search.records import TrialRecord  # noqa: E402
 from capsearch.search.runs import read_train_log  # noqa: E402
 
 CONFIRM_SEEDS = (1, 3)  # Table 1's other seeds (docs/results.md)
@@ -80,7 +81,7 @@ def _spec(base: dict[str, Any], name: str, description: str, fixed: list[dict], 
     return spec
 
 
-def first_rung_stops(run: Any, grace: int, count: int = STOPS) -> list[tuple[float, dict]]:
+def first_rung_stops(run: Any, grace: int, count: int = STOPS) -> list[tuple[float, TrialRecord]]:
     """Searched trials stopped at the first rung, best probe score there first (at most `count`).
 
     The score is read from the trial's train_log.jsonl or, where the log lacks it, from the study
@@ -90,14 +91,14 @@ def first_rung_stops(run: Any, grace: int, count: int = STOPS) -> list[tuple[flo
     told = _told_probes(run)
     found = []
     for record in searched(run):
-        if record.get("status") != "stopped" or record.get("steps") != grace:
+        if record.status != "stopped" or record.steps != grace:
             continue
-        probes = [e["probe"] for e in read_train_log(Path(record["dir"])) if "probe" in e]
+        probes = [e["probe"] for e in read_train_log(record.folder) if "probe" in e]
         scores = [p["probe_score"] for p in probes if p.get("step") == grace and "probe_score" in p]
-        score = scores[-1] if scores else told.get(record["number"], {}).get(grace)
+        score = scores[-1] if scores else told.get(record.number, {}).get(grace)
         if score is not None:
             found.append((float(score), record))
-    return sorted(found, key=lambda sr: (sr[0], sr[1]["number"]))[:count]
+    return sorted(found, key=lambda sr: (sr[0], sr[1].number))[:count]
 
 
 def _told_probes(run: Any) -> dict[int, dict[int, float]]:
@@ -112,12 +113,12 @@ def _told_probes(run: Any) -> dict[int, dict[int, float]]:
     return {t.number: dict(t.intermediate_values) for t in study.get_trials(deepcopy=False)}
 
 
-def control_params(run: Any, w: dict[str, Any]) -> dict[str, Any]:
+def control_params(run: Any, w: TrialRecord) -> dict[str, Any]:
     """The search's own Full FT baseline point (`baseline_points`), at W's learning rate."""
     full = {p.name: p for p in run.spec.baseline_points}.get("full")
-    if full is None or "lr" not in w["params"]:
+    if full is None or "lr" not in w.params:
         raise UserError(f"{run.folder}: the control needs the search's Full FT baseline and W's lr")
-    return {**full.params, "lr": w["params"]["lr"]}
+    return {**full.params, "lr": w.params["lr"]}
 
 
 def followups(run_dir: Path, base: Path) -> dict[str, dict[str, Any]]:
@@ -125,8 +126,8 @@ def followups(run_dir: Path, base: Path) -> dict[str, dict[str, Any]]:
     run = load_run(run_dir)
     w = winner(run)
     extends = resolve_extends(Path(base))
-    source = f"{run_dir}/trials/{Path(w['dir']).name}"
-    found = [{"name": "found", "params": dict(w["params"])}]
+    source = f"{run_dir}/trials/{w.folder.name}"
+    found = [{"name": "found", "params": dict(w.params)}]
     specs = {}
     for seed in CONFIRM_SEEDS:
         specs[f"search_confirm_seed{seed}.yaml"] = _spec(
@@ -137,15 +138,15 @@ def followups(run_dir: Path, base: Path) -> dict[str, dict[str, Any]]:
         specs[f"search_control_seed{seed}.yaml"] = _spec(
             extends, f"search_control_seed{seed}",
             f"Full FT at the search's winner's learning rate ({source}, lr "
-            f"{w['params']['lr']:.3g}) on seed {seed}.", control,
+            f"{w.params['lr']:.3g}) on seed {seed}.", control,
             None if seed == run.seed else seed)  # fmt: skip
     scheduler = run.spec.search.scheduler
     if scheduler.name == "asha":
         stops = first_rung_stops(run, scheduler.grace_period)
-        fixed = [{"name": f"stopped_{Path(r['dir']).name}", "params": dict(r["params"])}
+        fixed = [{"name": f"stopped_{r.folder.name}", "params": dict(r.params)}
                  for _, r in stops]  # fmt: skip
         if fixed:
-            names = ", ".join(f"{Path(r['dir']).name} ({s:.4f})" for s, r in stops)
+            names = ", ".join(f"{r.folder.name} ({s:.4f})" for s, r in stops)
             specs["search_stops.yaml"] = _spec(
                 extends, "search_stops",
                 f"Trials ASHA stopped at step {scheduler.grace_period} with the best probe scores "

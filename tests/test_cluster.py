@@ -131,8 +131,8 @@ def test_a_search_joins_a_token_cluster_by_address_and_uses_both_nodes(tmp_path)
         )  # fmt: skip
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         records = load_trials(run)
-        assert len(records) == 2 and all(r["status"] == "ok" for r in records), records
-        nodes_used = {r["node"] for r in records}
+        assert len(records) == 2 and all(r.status == "ok" for r in records), records
+        nodes_used = {r.node for r in records}
         assert len(nodes_used) == 2 and None not in nodes_used  # one trial on each node
         assert (run / "report.md").is_file()
         print(f"two-node search: {time.time() - started:.1f} s")

@@ -104,9 +104,23 @@ def _random_bytes(path: Path) -> None:
     path.write_bytes(random.Random(0).randbytes(path.stat().st_size))
 
 
+def _rewrite(path: Path, change) -> None:
+    """A record that still parses as JSON but no longer fits its schema."""
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
 CORRUPTIONS = {
     "metrics-cut": lambda run: _cut(run / "trials" / "t001" / "metrics.json"),
     "result-cut": lambda run: _cut(run / "trials" / "t001" / "result.json"),
+    # parses, but is no trial record: only a status left, or a status capsearch never writes
+    "result-reduced": lambda run: _rewrite(
+        run / "trials/t001/result.json", lambda r: {"status": "ok"}
+    ),
+    "result-bad-status": lambda run: _rewrite(
+        run / "trials/t001/result.json", lambda r: {**r, "status": "finished"}
+    ),
+    # a final re-evaluation that fails its schema reads as none (as one cut short does)
+    "final-reduced": lambda run: _rewrite(run / "trials/t001/final/result.json", lambda r: {}),
     "delta-deleted": lambda run: shutil.rmtree(run / "trials" / "t001" / "delta"),
     "study-random-bytes": lambda run: _random_bytes(run / "optuna.db"),
     "study-locked": None,  # another connection holds an exclusive transaction (below)
@@ -118,6 +132,12 @@ REFUSED = {
     ("metrics-cut", "export"): "trials/t001/metrics.json is cut short or corrupt",
     ("result-cut", "export"): "trials/t001/result.json is cut short or corrupt",
     ("result-cut", "resume"): "trials/t001/result.json is cut short or corrupt",
+    ("result-reduced", "export"): "trials/t001/result.json is cut short or corrupt (not a valid "
+    "trial record: trial: Field required",
+    ("result-reduced", "resume"): "trials/t001/result.json is cut short or corrupt",
+    ("result-bad-status", "export"): "trials/t001/result.json is cut short or corrupt (not a valid "
+    "trial record: status: Input should be",
+    ("result-bad-status", "resume"): "trials/t001/result.json is cut short or corrupt",
     ("delta-deleted", "export"): "trial t001 has no delta (",
     ("study-random-bytes", "resume"): "optuna.db: file is not a database",
     ("study-locked", "resume"): "optuna.db: database is locked",
@@ -162,7 +182,7 @@ def test_a_corrupt_run_folder_gives_exit_0_or_one_line(
         return
     assert code == 0, err
     if command == "status":
-        counts = "1 corrupt, 2 ok" if corruption == "result-cut" else "3 ok"
+        counts = "1 corrupt, 2 ok" if corruption.startswith("result-") else "3 ok"
         assert f"{counts}; 3 planned (2 baselines)" in out
         for name, fid in (("t000", "100.00"), ("t002", "98.00")):
             assert fid in next(ln for ln in out.splitlines() if name in ln)
@@ -171,8 +191,11 @@ def test_a_corrupt_run_folder_gives_exit_0_or_one_line(
     else:  # report, resume: report.md lists the good trials
         report = (run / "report.md").read_text()
         assert "| t000 | **Freeze (baseline)** |" in report and "| t002 |" in report
-        if corruption == "result-cut":
+        if corruption.startswith("result-"):
             assert "- t001 (DiffFit): corrupt — " in report
+        if corruption == "final-reduced":  # t001 is no finalist now: t000 and t002 are
+            final = report.split("## Final re-evaluation")[1].split("\n## ")[0]
+            assert "| t000 |" in final and "| t001 |" not in final
     if command == "resume" and corruption == "data-cut":  # generated again, the same bytes
         assert (run / "data" / "metadata.jsonl").read_bytes() == (
             original / "data" / "metadata.jsonl"

@@ -14,6 +14,7 @@ import yaml
 
 from capsearch.errors import UserError
 from capsearch.reporting.dominance import dominance, dominance_lines
+from capsearch.search.records import FinalResult, TrialRecord
 from capsearch.search.runs import trial_dir, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,17 +50,17 @@ def final_result(trial: str, values: dict, seed: int = 1000, reward: float = -4.
             "intervals": intervals, "noise_floor": floor, "seconds": 226.9, "reward": reward}  # fmt: skip
 
 
-def record(number: int, baseline: str | None, values: dict | None, seed: int = 0) -> dict:
+def record(number: int, baseline: str | None, values: dict | None, seed: int = 0) -> TrialRecord:
     """A trial record as load_trials returns it; `values` None: no final re-evaluation."""
     out = {"trial": f"t{number:03d}", "number": number, "baseline": baseline, "status": "ok",
            "dir": f"/runs/seed{seed}/trials/t{number:03d}", "train": {"seed": seed},
            "metrics": {"fid": 1.0, "amd": 0.5, "alignment": 0.9, "extracted": 0}}  # fmt: skip
     if values is not None:
         out["final"] = final_result(out["trial"], values, seed=1000 + seed)
-    return out
+    return TrialRecord.model_validate(out)
 
 
-def one_seed(w: dict, **changes: dict) -> tuple[dict, dict]:
+def one_seed(w: dict, **changes: dict) -> tuple[TrialRecord, dict]:
     """The winner and Table 1 seed 0's baselines, with some baselines' values changed."""
     base = {
         n: record(i, n, {**v, **changes.get(n, {})})
@@ -78,6 +79,7 @@ def test_real_final_record_has_the_shape_the_tests_build():
     real = json.loads((TABLE1 / "trials" / "t007" / "final" / "result.json").read_text())
     made = final_result("t007", {})
     assert set(made) == set(real) and set(made["metrics"]) == set(real["metrics"])
+    assert FinalResult.model_validate(made).to_dict() == made  # and it is a valid final record
     assert set(real["intervals"]) >= set(HALF) and len(real["intervals"]["fid"]) == 2
 
 
@@ -185,7 +187,7 @@ def test_three_seeds_paired_rule_fails_on_a_consistently_worse_fid():
 
 def test_three_seeds_winner_extracting_on_one_seed_fails():
     wins, base = three_seeds([70.0, 72.0, 69.0], [71.0, 73.0, 70.0])
-    wins[2]["final"]["metrics"]["extracted"] = 2
+    wins[2].final.metrics["extracted"] = 2
     result = dominance(wins, base, seeds=[0, 1, 3])
     assert by_text(result, "nothing extracted").verdict == "W extracts 2 on seed 3"
     assert not result.passed
@@ -204,7 +206,7 @@ def test_missing_baseline_interval_or_seed_count_is_an_error():
     w, base = one_seed(GOOD_W)
     with pytest.raises(UserError, match="needs the baselines DiffFit"):
         dominance(w, {k: v for k, v in base.items() if k != "difffit"}, seeds=[0])
-    del base["full"]["final"]["intervals"]["fid"]
+    del base["full"].final.intervals["fid"]
     with pytest.raises(UserError, match="t001 .*no 95% interval for fid"):
         dominance(w, base, seeds=[0])
     wins, base3 = three_seeds([70.0, 72.0, 69.0], [71.0, 73.0, 70.0])
@@ -350,7 +352,7 @@ def test_shared_configurations_count_distinct_ones_and_the_common_start():
 
     def run(name, sampler, params):
         records = [
-            {"number": i, "params": {"x": p}, "dir": f"{name}/t{i:03d}"}
+            TrialRecord(trial=f"t{i:03d}", number=i, params={"x": p}, dir=f"{name}/t{i:03d}")
             for i, p in enumerate(params)
         ]
         return script.Run(
@@ -366,10 +368,12 @@ def test_shared_configurations_count_distinct_ones_and_the_common_start():
 
 def test_a_winner_chosen_over_training_seeds_shows_its_mean():
     script = load_script()
-    final = {"reward": -4.0, "split": "test", "metrics": {}}
-    assert script._final_reward({"final": final}) == "-4.000 (test)"
-    seeds = {**final, "seeds": [{"reward": -4.2, "train_seed": 1, "metrics": {}}]}
-    assert script._final_reward({"final": seeds}) == "-4.100 (test, mean of 2 training seeds)"
+    final = {"reward": -4.0, "split": "test", "seed": 1000, "metrics": {}}
+    seeds = {**final, "seeds": [{**final, "reward": -4.2, "train_seed": 1}]}
+    w = TrialRecord(trial="t007", number=7, final=final)
+    assert script._final_reward(w) == "-4.000 (test)"
+    w = TrialRecord(trial="t007", number=7, final=seeds)
+    assert script._final_reward(w) == "-4.100 (test, mean of 2 training seeds)"
 
 
 def test_search_compare_without_finals_is_one_line_and_exit_2(tmp_path, capsys):

@@ -83,19 +83,19 @@ def test_faults_in_trials_are_recorded_and_the_search_goes_on(tmp_path, capsys, 
     run = tmp_path / "run"
     assert main(["run", str(spec_path), "--out", str(run)]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
-    records = {r["trial"]: r for r in load_trials(run, finished_only=False)}
+    records = {r.trial: r for r in load_trials(run, finished_only=False)}
     assert sorted(records) == [f"t{i:03d}" for i in range(9)]
     for name in ("t000", "t008"):  # the good trials: evaluated, scored, with a delta
         record = records[name]
-        assert record["status"] == "ok" and record["metrics"]["fid"] > 0, record.get("error")
+        assert record.status == "ok" and record.metrics["fid"] > 0, record.error
         assert (run / "trials" / name / "delta" / "delta.safetensors").is_file()
         assert json.loads((run / "trials" / name / "metrics.json").read_text())["fid"] > 0
     report = (run / "report.md").read_text()
     failed = report.split("## Failed or stopped trials")[1]
     for name, (point, fault, cause) in INJECTED.items():
         record = records[name]
-        assert record["status"] == ("nan" if fault == "nan" else "error"), (name, record)
-        assert cause in record["error"], (name, record["error"])
+        assert record.status == ("nan" if fault == "nan" else "error"), (name, record)
+        assert cause in record.error, (name, record.error)
         assert cause in next(ln for ln in failed.splitlines() if ln.startswith(f"- {name} "))
         folder = run / "trials" / name
         # nothing half-written: no metrics.json (no evaluation finished), no temporary files or
@@ -339,11 +339,11 @@ def test_a_study_file_that_fills_up_mid_search_stops_it_and_resume_finishes(
     assert len(err) == 1 and "Traceback" not in err[0], err
     assert "could not save the Optuna study" in err[0] and "(database or disk is full)" in err[0]
     assert err[0].endswith(f"`capsearch run {spec_path} --out {run} --resume`")
-    records = {r["trial"]: r["status"] for r in load_trials(run, finished_only=False)}
+    records = {r.trial: r.status for r in load_trials(run, finished_only=False)}
     assert records == {"t000": "ok"}  # no trial started after the study could not be saved
     monkeypatch.undo()  # the disk freed
     assert main(["run", str(spec_path), "--out", str(run), "--resume"]) == 0
-    records = {r["trial"]: r["status"] for r in load_trials(run, finished_only=False)}
+    records = {r.trial: r.status for r in load_trials(run, finished_only=False)}
     assert records == {"t000": "ok", "t001": "ok", "t002": "ok"}
     study = optuna.load_study(study_name="capsearch", storage=f"sqlite:///{run / 'optuna.db'}")
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
@@ -359,7 +359,7 @@ def test_an_interrupted_search_skips_the_final_stage(tmp_path, monkeypatch):
     def interrupted(spec, run_dir, *args, **kwargs):
         folder = trial_dir(run_dir, 0)
         folder.mkdir(parents=True)
-        write_json(folder / "params.json", {"number": 0, "status": "running"})
+        write_json(folder / "params.json", {"trial": "t000", "number": 0, "status": "running"})
 
     finals = []
     monkeypatch.setattr(search, "_tune", interrupted)

@@ -9,6 +9,7 @@ import json
 from rich.console import Console
 
 from capsearch.search.final import _StageBar, retraining_progress
+from capsearch.search.records import TrialRecord
 from capsearch.search.retrain import PLAN_FILE, RETRAIN_DIR
 
 
@@ -20,7 +21,7 @@ def write_log(folder, steps: list[int], planned: int) -> None:
 
 
 def test_a_retraining_shows_its_step_total_and_rate(tmp_path):
-    record = {"dir": str(tmp_path / "t009")}
+    record = TrialRecord(trial="t009", number=9, dir=str(tmp_path / "t009"))
     assert retraining_progress(record, None) is None  # not being retrained (its delta was there)
     write_log(tmp_path / "t009" / RETRAIN_DIR, [10, 20, 30, 40], planned=2000)
     assert retraining_progress(record, None) == "t009 retraining 40/2000 2.0 it/s"
@@ -32,7 +33,8 @@ def test_the_stage_bar_prints_each_result_and_the_running_retrainings(tmp_path):
     write_log(tmp_path / "t005" / RETRAIN_DIR, [100, 200], planned=2000)
     out = io.StringIO()
     bar = _StageBar(Console(file=out, width=200, force_terminal=True), total=2)
-    pending = [({"dir": str(tmp_path / "t005")}, None), ({"dir": str(tmp_path / "t017")}, None)]
+    pending = [(TrialRecord(trial=t, number=int(t[1:]), dir=str(tmp_path / t)), None)
+               for t in ("t005", "t017")]  # fmt: skip
     bar.running(pending)
     running = bar.bar.tasks[0].fields["running"]
     assert running == "t005 retraining 200/2000 2.0 it/s"  # t017 shows nothing: not retraining
@@ -43,14 +45,24 @@ def test_the_stage_bar_prints_each_result_and_the_running_retrainings(tmp_path):
 
 
 def test_a_result_line_says_when_a_retraining_went_on_from_a_checkpoint():
-    from capsearch.search.final import _outcome
+    from capsearch.search.final import FailedReevaluation, _outcome
+    from capsearch.search.records import FinalResult, SeedResult
 
     again = {"steps": 2000, "identical": False, "went_on_from_step": 1000}
-    line = _outcome({"reward": -3.815, "retrained": again})
+    shared = {"trial": "t004", "split": "test", "seed": 1000, "metrics": {}}
+    line = _outcome(FinalResult(**shared, reward=-3.815, retrained=again))
     assert line == (
         "reward -3.815; trained again from its record, 2000 steps, differs from it "
         "(went on from its checkpoint at step 1000)"
     )
-    assert "went on" not in _outcome(
-        {"reward": -3.8, "retrained": {**again, "went_on_from_step": None}}
+    again = {**again, "went_on_from_step": None}
+    assert "went on" not in _outcome(FinalResult(**shared, reward=-3.8, retrained=again))
+    other = {"steps": 40, "seed": 3, "final_loss": 0.1, "seconds": 9.0}
+    line = _outcome(SeedResult(**shared, train_seed=3, reward=-3.9, retrained=other))
+    assert line == "reward -3.900; trained on seed 3, 40 steps"
+    assert _outcome(FinalResult(**shared, error="no reward: metric fid is missing")) == (
+        "no reward: metric fid is missing"
+    )
+    assert _outcome(FailedReevaluation("t004", "trial t004 has no delta")) == (
+        "trial t004 has no delta"
     )

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from capsearch.search.records import SeedMean
 from capsearch.search.runs import best_trial, final_choice, load_trials, trial_dir, write_json
 
 
@@ -20,7 +21,7 @@ def finalist(run: Path, number: int, rewards: dict[int, float | None], fid: floa
                                         "reward": -3.0, "metrics": {"fid": 70.0}})  # fmt: skip
     for seed, reward in rewards.items():
         sub = "final" if seed == 0 else f"final_seed{seed}"
-        result = {"split": "test", "metrics": {"fid": fid + seed, "extracted": seed}}
+        result = {"split": "test", "seed": 1000, "metrics": {"fid": fid + seed, "extracted": seed}}
         if reward is not None:
             result["reward"] = reward
         if seed:
@@ -34,30 +35,30 @@ def test_the_best_is_chosen_on_the_mean_over_training_seeds(tmp_path):
     finalist(tmp_path, 1, {0: -4.0, 2: -4.1, 1: -4.1})
     records = load_trials(tmp_path)
     a, b = records
-    assert [s["train_seed"] for s in b["final"]["seeds"]] == [1, 2]  # sorted by seed
-    assert final_choice(a["final"]) == {
-        "metrics": {"extracted": 0.5, "fid": 80.5},
-        "reward": pytest.approx(-4.2),
-        "n_seeds": 2,
-    }
-    assert final_choice(b["final"])["reward"] == pytest.approx(-4.0666, abs=1e-3)
+    assert [s.train_seed for s in b.final.seeds] == [1, 2]  # sorted by seed
+    mean = final_choice(a.final)
+    assert isinstance(mean, SeedMean) and mean.n_seeds == 2
+    assert mean.metrics == {"extracted": 0.5, "fid": 80.5} and mean.reward == pytest.approx(-4.2)
+    assert final_choice(b.final).reward == pytest.approx(-4.0666, abs=1e-3)
     best = best_trial(records)
-    assert best["trial"] == "t001"
+    assert best.trial == "t001"
     from capsearch.export.card import model_card
 
     card = model_card(best, "tiny:random", "t001")
     assert "chosen on its final reward averaged over 3 training seeds (-4.067)" in card
     # without the other seeds, t000's own final decides
-    assert best_trial([{**r, "final": {k: v for k, v in r["final"].items() if k != "seeds"}}
-                       for r in records])["trial"] == "t000"  # fmt: skip
+    alone = [r.model_copy(update={"final": r.final.model_copy(update={"seeds": []})})
+             for r in records]  # fmt: skip
+    assert final_choice(alone[0].final) is alone[0].final
+    assert best_trial(alone).trial == "t000"
 
 
 def test_a_failed_evaluation_on_another_seed_leaves_no_mean_and_ranks_last(tmp_path):
     finalist(tmp_path, 0, {0: -3.5, 1: None})  # the seed-1 evaluation has no reward
     finalist(tmp_path, 1, {0: -4.4, 1: -4.6})
     records = load_trials(tmp_path)
-    assert final_choice(records[0]["final"])["reward"] is None
-    assert best_trial(records)["trial"] == "t001"
+    assert final_choice(records[0].final).reward is None
+    assert best_trial(records).trial == "t001"
 
 
 def test_a_real_final_stage_trains_finalists_again_on_another_seed(tmp_path, capsys):
@@ -77,25 +78,25 @@ def test_a_real_final_stage_trains_finalists_again_on_another_seed(tmp_path, cap
     assert main(["run", str(spec_path), "--out", str(run)]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "each also trained again on seed(s) 1" in out and "trained on seed 1, 4 steps" in out
-    records = {r.get("baseline") or "searched": r for r in load_trials(run)}
-    assert "seeds" not in records["freeze"]["final"]  # trains nothing: its seed changes nothing
+    records = {r.baseline or "searched": r for r in load_trials(run)}
+    assert records["freeze"].final.seeds == []  # trains nothing: its seed changes nothing
     for name in ("difffit", "searched"):
         record = records[name]
-        (again,) = record["final"]["seeds"]
-        assert again["train_seed"] == 1 and again["retrained"]["steps"] == 4
-        assert again["seed"] == record["final"]["seed"] == 1000  # the same sampling seed
-        own = load_file(Path(record["dir"]) / "delta" / "delta.safetensors")
-        other = load_file(Path(record["dir"]) / "final_seed1" / "delta" / "delta.safetensors")
+        (again,) = record.final.seeds
+        assert again.train_seed == 1 and again.retrained.steps == 4
+        assert again.seed == record.final.seed == 1000  # the same sampling seed
+        own = load_file(record.folder / "delta" / "delta.safetensors")
+        other = load_file(record.folder / "final_seed1" / "delta" / "delta.safetensors")
         assert own.keys() == other.keys()
         assert not all(torch.equal(own[k], other[k]) for k in own)  # another training
     report = (run / "report.md").read_text()
     section = report.split("### Over training seeds")[1].split("\n## ")[0]
     assert "| seed 0 | seed 1 | mean reward ↑ |" in section
     best = best_trial(load_trials(run))
-    pooled = {r["trial"]: final_choice(r["final"])["reward"] for r in records.values()}
-    assert pooled[best["trial"]] == max(pooled.values())  # chosen on the means
+    pooled = {r.trial: final_choice(r.final).reward for r in records.values()}
+    assert pooled[best.trial] == max(pooled.values())  # chosen on the means
     said = report.split("## Best configuration")[1].split("\n## ")[0]
-    assert ("averaged over 2 training seeds" in said) == (best.get("baseline") != "freeze")
+    assert ("averaged over 2 training seeds" in said) == (best.baseline != "freeze")
     # the records kept for a resume elsewhere include the other seed's evaluation
     import importlib.util
 
@@ -104,7 +105,7 @@ def test_a_real_final_stage_trains_finalists_again_on_another_seed(tmp_path, cap
     keep_records = importlib.util.module_from_spec(module)
     module.loader.exec_module(keep_records)
     keep_records.keep(run, tmp_path / "kept")
-    trial = Path(records["difffit"]["dir"]).name
+    trial = records["difffit"].folder.name
     assert (tmp_path / "kept" / "trials" / trial / "final_seed1" / "result.json").is_file()
     assert not (tmp_path / "kept" / "trials" / trial / "final_seed1" / "delta").exists()
 

@@ -127,20 +127,20 @@ def test_a_killed_driver_is_finished_by_resume(point, tmp_path):
     assert (run / "data" / "complete.json").is_file()
 
     records = load_trials(run, finished_only=False)
-    ok = [r for r in records if r["status"] == "ok"]
-    cut = [r for r in records if r["status"] != "ok"]
+    ok = [r for r in records if r.status == "ok"]
+    cut = [r for r in records if r.status != "ok"]
     # every planned trial (the baseline, then num_samples searched ones) finished exactly once
-    assert sorted(r.get("baseline") or "" for r in ok) == sorted(
+    assert sorted(r.baseline or "" for r in ok) == sorted(
         [b.name for b in spec.baseline_points] + [""] * spec.search.num_samples
-    ), [(r["trial"], r["status"], r.get("error")) for r in records]
-    assert all(r["status"] == "interrupted" for r in cut), cut
+    ), [(r.trial, r.status, r.error) for r in records]
+    assert all(r.status == "interrupted" for r in cut), cut
     if point == "training":
         assert len(cut) == 1  # the trial the kill cut short, run again as a new trial
     if point == "searched":  # the sampler's proposal is kept: retried with its parameters, from its
-        (retry,) = [r for r in ok if r.get("retry_of") is not None]  # checkpoint
-        assert [r["trial"] for r in cut] == ["t001"] and retry["retry_of"] == 1
-        assert retry["params"] == cut[0]["params"]
-        assert retry["resume_from"] == str(run.resolve() / "trials" / "t001" / "checkpoint")
+        (retry,) = [r for r in ok if r.retry_of is not None]  # checkpoint
+        assert [r.trial for r in cut] == ["t001"] and retry.retry_of == 1
+        assert retry.params == cut[0].params
+        assert retry.resume_from == str(run.resolve() / "trials" / "t001" / "checkpoint")
         assert "going on from t001's checkpoint" in resumed.stdout
     for name, (content, mtime) in before.items():
         result = run / "trials" / name / "result.json"
@@ -152,12 +152,12 @@ def test_a_killed_driver_is_finished_by_resume(point, tmp_path):
     )
     states = {t.number: t.state for t in study.trials}
     complete = {t.number: t.value for t in study.trials if t.state.name == "COMPLETE"}
-    assert complete == {r["number"]: pytest.approx(r["reward"]) for r in ok}
-    assert {n for n, s in states.items() if s.name == "FAIL"} == {r["number"] for r in cut}
-    assert set(states) == set(complete) | {r["number"] for r in cut}  # nothing RUNNING or WAITING
+    assert complete == {r.number: pytest.approx(r.reward) for r in ok}
+    assert {n for n, s in states.items() if s.name == "FAIL"} == {r.number for r in cut}
+    assert set(states) == set(complete) | {r.number for r in cut}  # nothing RUNNING or WAITING
 
     report = (run / "report.md").read_text()
-    assert all(r["trial"] in report for r in ok)
+    assert all(r.trial in report for r in ok)
     print(
         f"{point}: killed after {killed_at:.1f} s; resumed in {time.time() - started:.1f} s total"
     )

@@ -112,10 +112,10 @@ def test_status_and_report_commands(run, capsys):
 
 def test_select_trial(run):
     records = load_trials(run)
-    assert select_trial(records)["number"] == 2
-    assert select_trial(records, "t001")["baseline"] == "difffit"
-    assert select_trial(records, "1")["number"] == 1
-    assert select_trial(records, "freeze")["number"] == 0
+    assert select_trial(records).number == 2
+    assert select_trial(records, "t001").baseline == "difffit"
+    assert select_trial(records, "1").number == 1
+    assert select_trial(records, "freeze").number == 0
 
 
 def test_export_errors_are_one_line(run, tmp_path, capsys):
@@ -188,16 +188,18 @@ def add_final(folder: Path, fid: float, reward: float, ci: tuple[float, float]) 
 
 
 def test_the_final_stage_picks_the_best_and_compares_it_with_each_baseline(run, tmp_path):
-    from capsearch.search.final import finalists, separation
+    from capsearch.reporting.report import separation
+    from capsearch.search.final import finalists
+    from capsearch.search.records import Evaluation
 
     # Search reward prefers t002; on the fresh test-split evaluation DiffFit (t001) comes out ahead.
     add_final(trial_dir(run, 0), 300.0, -4.2, (280.0, 320.0))
     add_final(trial_dir(run, 1), 14.0, -1.7, (12.0, 16.0))
     add_final(trial_dir(run, 2), 15.0, -2.0, (13.0, 17.5))
     records = load_trials(run)
-    assert [r["number"] for r in finalists(records, top_k=1)] == [0, 1, 2]
-    assert [r["number"] for r in finalists(records, top_k=0)] == [0, 1]
-    assert select_trial(records)["number"] == 1  # export --trial best follows the final stage
+    assert [r.number for r in finalists(records, top_k=1)] == [0, 1, 2]
+    assert [r.number for r in finalists(records, top_k=0)] == [0, 1]
+    assert select_trial(records).number == 1  # export --trial best follows the final stage
     text = write_report(run).read_text()
     final = text.split("## Final re-evaluation")[1].split("\n## ")[0]
     assert "on the test split" in final and "14.00 [12.00, 16.00]" in final
@@ -206,12 +208,16 @@ def test_the_final_stage_picks_the_best_and_compares_it_with_each_baseline(run, 
     assert "hit its cap" not in text
     assert "| Freeze | better | n/a | overlap | overlap | overlap | n/a |" in final
     assert "Trial t001 (DiffFit), final reward -1.700 on the test split" in text
-    best = {"intervals": {"fid": [12.0, 16.0]}}
-    assert separation(best, {"intervals": {"fid": [17.0, 20.0]}}, "fid") == "better"
-    assert separation(best, {"intervals": {"fid": [5.0, 11.0]}}, "fid") == "worse"
-    assert separation(best, {"intervals": {"fid": [15.0, 20.0]}}, "fid") == "overlap"
-    assert separation({"intervals": {"amd": [0.3, 0.4]}}, {"intervals": {"amd": [0.1, 0.2]}},
-                      "amd") == "better"  # fmt: skip
+
+    def seen(**intervals: list[float]) -> Evaluation:
+        return Evaluation(intervals=intervals)
+
+    best = seen(fid=[12.0, 16.0])
+    assert separation(best, seen(fid=[17.0, 20.0]), "fid") == "better"
+    assert separation(best, seen(fid=[5.0, 11.0]), "fid") == "worse"
+    assert separation(best, seen(fid=[15.0, 20.0]), "fid") == "overlap"
+    assert separation(best, seen(), "fid") == "n/a"
+    assert separation(seen(amd=[0.3, 0.4]), seen(amd=[0.1, 0.2]), "amd") == "better"
     from capsearch.export.trial import model_card
 
     card = model_card(select_trial(records), "tiny:random", "t001")
@@ -226,8 +232,8 @@ def test_committed_records_of_the_first_format_still_report(tmp_path):
     demo = Path(__file__).resolve().parents[1] / "experiments" / "results" / "demo_tiny"
     run = shutil.copytree(demo, tmp_path / "demo")
     records = load_trials(run)
-    assert len(records) == 8 and {r["version"] for r in records} == {1}
-    assert select_trial(records)["trial"] == "t007"  # chosen by the final re-evaluation
+    assert len(records) == 8 and {r.version for r in records} == {1}
+    assert select_trial(records).trial == "t007"  # chosen by the final re-evaluation
     text = write_report(run).read_text()
     assert "## Final re-evaluation" in text and "caption_dropout(p=0.1) · threshold" in text
     assert "enumerated every clique of all 8 trials" in text
@@ -235,8 +241,12 @@ def test_committed_records_of_the_first_format_still_report(tmp_path):
 
 def test_a_capped_clique_enumeration_is_reported():
     from capsearch.reporting.notes import capped_lines
+    from capsearch.search.records import TrialRecord
 
-    records = [{"dir": "x/t000", "metrics": {"capped_prompts": 0}},
-               {"dir": "x/t001", "metrics": {"capped_prompts": 2}}]  # fmt: skip
+    def trial(number: int, **metrics: int) -> TrialRecord:
+        return TrialRecord(trial=f"t{number:03d}", number=number, dir=f"x/t{number:03d}",
+                           metrics=metrics)  # fmt: skip
+
+    records = [trial(0, capped_prompts=0), trial(1, capped_prompts=2)]
     assert "hit its cap in t001 (2 prompts)" in capped_lines(records)[1]
-    assert capped_lines([{"dir": "x/t000", "metrics": {}}]) == []
+    assert capped_lines([trial(0)]) == []

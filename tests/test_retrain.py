@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import capsearch.training.loop as train_mod
 from capsearch.errors import UserError
+from capsearch.search.records import TrialRecord
 from capsearch.search.retrain import PLAN_FILE, RETRAIN_DIR, retrain_delta
 from capsearch.worlds.phantom import write_phantom_dataset
 
@@ -22,16 +23,16 @@ def data(tmp_path_factory):
     return root
 
 
-def record_in(folder) -> dict:
-    return {
-        "dir": str(folder), "trial": folder.name, "model": "tiny:random",
-        "method_spec": [{"method": "lora", "units": "*:*_attn", "rank": 2}],
-        "train": {"steps": 6, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 3},
-        "steps": 6, "final_loss": None,
-    }  # fmt: skip
+def record_in(folder) -> TrialRecord:
+    return TrialRecord(
+        dir=str(folder), trial=folder.name, number=int(folder.name[1:]), model="tiny:random",
+        method_spec=[{"method": "lora", "units": "*:*_attn", "rank": 2}],
+        train={"steps": 6, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 3},
+        steps=6, final_loss=None,
+    )  # fmt: skip
 
 
-def cut_short(record: dict, dest, monkeypatch) -> None:
+def cut_short(record: TrialRecord, data, dest, monkeypatch) -> None:
     """Retrain until its first checkpoint is on disk, then stop as a killed stage would."""
     original = train_mod._save_checkpoint
 
@@ -41,7 +42,7 @@ def cut_short(record: dict, dest, monkeypatch) -> None:
 
     monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_stop)
     with pytest.raises(UserError, match="ended stopped"):
-        retrain_delta(record, record["data"], dest)
+        retrain_delta(record, data, dest)
     monkeypatch.setattr(train_mod, "_save_checkpoint", original)
     state = json.loads((dest / RETRAIN_DIR / "checkpoint" / "state.json").read_text())
     assert state["step"] == 3 and not (dest / "delta").exists()
@@ -61,11 +62,11 @@ def resumes_seen(monkeypatch) -> list[bool]:
 def test_a_cut_short_retraining_goes_on_from_its_checkpoint_bit_for_bit(
     data, tmp_path, monkeypatch
 ):
-    record = record_in(tmp_path / "t004") | {"data": data}
+    record = record_in(tmp_path / "t004")
     straight = retrain_delta(record, data, tmp_path / "straight")
     assert straight["steps"] == 6
 
-    cut_short(record, tmp_path / "t004", monkeypatch)
+    cut_short(record, data, tmp_path / "t004", monkeypatch)
     seen = resumes_seen(monkeypatch)
     again = retrain_delta(record, data)
     assert seen == [True]  # went on from step 3
@@ -77,8 +78,8 @@ def test_a_cut_short_retraining_goes_on_from_its_checkpoint_bit_for_bit(
 
 
 def test_a_checkpoint_of_another_training_is_not_gone_on_from(data, tmp_path, monkeypatch):
-    record = record_in(tmp_path / "t005") | {"data": data}
-    cut_short(record, tmp_path / "t005", monkeypatch)
+    record = record_in(tmp_path / "t005")
+    cut_short(record, data, tmp_path / "t005", monkeypatch)
     seen = resumes_seen(monkeypatch)
     other = retrain_delta(record, data, seed=11)  # final.train_seeds: another training seed
     assert seen == [False] and other["steps"] == 6 and other["seed"] == 11
@@ -86,7 +87,7 @@ def test_a_checkpoint_of_another_training_is_not_gone_on_from(data, tmp_path, mo
     assert plan["train"]["seed"] == 11
 
     (tmp_path / "t005" / "delta").rename(tmp_path / "t005" / "delta.seed11")
-    cut_short(record, tmp_path / "t005", monkeypatch)
+    cut_short(record, data, tmp_path / "t005", monkeypatch)
     (tmp_path / "t005" / RETRAIN_DIR / PLAN_FILE).write_text("{not json")  # a damaged plan
     seen.clear()
     assert retrain_delta(record, data)["steps"] == 6 and seen == [False]

@@ -14,8 +14,9 @@ import yaml
 from conftest import bare_search_spec, make_searcher, mid_block_groups
 
 from capsearch.config import spec_from_dict
+from capsearch.search.records import TrialRecord
 from capsearch.search.reward import compute_reward, pareto_front, reward_terms
-from capsearch.search.runs import load_trials, trial_dir
+from capsearch.search.runs import load_trials, read_record, trial_dir
 from capsearch.search.space import (
     define_space,
     params_to_method_spec,
@@ -229,15 +230,15 @@ def test_resume_counts_finished_trials_and_settles_interrupted_ones(spec, tmp_pa
     for number, status in statuses.items():
         folder = trial_dir(tmp_path, number)
         folder.mkdir(parents=True)
-        record = {"number": number, "status": status, "params": asked[number].params,
+        record = {"trial": folder.name, "number": number, "status": status,
+                  "params": asked[number].params,
                   "baseline": asked[number].user_attrs.get("baseline"),
                   "metrics": {}, "reward": 1.5}  # fmt: skip
         write_json(folder / "result.json", record)
     for number in (2, 4):
         trial_dir(tmp_path, number).mkdir(parents=True)
-        write_json(
-            trial_dir(tmp_path, number) / "params.json", {"number": number, "status": "running"}
-        )
+        write_json(trial_dir(tmp_path, number) / "params.json",
+                   {"trial": f"t{number:03d}", "number": number, "status": "running"})  # fmt: skip
     left = plan_trials(spec, study, tmp_path)
     assert left == 1 + 1  # the lora baseline again, and one of the two searched trials
     states = {t.number: t.state for t in study.get_trials()}
@@ -245,7 +246,7 @@ def test_resume_counts_finished_trials_and_settles_interrupted_ones(spec, tmp_pa
     assert states[1] == states[2] == states[4] == optuna.trial.TrialState.FAIL
     waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
     assert [t.user_attrs["baseline"] for t in waiting] == ["lora"]
-    statuses = {r["number"]: r["status"] for r in load_trials(tmp_path, finished_only=False)}
+    statuses = {r.number: r.status for r in load_trials(tmp_path, finished_only=False)}
     assert statuses == {0: "ok", 1: "error", 2: "interrupted", 3: "ok", 4: "interrupted"}
 
 
@@ -254,7 +255,7 @@ def test_an_interrupted_baseline_goes_on_from_its_own_checkpoint(spec, tmp_path)
     from capsearch.search.trial import _take_checkpoint, build_plan, resumable_checkpoint
 
     plan = build_plan(spec, spec.baseline("difffit").params, "difffit", 5, tmp_path)
-    record = {**plan.model_dump(mode="json"), "status": "interrupted"}
+    record = {**plan.model_dump(mode="json"), "trial": "t005", "status": "interrupted"}
     for number, changes in (
         (1, {}),
         (2, {"status": "ok"}),
@@ -263,7 +264,8 @@ def test_an_interrupted_baseline_goes_on_from_its_own_checkpoint(spec, tmp_path)
         folder = trial_dir(tmp_path, number)
         (folder / "checkpoint").mkdir(parents=True)
         (folder / "checkpoint" / "state.json").write_text(str(number))
-        write_json(folder / "result.json", {**record, **changes, "number": number})
+        write_json(folder / "result.json",
+                   {**record, **changes, "trial": folder.name, "number": number})  # fmt: skip
     # only trial 1 was interrupted with exactly this plan (2 finished; 3 trained at another rate)
     assert resumable_checkpoint(tmp_path, plan) == str(trial_dir(tmp_path, 1) / "checkpoint")
     lora = build_plan(spec, spec.baseline("lora").params, "lora", 6, tmp_path)
@@ -385,7 +387,7 @@ def test_a_finished_trial_of_a_reuse_run_stands_in_for_identical_training(
     other.mkdir()
     (other / "spec.yaml").write_text(yaml.safe_dump(SPEC))
     plan = build_plan(spec, spec.baseline("difffit").params, "difffit", 7, tmp_path)
-    record = {**plan.model_dump(mode="json"), "status": "ok"}
+    record = {**plan.model_dump(mode="json"), "trial": "t007", "status": "ok"}
     for number, changes, kept in (
         (1, {"status": "interrupted"}, True),  # not finished
         (2, {"train": {**record["train"], "lr": 1.0}}, True),  # another rate
@@ -397,7 +399,8 @@ def test_a_finished_trial_of_a_reuse_run_stands_in_for_identical_training(
         if kept:
             (folder / "delta").mkdir()
             (folder / "train_result.json").write_text("{}")
-        write_json(folder / "result.json", {**record, **changes, "number": number})
+        write_json(folder / "result.json",
+                   {**record, **changes, "trial": folder.name, "number": number})  # fmt: skip
     assert reusable_trial(spec, plan) is None  # search.reuse is empty
     search = spec.search.model_copy(update={"reuse": [str(other)]})
     reusing = spec.model_copy(update={"search": search})
@@ -474,26 +477,27 @@ def test_run_trial_records_success_failure_and_nan(spec, tmp_path, monkeypatch):
     reported = []
     params = dict(spec.baseline("lora").params, mitigation="rwa", **{"mitigation.rwa.k": 2})
     record = run(params, None, 7, report=reported.append)
-    assert record["status"] == "ok" and record["trainable"] == 123
-    assert record["reward"] == pytest.approx(
-        compute_reward(record["metrics"], spec.objective.weights.model_dump())
+    assert record.status == "ok" and record.trainable == 123
+    assert record.reward == pytest.approx(
+        compute_reward(record.metrics, spec.objective.weights.model_dump())
     )
     assert calls[0][1].all_mitigations() == [
         {"name": "caption_dropout", "p": 0.1},
         {"name": "rwa", "k": 2, "p": 0.5},
     ]
     assert reported == [{"training_step": 2, "probe_score": 0.4, "heldout_loss": 0.3}]
-    assert record["intervals"] == {"fid": [10.0, 14.0]} and record["noise_floor"] == {"n": 8}
+    assert record.intervals == {"fid": [10.0, 14.0]} and record.noise_floor == {"n": 8}
     saved = json.loads((trial_dir(tmp_path, 7) / "result.json").read_text())
     assert saved["status"] == "ok" and saved["groups"]["attn"].startswith("lora(rank=4")
-    assert final_result(record)["reward"] == pytest.approx(record["reward"])
+    assert final_result(record)["reward"] == pytest.approx(record.reward)
+    assert read_record(trial_dir(tmp_path, 7) / "result.json") == record  # as a reader reads it
 
     def broken(*a, **kw):
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(capsearch.training.loop, "finetune", broken)
     record = run(params, None, 8)
-    assert record["status"] == "error" and "out of memory" in record["error"]
+    assert record.status == "error" and "out of memory" in record.error
     assert (trial_dir(tmp_path, 8) / "error.txt").is_file()
     assert final_result(record) == {"status": "error", "trial": "t008", "training_step": 0,
                                     "error": "RuntimeError: out of memory"}  # fmt: skip
@@ -501,7 +505,8 @@ def test_run_trial_records_success_failure_and_nan(spec, tmp_path, monkeypatch):
     monkeypatch.setattr(capsearch.training.loop, "finetune",
                         lambda *a, **kw: TrainResult("nan", 2, math.nan, 5, 10, 0.1, message="diverged"))  # fmt: skip
     record = run(params, None, 9)
-    assert record["status"] == "nan" and record["error"] == "diverged" and "reward" not in record
+    assert record.status == "nan" and record.error == "diverged" and record.reward is None
+    assert "reward" not in json.loads((trial_dir(tmp_path, 9) / "result.json").read_text())
 
 
 def test_freeze_trains_nothing_and_keeps_a_delta(spec, tmp_path, monkeypatch):
@@ -515,11 +520,7 @@ def test_freeze_trains_nothing_and_keeps_a_delta(spec, tmp_path, monkeypatch):
     monkeypatch.setattr(capsearch.metrics.evaluate, "evaluate", fake_evaluate)
     plan = build_plan(spec, dict(spec.baseline("freeze").params), "freeze", 0, tmp_path)
     record = run_trial(plan, tmp_path, tmp_path)
-    assert (
-        record["status"] == "ok"
-        and record["trainable"] == 0
-        and record["metrics"]["trainable_pct"] == 0
-    )
+    assert record.status == "ok" and record.trainable == 0 and record.metrics["trainable_pct"] == 0
     assert (trial_dir(tmp_path, 0) / "delta" / "delta.safetensors").is_file()
 
 
@@ -600,8 +601,8 @@ def test_a_real_search_runs_reports_resumes_and_exports(tmp_path, capsys, monkey
     seconds = time.time() - started
     out = capsys.readouterr().out
     records = load_trials(run)
-    assert sorted(r.get("baseline") or "" for r in records) == ["", "difffit", "freeze"]
-    assert all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+    assert sorted(r.baseline or "" for r in records) == ["", "difffit", "freeze"]
+    assert all(r.status == "ok" for r in records), [r.error for r in records]
     assert "report:" in out and (run / "report.md").is_file() and (run / "optuna.db").is_file()
     study = optuna.load_study(study_name="capsearch", storage=f"sqlite:///{run / 'optuna.db'}")
     assert sorted(t.user_attrs.get("baseline", "") for t in study.trials) == [
@@ -611,10 +612,10 @@ def test_a_real_search_runs_reports_resumes_and_exports(tmp_path, capsys, monkey
     ]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     # the final stage re-evaluated both baselines and the searched trial on the test split
-    finals = {r["trial"]: r["final"] for r in records if r.get("final")}
-    assert len(finals) == 3 and {f["split"] for f in finals.values()} == {"test"}
+    finals = {r.trial: r.final for r in records if r.final is not None}
+    assert len(finals) == 3 and {f.split for f in finals.values()} == {"test"}
     assert all(
-        f["seed"] == 1000 and "reward" in f and f["intervals"]["fid"] for f in finals.values()
+        f.seed == 1000 and f.reward is not None and f.intervals["fid"] for f in finals.values()
     )
     report = (run / "report.md").read_text()
     assert "## Final re-evaluation" in report and "Noise floor" in report
@@ -641,15 +642,15 @@ def test_a_real_search_runs_reports_resumes_and_exports(tmp_path, capsys, monkey
     spec_path.write_text(yaml.safe_dump(again))
     assert main(["run", str(spec_path), "--out", str(tmp_path / "run2")]) == 0
     (mine,) = load_trials(tmp_path / "run2")
-    (theirs,) = [r for r in records if r.get("baseline") == "difffit"]
-    assert mine["status"] == "ok", mine.get("message")
-    assert Path(mine["reuse_from"]) == Path(theirs["dir"]).resolve()
-    assert mine["steps"] == 4 and mine["train_seconds"] == theirs["train_seconds"]
-    assert mine["metrics"]["fid"] > 0 and "final" in mine  # evaluated, then re-evaluated, here
+    (theirs,) = [r for r in records if r.baseline == "difffit"]
+    assert mine.status == "ok", mine.error
+    assert Path(mine.reuse_from) == theirs.folder.resolve()
+    assert mine.steps == 4 and mine.train_seconds == theirs.train_seconds
+    assert mine.metrics["fid"] > 0 and mine.final is not None  # evaluated, then re-evaluated, here
     from safetensors.torch import load_file
 
-    a = load_file(Path(mine["dir"]) / "delta" / "delta.safetensors")
-    b = load_file(Path(theirs["dir"]) / "delta" / "delta.safetensors")
+    a = load_file(mine.folder / "delta" / "delta.safetensors")
+    b = load_file(theirs.folder / "delta" / "delta.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -678,16 +679,14 @@ def _resume_from_kept_records(run: Path, spec_path: Path, records: list, capsys)
     assert main(["run", str(spec_path), "--out", str(kept), "--resume"]) == 0, capsys.readouterr()
     out = capsys.readouterr().out
     assert "trained again from its record" in out and "differs" not in out
-    again = {r["trial"]: r for r in load_trials(kept)}
+    again = {r.trial: r for r in load_trials(kept)}
     assert len(again) == len(records)
     for record in records:
-        mine = again[record["trial"]]
-        assert mine["final"]["retrained"]["identical"] is True
-        assert (
-            mine["final"]["metrics"] == record["final"]["metrics"]
-        )  # the same numbers, recomputed
-        a = load_file(Path(mine["dir"]) / "delta" / "delta.safetensors")
-        b = load_file(Path(record["dir"]) / "delta" / "delta.safetensors")
+        mine = again[record.trial]
+        assert mine.final.retrained.identical is True
+        assert mine.final.metrics == record.final.metrics  # the same numbers, recomputed
+        a = load_file(mine.folder / "delta" / "delta.safetensors")
+        b = load_file(record.folder / "delta" / "delta.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -749,14 +748,14 @@ def test_asha_stops_searched_trials_but_never_baselines(tmp_path, capsys):
     (tmp_path / "asha.yaml").write_text(yaml.safe_dump(spec))
     run = tmp_path / "run"
     assert main(["run", str(tmp_path / "asha.yaml"), "--out", str(run)]) == 0
-    records = {r["number"]: r for r in load_trials(run)}
-    assert len(records) == 7 and {r["status"] for r in records.values()} <= {"ok", "stopped"}
-    assert all(r["status"] == "ok" for r in records.values() if r.get("baseline"))
-    stopped = [r for r in records.values() if r["status"] == "stopped"]
-    assert all(0 < r["steps"] < 8 and r["seconds"] > 0 for r in stopped)  # what each one cost
+    records = {r.number: r for r in load_trials(run)}
+    assert len(records) == 7 and {r.status for r in records.values()} <= {"ok", "stopped"}
+    assert all(r.status == "ok" for r in records.values() if r.baseline)
+    stopped = [r for r in records.values() if r.status == "stopped"]
+    assert all(0 < r.steps < 8 and r.seconds > 0 for r in stopped)  # what each one cost
     study = optuna.load_study(study_name="capsearch", storage=f"sqlite:///{run / 'optuna.db'}")
     for t in study.trials:
-        expected = "PRUNED" if records[t.number]["status"] == "stopped" else "COMPLETE"
+        expected = "PRUNED" if records[t.number].status == "stopped" else "COMPLETE"
         assert t.state.name == expected
         if not t.user_attrs.get("baseline"):
             assert t.intermediate_values  # probe losses, for optuna-dashboard's curves
@@ -766,7 +765,7 @@ def test_a_finalist_without_delta_or_training_record_is_one_line(tmp_path):
     from capsearch.errors import UserError
     from capsearch.search.retrain import retrain_delta
 
-    record = {"dir": str(tmp_path / "t003"), "trial": "t003", "model": "tiny"}
+    record = TrialRecord(trial="t003", number=3, dir=str(tmp_path / "t003"), model="tiny")
     with pytest.raises(UserError) as exc:
         retrain_delta(record, tmp_path)
     message = str(exc.value)

@@ -59,7 +59,8 @@ def _run(tmp_path: Path) -> tuple[Path, dict]:
         folder = run / "trials" / f"t{number:03d}"
         _write(folder / "result.json", {"trial": folder.name, "number": number, "baseline": None,
                "params": params[number], "status": "ok", "reward": reward})  # fmt: skip
-        _write(folder / "final" / "result.json", {"trial": folder.name, "reward": final})
+        _write(folder / "final" / "result.json", {"trial": folder.name, "split": "test",
+               "seed": 1000, "metrics": {}, "reward": final})  # fmt: skip
     stops = {
         8: (500, 0.031),
         9: (500, 0.027),
@@ -132,10 +133,10 @@ def test_the_stopping_probe_is_read_from_the_study_where_the_log_lacks_it(follow
         log = run / "trials" / f"t{number:03d}" / "train_log.jsonl"
         log.write_text(log.read_text().splitlines()[0] + "\n")  # the probe line gone
     stops = followups.first_rung_stops(followups.load_run(run), 500)
-    assert [(score, r["number"]) for score, r in stops] == [(0.027, 9), (0.029, 11), (0.031, 8)]
+    assert [(score, r.number) for score, r in stops] == [(0.027, 9), (0.029, 11), (0.031, 8)]
     (run / "optuna.db").unlink()  # without the study, those two cannot be ranked: left out
     stops = followups.first_rung_stops(followups.load_run(run), 500)
-    assert [r["number"] for _, r in stops] == [8, 12]
+    assert [r.number for _, r in stops] == [8, 12]
 
 
 def test_no_final_stage_yet_is_one_line(followups, tmp_path):

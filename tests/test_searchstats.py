@@ -5,16 +5,18 @@ from __future__ import annotations
 import pytest
 
 from capsearch.reporting.searchstats import best_so_far, compute_used, curve_plot, group_shares
+from capsearch.search.records import TrialRecord
 
 DIFFFIT = [{"method": "difffit", "units": ["mid_block.attentions"]}]
 FREEZE = [{"method": "freeze", "units": []}]
 
 
-def rec(number, status="ok", reward=None, baseline=None, **kw):
-    out = {"number": number, "status": status, "baseline": baseline, "method_spec": DIFFFIT}
+def rec(number, status="ok", reward=None, baseline=None, **kw) -> TrialRecord:
+    out = {"trial": f"t{number:03d}", "number": number, "status": status, "baseline": baseline,
+           "method_spec": DIFFFIT}  # fmt: skip
     if reward is not None:
         out["reward"] = reward
-    return {**out, **kw}
+    return TrialRecord.model_validate({**out, **kw})
 
 
 def test_compute_counts_steps_seconds_and_what_early_stopping_saved():
@@ -28,7 +30,13 @@ def test_compute_counts_steps_seconds_and_what_early_stopping_saved():
             train_seconds=2000.0,
             reuse_from="other/trials/t003",
         ),  # fmt: skip
-        rec(2, steps=2000, seconds=2000.0, cpu=1, final={"seconds": 300.0}),
+        rec(
+            2,
+            steps=2000,
+            seconds=2000.0,
+            cpu=1,
+            final={"split": "test", "seed": 1000, "metrics": {}, "seconds": 300.0},
+        ),  # fmt: skip
         rec(3, "stopped", steps=500, seconds=500.0),
         rec(4, "stopped", steps=500, seconds=520.0, cpu=2),
     ]
@@ -61,14 +69,15 @@ def test_learning_curve_counts_every_proposal_and_keeps_the_best(tmp_path):
 def test_group_shares_count_each_groups_trainable_parameters():
     from capsearch.models.load import load_pipeline
 
-    record = {
-        "model": "tiny:random",
-        "groups": {"mid_attn": "difffit(lr=0.1)", "up_res": "frozen", "down_attn": "attention"},
-        "method_spec": [
+    record = rec(
+        0,
+        model="tiny:random",
+        groups={"mid_attn": "difffit(lr=0.1)", "up_res": "frozen", "down_attn": "attention"},
+        method_spec=[
             {"method": "difffit", "units": ["mid_block.attentions"], "lr": 0.1},
             {"method": "attention", "units": ["down_blocks.*.attentions"]},
         ],
-    }
+    )
     rows = group_shares(record)
     assert [r["group"] for r in rows] == ["mid_attn", "down_attn"]
     unet = load_pipeline("tiny:random").unet

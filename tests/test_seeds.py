@@ -46,7 +46,8 @@ def make_run(root: Path, folder: str, seed: int, trials: dict[str, dict], name: 
             continue
         (folder / "final").mkdir()
         write_json(folder / "final" / "result.json", {"trial": folder.name, "split": "test",
-                   "metrics": metrics, "intervals": intervals, "seconds": 30.0})  # fmt: skip
+                   "seed": 1000, "metrics": metrics, "intervals": intervals,
+                   "seconds": 30.0})  # fmt: skip
         write_json(
             folder / "final" / "metrics.json", {**metrics, "settings": {"attack_prompts": 20}}
         )

@@ -133,7 +133,7 @@ def _summarise(run_dir: Path, spec: Any, console: Any) -> Path:
 
     records = ordered(load_trials(run_dir), spec)
     console.print(results_table(records, title=f"{spec.name}: {len(records)} trials"))
-    finals = [final_view(r) for r in records if r.get("final")]
+    finals = [final_view(r) for r in records if r.final is not None]
     if finals:
         title = (
             f"final re-evaluation ({spec.final.split} split, seed {spec.final.seed}); "
@@ -161,8 +161,8 @@ def _progress(run_dir: Path) -> Any:
 
     from capsearch.metrics.table import METRICS
     from capsearch.progress import running_bar, trial_progress
-    from capsearch.reporting.report import display_name
-    from capsearch.search.runs import RESULT_FILE, trial_dir
+    from capsearch.reporting.describe import display_name
+    from capsearch.search.runs import RESULT_FILE, read_record, trial_dir
 
     class Printer(tune.Callback):
         def setup(self, total_num_samples: int = 0, **info: Any) -> None:
@@ -189,23 +189,23 @@ def _progress(run_dir: Path) -> Any:
             self.bar.console.print(line, highlight=False)
 
         def _done(self, trial: Any) -> None:
-            # lazy: `capsearch --help` loads no library
-            import json
-
             path = trial_dir(Path(run_dir), int(trial.config.get("_number", 0))) / RESULT_FILE
-            try:
-                record = json.loads(path.read_text())
-            except (OSError, ValueError):  # no record (a worker killed before it wrote one)
-                record = {"status": "?"}
-            m = record.get("metrics", {})
+            record = read_record(path)
+            if record is None:  # no record (a worker killed before it wrote one), or a damaged one
+                self.bar.console.print(f"? {path.parent.name}: no record", highlight=False)
+                self.bar.advance(self.task)
+                return
+            m = record.metrics
             shown = [metric for metric in METRICS if metric.progress and metric.name in m]
             text = " ".join(f"{metric.short.rstrip('↑↓')} {m[metric.name]:.3g}" for metric in shown)
-            if "reward" in record:
-                text += f" → {record['reward']:.3f}"
-            if record.get("error"):
-                text += f" {str(record['error']).splitlines()[0][:120]}"
-            took = f" ({record['seconds']} s)" if "seconds" in record else ""
-            line = f"{record['status']} {path.parent.name} {display_name(record)}{took}: {text.strip()}"
+            if record.reward is not None:
+                text += f" → {record.reward:.3f}"
+            if record.error:
+                text += f" {record.error.splitlines()[0][:120]}"
+            took = f" ({record.seconds} s)" if record.seconds is not None else ""
+            line = (
+                f"{record.status} {path.parent.name} {display_name(record)}{took}: {text.strip()}"
+            )
             self.bar.console.print(line, highlight=False)
             self.bar.advance(self.task)
 
@@ -262,7 +262,7 @@ def _status(args: argparse.Namespace) -> int:
     spec = read_run_spec(args.run_dir)
     records = ordered(load_trials(args.run_dir, finished_only=False), spec)
     planned = len(spec.baseline_points) + spec.search.num_samples
-    counts = Counter(r.get("status") for r in records)
+    counts = Counter(r.status for r in records)
     console = Console()
     console.print(results_table(records, title=f"{spec.name} in {args.run_dir}"))
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trials yet"

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
-from capsearch.reporting.report import display_name, final_view
+from capsearch.config import Spec
+from capsearch.metrics.table import METRICS
+from capsearch.reporting.describe import display_name
+from capsearch.reporting.report import final_view
+from capsearch.search.records import SeedMean, TrialRecord
 from capsearch.search.runs import final_choice
-
-if TYPE_CHECKING:
-    from capsearch.config import Spec
 
 # PhysioNet's credentialed licence covers MIMIC-CXR: data, and models that can reproduce it, stay
 # among people who signed the same agreement.
@@ -59,14 +60,14 @@ def data_name(spec: Spec | None) -> tuple[str, bool]:
     return f"the image-caption folder `{folder}` (metadata.jsonl / metadata.csv)", False
 
 
-def _group_rows(record: dict[str, Any], spec: Spec | None) -> list[str]:
-    groups = record.get("groups")
+def _group_rows(record: TrialRecord, spec: Spec | None) -> list[str]:
+    groups = record.groups
     if groups:
         units = {g.name: ", ".join(g.units) for g in spec.space.groups} if spec else {}
         rows = [f"| {g} | {units.get(g, '–')} | {m} |" for g, m in groups.items()]
         return ["| unit group | units | method |", "|---|---|---|", *rows]
     rows = []
-    for entry in record.get("method_spec", []):
+    for entry in record.method_spec or []:
         hyper = {k: v for k, v in entry.items() if k not in ("method", "units")}
         units = entry.get("units", "*")
         units = ", ".join(units) if isinstance(units, list) else units
@@ -79,9 +80,9 @@ def _interval(intervals: dict, key: str, fmt: str) -> str:
     return f" (95% interval {format(ci[0], fmt)}–{format(ci[1], fmt)})" if ci else ""
 
 
-def memorisation_lines(view: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+def memorisation_lines(view: TrialRecord, settings: dict[str, Any]) -> list[str]:
     """The extraction attack's count and AMD, as sentences with their intervals."""
-    metrics, intervals = view.get("metrics", {}), view.get("intervals") or {}
+    metrics, intervals = view.metrics, view.intervals
     lines = []
     if metrics.get("extracted") is not None:
         attack = ""
@@ -117,7 +118,7 @@ def _fmt(value: float | None) -> str:
 
 
 def model_card(
-    record: dict[str, Any],
+    record: TrialRecord,
     base_model: str,
     name: str,
     *,
@@ -126,22 +127,20 @@ def model_card(
     settings: dict[str, Any] | None = None,
 ) -> str:
     """A model card (Hugging Face README.md) with the trial's methods, data, metrics and memorisation."""
-    from capsearch.metrics.table import METRICS
-
-    final = record.get("final")
-    view = final_view(record) if final else record
-    metrics, intervals = view.get("metrics", {}), view.get("intervals") or {}
+    final = record.final
+    view = final_view(record) if final is not None else record
+    metrics, intervals = view.metrics, view.intervals
     where = (
-        f"the final re-evaluation ({final.get('split')} split, sampling seed {final.get('seed')}, "
+        f"the final re-evaluation ({final.split} split, sampling seed {final.seed}, "
         "on images the search never scored)"
-        if final
+        if final is not None
         else "the search's evaluation (no final re-evaluation: the numbers it was selected on)"
     )
-    pooled = final_choice(final) if final else {}
-    if "n_seeds" in pooled:  # final.train_seeds: chosen on the mean over trainings
+    pooled = final_choice(final) if final is not None else None
+    if isinstance(pooled, SeedMean):  # final.train_seeds: chosen on the mean over trainings
         where += (
-            f"; it was chosen on its final reward averaged over {pooled['n_seeds']} training seeds "
-            f"({_fmt(pooled.get('reward'))}), and these numbers are those of the exported training"
+            f"; it was chosen on its final reward averaged over {pooled.n_seeds} training seeds "
+            f"({_fmt(pooled.reward)}), and these numbers are those of the exported training"
         )
     data, mimic = data_name(spec)
     front = {
@@ -160,12 +159,12 @@ def model_card(
         ci = intervals.get(metric.name)
         shown = f"[{format(ci[0], metric.fmt)}, {format(ci[1], metric.fmt)}]" if ci else "–"
         rows.append(f"| {metric.label} | {format(value, metric.fmt)} | {shown} |")
-    if view.get("reward") is not None:
-        rows.append(f"| reward ↑ | {view['reward']:.3f} | – |")
+    if view.reward is not None:
+        rows.append(f"| reward ↑ | {view.reward:.3f} | – |")
     trained = ""
-    if record.get("total"):
+    if record.total:
         trained = (
-            f"Evaluated on {record.get('trainable', 0):,} trainable of {record['total']:,} UNet "
+            f"Evaluated on {record.trainable or 0:,} trainable of {record.total:,} UNet "
             "parameters.\n"
         )
     file_lines = "\n".join(f"- {line}" for line in files or [])
@@ -215,7 +214,7 @@ not comparable across feature extractors or data sets.
 ## Training settings
 
 ```json
-{json.dumps(record.get("train", {}), indent=2, default=str)}
+{json.dumps(record.train or {}, indent=2, default=str)}
 ```
 
 ## Limitations

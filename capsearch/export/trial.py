@@ -19,9 +19,16 @@ from typing import Any
 
 from capsearch.errors import UserError
 from capsearch.export.card import data_name, model_card
-from capsearch.reporting.report import best_config_yaml
+from capsearch.export.lora import MERGED_ONLY, lora_only_error, write_lora_files
+from capsearch.export.pipeline import base_folder, components_of, write_pipeline_folder
+from capsearch.export.single_file import check_sd1, write_single_file
+from capsearch.methods import Applied
+from capsearch.models.delta import load_delta, merge, read_spec
+from capsearch.models.load import load_pipeline
+from capsearch.reporting.describe import best_config_yaml
 from capsearch.search.constraints import Constraints
-from capsearch.search.runs import CORRUPT, best_trial, corrupt_error, load_trials, read_run_spec
+from capsearch.search.records import CORRUPT, TrialRecord
+from capsearch.search.runs import best_trial, corrupt_error, load_trials, read_run_spec
 
 __all__ = ["Export", "export_trial", "model_card", "select_trial"]
 
@@ -41,8 +48,8 @@ class Export:
 
 
 def select_trial(
-    records: list[dict[str, Any]], which: str = "best", constraints: Constraints | None = None
-) -> dict[str, Any]:
+    records: list[TrialRecord], which: str = "best", constraints: Constraints | None = None
+) -> TrialRecord:
     """The trial named `which`: best (highest final-stage reward, else search reward, those within the
     spec's constraints first), tNNN, NNN, or a baseline."""
     if not records:
@@ -54,11 +61,11 @@ def select_trial(
         return best
     digits = which[1:] if which.startswith("t") else which
     for record in records:
-        if which in (Path(record.get("dir", "")).name, record.get("baseline")):
+        if which in (record.folder.name, record.baseline):
             return record
-        if digits.isdigit() and int(digits) == record.get("number"):
+        if digits.isdigit() and int(digits) == record.number:
             return record
-    names = ", ".join(Path(r.get("dir", "")).name for r in records)
+    names = ", ".join(r.folder.name for r in records)
     raise UserError(f"no trial {which!r} in this run (trials: {names}; or best)")
 
 
@@ -88,21 +95,14 @@ def export_trial(
 ) -> Export:
     """Write one trial as a pipeline folder with delta/, method spec and card; LoRA files and one SD
     checkpoint on request. Every check runs before `out` is made."""
-    from capsearch.export.lora import MERGED_ONLY, lora_only_error, write_lora_files
-    from capsearch.export.pipeline import base_folder, components_of, write_pipeline_folder
-    from capsearch.export.single_file import check_sd1, write_single_file
-    from capsearch.methods import Applied
-    from capsearch.models.delta import load_delta, merge, read_spec
-    from capsearch.models.load import load_pipeline
-
     run_dir, out = Path(run_dir), Path(out)
     spec = read_run_spec(run_dir)
     record = select_trial(load_trials(run_dir), which, spec.objective.constraints)
-    name, trial = Path(record["dir"]).name, Path(record["dir"])
-    if record.get("status") == CORRUPT:
-        raise UserError(record["error"])
-    if record.get("status") != "ok":
-        raise UserError(f"trial {name} did not finish successfully ({record.get('status')})")
+    name, trial = record.folder.name, record.folder
+    if record.status == CORRUPT:
+        raise UserError(record.error or f"trial {name} is corrupt")
+    if record.status != "ok":
+        raise UserError(f"trial {name} did not finish successfully ({record.status})")
     delta = trial / "delta"
     if not (delta / "delta.safetensors").is_file():
         raise UserError(f"trial {name} has no delta ({delta} is missing)")
@@ -184,7 +184,7 @@ def export_trial(
         shutil.copy2(trial / extra, out / extra)
     if extras:
         wrote(", ".join(extras), "the trial's evaluation records")
-    settings = _attack_settings(trial, bool(record.get("final")))
+    settings = _attack_settings(trial, record.final is not None)
     card = model_card(record, spec.model, name, spec=spec, files=files, settings=settings)
     (out / "README.md").write_text(card)
     result.lines.append(f"{out}/README.md  model card: base, methods, data, metrics, memorisation")

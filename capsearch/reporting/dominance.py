@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from capsearch.errors import UserError
+from capsearch.metrics.intervals import seed_interval  # Student t, n − 1 d.f.
 from capsearch.metrics.table import BY_NAME
 from capsearch.reporting.seeds import PEFT, Entry, Pool, display, paired, paired_verdict
+from capsearch.search.records import TrialRecord
 
 WINNER = "W"  # the winner's name in the pool and the tables
 OTHER = "other"  # the key of versus()'s second trial in its pool
@@ -66,30 +68,30 @@ class Dominance:
         return all(c.passed for c in self.conditions)
 
 
-def _name(record: Mapping[str, Any]) -> str:
-    return Path(record.get("dir") or "").name or str(record.get("trial") or "a trial")
+def _name(record: TrialRecord) -> str:
+    return record.folder.name or record.trial or "a trial"
 
 
-def _entry(record: Mapping[str, Any], role: str, seed: int) -> Entry:
+def _entry(record: TrialRecord, role: str, seed: int) -> Entry:
     """A record's final re-evaluation as a pool entry; UserError if it has none or lacks a metric."""
-    final = record.get("final") or {}
+    final = record.final
     where = f"{_name(record)} ({role}, seed {seed})"
-    if not final.get("metrics"):
+    if final is None or not final.metrics:
         raise UserError(
             f"{where} has no final re-evaluation (final/result.json): dominance is judged on the "
             "final stage's numbers only; run the final stage first"
         )
-    entry = Entry(role, seed, Path(record.get("dir") or "."), dict(final["metrics"]),
-                  dict(final.get("intervals") or {}), True, None)  # fmt: skip
+    entry = Entry(role, seed, Path(record.dir or "."), dict(final.metrics), dict(final.intervals),
+                  True, None)  # fmt: skip
     missing = [m for m in METRICS if entry.value(m) is None]
     if missing:
         raise UserError(f"{where}: its final re-evaluation has no {', '.join(missing)}")
     return entry
 
 
-def _per_seed(value: Any, n: int | None, what: str) -> list[Mapping[str, Any]]:
+def _per_seed(value: Any, n: int | None, what: str) -> list[TrialRecord]:
     """A record or a list of records (one per seed) as a list, checked against the number of seeds."""
-    items = [value] if isinstance(value, Mapping) else list(value)
+    items = [value] if isinstance(value, TrialRecord) else list(value)
     if n is not None and len(items) != n:
         raise UserError(f"{what}: {len(items)} records for {n} seeds (one per seed, in seed order)")
     return items
@@ -103,8 +105,6 @@ def _compare(pool: Pool, seeds: Sequence[int], b: str, metric: str, need: str, t
     disjoint = tuple(x for _, _, x in pairs)
     cis = tuple((pool[WINNER][s].interval(metric), pool[b][s].interval(metric)) for s in seeds)
     if len(seeds) >= 2:
-        from capsearch.metrics.intervals import seed_interval  # Student t, n − 1 d.f.
-
         mean, low, high = seed_interval(list(diffs))
         verdict = paired_verdict(low, high)
     else:
@@ -156,8 +156,8 @@ def _better_peft(pool: Pool, seeds: Sequence[int], metric: str) -> list[str]:
 
 
 def dominance(
-    winner: Mapping[str, Any] | Sequence[Mapping[str, Any]],
-    baselines_by_name: Mapping[str, Mapping[str, Any] | Sequence[Mapping[str, Any]]],
+    winner: TrialRecord | Sequence[TrialRecord],
+    baselines_by_name: Mapping[str, TrialRecord | Sequence[TrialRecord]],
     seeds: Sequence[int] | None = None,
 ) -> Dominance:
     """Judge the plan's target: W (a record, or one per seed) against the baselines of the same seeds.
@@ -169,7 +169,7 @@ def dominance(
     """
     wins = _per_seed(winner, None, "the winner")
     if seeds is None:
-        seeds = [int((r.get("train") or {}).get("seed", i)) for i, r in enumerate(wins)]
+        seeds = [int((r.train or {}).get("seed", i)) for i, r in enumerate(wins)]
     seeds = [int(s) for s in seeds]
     if not wins or len(wins) != len(seeds) or len(set(seeds)) != len(seeds):
         raise UserError(f"the winner needs one record per seed, distinct seeds (got {len(wins)} "
@@ -200,8 +200,8 @@ def dominance(
 
 
 def versus(
-    a: Sequence[Mapping[str, Any]],
-    b: Sequence[Mapping[str, Any]],
+    a: Sequence[TrialRecord],
+    b: Sequence[TrialRecord],
     seeds: Sequence[int],
     label: str,
     a_label: str = WINNER,

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
-from capsearch.search.runs import record_value
+from capsearch.search.records import TrialRecord
 
 
-def noise_floor_lines(records: list[dict[str, Any]], what: str) -> list[str]:
+def noise_floor_lines(records: list[TrialRecord], what: str) -> list[str]:
     """One paragraph: FID and KID between disjoint sets of real held-out images at the sample count."""
-    floors = [r.get("noise_floor") for r in records if r.get("noise_floor")]
+    floors = [r.noise_floor for r in records if r.noise_floor]
     if not floors:
         return []
     f = floors[0]
@@ -34,9 +31,9 @@ def noise_floor_lines(records: list[dict[str, Any]], what: str) -> list[str]:
     ]
 
 
-def capped_lines(records: list[dict[str, Any]]) -> list[str]:
+def capped_lines(records: list[TrialRecord]) -> list[str]:
     """Whether the attack's clique enumeration was cut short anywhere (its count is then a lower bound)."""
-    capped = {Path(r["dir"]).name: record_value(r, "capped_prompts") for r in records}
+    capped = {r.folder.name: r.value("capped_prompts") for r in records}
     known = {name: int(n) for name, n in capped.items() if n is not None}
     if not known:
         return []

@@ -3,33 +3,31 @@ the front of a search's stages)."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
 from capsearch.figures import save_figure
-from capsearch.search.runs import record_value
+from capsearch.reporting.describe import display_name
+from capsearch.search.records import TrialRecord
+from capsearch.search.reward import pareto_front
 
 
-def pareto_plot(records: list[dict[str, Any]], path: Path) -> Path | None:
+def pareto_plot(records: list[TrialRecord], path: Path) -> Path | None:
     """FID against AMD, extracted images as colour, baselines labelled; None if nothing to plot."""
-    from capsearch.reporting.report import display_name
-    from capsearch.search.reward import pareto_front
-
-    points = [
-        r
-        for r in records
-        if record_value(r, "fid") is not None and record_value(r, "amd") is not None
-    ]
+    points = [r for r in records if r.value("fid") is not None and r.value("amd") is not None]
     if not points:
         return None
+    # lazy: matplotlib loads only where a plot is drawn
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: matplotlib loads only where a plot is drawn
     import matplotlib.pyplot as plt
 
-    fid = [record_value(r, "fid") for r in points]
-    amd = [record_value(r, "amd") for r in points]
-    ext = [record_value(r, "extracted") or 0.0 for r in points]
+    fid = [r.value("fid") for r in points]
+    amd = [r.value("amd") for r in points]
+    ext = [r.value("extracted") or 0.0 for r in points]
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     front = sorted(
         pareto_front([{"fid": f, "amd": a} for f, a in zip(fid, amd)], ["fid", "amd"]),
@@ -46,7 +44,7 @@ def pareto_plot(records: list[dict[str, Any]], path: Path) -> Path | None:
             label="Pareto front",
         )
     for is_base, marker in ((True, "s"), (False, "o")):
-        idx = [i for i, r in enumerate(points) if bool(r.get("baseline")) == is_base]
+        idx = [i for i, r in enumerate(points) if bool(r.baseline) == is_base]
         if idx:
             sc = ax.scatter(
                 [fid[i] for i in idx],
@@ -62,7 +60,7 @@ def pareto_plot(records: list[dict[str, Any]], path: Path) -> Path | None:
                 label="baselines" if is_base else "searched",
             )
     for i, r in enumerate(points):
-        label = display_name(r) if r.get("baseline") else Path(r.get("dir", "")).name
+        label = display_name(r) if r.baseline else r.folder.name
         ax.annotate(label, (fid[i], amd[i]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     if max(fid) / max(min(fid), 1e-9) > 20:
         ax.set_xscale("log")
@@ -93,14 +91,14 @@ def seeds_plot(series: list[tuple[str, list[tuple[float, float]]]], path: Path) 
     `series` holds (display name, [(extracted, FID) per seed]) in legend order; a name's part before
     " + " (the method) sets the colour and the part after (a mitigation, Table 2) the marker's shape.
     """
-    import statistics
-
     series = [(name, points) for name, points in series if points]
     if not series:
         return None
+    # lazy: matplotlib loads only where a plot is drawn
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: matplotlib loads only where a plot is drawn
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
@@ -157,9 +155,11 @@ def front_plot(panels: list[tuple[str, list[dict[str, Any]]]], path: Path) -> Pa
     panels = [(title, pts) for title, pts in panels if pts]
     if not panels:
         return None
+    # lazy: matplotlib loads only where a plot is drawn
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: matplotlib loads only where a plot is drawn
     import matplotlib.pyplot as plt
 
     style = {"baseline": ("s", "C1"), "searched": ("o", "C0"), "winner": ("*", "C3")}
@@ -197,6 +197,7 @@ def _log_fid_axis(ax: Any, fids: list[float], spread: float) -> None:
     """A log-scale FID axis with plain tick labels at 1, 2, 5 × 10^k, when the FIDs span more than
     `spread` times (a linear axis otherwise)."""
     if min(fids) > 0 and max(fids) / min(fids) > spread:
+        # lazy: matplotlib loads only where a plot is drawn
         from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
         ax.set_yscale("log")
@@ -222,6 +223,7 @@ def _labels(ax: Any, pts: list[dict[str, Any]]) -> None:
 
 def _finish(fig, ax, title: str, path: Path) -> Path:
     """Title, legend, layout; write the figure to `path` and close it."""
+    # lazy: matplotlib loads only where a plot is drawn
     import matplotlib.pyplot as plt
 
     ax.set_title(title)

@@ -12,43 +12,43 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from capsearch.search.runs import record_value
+from capsearch.reporting.describe import display_name
+from capsearch.reporting.plots import _finish
+from capsearch.search.records import TrialRecord
+from capsearch.search.runs import load_trials, read_train_log
 from capsearch.search.space import FROZEN
-
-if TYPE_CHECKING:
-    pass
+from capsearch.units import select_units
 
 # Trial states the accounting tells apart.
 STATES = ("ok", "stopped", "error", "nan", "corrupt", "interrupted")
 
 
-def _trains(record: dict[str, Any]) -> bool:
+def _trains(record: TrialRecord) -> bool:
     """Whether a trial trains anything (Freeze and all-frozen configurations do not)."""
-    return any(e.get("method") not in FROZEN for e in record.get("method_spec") or [])
+    return any(e.get("method") not in FROZEN for e in record.method_spec or [])
 
 
-def compute_used(records: Sequence[dict[str, Any]], full_length: int) -> dict[str, Any]:
+def compute_used(records: Sequence[TrialRecord], full_length: int) -> dict[str, Any]:
     """Trials, training steps and CPU-hours of a run; the steps every trial run to `full_length` needs."""
     out: dict[str, Any] = {"trials": len(records), "by_status": {}, "reused": 0}
     steps = full = 0
     cpu_s = final_s = reused_train_s = 0.0
     for r in records:
-        status = str(r.get("status", "?"))
-        out["by_status"][status] = out["by_status"].get(status, 0) + 1
-        cpus = float(r.get("cpu") or 1)
-        if r.get("reuse_from"):  # trained in another run: only its evaluation ran here
+        out["by_status"][r.status] = out["by_status"].get(r.status, 0) + 1
+        cpus = float(r.cpu or 1)
+        if r.reuse_from:  # trained in another run: only its evaluation ran here
             out["reused"] += 1
-            reused_train_s += float(r.get("train_seconds") or 0.0)
-            cpu_s += cpus * max(0.0, float(r.get("seconds") or 0.0))
+            reused_train_s += float(r.train_seconds or 0.0)
+            cpu_s += cpus * max(0.0, float(r.seconds or 0.0))
         else:
-            cpu_s += cpus * float(r.get("seconds") or 0.0)
+            cpu_s += cpus * float(r.seconds or 0.0)
             if _trains(r):
-                steps += int(r.get("steps") or 0)
+                steps += int(r.steps or 0)
                 full += full_length
-        final = r.get("final") or {}
-        final_s += cpus * float(final.get("seconds") or 0.0)
+        if r.final is not None:
+            final_s += cpus * float(r.final.seconds or 0.0)
     out.update(
         steps=steps,
         steps_if_run_to_the_end=full,
@@ -76,16 +76,16 @@ def compute_lines(used: dict[str, Any]) -> list[str]:
     return lines
 
 
-def best_so_far(records: Sequence[dict[str, Any]], key: str = "reward") -> list[tuple[int, float]]:
+def best_so_far(records: Sequence[TrialRecord], key: str = "reward") -> list[tuple[int, float]]:
     """The searched trials' learning curve: (trials proposed so far, best `key` so far), by number.
 
     Stopped and failed trials count as proposals that found nothing better; baselines are left out
     (they are not the sampler's proposals).
     """
-    searched = sorted((r for r in records if not r.get("baseline")), key=lambda r: r["number"])
+    searched = sorted((r for r in records if not r.baseline), key=lambda r: r.number)
     curve, best = [], None
     for i, r in enumerate(searched, start=1):
-        value = record_value(r, key) if r.get("status") == "ok" else None
+        value = r.value(key) if r.status == "ok" else None
         if value is not None and (best is None or value > best):
             best = value
         if best is not None:
@@ -102,13 +102,11 @@ def curve_plot(
     """Best reward against trials proposed, one line per run; the baselines' rewards as flat lines."""
     if not any(points for _, points in curves):
         return None
-    import matplotlib
+    import matplotlib  # lazy: matplotlib, only when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    from capsearch.reporting.plots import _finish
+    import matplotlib.pyplot as plt  # lazy: matplotlib, only when a plot is drawn
+    import matplotlib.ticker  # lazy: matplotlib, only when a plot is drawn
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, points in curves:
@@ -124,20 +122,19 @@ def curve_plot(
     return _finish(fig, ax, "The search's learning curve", Path(path))
 
 
-def group_shares(record: dict[str, Any], model: str | None = None) -> list[dict[str, Any]]:
+def group_shares(record: TrialRecord, model: str | None = None) -> list[dict[str, Any]]:
     """Each unit group of a trial: its method and the share of the group's parameters it trains.
 
     The method spec is applied to a fresh base (the trial's model unless `model` is given); a
     trainable tensor counts for the entry whose units hold its module (LoRA's and DiffFit's added
     tensors included), against the base parameters of those units.
     """
-    from capsearch.methods import apply_methods
-    from capsearch.models.load import load_pipeline
-    from capsearch.units import select_units
+    from capsearch.methods import apply_methods  # lazy: torch, diffusers
+    from capsearch.models.load import load_pipeline  # lazy: torch, diffusers
 
-    unet = load_pipeline(model or record["model"]).unet
-    entries = [e for e in record.get("method_spec") or [] if e.get("method") not in FROZEN]
-    groups = [g for g, text in (record.get("groups") or {}).items() if text not in FROZEN]
+    unet = load_pipeline(model or record.model).unet
+    entries = [e for e in record.method_spec or [] if e.get("method") not in FROZEN]
+    groups = [g for g, text in (record.groups or {}).items() if text not in FROZEN]
     if len(groups) != len(entries):  # records without group names: number the entries
         groups = [f"entry {i}" for i in range(len(entries))]
     owners: list[tuple[str, int]] = []  # (module prefix, entry index)
@@ -157,7 +154,7 @@ def group_shares(record: dict[str, Any], model: str | None = None) -> list[dict[
     return [
         {
             "group": g,
-            "method": (record.get("groups") or {}).get(g, e["method"]),
+            "method": (record.groups or {}).get(g, e["method"]),
             "trainable": t,
             "parameters": n,
             "share": t / n if n else 0.0,
@@ -177,27 +174,25 @@ def interrupted_work(run_dir: Path) -> dict[str, Any]:
     part before is read from each one's train_log.jsonl: its last step, and its last line's time
     less the trial's start (logs written before lines carried a time leave the time unknown).
     """
-    from capsearch.search.runs import load_trials, read_train_log
-
     out: dict[str, Any] = {"trials": 0, "steps": 0, "cpu_hours": 0.0, "timed": 0, "continued": 0}
     records = load_trials(Path(run_dir), finished_only=False)
-    taken = {Path(r["resume_from"]).parent.name for r in records if r.get("resume_from")}
+    taken = {Path(r.resume_from).parent.name for r in records if r.resume_from}
     for r in records:
-        if r.get("status") != "interrupted":
+        if r.status != "interrupted":
             continue
         out["trials"] += 1
-        out["continued"] += Path(r["dir"]).name in taken
-        steps = [entry for entry in read_train_log(Path(r["dir"])) if "step" in entry]
+        out["continued"] += r.folder.name in taken
+        steps = [entry for entry in read_train_log(r.folder) if "step" in entry]
         last: dict[str, Any] = steps[-1] if steps else {}
         out["steps"] += int(last.get("step") or 0)
-        if last.get("time") and r.get("started"):
+        if last.get("time") and r.started:
             out["timed"] += 1
-            seconds = max(0.0, float(last["time"]) - float(r["started"]))
-            out["cpu_hours"] += float(r.get("cpu") or 1) * seconds / 3600.0
+            seconds = max(0.0, float(last["time"]) - r.started)
+            out["cpu_hours"] += float(r.cpu or 1) * seconds / 3600.0
     return out
 
 
-def report_lines(run_dir: Path, records: Sequence[dict[str, Any]], full_length: int) -> list[str]:
+def report_lines(run_dir: Path, records: Sequence[TrialRecord], full_length: int) -> list[str]:
     """report.md's "Compute" section, and the learning curve when the run searched anything."""
     used = compute_used(records, full_length)
     lines = ["", "## Compute", "", *compute_lines(used)]
@@ -215,12 +210,10 @@ def report_lines(run_dir: Path, records: Sequence[dict[str, Any]], full_length: 
         )
     curve = best_so_far(records)
     if curve:
-        from capsearch.reporting.report import display_name
-
         base = [
             (f"{display_name(r)} (baseline)", value)
             for r in records
-            if r.get("baseline") and (value := record_value(r, "reward")) is not None
+            if r.baseline and (value := r.value("reward")) is not None
         ]
         if curve_plot([("searched", curve)], base, Path(run_dir) / CURVE_FILE) is not None:
             lines += ["", f"![learning curve]({CURVE_FILE})", "",

@@ -19,9 +19,12 @@ from typing import Any
 
 from capsearch.atomic import atomic_write
 from capsearch.errors import UserError
+from capsearch.metrics.intervals import seed_interval  # Student t, n − 1 d.f.
 from capsearch.metrics.table import BY_NAME
-from capsearch.reporting.report import PAPER_NAMES
-from capsearch.search.runs import FINAL_DIR, REPORT_FILE, load_trials, read_run_spec, record_value
+from capsearch.reporting.describe import PAPER_NAMES
+from capsearch.reporting.plots import seeds_plot
+from capsearch.search.records import finite
+from capsearch.search.runs import FINAL_DIR, REPORT_FILE, load_trials, read_run_spec
 
 PLOT_FILE = "quality_memorisation.png"
 MEMORISED_FILE = "memorised.png"  # capsearch.metrics.memorised_grid.MEMORISED_GRID, in final/
@@ -65,7 +68,7 @@ class Entry:
     attacked: int | None  # memorised captions the extraction attack ran on
 
     def value(self, key: str) -> float | None:
-        return record_value({"metrics": self.metrics}, key)
+        return finite(self.metrics.get(key))
 
     def interval(self, key: str) -> tuple[float, float] | None:
         ci = self.intervals.get(key)
@@ -113,26 +116,25 @@ def load_pool(run_dirs: list[Path]) -> tuple[list[Run], Pool]:
         spec = read_run_spec(run_dir)
         seed = spec.data.phantom.seed if spec.data.phantom is not None else spec.train.seed
         records = load_trials(run_dir)
-        based = [r for r in records if r.get("baseline")]
-        ok = [r for r in based if r.get("status") == "ok" and r.get("metrics")]
+        based = [r for r in records if r.baseline]
+        ok = [r for r in based if r.status == "ok" and r.metrics]
         seconds = sum(
-            float(r.get("seconds") or 0) + float((r.get("final") or {}).get("seconds") or 0)
+            float(r.seconds or 0) + float((r.final.seconds if r.final is not None else None) or 0)
             for r in records
         )
         runs.append(Run(str(run_dir), spec.name or "", seed, len(ok), len(based) - len(ok),
                         seconds / 60))  # fmt: skip
         for r in ok:
-            name, final = r["baseline"], bool((r.get("final") or {}).get("metrics"))
-            source = r["final"] if final else r
+            name, final = r.baseline, bool(r.final is not None and r.final.metrics)
+            source = r.final if final else r
             if seed in pool.get(name, {}):
                 raise UserError(
                     f"runs {owner[name, seed]} and {run_dir} both hold baseline {name!r} "
                     f"for seed {seed}"
                 )
-            trial = Path(r["dir"])
             pool.setdefault(name, {})[seed] = Entry(
-                name, seed, trial, source.get("metrics", {}), source.get("intervals") or {},
-                final, _attacked(trial, final))  # fmt: skip
+                name, seed, r.folder, source.metrics, source.intervals, final,
+                _attacked(r.folder, final))  # fmt: skip
             owner[name, seed] = str(run_dir)
     return sorted(runs, key=lambda r: (r.seed, r.folder)), pool
 
@@ -188,8 +190,6 @@ def verdict(pool: Pool, number: int, a: str, b: str, metric: str) -> list[str]:
         f" ({n - known} without intervals)" if known < n else ""
     )
     if n >= 2:
-        from capsearch.metrics.intervals import seed_interval  # Student t, n − 1 d.f. (scipy)
-
         mean, low, high = seed_interval(list(d))
         diff = f"{mean:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
         excludes = low > 0 or high < 0
@@ -338,8 +338,6 @@ def _verdict_lines(pool: Pool) -> list[str]:
 
 
 def _plot_lines(pool: Pool, order: list[str], out: Path) -> list[str]:
-    from capsearch.reporting.plots import seeds_plot
-
     series = []
     for name in order:
         points = [(e.value("extracted"), e.value("fid")) for _, e in sorted(pool[name].items())]

@@ -24,39 +24,40 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from capsearch.errors import UserError
-from capsearch.metrics.table import column_metrics
+from capsearch.metrics.evaluate import evaluate, scalar_metrics
+from capsearch.models.delta import load_delta
+from capsearch.models.load import load_pipeline
+from capsearch.progress import running_bar, trial_progress
 from capsearch.search.constraints import Constraints
-from capsearch.search.retrain import trains_nothing
+from capsearch.search.records import FinalResult, SeedResult, TrialRecord
+from capsearch.search.retrain import RETRAIN_DIR, retrain_delta, trains_nothing
+from capsearch.search.reward import compute_reward
 from capsearch.search.runs import (
     FINAL_DIR,
     FINAL_SEED_DIR,
     RESULT_FILE,
     load_trials,
     rank_key,
-    record_value,
-    write_json,
+    write_record,
 )
 from capsearch.settings import EvalSettings
 
 if TYPE_CHECKING:
     from capsearch.config import Spec
 
-# Metrics whose intervals the report compares between the best trial and each baseline, with the
-# direction that is better: the results tables' columns (capsearch.metrics.table).
-COMPARED = {m.name: m.direction for m in column_metrics() if m.direction is not None}
-
 
 def finalists(
-    records: list[dict[str, Any]], top_k: int, constraints: Constraints | None = None
-) -> list[dict[str, Any]]:
+    records: list[TrialRecord], top_k: int, constraints: Constraints | None = None
+) -> list[TrialRecord]:
     """Every successful baseline, then the top_k successful searched trials by search reward (those
     within the spec's constraints on the search's evaluation first: capsearch.search.constraints)."""
-    ok = [r for r in records if r.get("status") == "ok" and record_value(r, "reward") is not None]
-    baselines = [r for r in ok if r.get("baseline")]
+    ok = [r for r in records if r.status == "ok" and r.value("reward") is not None]
+    baselines = [r for r in ok if r.baseline]
     searched = sorted(
-        (r for r in ok if not r.get("baseline")),
-        key=lambda r: (*rank_key(r, constraints), r.get("number", 0)),
+        (r for r in ok if not r.baseline), key=lambda r: (*rank_key(r, constraints), r.number)
     )
     return baselines + searched[:top_k]
 
@@ -74,9 +75,9 @@ def final_text(spec: Spec) -> str:
     return text
 
 
-def final_dir(record: dict[str, Any], seed: int | None = None) -> Path:
+def final_dir(record: TrialRecord, seed: int | None = None) -> Path:
     """The folder of a trial's final re-evaluation (trained again on `seed`, if given)."""
-    return Path(record["dir"]) / (FINAL_DIR if seed is None else FINAL_SEED_DIR.format(seed))
+    return record.folder / (FINAL_DIR if seed is None else FINAL_SEED_DIR.format(seed))
 
 
 @dataclass(frozen=True)
@@ -99,24 +100,24 @@ class FinalJob:
                    spec.resources.cpu)  # fmt: skip
 
 
+@dataclass(frozen=True)
+class FailedReevaluation:
+    """A re-evaluation that ended in a UserError in its Ray task (nothing was written for it)."""
+
+    trial: str
+    error: str
+
+
 def reevaluate(
-    job: FinalJob, record: dict[str, Any], data_root: Path, seed: int | None = None
-) -> dict:
+    job: FinalJob, record: TrialRecord, data_root: Path, seed: int | None = None
+) -> FinalResult | SeedResult:
     """Evaluate one finished trial again from its delta with the final stage's settings; record it.
     With `seed`, the trial is first trained again on that training seed (final.train_seeds)."""
-    import torch
-
-    from capsearch.metrics.evaluate import evaluate, scalar_metrics
-    from capsearch.models.delta import load_delta
-    from capsearch.models.load import load_pipeline
-    from capsearch.search.reward import compute_reward
 
     out = final_dir(record, seed)
-    delta = (Path(record["dir"]) if seed is None else out) / "delta"
+    delta = (record.folder if seed is None else out) / "delta"
     retrained = None
     if not (delta / "delta.safetensors").is_file():  # another seed, or records kept without weights
-        from capsearch.search.retrain import retrain_delta
-
         # the retraining keeps its own seconds: `seconds` below stays the evaluation's
         retrained = retrain_delta(record, data_root, delta.parent, seed)
     started = time.time()
@@ -127,9 +128,9 @@ def reevaluate(
     settings = job.settings
     metrics = evaluate(pipe, data_root, settings, out_dir=out)
     scalars = scalar_metrics(metrics)
-    scalars["trainable_pct"] = record.get("metrics", {}).get("trainable_pct")
+    scalars["trainable_pct"] = record.metrics.get("trainable_pct")
     result = {
-        "trial": record.get("trial"),
+        "trial": record.trial,
         "split": settings.split,
         "seed": settings.seed,
         **({} if seed is None else {"train_seed": seed}),
@@ -144,22 +145,21 @@ def reevaluate(
         result["reward"] = compute_reward(result["metrics"], job.reward_weights)
     except ValueError as exc:
         result["error"] = f"no reward: {exc}"
-    write_json(out / RESULT_FILE, result)
-    return result
+    return write_record(out / RESULT_FILE, result, FinalResult if seed is None else SeedResult)
 
 
-def _task(job: FinalJob, record: dict, data_root: str, seed: int | None = None) -> dict:
+def _task(
+    job: FinalJob, record: TrialRecord, data_root: str, seed: int | None = None
+) -> FinalResult | SeedResult | FailedReevaluation:
     """A Ray task: one re-evaluation in a worker process."""
-    import torch
-
     torch.set_num_threads(job.threads)
     try:
         return reevaluate(job, record, Path(data_root), seed)
     except UserError as exc:
-        return {"trial": record.get("trial"), "error": str(exc)}
+        return FailedReevaluation(record.trial, str(exc))
 
 
-def final_todo(spec: Spec, run_dir: Path) -> list[tuple[dict[str, Any], int | None]]:
+def final_todo(spec: Spec, run_dir: Path) -> list[tuple[TrialRecord, int | None]]:
     """The finalists' re-evaluations still without a result, as (record, training seed: None for the
     trial's own training, else one of final.train_seeds); none when the final stage is off."""
     if not spec.final.enabled:
@@ -172,7 +172,9 @@ def final_todo(spec: Spec, run_dir: Path) -> list[tuple[dict[str, Any], int | No
     return todo
 
 
-def run_final_stage(spec: Spec, run_dir: Path, data_root: Path, console: Any = None) -> list[dict]:
+def run_final_stage(
+    spec: Spec, run_dir: Path, data_root: Path, console: Any = None
+) -> list[FinalResult | SeedResult | FailedReevaluation]:
     """Re-evaluate the finalists that have no final result yet (in Ray tasks when Ray is up)."""
     todo = final_todo(spec, run_dir)
     if not todo:
@@ -186,6 +188,7 @@ def run_final_stage(spec: Spec, run_dir: Path, data_root: Path, console: Any = N
             f"{spec.final.split} split, seed {spec.final.seed} "
             f"({spec.final.samples(spec.evaluate)} samples each){also}"
         )
+    # lazy: Ray loads only where trials run, not for `capsearch validate`
     import ray
 
     job = FinalJob.of(spec, run_dir)
@@ -206,7 +209,7 @@ def run_final_stage(spec: Spec, run_dir: Path, data_root: Path, console: Any = N
             result = ray.get(done[0])
             results.append(result)
             if bar is not None:
-                name = Path(final_dir(record, seed)).relative_to(Path(record["dir"]).parent)
+                name = final_dir(record, seed).relative_to(record.folder.parent)
                 bar.done(f"  final {name}: {_outcome(result)} ({len(results)}/{len(todo)})")
     finally:
         if bar is not None:
@@ -214,22 +217,18 @@ def run_final_stage(spec: Spec, run_dir: Path, data_root: Path, console: Any = N
     return results
 
 
-def retraining_progress(record: dict[str, Any], seed: int | None) -> str | None:
+def retraining_progress(record: TrialRecord, seed: int | None) -> str | None:
     """`tNNN retraining step/total rate it/s` while a finalist is trained again for the final stage
     (capsearch.search.retrain's log), None when it is not being retrained (or not yet)."""
-    from capsearch.progress import trial_progress
-    from capsearch.search.retrain import RETRAIN_DIR
-
-    folder = Path(record["dir"]) if seed is None else final_dir(record, seed)
+    folder = record.folder if seed is None else final_dir(record, seed)
     what = "retraining" if seed is None else f"training on seed {seed}"
-    return trial_progress(folder / RETRAIN_DIR, name=f"{Path(record['dir']).name} {what}")
+    return trial_progress(folder / RETRAIN_DIR, name=f"{record.folder.name} {what}")
 
 
 class _StageBar:
     """The final stage's progress: re-evaluations done, and each running retraining's step and rate."""
 
     def __init__(self, console: Any, total: int) -> None:
-        from capsearch.progress import running_bar
 
         self.bar, self.task = running_bar("final", total, console)
 
@@ -245,29 +244,18 @@ class _StageBar:
         self.bar.stop()
 
 
-def _outcome(result: dict[str, Any]) -> str:
+def _outcome(result: FinalResult | SeedResult | FailedReevaluation) -> str:
     """One re-evaluation's line: its reward or error, and what was trained for it."""
-    what = result.get("error") or f"reward {result.get('reward', float('nan')):.3f}"
-    again = result.get("retrained")
-    if again and "seed" in again:  # final.train_seeds: trained on another seed first
-        what += f"; trained on seed {again['seed']}, {again['steps']} steps"
-    elif again:  # its delta was gone: trained again from its record first
-        same = "identical to" if again["identical"] else "differs from"
-        what += f"; trained again from its record, {again['steps']} steps, {same} it"
-    if again and again.get("went_on_from_step") is not None:  # a retraining cut short earlier
-        what += f" (went on from its checkpoint at step {again['went_on_from_step']})"
+    if isinstance(result, FailedReevaluation):
+        return result.error
+    reward = result.reward if result.reward is not None else float("nan")
+    what = result.error or f"reward {reward:.3f}"
+    again = result.retrained
+    if again is not None and again.seed is not None:  # final.train_seeds: another seed first
+        what += f"; trained on seed {again.seed}, {again.steps} steps"
+    elif again is not None:  # its delta was gone: trained again from its record first
+        same = "identical to" if again.identical else "differs from"
+        what += f"; trained again from its record, {again.steps} steps, {same} it"
+    if again is not None and again.went_on_from_step is not None:  # cut short earlier
+        what += f" (went on from its checkpoint at step {again.went_on_from_step})"
     return what
-
-
-def separation(best: dict[str, Any], other: dict[str, Any], metric: str) -> str:
-    """Whether best's 95% interval lies wholly on the better side of other's: better, worse or overlap."""
-    a = (best.get("intervals") or {}).get(metric)
-    b = (other.get("intervals") or {}).get(metric)
-    if not a or not b:
-        return "n/a"
-    better_low = COMPARED[metric] == "max"
-    if (a[0] > b[1]) if better_low else (a[1] < b[0]):
-        return "better"
-    if (a[1] < b[0]) if better_low else (a[0] > b[1]):
-        return "worse"
-    return "overlap"

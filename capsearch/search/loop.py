@@ -9,7 +9,6 @@ checkpoint, with the same parameters: capsearch.search.study.plan_trials).
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import re
@@ -38,9 +37,10 @@ from capsearch.search.runs import (
     RESULT_FILE,
     check_records,
     prepare_run_dir,
+    read_record,
     trial_dir,
     unfinished_trials,
-    write_json,
+    write_record,
 )
 from capsearch.search.schedule import trial_scheduler
 from capsearch.search.space import CONFIG_EXTRAS, define_space
@@ -171,9 +171,8 @@ def _trainable(config: dict, run_dir: str, data_root: str) -> None:
         folder = trial_dir(Path(run_dir), number)
         folder.mkdir(parents=True, exist_ok=True)
         params = {k: v for k, v in config.items() if k not in CONFIG_EXTRAS}
-        record = failed_record(folder.name, number, config.get("baseline"), params,
-                               config["plan_error"])  # fmt: skip
-        write_json(folder / RESULT_FILE, record)
+        record = write_record(folder / RESULT_FILE, failed_record(
+            folder.name, number, config.get("baseline"), params, config["plan_error"]))  # fmt: skip
     else:
         plan = TrialPlan.model_validate(config["plan"])
         record = run_trial(plan, Path(run_dir), Path(data_root), report=tune.report)
@@ -198,21 +197,22 @@ class TrialRecords(tune.Callback):
         if (folder / RESULT_FILE).is_file():
             return
         folder.mkdir(parents=True, exist_ok=True)
+        planned = read_record(folder / PARAMS_FILE)  # the plan it started with, if it got that far
         record: dict[str, Any] = {
             "trial": folder.name,
             "number": int(number),
             "baseline": trial.config.get("baseline"),
             "params": {},
+            **(planned.to_dict() if planned is not None else {}),
         }
-        if (folder / PARAMS_FILE).is_file():
-            record.update(json.loads((folder / PARAMS_FILE).read_text()))
         last = trial.last_result or {}
         record.update(status=status, steps=last.get("training_step", 0))
-        if "started" in record:  # the compute a stopped trial used (docs/results.md counts it)
-            record["seconds"] = round(time.time() - float(record["started"]), 1)
+        # the compute a stopped trial used (docs/results.md counts it)
+        if planned is not None and planned.started is not None:
+            record["seconds"] = round(time.time() - planned.started, 1)
         if error:
             record["error"] = error
-        write_json(folder / RESULT_FILE, record)
+        write_record(folder / RESULT_FILE, record)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """A trial that ended without writing its record was stopped by the scheduler."""

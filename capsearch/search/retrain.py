@@ -22,6 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from capsearch.errors import UserError
+from capsearch.models.load import load_pipeline
+from capsearch.search.records import TrialRecord
+from capsearch.search.space import FROZEN
+from capsearch.search.trial import save_frozen_delta
+from capsearch.settings import TrainSettings
+from capsearch.training.loop import finetune
 
 RETRAIN_DIR = "retrained"  # trials/tNNN/retrained/: the retraining's own log and train_result.json
 # in RETRAIN_DIR: what is being trained, so that a retraining cut short can go on
@@ -46,29 +52,20 @@ def _checkpoint_step(scratch: Path) -> int | None:
         return None
 
 
-NEEDED = ("model", "method_spec", "train")
-
-
-def trains_nothing(record: dict[str, Any]) -> bool:
+def trains_nothing(record: TrialRecord) -> bool:
     """Freeze: no method trains anything, so a training seed changes nothing."""
-    from capsearch.search.space import FROZEN
-
-    return all(e["method"] in FROZEN for e in record.get("method_spec") or [])
+    return all(e["method"] in FROZEN for e in record.method_spec or [])
 
 
 def retrain_delta(
-    record: dict[str, Any], data_root: Path, dest: Path | None = None, seed: int | None = None
+    record: TrialRecord, data_root: Path, dest: Path | None = None, seed: int | None = None
 ) -> dict[str, Any]:
     """Train `record`'s trial again into `dest`/delta/ (its own folder's by default); what the
     retraining measured. With `seed`, on that training seed instead of the record's (the final
     stage's `final.train_seeds`): then it is another training, not compared with the record's."""
-    from capsearch.models.load import load_pipeline
-    from capsearch.search.trial import save_frozen_delta
-    from capsearch.settings import TrainSettings
-    from capsearch.training.loop import finetune
-
-    folder = Path(record["dir"])
-    missing = [k for k in NEEDED if record.get(k) is None]
+    folder = record.folder
+    needed = {"model": record.model, "method_spec": record.method_spec, "train": record.train}
+    missing = [k for k, v in needed.items() if v is None]
     if missing:
         raise UserError(
             f"trial {folder.name} has no delta, and its record lacks {', '.join(missing)} to train "
@@ -76,14 +73,14 @@ def retrain_delta(
         )
     dest = folder if dest is None else Path(dest)
     started = time.time()
-    pipe = load_pipeline(record["model"])
+    pipe = load_pipeline(record.model)
     if trains_nothing(record):  # Freeze: nothing to train
-        save_frozen_delta(pipe, dest, record["model"])
+        save_frozen_delta(pipe, dest, record.model)
         return {"steps": 0, "identical": True, "seconds": round(time.time() - started, 1)}
-    train = record["train"] if seed is None else {**record["train"], "seed": seed}
+    train = record.train if seed is None else {**record.train, "seed": seed}
     settings = TrainSettings.parse(train, f"{folder.name}: train")
     scratch = dest / RETRAIN_DIR
-    plan = {"model": record["model"], "method_spec": record["method_spec"], "train": train}
+    plan = {"model": record.model, "method_spec": record.method_spec, "train": train}
     plan = json.loads(json.dumps(plan))  # as it reads back from PLAN_FILE
     resume = _cut_short_with(scratch, plan)
     went_on = _checkpoint_step(scratch) if resume else None
@@ -91,7 +88,7 @@ def retrain_delta(
         shutil.rmtree(scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     (scratch / PLAN_FILE).write_text(json.dumps(plan, sort_keys=True))
-    result = finetune(pipe, record["method_spec"], data_root, settings, out_dir=scratch,
+    result = finetune(pipe, record.method_spec, data_root, settings, out_dir=scratch,
                       resume=resume, quiet=True)  # fmt: skip
     if result.status != "ok":
         raise UserError(f"training trial {folder.name} again from its record ended {result.status}")
@@ -102,12 +99,11 @@ def retrain_delta(
         extra["went_on_from_step"] = went_on
     if seed is not None:
         return {"steps": result.steps, "seed": seed, "final_loss": result.final_loss, **extra}
-    recorded = record.get("final_loss")
     return {
         "steps": result.steps,
-        "recorded_steps": record.get("steps"),
+        "recorded_steps": record.steps,
         "final_loss": result.final_loss,
-        "recorded_final_loss": recorded,
-        "identical": result.steps == record.get("steps") and result.final_loss == recorded,
+        "recorded_final_loss": record.final_loss,
+        "identical": result.steps == record.steps and result.final_loss == record.final_loss,
         **extra,
     }

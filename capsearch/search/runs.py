@@ -8,24 +8,35 @@
                             final_seedS/ (delta/ and the same files) per `final.train_seeds` S
     RUN/report.md, RUN/pareto.png
 
-Search, report, export and status read and write the folder through this module only. Trial records
-carry a format version (`RECORD_VERSION`); records written before versions existed read as version 1.
+Search, report, export and status read and write the folder through this module only. The records
+are typed models (capsearch.search.records) with a format version (`RECORD_VERSION`); records written
+before versions existed read as version 1. Writers check a record against its model before writing it.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
+
+import yaml
 
 from capsearch.atomic import atomic_write
+from capsearch.config import Spec, read_yaml, spec_from_dict
 from capsearch.errors import UserError
 from capsearch.search.constraints import Constraints, violation
-
-if TYPE_CHECKING:
-    from capsearch.config import Spec
+from capsearch.search.records import (
+    CORRUPT,
+    FINISHED,
+    CorruptRecord,
+    FinalResult,
+    Scored,
+    SeedMean,
+    SeedResult,
+    TrialRecord,
+    parse,
+)
 
 SPEC_FILE = "spec.yaml"
 PARAMS_FILE = "params.json"
@@ -35,14 +46,11 @@ PARETO_FILE = "pareto.png"
 STUDY_FILE = "optuna.db"
 FINAL_DIR = "final"  # a finalist's re-evaluation: trials/tNNN/final/result.json
 FINAL_SEED_DIR = "final_seed{}"  # the same, trained again on another seed (final.train_seeds)
-# Version 1: records before the trial plan (method_spec, train with caption dropout among its
-# mitigations, groups at the top); version 2: the plan's fields at the top, train.caption_dropout.
-RECORD_VERSION = 2
-# A record file that does not parse (damaged outside capsearch: its writes are atomic) makes the trial
-# "corrupt": shown, never rerun, never overwritten; --resume refuses the run until it is dealt with.
-CORRUPT = "corrupt"
-# "interrupted" and "running" trials do not count as finished
-FINISHED = ("ok", "error", "nan", "stopped", CORRUPT)
+# A record file that does not parse or fails its model (damaged outside capsearch: its writes are
+# atomic and checked) makes the trial "corrupt" (CORRUPT): shown, never rerun, never overwritten;
+# --resume refuses the run until it is dealt with.
+
+M = TypeVar("M", TrialRecord, FinalResult, SeedResult)
 
 
 def trial_dir(run_dir: Path, number: int) -> Path:
@@ -55,15 +63,30 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-def unfinished_trials(run_dir: Path) -> list[dict[str, Any]]:
+def write_record(path: Path, data: dict[str, Any], model: type[M] = TrialRecord) -> M:
+    """Write a record's JSON object atomically, checked first against its model (a writer never leaves
+    what a reader would call corrupt); the record as a reader will read it."""
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    record = parse(model, json.loads(text))
+    atomic_write(path, text)
+    return record
+
+
+def read_record(path: Path) -> TrialRecord | None:
+    """One trial record file (result.json, or params.json) as written; None if missing or corrupt."""
+    try:
+        return _read(Path(path), TrialRecord)
+    except CorruptRecord:
+        return None
+
+
+def unfinished_trials(run_dir: Path) -> list[TrialRecord]:
     """Trials started and never finished (their search was stopped while they ran)."""
-    return [r for r in load_trials(run_dir, finished_only=False) if r.get("status") == "running"]
+    return [r for r in load_trials(run_dir, finished_only=False) if r.status == "running"]
 
 
 def read_run_spec(run_dir: Path) -> Spec:
     """The resolved spec a run folder was started with (UserError if it is not a run folder)."""
-    from capsearch.config import read_yaml, spec_from_dict
-
     run_dir = Path(run_dir)
     if run_dir.is_file():
         raise UserError(f"{run_dir} is a file, not a capsearch run folder")
@@ -74,27 +97,41 @@ def read_run_spec(run_dir: Path) -> Spec:
     return spec_from_dict(read_yaml(run_dir / SPEC_FILE), source=str(run_dir / SPEC_FILE))
 
 
-def load_trials(run_dir: Path, finished_only: bool = True) -> list[dict[str, Any]]:
-    """Trial records in Optuna order; with finished_only=False also running/interrupted ones."""
+def load_trials(run_dir: Path, finished_only: bool = True) -> list[TrialRecord]:
+    """Trial records in Optuna order; with finished_only=False also running/interrupted ones.
+
+    A trial whose result.json (or, before it has one, params.json) does not parse or fails its model
+    reads as a CORRUPT record naming the file, with the plan's fields where params.json is sound.
+    """
     folder = Path(run_dir) / "trials"
     records = []
     for sub in sorted(folder.glob("t*")) if folder.is_dir() else []:
-        result, params = _read_record(sub / RESULT_FILE), _read_record(sub / PARAMS_FILE)
-        record = result if isinstance(result, dict) else params
-        if result is False or (result is None and params is False):
-            broken = sub / (RESULT_FILE if result is False else PARAMS_FILE)
+        broken: tuple[Path, str] | None = None
+        try:
+            result = _read(sub / RESULT_FILE, TrialRecord)
+        except CorruptRecord as exc:
+            result, broken = None, (sub / RESULT_FILE, str(exc))
+        try:
+            params = _read(sub / PARAMS_FILE, TrialRecord)
+        except CorruptRecord as exc:
+            params = None
+            if broken is None and result is None:
+                broken = (sub / PARAMS_FILE, str(exc))
+        record = result if result is not None else params
+        if broken is not None:  # named in the record's error; the plan's fields where it has one
             number = int(sub.name[1:]) if sub.name[1:].isdigit() else -1
-            record = {**(params or {}), "trial": sub.name, "number": number, "status": CORRUPT,
-                      "error": corrupt_error(broken)}  # fmt: skip
+            planned = params.to_dict() if params is not None else {}
+            error = corrupt_error(broken[0], why=broken[1])
+            record = parse(TrialRecord, {**planned, "trial": sub.name, "number": number,
+                                         "status": CORRUPT, "error": error})  # fmt: skip
         if record is None:
             continue
-        record.setdefault("status", "running")
-        record.setdefault("version", 1)
-        record["dir"] = str(sub)
         final = read_final(sub)
-        if final is not None:
-            record["final"] = final
-        if not finished_only or record["status"] in FINISHED:
+        # status and version as read (their defaults where the file has none: a plan, version 1)
+        seen = {"status": record.status, "version": record.version, "dir": str(sub),
+                **({"final": final} if final is not None else {})}  # fmt: skip
+        record = record.model_copy(update=seen)
+        if not finished_only or record.status in FINISHED:
             records.append(record)
     return records
 
@@ -113,37 +150,35 @@ def read_train_log(folder: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def _read_record(path: Path) -> dict[str, Any] | bool | None:
-    """A record file's JSON object; None if there is no such file, False if it does not parse."""
+def _read(path: Path, model: type[M]) -> M | None:
+    """A record file as `model`; None if there is no such file (CorruptRecord if it is damaged)."""
     if not path.is_file():
         return None
     try:
-        record = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):  # ValueError: JSON and UTF-8 decoding errors
-        return False
-    return record if isinstance(record, dict) else False
+        raise CorruptRecord("not a JSON object") from None
+    return parse(model, data)
 
 
 def corrupt_error(
-    path: Path, remedy: str = "or move its trial folder out of the run to run that trial again"
+    path: Path,
+    remedy: str = "or move its trial folder out of the run to run that trial again",
+    why: str = "not a JSON object",
 ) -> str:
-    """The line that names a damaged record or metrics file and what to do about it."""
-    return f"{path} is cut short or corrupt (not a JSON object); restore it, {remedy}"
+    """The line that names a damaged record or metrics file, what is wrong, and what to do about it."""
+    return f"{path} is cut short or corrupt ({why}); restore it, {remedy}"
 
 
 def check_records(run_dir: Path) -> None:
     """Refuse to resume a run with a damaged trial record (UserError naming the first one)."""
     for record in load_trials(run_dir, finished_only=False):
-        if record["status"] == CORRUPT:
-            raise UserError(record["error"])
+        if record.status == CORRUPT:
+            raise UserError(record.error or f"trial {record.trial} is corrupt")
 
 
 def prepare_run_dir(spec: Spec, out: Path, resume: bool) -> Path:
     """Create the run folder with spec.yaml, or check that a resumed run was started with this spec."""
-    import yaml
-
-    from capsearch.config import read_yaml, spec_from_dict
-
     run_dir = Path(out).resolve()
     saved = run_dir / SPEC_FILE
     data = spec.to_dict()
@@ -177,65 +212,62 @@ def first_difference(a: Any, b: Any, path: str = "") -> str | None:
     return None if a == b else (path or "<top>")
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_sound(path: Path, model: type[M]) -> M | None:
+    """A final re-evaluation file as `model`; None if it is missing or damaged (as if never written)."""
     try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
+        return _read(path, model)
+    except CorruptRecord:
         return None
 
 
-def read_final(record_dir: Path) -> dict[str, Any] | None:
+def read_final(record_dir: Path) -> FinalResult | None:
     """A trial's final re-evaluation result, or None if it has none (or it is unreadable); with its
     re-evaluations trained on other seeds (final_seedS/) under `seeds`, by seed."""
-    final = _read_json(Path(record_dir) / FINAL_DIR / RESULT_FILE)
+    final = _read_sound(Path(record_dir) / FINAL_DIR / RESULT_FILE, FinalResult)
     if final is None:
         return None
     others = (
-        _read_json(p / RESULT_FILE) for p in Path(record_dir).glob(FINAL_SEED_DIR.format("*"))
+        _read_sound(p / RESULT_FILE, SeedResult)
+        for p in Path(record_dir).glob(FINAL_SEED_DIR.format("*"))
     )
-    seeds = sorted((o for o in others if o is not None), key=lambda o: o.get("train_seed", 0))
-    return {**final, "seeds": seeds} if seeds else final
+    seeds = sorted((o for o in others if o is not None), key=lambda o: o.train_seed)
+    return final.model_copy(update={"seeds": seeds}) if seeds else final
 
 
-def final_choice(final: dict[str, Any]) -> dict[str, Any]:
+def final_choice(final: FinalResult) -> FinalResult | SeedMean:
     """What a finalist is ranked on: its final re-evaluation, or with re-evaluations trained on other
     seeds (`seeds`), the mean reward and metrics over all of them and how many there were (`n_seeds`).
     A value missing from any of them (an evaluation that failed) has no mean: such a finalist has no
     reward and ranks last."""
-    runs = [final, *final.get("seeds", [])]
+    runs: list[Scored] = [final, *final.seeds]
     if len(runs) == 1:
         return final
-    keys = {k for r in runs for k in r.get("metrics", {})}
+    keys = {k for r in runs for k in r.metrics}
     means = {}
     for key in sorted(keys) + ["reward"]:
-        values = [v for r in runs if (v := record_value(r, key)) is not None]
+        values = [v for r in runs if (v := r.value(key)) is not None]
         if len(values) == len(runs):
             means[key] = sum(values) / len(values)
     reward = means.pop("reward", None)
-    return {"metrics": means, "reward": reward, "n_seeds": len(runs)}
+    return SeedMean(metrics=means, reward=reward, n_seeds=len(runs))
 
 
-def record_value(record: dict[str, Any], key: str) -> float | None:
+def record_value(record: Scored, key: str) -> float | None:
     """A record's finite value of a metric (or top-level key such as reward), else None."""
-    value = record.get("metrics", {}).get(key, record.get(key))
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
+    return record.value(key)
 
 
-def rank_key(record: dict[str, Any], constraints: Constraints | None = None) -> tuple[float, float]:
+def rank_key(record: Scored, constraints: Constraints | None = None) -> tuple[float, float]:
     """Sort key of an evaluated record (its own metrics, or a trial's `final`), best first: within the
     constraints before over them (smaller total violation first), then the higher reward."""
-    reward = record_value(record, "reward")
-    total = violation(partial(record_value, record), constraints or {})
+    reward = record.value("reward")
+    total = violation(record.value, constraints or {})
     return total, -(reward if reward is not None else -math.inf)
 
 
 def best_trial(
-    records: list[dict[str, Any]], constraints: Constraints | None = None
-) -> dict[str, Any] | None:
+    records: list[TrialRecord], constraints: Constraints | None = None
+) -> TrialRecord | None:
     """The best trial: highest reward in the final re-evaluation if any trial has one, else in the search.
 
     A winner is chosen on an evaluation it was not searched on whenever the final stage ran (averaged
@@ -244,8 +276,8 @@ def best_trial(
     constraints (the spec's `objective.constraints`), a trial within them on that evaluation ranks
     before every trial over them (capsearch.search.constraints).
     """
-    final = [r for r in records if record_value(r.get("final") or {}, "reward") is not None]
+    final = [r for r in records if r.final is not None and r.final.value("reward") is not None]
     if final:
-        return min(final, key=lambda r: rank_key(final_choice(r["final"]), constraints))
-    ok = [r for r in records if r.get("status") == "ok" and record_value(r, "reward") is not None]
+        return min(final, key=lambda r: rank_key(final_choice(r.final), constraints))
+    ok = [r for r in records if r.status == "ok" and r.value("reward") is not None]
     return min(ok, key=lambda r: rank_key(r, constraints)) if ok else None

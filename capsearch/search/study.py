@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from capsearch.errors import UserError
 from capsearch.search.reward import OBJECTIVES
-from capsearch.search.runs import RESULT_FILE, STUDY_FILE, load_trials, record_value, write_json
+from capsearch.search.runs import RESULT_FILE, STUDY_FILE, load_trials, write_record
 
 if TYPE_CHECKING:
     from capsearch.config import Spec
@@ -157,7 +157,7 @@ def check_study(study: Any, run_dir: Path) -> None:
     Optuna numbers the next trial after the study's last; trial folders numbered beyond it would be
     written over by new trials.
     """
-    numbers = [r["number"] for r in load_trials(run_dir, finished_only=False) if "number" in r]
+    numbers = [r.number for r in load_trials(run_dir, finished_only=False)]
     held = len(study.get_trials(deepcopy=False))
     if numbers and max(numbers) >= held:
         raise UserError(
@@ -175,21 +175,21 @@ def plan_trials(spec: Spec, study: Any, run_dir: Path, retry_errors: bool = Fals
     one is, `retry_of` in its record), and it no longer counts against the search's budget.
     """
     for record in load_trials(run_dir, finished_only=False):
-        if record["status"] == "running":  # started, never finished: the run was interrupted
-            write_json(Path(record["dir"]) / RESULT_FILE, {**record, "status": "interrupted"})
-    finished = {r["number"]: r for r in load_trials(run_dir)}
+        if record.status == "running":  # started, never finished: the run was interrupted
+            write_record(record.folder / RESULT_FILE, {**record.to_dict(), "status": "interrupted"})
+    finished = {r.number: r for r in load_trials(run_dir)}
     metrics, _ = objectives(spec)
     with study_guard(run_dir):
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             record = finished.get(t.number)
-            values = [record_value(record, m) for m in metrics] \
-                if record and record.get("status") == "ok" else []  # fmt: skip
+            ok = record is not None and record.status == "ok"
+            values = [record.value(m) for m in metrics] if ok else []
             if values and all(v is not None for v in values):
                 study.tell(t.number, values if len(values) > 1 else values[0])
             else:
                 study.tell(t.number, state=TrialState.FAIL)
-        errored = {n for n, r in finished.items() if retry_errors and r.get("status") == "error"}
-        done = {r.get("baseline") for n, r in finished.items() if n not in errored}
+        errored = {n for n, r in finished.items() if retry_errors and r.status == "error"}
+        done = {r.baseline for n, r in finished.items() if n not in errored}
         waiting = {
             t.user_attrs.get("baseline") for t in study.get_trials(states=(TrialState.WAITING,))
         }
@@ -200,7 +200,7 @@ def plan_trials(spec: Spec, study: Any, run_dir: Path, retry_errors: bool = Fals
             left += 1
             if point.name not in waiting:
                 study.enqueue_trial(dict(point.params), user_attrs={"baseline": point.name})
-        searched = sum(1 for n, r in finished.items() if not r.get("baseline") and n not in errored)
+        searched = sum(1 for n, r in finished.items() if not r.baseline and n not in errored)
         budget = max(0, spec.search.num_samples - searched)
         _enqueue_retries(study, run_dir, budget, retry_errors)
     return left + budget
@@ -227,11 +227,10 @@ def _enqueue_retries(study: Any, run_dir: Path, budget: int, retry_errors: bool 
     for record in reversed(load_trials(run_dir, finished_only=False)):
         if queued >= budget:
             return
-        number = record.get("number")
         again = ("interrupted", "error") if retry_errors else ("interrupted",)
-        if record.get("status") not in again or record.get("baseline") or number in retried:
+        if record.status not in again or record.baseline or record.number in retried:
             continue
-        if not record.get("params"):  # no plan was written: nothing to retry
+        if not record.params:  # no plan was written: nothing to retry
             continue
-        study.enqueue_trial(dict(record["params"]), user_attrs={"retry_of": int(number)})
+        study.enqueue_trial(dict(record.params), user_attrs={"retry_of": record.number})
         queued += 1

@@ -10,16 +10,35 @@ its `result.json`, never raised into the search.
 from __future__ import annotations
 
 import contextlib
+import json
+import shutil
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from capsearch.config import load_spec
 from capsearch.errors import UserError
+from capsearch.methods import apply_methods
+from capsearch.metrics.evaluate import evaluate, scalar_metrics
 from capsearch.metrics.table import METRICS
-from capsearch.search.runs import PARAMS_FILE, RECORD_VERSION, RESULT_FILE, trial_dir, write_json
+from capsearch.models.delta import load_delta, save_delta
+from capsearch.models.load import load_pipeline
+from capsearch.search.records import RECORD_VERSION, TrialRecord
+from capsearch.search.reward import compute_reward
+from capsearch.search.runs import PARAMS_FILE, RESULT_FILE, load_trials, trial_dir, write_record
+from capsearch.search.space import (
+    FROZEN,
+    group_choices,
+    params_to_method_spec,
+    params_to_mitigations,
+    params_to_train,
+)
 from capsearch.settings import EvalSettings, Strict, TrainSettings, same_training
+from capsearch.training.loop import finetune
 
 if TYPE_CHECKING:
     from capsearch.config import Spec
@@ -59,13 +78,6 @@ def build_plan(
     spec: Spec, params: dict[str, Any], baseline: str | None, number: int, run_dir: Path
 ) -> TrialPlan:
     """The plan of trial `number`: the spec's settings with the trial's parameters applied."""
-    from capsearch.search.space import (
-        group_choices,
-        params_to_method_spec,
-        params_to_mitigations,
-        params_to_train,
-    )
-
     space = spec.search_space
     train = spec.train.model_dump()
     train.update(params_to_train(params, space))
@@ -93,10 +105,10 @@ def build_plan(
     )
 
 
-def trains_alike(record: dict[str, Any], plan: dict[str, Any]) -> bool:
+def trains_alike(record: TrialRecord, plan: dict[str, Any]) -> bool:
     """Whether a trial record trained exactly as a plan (as JSON) would: model, method spec, settings."""
-    same = all(record.get(k) == plan[k] for k in ("model", "method_spec"))
-    return same and same_training(record.get("train") or {}, plan["train"])
+    same = record.model == plan["model"] and record.method_spec == plan["method_spec"]
+    return same and same_training(record.train or {}, plan["train"])
 
 
 def resumable_checkpoint(run_dir: Path, plan: TrialPlan) -> str | None:
@@ -105,14 +117,12 @@ def resumable_checkpoint(run_dir: Path, plan: TrialPlan) -> str | None:
     A resumed search enqueues an interrupted baseline again as a new trial (a new number and folder);
     with a checkpoint of the same method spec and training settings, it goes on from there.
     """
-    from capsearch.search.runs import load_trials
-
     mine = plan.model_dump(mode="json")
     found = None
     for record in load_trials(run_dir, finished_only=False):
-        ckpt = Path(record["dir"]) / "checkpoint"
-        same = record.get("baseline") == mine["baseline"] and trains_alike(record, mine)
-        if record.get("status") == "interrupted" and same and ckpt.is_dir():
+        ckpt = record.folder / "checkpoint"
+        same = record.baseline == mine["baseline"] and trains_alike(record, mine)
+        if record.status == "interrupted" and same and ckpt.is_dir():
             found = str(ckpt)
     return found
 
@@ -125,19 +135,16 @@ def reusable_trial(spec: Spec, plan: TrialPlan) -> str | None:
     settings. A reuse folder that holds no such trial is passed over (the trial then trains). A relative
     reuse folder is taken from the current folder, and the trial folder returned is absolute.
     """
-    from capsearch.config import load_spec
-    from capsearch.search.runs import load_trials
-
     mine = plan.model_dump(mode="json")
     for folder in map(Path, spec.search.reuse):
         other = load_spec(folder / "spec.yaml", check_model=False)  # checked by check_inputs
         if other.model != spec.model or other.data.model_dump() != spec.data.model_dump():
             continue
         for record in load_trials(folder):
-            kept = all((Path(record["dir"]) / f).exists() for f in (TRAIN_FILE, "delta"))
-            if record.get("status") == "ok" and trains_alike(record, mine) and kept:
+            kept = all((record.folder / f).exists() for f in (TRAIN_FILE, "delta"))
+            if record.status == "ok" and trains_alike(record, mine) and kept:
                 # absolute: a trial's worker may run in another folder (Ray Tune moves it to its own)
-                return str(Path(record["dir"]).resolve())
+                return str(record.folder.resolve())
     return None
 
 
@@ -146,11 +153,8 @@ def run_trial(
     run_dir: Path,
     data_root: Path,
     report: Callable[[dict], None] | None = None,
-) -> dict[str, Any]:
+) -> TrialRecord:
     """Fine-tune, evaluate and score one planned trial; any failure is recorded, never raised."""
-    import torch
-
-    from capsearch.search.reward import compute_reward
 
     folder = trial_dir(run_dir, plan.number)
     folder.mkdir(parents=True, exist_ok=True)
@@ -165,7 +169,7 @@ def run_trial(
     }
     started = time.time()
     try:
-        write_json(folder / PARAMS_FILE, record)
+        write_record(folder / PARAMS_FILE, record)
         record.update(_train_and_evaluate(plan, folder, data_root, report))
     except UserError as exc:
         record.update(status="error", error=str(exc))
@@ -179,14 +183,13 @@ def run_trial(
             record["reward"] = compute_reward(record["metrics"], plan.reward_weights)
         except ValueError as exc:
             record.update(status="error", error=f"no reward: {exc}")
-    write_json(folder / RESULT_FILE, record)
-    return record
+    return write_record(folder / RESULT_FILE, record)
 
 
 def _ray_node() -> str | None:
     """The ID of the Ray node this process runs on; None outside Ray."""
     try:
-        import ray
+        import ray  # lazy: a trial run outside a search (experiments) needs no Ray
 
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     except Exception:  # an old or odd runtime context: the record does without it
@@ -202,12 +205,6 @@ def failed_record(
 
 
 def _train_and_evaluate(plan: TrialPlan, folder: Path, data_root: Path, report) -> dict[str, Any]:
-    import torch
-
-    from capsearch.metrics.evaluate import evaluate, scalar_metrics
-    from capsearch.models.load import load_pipeline
-    from capsearch.search.space import FROZEN
-    from capsearch.training.loop import finetune
 
     pipe = load_pipeline(plan.model)
     if plan.gpu > 0 and torch.cuda.is_available():
@@ -258,19 +255,12 @@ def _train_and_evaluate(plan: TrialPlan, folder: Path, data_root: Path, report) 
 
 def save_frozen_delta(pipe: Any, folder: Path, model: str) -> None:
     """Freeze's delta in folder/delta: the base model as it is, nothing trained."""
-    from capsearch.methods import apply_methods
-    from capsearch.models.delta import save_delta
-
     applied = apply_methods(pipe.unet, [{"method": "freeze", "units": []}])
     save_delta(pipe.unet, folder / "delta", applied=applied, base_model=model)
 
 
 def _reuse_training(pipe: Any, source: Path, folder: Path) -> dict[str, Any]:
     """Take a finished trial's delta and training record instead of training; what it trained."""
-    import json
-    import shutil
-
-    from capsearch.models.delta import load_delta
 
     shutil.copytree(source / "delta", folder / "delta", dirs_exist_ok=True)
     for name in (TRAIN_FILE, "train_log.jsonl"):
@@ -289,8 +279,6 @@ def _reuse_training(pipe: Any, source: Path, folder: Path) -> dict[str, Any]:
 
 def _take_checkpoint(plan: TrialPlan, folder: Path) -> bool:
     """Copy the interrupted trial's checkpoint into this trial's folder; whether there is one to resume."""
-    import shutil
-
     own = folder / "checkpoint"
     if own.is_dir():
         return True
@@ -300,19 +288,17 @@ def _take_checkpoint(plan: TrialPlan, folder: Path) -> bool:
     return False
 
 
-def final_result(record: dict[str, Any]) -> dict[str, Any]:
+def final_result(record: TrialRecord) -> dict[str, Any]:
     """What a trial reports to Ray when it ends: status, finite metrics and reward, error line."""
-    from capsearch.search.runs import record_value
-
     out: dict[str, Any] = {
-        "status": record["status"],
-        "trial": record["trial"],
-        "training_step": record.get("steps", 0),
+        "status": record.status,
+        "trial": record.trial,
+        "training_step": record.steps or 0,
     }
     for key in REPORTED:
-        value = record_value(record, key)
+        value = record.value(key)
         if value is not None:
             out[key] = value
-    if record.get("error"):
-        out["error"] = str(record["error"]).splitlines()[0][:300]
+    if record.error:
+        out["error"] = record.error.splitlines()[0][:300]
     return out
