@@ -74,14 +74,13 @@ def main() -> None:
     for number, name in enumerate(args.methods.split(","), start=first):
         lr = lrs.get(name, RUNS[name][1])
         record = run_trial(plan(number, name, lr, args.steps, evaluate), args.out, data)
-        if record["status"] != "ok":
-            raise SystemExit(f"{name}: {record['status']}: {record.get('error')}")
-        m = record["metrics"]
+        if record.status != "ok":
+            raise SystemExit(f"{name}: {record.status}: {record.error}")
+        m = record.metrics
         results[name + args.tag] = {
             "fid": m["fid"], "amd": m["amd"], "alignment": m["alignment"], "lr": lr,
-            "steps": record["steps"], "final_loss": record.get("final_loss"),
-            "trainable": record["trainable"], "seconds": record["seconds"],
-            "trial": record["trial"],
+            "steps": record.steps, "final_loss": record.final_loss,
+            "trainable": record.trainable, "seconds": record.seconds, "trial": record.trial,
         }  # fmt: skip
         print(name + args.tag, json.dumps(results[name + args.tag]), flush=True)
         summary.write_text(json.dumps(results, indent=2))
