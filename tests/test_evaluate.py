@@ -86,10 +86,11 @@ def test_memorised_grid_puts_each_captions_training_image_before_its_samples(tmp
     )
     assert save_memorised_grid(ctx, {"mem two"}, tmp_path / "m.png", per_caption=2) is not None
     assert seen["nrow"] == 3 and len(seen["images"]) == 6
-    assert torch.equal(seen["images"][0], train[1]) and torch.equal(seen["images"][3], train[3])
+    # the extracted caption's row first
+    assert torch.equal(seen["images"][0], train[3]) and torch.equal(seen["images"][3], train[1])
     assert (
-        seen["captions"][0] == "train: mem one"
-        and seen["captions"][3] == "train [extracted]: mem two"
+        seen["captions"][0] == "train [extracted]: mem two"
+        and seen["captions"][3] == "train: mem one"
     )
     ctx.memorised_images = None
     assert save_memorised_grid(ctx, set(), tmp_path / "n.png") is None

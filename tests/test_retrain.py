@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import capsearch.search.retrain as retrain_mod
 import capsearch.training.loop as train_mod
 from capsearch.errors import UserError
 from capsearch.search.records import TrialRecord
@@ -49,13 +50,13 @@ def cut_short(record: TrialRecord, data, dest, monkeypatch) -> None:
 
 
 def resumes_seen(monkeypatch) -> list[bool]:
-    seen, real = [], train_mod.finetune
+    seen, real = [], retrain_mod.finetune
 
     def spy(*args, resume=False, **kwargs):
         seen.append(resume)
         return real(*args, resume=resume, **kwargs)
 
-    monkeypatch.setattr(train_mod, "finetune", spy)
+    monkeypatch.setattr(retrain_mod, "finetune", spy)  # the name the retraining calls
     return seen
 
 

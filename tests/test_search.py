@@ -451,6 +451,7 @@ def fake_evaluate(pipe, data_root, config, out_dir=None):
 
 def test_run_trial_records_success_failure_and_nan(spec, tmp_path, monkeypatch):
     import capsearch.metrics.evaluate
+    import capsearch.search.trial
     import capsearch.training.loop
     from capsearch.search.trial import build_plan, final_result, run_trial
     from capsearch.training.loop import TrainResult
@@ -472,8 +473,8 @@ def test_run_trial_records_success_failure_and_nan(spec, tmp_path, monkeypatch):
         save_delta(pipe.unet, Path(out_dir) / "delta", applied=applied)
         return TrainResult("ok", config.steps, 0.1, 123, 1000, 0.5)
 
-    monkeypatch.setattr(capsearch.training.loop, "finetune", fake_finetune)
-    monkeypatch.setattr(capsearch.metrics.evaluate, "evaluate", fake_evaluate)
+    monkeypatch.setattr(capsearch.search.trial, "finetune", fake_finetune)
+    monkeypatch.setattr(capsearch.search.trial, "evaluate", fake_evaluate)
     reported = []
     params = dict(spec.baseline("lora").params, mitigation="rwa", **{"mitigation.rwa.k": 2})
     record = run(params, None, 7, report=reported.append)
@@ -495,14 +496,14 @@ def test_run_trial_records_success_failure_and_nan(spec, tmp_path, monkeypatch):
     def broken(*a, **kw):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(capsearch.training.loop, "finetune", broken)
+    monkeypatch.setattr(capsearch.search.trial, "finetune", broken)
     record = run(params, None, 8)
     assert record.status == "error" and "out of memory" in record.error
     assert (trial_dir(tmp_path, 8) / "error.txt").is_file()
     assert final_result(record) == {"status": "error", "trial": "t008", "training_step": 0,
                                     "error": "RuntimeError: out of memory"}  # fmt: skip
 
-    monkeypatch.setattr(capsearch.training.loop, "finetune",
+    monkeypatch.setattr(capsearch.search.trial, "finetune",
                         lambda *a, **kw: TrainResult("nan", 2, math.nan, 5, 10, 0.1, message="diverged"))  # fmt: skip
     record = run(params, None, 9)
     assert record.status == "nan" and record.error == "diverged" and record.reward is None
@@ -511,13 +512,12 @@ def test_run_trial_records_success_failure_and_nan(spec, tmp_path, monkeypatch):
 
 def test_freeze_trains_nothing_and_keeps_a_delta(spec, tmp_path, monkeypatch):
     import capsearch.metrics.evaluate
+    import capsearch.search.trial
     import capsearch.training.loop
     from capsearch.search.trial import build_plan, run_trial
 
-    monkeypatch.setattr(
-        capsearch.training.loop, "finetune", lambda *a, **kw: pytest.fail("trained")
-    )
-    monkeypatch.setattr(capsearch.metrics.evaluate, "evaluate", fake_evaluate)
+    monkeypatch.setattr(capsearch.search.trial, "finetune", lambda *a, **kw: pytest.fail("trained"))
+    monkeypatch.setattr(capsearch.search.trial, "evaluate", fake_evaluate)
     plan = build_plan(spec, dict(spec.baseline("freeze").params), "freeze", 0, tmp_path)
     record = run_trial(plan, tmp_path, tmp_path)
     assert record.status == "ok" and record.trainable == 0 and record.metrics["trainable_pct"] == 0
