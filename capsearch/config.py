@@ -7,6 +7,7 @@ stderr with exit code 2. docs/search.md documents every key. Reading the file (`
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -165,7 +166,7 @@ class SearchSettings(Strict):
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     num_samples: int = Field(8, ge=0)
     concurrency: int = Field(1, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # Optuna's samplers take numpy seeds
     startup_trials: int = Field(10, ge=0)
     population_size: int = Field(20, ge=2)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
@@ -270,9 +271,9 @@ class Spec(Strict):
     """A whole search spec, validated; `search_space` and `baseline_points` are derived from it."""
 
     extends: str | None = None
-    name: str | None = None
+    name: str | None = None  # the run folder's default name: one folder name (_safe_name)
     description: str = ""
-    model: str = "tiny"
+    model: str = Field("tiny", min_length=1)
     data: DataSpec = Field(default_factory=lambda: DataSpec(phantom=PhantomData()))
     train: TrainSettings = Field(default_factory=TrainSettings)
     evaluate: EvalSettings = Field(default_factory=EvalSettings)
@@ -285,6 +286,17 @@ class Spec(Strict):
 
     _search_space: SearchSpace | None = PrivateAttr(None)
     _baseline_points: list[Baseline] = PrivateAttr(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str | None) -> str | None:
+        """A run is written to runs/NAME: a name must be one folder name, never a path out of runs/."""
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+            raise ValueError(
+                f"must be one folder name of letters, digits, '.', '_' and '-' (not starting with "
+                f"'.' or '-', at most 100 characters), got {name!r}"
+            )
+        return name
 
     @property
     def search_space(self) -> SearchSpace:

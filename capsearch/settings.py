@@ -37,9 +37,9 @@ T = TypeVar("T", bound="Strict")
 
 
 class Strict(BaseModel):
-    """A settings model: unknown keys rejected, values not coerced across types."""
+    """A settings model: unknown keys rejected, values not coerced across types, numbers finite."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     @classmethod
     def parse(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
@@ -85,6 +85,26 @@ class TrainSettings(Strict):
     # that mitigation (capsearch.training.mitigations), then `mitigations` stacked.
     caption_dropout: float = Field(0.1, ge=0, le=1)
     mitigations: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("lr_schedule")
+    @classmethod
+    def _known_schedule(cls, name: str) -> str:
+        """A schedule diffusers' get_scheduler knows, named here and not a minute into a trial."""
+        # lazy: diffusers loads only where a schedule name is checked (not for `capsearch --help`)
+        from diffusers.optimization import SchedulerType
+
+        known = [kind.value for kind in SchedulerType]
+        if name not in known:
+            raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(known)}")
+        return name
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup_within_run(cls, warmup: int, info: ValidationInfo) -> int:
+        steps = info.data.get("steps")
+        if steps is not None and warmup > steps:
+            raise ValueError(f"{warmup} warm-up steps are longer than the run ({steps} steps)")
+        return warmup
 
     @field_validator("mitigations")
     @classmethod

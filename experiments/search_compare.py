@@ -28,10 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from capsearch.atomic import atomic_write
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling dominance.py
+from dominance import NEEDED, dominance, dominance_lines  # noqa: E402
+
+from capsearch.atomic import atomic_write  # noqa: E402
 from capsearch.errors import UserError
 from capsearch.reporting.describe import best_config_yaml, display_name
-from capsearch.reporting.dominance import NEEDED, dominance, dominance_lines
 from capsearch.reporting.plots import front_plot
 from capsearch.reporting.report import COLUMNS, final_view, ordered, table_rows
 from capsearch.reporting.searchstats import (

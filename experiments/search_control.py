@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dominance import table_lines, versus  # noqa: E402
 from search_compare import Run, baselines, confirm_records, load_run, winner  # noqa: E402
 from search_followups import CONTROL  # noqa: E402
 
 from capsearch.errors import UserError  # noqa: E402
-from capsearch.reporting.dominance import table_lines, versus  # noqa: E402
 from capsearch.search.records import TrialRecord  # noqa: E402
 
 LABEL = "Full FT at W's rate"

@@ -13,7 +13,10 @@ import pytest
 import yaml
 
 from capsearch.errors import UserError
-from capsearch.reporting.dominance import dominance, dominance_lines
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from dominance import dominance, dominance_lines
+
 from capsearch.search.records import FinalResult, TrialRecord
 from capsearch.search.runs import trial_dir, write_json
 

@@ -8,10 +8,10 @@ import json
 import sys
 
 import pytest
+from dominance import table_lines, versus
 from test_dominance import GOOD_W, ROOT, TPE, W_PARAMS, load_script, make_run, record
 
 from capsearch.errors import UserError
-from capsearch.reporting.dominance import table_lines, versus
 from capsearch.search.runs import trial_dir
 
 SEEDS = (0, 1, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from capsearch.errors import UserError
@@ -31,11 +32,18 @@ def _sample(args: argparse.Namespace) -> int:
     for flag, value in (("--n", args.n), ("--steps", args.steps)):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
+    if not math.isfinite(args.guidance):
+        raise UserError(f"--guidance must be a finite number, got {args.guidance}")
     if args.out.is_dir():
         raise UserError(f"--out {args.out} is a folder; give the PNG file to write")
     if args.out.parent.is_file():
         raise UserError(f"--out {args.out}: {args.out.parent} is a file, not a folder")
     pipe = load_pipeline(args.model)
+    trained = pipe.scheduler.config.num_train_timesteps
+    if args.steps > trained:
+        raise UserError(
+            f"--steps must be at most the model's {trained} training timesteps, got {args.steps}"
+        )
     if args.delta:
         # lazy: `capsearch --help` loads no library
         from capsearch.models.delta import load_delta

@@ -108,6 +108,14 @@ def export_trial(
         raise UserError(f"trial {name} has no delta ({delta} is missing)")
     if out.exists() and not out.is_dir():
         raise UserError(f"export folder {out} is a file; choose a new folder")
+    parent = next((p for p in out.resolve().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"export folder {out}: {parent} is a file, not a folder")
+    if out.resolve().is_relative_to(run_dir.resolve()):
+        # an export inside the run would copy the trial into itself, and the run folder is the search's
+        raise UserError(
+            f"export folder {out} is inside the run folder {run_dir}; choose one outside it"
+        )
     if out.exists() and any(out.iterdir()):
         raise UserError(f"export folder {out} is not empty; choose a new one")
     _, mimic = data_name(spec)

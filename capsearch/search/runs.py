@@ -182,6 +182,11 @@ def prepare_run_dir(spec: Spec, out: Path, resume: bool) -> Path:
     run_dir = Path(out).resolve()
     saved = run_dir / SPEC_FILE
     data = spec.to_dict()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {out} is a file, not a run folder; choose a folder")
+    blocked = next((p for p in run_dir.parents if p.exists()), None)
+    if blocked is not None and not blocked.is_dir():
+        raise UserError(f"--out {out}: {blocked} is a file, not a folder")
     if saved.is_file():
         if not resume:
             raise UserError(
