@@ -224,6 +224,17 @@ def _expose_layers(
     return image
 
 
+def _position(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Positioning on the detector: a small random rotation, zoom and shift (air fills the edges)."""
+    n = image.shape[0]
+    angle, scale = np.deg2rad(rng.uniform(-12, 12)), rng.uniform(0.85, 1.15)
+    c, s = np.cos(angle), np.sin(angle)
+    matrix = np.array([[c, -s], [s, c]]) / scale
+    centre = np.array([n / 2, n / 2])
+    offset = centre - matrix @ (centre + rng.uniform(-0.08, 0.08, 2) * n)
+    return ndimage.affine_transform(image, matrix, offset=offset, order=1, cval=float(image.min()))
+
+
 _BODY = {"hand": _hand, "knee": _knee, "pelvis": _pelvis, "skull": _skull, "spine": _spine}
 _VIEWS = {"hand": "PA", "knee": "AP", "pelvis": "AP", "skull": "PA", "spine": "lateral"}
 
@@ -235,6 +246,7 @@ def render_body_part(rng: np.random.Generator, size: int = 32) -> tuple[np.ndarr
     finding = options[rng.integers(len(options))] if rng.random() < 0.45 else None
     n = 2 * size
     image, words = _BODY[part](n, rng, finding)
+    image = _position(image, rng)
     side = ""
     if part in ("hand", "knee"):
         side = ("left", "right")[rng.integers(2)]
