@@ -65,6 +65,9 @@ class PhantomData(Strict):
     held_out_images: int | None = Field(None, ge=0)
     # A transfer world: no report sentence of this other world's (capsearch.worlds.transfer).
     avoid_reports_of: AvoidReports | None = None
+    # Reports and lungs only from the fine-tuning part: nothing the broad pretraining corpus draws
+    # (capsearch.worlds.partition). Off: the world every earlier table was made with.
+    disjoint_from_corpus: bool = False
 
 
 class DataSpec(Strict):

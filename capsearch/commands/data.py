@@ -52,6 +52,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a transfer world: reuse no report sentence of the phantom world with this seed and "
         "patients (its held-out images: --held-out-images unless given)",
     )
+    phantom.add_argument(
+        "--disjoint-from-corpus",
+        action="store_true",
+        help="draw reports and lungs only from what the broad pretraining corpus never draws",
+    )
     phantom.set_defaults(func=_phantom)
 
     mimic = actions.add_parser(
@@ -93,6 +98,7 @@ def _phantom(args: argparse.Namespace) -> int:
         dup_copies=args.dup_copies,
         held_out_images=args.held_out_images,
         avoid_reports_of=avoid,
+        disjoint_from_corpus=args.disjoint_from_corpus,
         progress=True,
     )
     records = read_metadata(path.parent)

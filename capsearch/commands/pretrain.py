@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="pretrain the tiny base model or the phantom scorer")
     ps = p.add_subparsers(dest="what", metavar="WHAT", required=True, parser_class=type(p))
     s = ps.add_parser(
-        "shapes", help="train the tiny UNet + text encoder on the procedural shapes world"
+        "shapes",
+        help="train the tiny UNet + text encoder on the procedural shapes world (or --corpus broad)",
     )
     s.add_argument("--out", type=Path, required=True, help="output pipeline folder")
     s.add_argument("--steps", type=int, default=20000)
@@ -24,6 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--ema-decay", type=float, default=0.999)
     s.add_argument("--workers", type=int, default=1, help="processes rendering the scene pool")
+    s.add_argument(
+        "--corpus",
+        choices=("shapes", "broad"),
+        default="shapes",
+        help="shapes (the shipped base's world) or broad (many captioned image families, "
+        "radiographs among them; capsearch.worlds.corpus)",
+    )
     s.add_argument(
         "--minutes", type=float, default=None, help="fit the schedule to this training-time budget"
     )
@@ -88,6 +96,7 @@ def _shapes(args: argparse.Namespace) -> int:
         workers=args.workers,
         time_limit=args.time_limit,
         time_budget=args.minutes * 60 if args.minutes else None,
+        corpus=args.corpus,
     )
     print(
         f"wrote {args.out} ({meta['steps']} steps, final loss {meta['final_loss_ema']}, {meta['train_seconds']} s)"

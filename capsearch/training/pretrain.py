@@ -1,8 +1,8 @@
-"""Pretrain the tiny base (UNet + text encoder) on the procedural shapes world.
+"""Pretrain the tiny base (UNet + text encoder) on the procedural shapes world or the broad corpus.
 
 The tiny base plays Stable Diffusion's role: a general text-to-image model for which chest X-rays are a
 domain shift. It is trained once, ships in `capsearch/assets/tiny_base`, and can be reproduced with the
-command recorded in its `capsearch.json`.
+command recorded in its `capsearch.json`. The broad corpus (capsearch.worlds.corpus) builds a second base.
 """
 
 from __future__ import annotations
@@ -19,27 +19,42 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from capsearch.errors import UserError
 from capsearch.models.load import tiny_random
 from capsearch.progress import loss_bar
+from capsearch.worlds.corpus import CHUNK, corpus_chunk
 from capsearch.worlds.shapes import make_shapes
 
+CORPORA = ("shapes", "broad")
 
-def _shapes_chunk(args: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:
 
-    n, size, seed = args
-    return make_shapes(n, size=size, seed=seed)
+def _pool_chunk(args: tuple[str, int, int, int, int]) -> tuple[np.ndarray, list[str]]:
+    """One chunk of a pool: shapes seeded seed·10⁶+k (as the shipped base was), broad corpus chunk k."""
+    corpus, n, size, seed, k = args
+    if corpus == "shapes":
+        return make_shapes(n, size=size, seed=seed * 1_000_000 + k)
+    return corpus_chunk(n, size, seed, k)
+
+
+def corpus_pool(
+    corpus: str, n: int, size: int, seed: int, workers: int = 1
+) -> tuple[torch.Tensor, list[str]]:
+    """Render n images of a corpus ('shapes' or 'broad') in chunks of 1,000, optionally in parallel."""
+    if corpus not in CORPORA:
+        raise UserError(f"unknown corpus {corpus!r}; known: {', '.join(CORPORA)}")
+    jobs = [(corpus, min(CHUNK, n - s), size, seed, k) for k, s in enumerate(range(0, n, CHUNK))]
+    if workers > 1:
+        with get_context("spawn").Pool(workers) as pool:
+            parts = pool.map(_pool_chunk, jobs)
+    else:
+        parts = [_pool_chunk(j) for j in jobs]
+    images = torch.from_numpy(np.concatenate([p[0] for p in parts]))[:, None]
+    return images, [c for p in parts for c in p[1]]
 
 
 def shapes_pool(n: int, size: int, seed: int, workers: int = 1) -> tuple[torch.Tensor, list[str]]:
     """Render n shape scenes in chunks of 1,000 (chunk k seeded seed·10⁶+k), optionally in parallel."""
-    jobs = [(min(1000, n - s), size, seed * 1_000_000 + k) for k, s in enumerate(range(0, n, 1000))]
-    if workers > 1:
-        with get_context("spawn").Pool(workers) as pool:
-            parts = pool.map(_shapes_chunk, jobs)
-    else:
-        parts = [_shapes_chunk(j) for j in jobs]
-    images = torch.from_numpy(np.concatenate([p[0] for p in parts]))[:, None]
-    return images, [c for p in parts for c in p[1]]
+    return corpus_pool("shapes", n, size, seed, workers)
 
 
 def _lr_at(step: int, total: int, warmup: int, lr: float) -> float:
@@ -64,8 +79,11 @@ def pretrain_shapes(
     time_limit: float | None = None,
     time_budget: float | None = None,
     progress: bool = True,
+    corpus: str = "shapes",
 ) -> dict:
     """Train the tiny UNet and text encoder from scratch; write the EMA weights as a pipeline folder."""
+    if corpus not in CORPORA:
+        raise UserError(f"unknown corpus {corpus!r}; known: {', '.join(CORPORA)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -79,6 +97,12 @@ def pretrain_shapes(
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():  # resume (weights-only load: tensors and plain containers, no pickle of code)
         state = torch.load(ckpt, map_location=device, weights_only=True)
+        made_on = state.get("corpus", "shapes")  # checkpoints before the broad corpus: shapes
+        if made_on != corpus:
+            raise UserError(
+                f"{ckpt} was trained on the {made_on} corpus, not {corpus}: resume with "
+                f"--corpus {made_on}, or choose a new --out"
+            )
         for p, v in zip(params, state["params"]):
             p.data.copy_(v)
         for e, v in zip(ema, state["ema"]):
@@ -86,7 +110,7 @@ def pretrain_shapes(
         opt.load_state_dict(state["opt"])
         start_step, history = int(state["step"]), list(state["history"])
     t0 = time.time()
-    images, captions = shapes_pool(pool_size, pipe.unet.config.sample_size, seed, workers)
+    images, captions = corpus_pool(corpus, pool_size, pipe.unet.config.sample_size, seed, workers)
     ids = pipe.tokenize(captions)
     empty_ids = pipe.tokenize([""])[0]
     images, ids, empty_ids = images.to(device), ids.to(device), empty_ids.to(device)
@@ -142,10 +166,10 @@ def pretrain_shapes(
             history.append([step + 1, round(running, 5)])
         bar(step + 1, running)
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            _save_checkpoint(ckpt, params, ema, opt, step + 1, history)
+            _save_checkpoint(ckpt, params, ema, opt, step + 1, history, corpus)
         step += 1
         if time_limit and time.time() - t_train > time_limit:
-            _save_checkpoint(ckpt, params, ema, opt, step, history)
+            _save_checkpoint(ckpt, params, ema, opt, step, history, corpus)
             break
     steps_done = step
     with torch.no_grad():
@@ -156,7 +180,8 @@ def pretrain_shapes(
     pipe.unet.requires_grad_(False)
     pipe.save(out, half=True)  # fp16 on disk keeps the shipped base small; loaded back as fp32
     meta = {
-        "world": "shapes",
+        "world": corpus,  # as before the broad corpus existed: the corpus pretrained on
+        "corpus": corpus,  # shapes (capsearch.worlds.shapes) or broad (capsearch.worlds.corpus)
         "steps": steps_done,
         "batch_size": batch_size,
         "lr": lr,
@@ -194,9 +219,12 @@ def folder_sha256(folder: Path) -> dict[str, str]:
     return sums
 
 
-def _save_checkpoint(path: Path, params, ema, opt, step: int, history) -> None:
+def _save_checkpoint(
+    path: Path, params, ema, opt, step: int, history, corpus: str = "shapes"
+) -> None:
     tmp = path.with_suffix(".tmp")
     state = {
+        "corpus": corpus,
         "params": [p.detach().cpu() for p in params],
         "ema": [e.cpu() for e in ema],
         "opt": opt.state_dict(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,9 +108,9 @@ class Anatomy:
     gastric_bubble: bool
 
 
-def sample_anatomy(rng: np.random.Generator) -> Anatomy:
-    """A random patient's chest built around a real lung mask."""
-    index = pick_lung_mask(rng)
+def sample_anatomy(rng: np.random.Generator, masks: Sequence[int] | None = None) -> Anatomy:
+    """A random patient's chest built around a real lung mask (one of `masks`, usable, if given)."""
+    index = pick_lung_mask(rng) if masks is None else int(masks[rng.integers(len(masks))])
     _, aspect, split = lung_mask(index)  # type: ignore[misc]
     width = rng.uniform(0.66, 0.78)
     height = float(np.clip(width * aspect * rng.uniform(0.92, 1.08), 0.55, 0.78))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,14 +30,15 @@ class Study:
 
 
 def plan_patient(
-    index: int, seed: int, bank: ReportBank | None = None
+    index: int, seed: int, bank: ReportBank | None = None, masks: Sequence[int] | None = None
 ) -> tuple[Anatomy, list[Study]]:
     """A patient's anatomy and studies: several studies, several images each, as in MIMIC-CXR.
 
-    Reports come from `bank` (default: the full shared bank; a transfer world passes a filtered one).
+    Reports come from `bank` (default: the full shared bank; a transfer world passes a filtered one),
+    lungs from `masks` (default: every usable lung mask; capsearch.worlds.partition gives a part).
     """
     rng = np.random.default_rng([seed, _PATIENT_STREAM, index])
-    anatomy = sample_anatomy(rng)
+    anatomy = sample_anatomy(rng, masks)
     bank = report_bank() if bank is None else bank
     patient_id = f"p{index:05d}"
     studies: list[Study] = []
@@ -76,7 +78,12 @@ def assign_splits(patients: int, seed: int) -> list[str]:
 
 
 def held_out_patients(
-    patients: int, seed: int, splits: list[str], images: int, bank: ReportBank | None = None
+    patients: int,
+    seed: int,
+    splits: list[str],
+    images: int,
+    bank: ReportBank | None = None,
+    masks: Sequence[int] | None = None,
 ) -> list[str]:
     """Splits of extra held-out patients, drawn until validate and test each hold `images` images.
 
@@ -87,11 +94,11 @@ def held_out_patients(
     count = {"validate": 0, "test": 0}
     for index, split in enumerate(splits):
         if split in count:
-            count[split] += sum(len(s.views) for s in plan_patient(index, seed, bank)[1])
+            count[split] += sum(len(s.views) for s in plan_patient(index, seed, bank, masks)[1])
     extra: list[str] = []
     while min(count.values()) < images:
         split = min(count, key=lambda k: (count[k], k == "validate"))  # ties: test first
-        plan = plan_patient(patients + len(extra), seed, bank)
+        plan = plan_patient(patients + len(extra), seed, bank, masks)
         count[split] += sum(len(s.views) for s in plan[1])
         extra.append(split)
     return extra

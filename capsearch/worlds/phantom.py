@@ -18,13 +18,20 @@ from capsearch.errors import UserError
 from capsearch.progress import rich_bar
 from capsearch.worlds import lesions
 from capsearch.worlds.anatomy import HEART, LUNG_AIR, Anatomy, build_scene, sample_anatomy
+from capsearch.worlds.partition import bank_part, masks_of
 from capsearch.worlds.patients import Study, assign_splits, held_out_patients, plan_patient
 from capsearch.worlds.reports import (
     FINDINGS,
     ReportBank,
     findings_from_text,
 )
-from capsearch.worlds.transfer import AvoidReports, avoided_world, bank_avoiding
+from capsearch.worlds.transfer import (
+    AvoidReports,
+    avoided_world,
+    bank_avoiding,
+    bank_without,
+    world_texts,
+)
 
 __all__ = [
     "FINDINGS",
@@ -164,6 +171,7 @@ def write_phantom_dataset(
     dup_copies: int = 10,
     held_out_images: int = 0,
     avoid_reports_of: AvoidReports | Mapping[str, Any] | None = None,
+    disjoint_from_corpus: bool = False,
     progress: bool = False,
 ) -> Path:
     """Write a phantom image folder (PNG files + metadata.jsonl) and return the metadata path.
@@ -172,19 +180,36 @@ def write_phantom_dataset(
     held-out patients until the validate and the test split each hold at least that many images (held-out
     references for FID cost nothing in this world, and never change the training set).
     `avoid_reports_of` makes a transfer world: no report sentence of that world (capsearch.worlds.transfer).
+    `disjoint_from_corpus` draws reports and lungs only from the fine-tuning part, none of what the broad
+    pretraining corpus draws (capsearch.worlds.partition); off, the world is what it was before that split.
     """
     out = Path(out)
     _validate(out, patients, size, dup_fraction, dup_copies)
     if held_out_images < 0:
         raise UserError(f"--held-out-images must be at least 0, got {held_out_images}")
     avoid = avoided_world(avoid_reports_of, held_out_images)
-    bank = bank_avoiding(**avoid) if avoid else None
-    expanded = _plan_rows(patients, seed, dup_fraction, dup_copies, held_out_images, bank)
+    bank, masks = _sources(avoid, disjoint_from_corpus)
+    expanded = _plan_rows(patients, seed, dup_fraction, dup_copies, held_out_images, bank, masks)
+    marker: dict[str, Any] = {"avoid_reports_of": avoid} if avoid else {}
+    if disjoint_from_corpus:
+        marker["disjoint_from_corpus"] = True
     try:
-        _write(out, size, expanded, progress, {"avoid_reports_of": avoid} if avoid else {})
+        _write(out, size, expanded, progress, marker)
     except OSError as exc:
         raise UserError(f"cannot write the phantom dataset to {out}: {exc}") from None
     return out / METADATA
+
+
+def _sources(
+    avoid: dict[str, int] | None, disjoint_from_corpus: bool
+) -> tuple[ReportBank | None, tuple[int, ...] | None]:
+    """The report bank and lung masks a world draws from (None: the full bank, every mask)."""
+    if not disjoint_from_corpus:
+        return (bank_avoiding(**avoid) if avoid else None), None
+    bank = bank_part("finetune")
+    if avoid:
+        bank = bank_without(bank, world_texts(**avoid))
+    return bank, masks_of("finetune")
 
 
 def _plan_rows(
@@ -194,11 +219,12 @@ def _plan_rows(
     dup_copies: int,
     held_out_images: int,
     bank: ReportBank | None = None,
+    masks: tuple[int, ...] | None = None,
 ) -> list[tuple[dict, tuple[Anatomy, Study, int], list[str]]]:
     """Every image's metadata row, what to render it from and the file name(s) it is written to."""
     splits = assign_splits(patients, seed)
-    splits += held_out_patients(patients, seed, splits, held_out_images, bank)
-    plans = [plan_patient(i, seed, bank) for i in range(len(splits))]
+    splits += held_out_patients(patients, seed, splits, held_out_images, bank, masks)
+    plans = [plan_patient(i, seed, bank, masks) for i in range(len(splits))]
     rows: list[dict] = []
     jobs: list[tuple[Anatomy, Study, int]] = []
     for (anatomy, studies), split in zip(plans, splits, strict=True):
@@ -286,8 +312,9 @@ def _write(
 def phantom_complete(root: Path, settings: Mapping[str, Any] | None = None) -> bool:
     """Whether a generated phantom folder was written to the end (its completeness marker matches).
 
-    `settings`, the write_phantom_dataset arguments it is wanted with: its report avoidance must match
-    too (a folder made without avoidance is no transfer world, and the reverse).
+    `settings`, the write_phantom_dataset arguments it is wanted with: its report avoidance and its
+    disjointness from the pretraining corpus must match too (a folder made without avoidance is no
+    transfer world, and the reverse).
     """
     try:
         marker = json.loads((Path(root) / COMPLETE).read_text())
@@ -299,4 +326,8 @@ def phantom_complete(root: Path, settings: Mapping[str, Any] | None = None) -> b
     if settings is None:
         return True
     wanted = avoided_world(settings.get("avoid_reports_of"), settings.get("held_out_images") or 0)
-    return marker.get("avoid_reports_of") == wanted
+    disjoint = bool(settings.get("disjoint_from_corpus", False))
+    return (
+        marker.get("avoid_reports_of") == wanted
+        and marker.get("disjoint_from_corpus", False) == disjoint
+    )
