@@ -7,7 +7,6 @@ stderr with exit code 2. docs/search.md documents every key. Reading the file (`
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -294,10 +293,11 @@ class Spec(Strict):
     @classmethod
     def _safe_name(cls, name: str | None) -> str | None:
         """A run is written to runs/NAME: a name must be one folder name, never a path out of runs/."""
-        if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+        if name is not None and (not name.strip() or name != name.strip() or name[0] in ".-"
+                                 or len(name) > 100 or any(c in "/\\" or ord(c) < 32 for c in name)):  # fmt: skip
             raise ValueError(
-                f"must be one folder name of letters, digits, '.', '_' and '-' (not starting with "
-                f"'.' or '-', at most 100 characters), got {name!r}"
+                "must be one folder name: no '/' or '\\', not empty, not starting with '.' or '-', "
+                f"no surrounding spaces, at most 100 characters; got {name!r}"
             )
         return name
 

@@ -306,7 +306,7 @@ CASES = [
     Case("spec-duplicate-nested-key", lambda t: validate(t, "model: tiny:random\ntrain:\n  steps: 6\n  steps: 7\n"),
          r"line 4: invalid YAML: duplicate key 'steps' \(first given on line 3\)"),
     Case("spec-name-leaves-runs", lambda t: validate(t, spec_with(name="../../escaped")),
-         r"name: must be one folder name .*got '\.\./\.\./escaped'"),
+         r"name: must be one folder name: .*got '\.\./\.\./escaped'"),
     Case("spec-name-with-slash", lambda t: validate(t, spec_with(name="a/b")), r"name: must be one folder name"),
     Case("spec-name-empty", lambda t: validate(t, spec_with(name="")), r"name: must be one folder name"),
     Case("spec-model-empty", lambda t: validate(t, spec_with(model="")), r"model: String should have at least 1 character"),
