@@ -89,7 +89,6 @@ def baseline_value(p: Param, method_default: Any = None) -> Any:
 
 
 def _method_default(method: str, key: str) -> Any:
-
     for f in dataclasses.fields(get_method(method).config):
         if f.name == key and f.default is not dataclasses.MISSING:
             return f.default

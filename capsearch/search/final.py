@@ -229,7 +229,6 @@ class _StageBar:
     """The final stage's progress: re-evaluations done, and each running retraining's step and rate."""
 
     def __init__(self, console: Any, total: int) -> None:
-
         self.bar, self.task = running_bar("final", total, console)
 
     def running(self, pending: Any) -> None:

@@ -106,7 +106,6 @@ class TrialSearch(OptunaSearch):
         return Searcher.FINISHED if self.study_error is not None else config
 
     def _suggest(self, trial_id: str) -> dict | str | None:
-
         config = super().suggest(trial_id)
         if not isinstance(config, dict) or "_number" not in config:
             return config

@@ -205,7 +205,6 @@ def failed_record(
 
 
 def _train_and_evaluate(plan: TrialPlan, folder: Path, data_root: Path, report) -> dict[str, Any]:
-
     pipe = load_pipeline(plan.model)
     if plan.gpu > 0 and torch.cuda.is_available():
         pipe.to("cuda")

@@ -54,7 +54,6 @@ class Probe:
     """Fixed probe batches of one fine-tune; calling it measures the current UNet."""
 
     def __init__(self, pipe, root, images, captions, groups, size: int, seed: int) -> None:
-
         g = torch.Generator().manual_seed(seed)
         held = ImageCaptionDataset(root, split="validate", size=size)
         imgs = [
@@ -92,7 +91,6 @@ class Probe:
         return F.mse_loss(pred.float(), diffusion_target(pipe, x0, noise, t).float()).item()
 
     def _strength(self, pipe, prompts: list[str], uncond: torch.Tensor) -> float:
-
         t = torch.tensor(int(pipe.scheduler.config.num_train_timesteps * 0.8), device=pipe.device)
         z = self.z[: len(prompts)].to(pipe.device, pipe.dtype)
         return threshold_scores(pipe.unet, z, t, pipe.encode_prompts(prompts), uncond).mean().item()

@@ -95,7 +95,6 @@ def _write_checkpoint(
     scheduler: AcceleratedScheduler | None,
     state: TrainState,
 ) -> None:
-
     named = {n: p.detach().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
     if state.ema is not None:
         named.update({f"{EMA_PREFIX}{i}": e.contiguous() for i, e in enumerate(state.ema)})
