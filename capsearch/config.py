@@ -41,6 +41,7 @@ from capsearch.specfile import (  # noqa: F401  (read here by callers that load 
     read_yaml,
     resolve_extends,
 )
+from capsearch.training.precision import resolve_precision
 from capsearch.worlds.transfer import AvoidReports
 
 
@@ -393,8 +394,6 @@ def _check_consistency(spec: Spec) -> None:
             f"final.train_seeds: {seeds} must be distinct and differ from train.seed "
             f"({spec.train.seed}), on which every finalist is already trained"
         )
-    if spec.resources.gpu == 0 and spec.train.mixed_precision == "fp16":
-        raise UserError(
-            "train.mixed_precision: fp16 needs a GPU; set resources.gpu or use bf16, auto or no"
-        )
+    if spec.resources.gpu == 0:  # fp16 needs a GPU, bf16 a GPU or a CPU with native bf16
+        resolve_precision(spec.train.mixed_precision, cuda=False)
     check_base_mitigations(spec.train.all_mitigations(), spec.search_space)

@@ -362,3 +362,19 @@ def test_phantom_held_out_images_follow_the_largest_evaluation():
     assert held_out_images_needed(spec) == 4 * samples
     off = load_spec(ROOT / "search_spaces/tiny.yaml", ["final.enabled=false"])
     assert held_out_images_needed(off) == 4 * off.evaluate.samples
+
+
+def test_a_precision_this_cpu_cannot_train_is_refused_when_the_spec_loads(tmp_path, monkeypatch):
+    from capsearch.training import precision
+
+    fp16 = write(tmp_path, {**MINIMAL, "train": {"mixed_precision": "fp16"}}, "fp16.yaml")
+    with pytest.raises(UserError, match=r"fp16 needs a GPU \(resources\.gpu\)"):
+        load_spec(fp16, check_model=False)
+    bf16 = write(tmp_path, {**MINIMAL, "train": {"mixed_precision": "bf16"}}, "bf16.yaml")
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    with pytest.raises(UserError, match="needs native bf16"):
+        load_spec(bf16, check_model=False)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert load_spec(bf16, check_model=False).train.mixed_precision == "bf16"
+    on_gpu = {**MINIMAL, "train": {"mixed_precision": "fp16"}, "resources": {"cpu": 1, "gpu": 1}}
+    assert load_spec(write(tmp_path, on_gpu, "gpu.yaml"), check_model=False).resources.gpu == 1

@@ -16,7 +16,6 @@ from capsearch.errors import UserError
 from capsearch.metrics.features import resolve_extractor
 from capsearch.metrics.scorer import SCORER_DIR, load_scorer, train_scorer
 from capsearch.models import load as models
-from capsearch.training.precision import resolve_precision
 from capsearch.worlds.phantom import phantom_complete, write_phantom_dataset
 
 
@@ -69,10 +68,7 @@ def ensure_scorer(spec: Spec, data_root: Path, console: Any = None) -> None:
 
 
 def check_inputs(spec: Spec) -> None:
-    """Fail before the run folder is made if the base model, the data folder or the precision the
-    trials ask of this machine's CPU is not here."""
-    if spec.resources.gpu == 0:
-        resolve_precision(spec.train.mixed_precision, cuda=False)  # bf16 needs native bf16
+    """Fail before the run folder is made if the base model or the data folder is not here."""
     if spec.model in models.TINY_MODELS:
         models.load_pipeline(spec.model)
     else:

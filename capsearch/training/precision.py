@@ -33,7 +33,9 @@ def resolve_precision(requested: str, cuda: bool) -> str:
         # bf16 has fp32's exponent range: no loss scaling, no skipped steps (Ampere and later)
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if requested == "fp16" and not cuda:
-        raise UserError("train.mixed_precision=fp16 needs a GPU; use bf16, auto or no on a CPU")
+        raise UserError(
+            "train.mixed_precision=fp16 needs a GPU (resources.gpu); use bf16, auto or no on a CPU"
+        )
     if requested == "bf16" and not cuda and not cpu_has_bf16():
         raise UserError(
             "train.mixed_precision=bf16 on a CPU needs native bf16 (AVX512-BF16 or AMX; "
