@@ -334,25 +334,18 @@ def test_threshold_drops_the_strongest_samples_and_they_get_no_gradient(data, mo
     assert torch.allclose(grad, pred.grad, rtol=1e-5, atol=1e-12)
 
 
-def test_fp16_on_cpu_is_a_clear_error(data):
-    with pytest.raises(UserError, match="fp16 needs a GPU"):
-        finetune(
-            load_pipeline("tiny:random"),
-            [{"method": "freeze"}],
-            data,
-            _cfg(mixed_precision="fp16"),
-            quiet=True,
-        )
-
-
-def test_bf16_on_a_cpu_without_native_bf16_is_a_clear_error(data, monkeypatch):
+@pytest.mark.parametrize(
+    "mode, message", [("fp16", "fp16 needs a GPU"), ("bf16", "needs native bf16")]
+)
+def test_a_precision_this_cpu_lacks_is_a_clear_error(data, monkeypatch, mode, message):
+    """fp16 on any CPU; bf16 on a CPU without native bf16 (faked here: this one may have it)."""
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
-    with pytest.raises(UserError, match="needs native bf16"):
+    with pytest.raises(UserError, match=message):
         finetune(
             load_pipeline("tiny:random"),
             [{"method": "freeze"}],
             data,
-            _cfg(mixed_precision="bf16"),
+            _cfg(mixed_precision=mode),
             quiet=True,
         )
 

@@ -93,6 +93,7 @@ def _run(args: argparse.Namespace) -> int:
     connected = cluster.connect(args.address, args.dashboard, console)
     # lazy: `capsearch --help` loads no library
     from capsearch.search.loop import run_search
+    from capsearch.search.runs import unfinished_trials
     from capsearch.search.study import StudyNotSaved
 
     try:
@@ -111,9 +112,6 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         if connected:
             cluster.stop_local_ray()  # also for a joined cluster: leaves it running, removes no entry
-    # lazy: `capsearch --help` loads no library
-    from capsearch.search.runs import unfinished_trials
-
     console.print(f"report: {_summarise(run_dir, spec, console)}")
     cut = unfinished_trials(out)
     if cut:  # Ray ended the session on Ctrl-C with these trials still running

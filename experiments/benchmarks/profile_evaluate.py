@@ -25,6 +25,7 @@ import torch
 from capsearch.config import load_spec
 from capsearch.metrics.evaluate import evaluate
 from capsearch.models.load import load_pipeline
+from capsearch.search.final import FinalJob
 from capsearch.search.inputs import ensure_scorer, prepare_data
 from capsearch.search.trial import build_plan
 
@@ -59,10 +60,8 @@ def main() -> None:
         ensure_scorer(spec, data, None)
         freeze = next(b for b in spec.baseline_points if b.method == "freeze")
         plan = build_plan(spec, dict(freeze.params), freeze.name, 0, run_dir)
-        settings = plan.evaluate  # the search stage's, with the run's feature cache
-        if args.final:
-            final = spec.final.settings(spec.evaluate)
-            settings = final.model_copy(update={"cache_dir": settings.cache_dir})
+        # the search stage's settings as a trial gets them, or the final stage's as a finalist does
+        settings = FinalJob.of(spec, run_dir).settings if args.final else plan.evaluate
         pipe = load_pipeline(plan.model)
         profile = cProfile.Profile()
         started = time.perf_counter()
