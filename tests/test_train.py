@@ -168,7 +168,23 @@ def test_corrupt_image_is_skipped_not_fatal(data, tmp_path):
     assert res.status == "ok" and res.skipped_images >= 1
 
 
-def test_probe_reports_heldout_loss_and_strength(data):
+def test_probe_reports_heldout_loss_and_strength(data, monkeypatch):
+    """The probe's numbers, recomputed from the trained UNet's predictions on the probe's own fixed
+    batches: held-out MSE, and Wen et al.'s ‖ε(z, e_p) − ε(z, e_∅)‖₂ at t = 800 averaged over the
+    memorised and over the other captions, their ratio, and the score that combines them."""
+    import numpy as np
+
+    import capsearch.training.loop as train_mod
+    from capsearch.training.probe import Probe
+
+    probes_made = []
+
+    class Recorded(Probe):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            probes_made.append(self)
+
+    monkeypatch.setattr(train_mod, "Probe", Recorded)
     pipe = load_pipeline("tiny:random")
     events = []
     finetune(
@@ -180,8 +196,29 @@ def test_probe_reports_heldout_loss_and_strength(data):
         quiet=True,
     )
     probes = [p for e, p in events if e == "probe"]
-    assert len(probes) == 1 and probes[0]["heldout_loss"] > 0 and probes[0]["strength_ratio"] > 0
-    assert events[-1][0] == "end"
+    assert len(probes) == 1 and len(probes_made) == 1 and events[-1][0] == "end"
+    got, probe, unet = probes[0], probes_made[0], pipe.unet.eval()  # the step-2 weights: no EMA
+    assert got["step"] == 2 and probe.mem and probe.other
+
+    def eps(x, t, prompts):
+        with torch.no_grad():
+            return unet(x, t, encoder_hidden_states=pipe.encode_prompts(prompts)).sample.double()
+
+    def strength(prompts):
+        z, t = probe.z[: len(prompts)], torch.tensor(800)  # 0.8 of the 1000 training timesteps
+        diff = (eps(z, t, prompts) - eps(z, t, [""] * len(prompts))).numpy()
+        return float(np.sqrt((diff.reshape(len(diff), -1) ** 2).sum(axis=1)).mean())
+
+    mem, other = strength(probe.mem), strength(probe.other)
+    assert got["strength_memorised"] == pytest.approx(mem, rel=1e-5)
+    assert got["strength_other"] == pytest.approx(other, rel=1e-5)
+    assert got["strength_ratio"] == pytest.approx(mem / other, rel=1e-5) and mem / other != 1
+    noisy = pipe.scheduler.add_noise(probe.held, probe.noise, probe.t)  # pixel space: x0 = pixels
+    held = float(((eps(noisy, probe.t, probe.held_caps) - probe.noise.double()) ** 2).mean())
+    assert got["heldout_loss"] == pytest.approx(held, rel=1e-5)
+    gap = got["loss_gap"]
+    expected_score = held * (1 + max(0.0, gap)) * max(1.0, mem / other)
+    assert got["probe_score"] == pytest.approx(expected_score, rel=1e-5)
 
 
 def test_a_resumed_fine_tune_reports_its_earlier_probes_first(data, tmp_path, monkeypatch):
