@@ -38,7 +38,10 @@ def test_only_trainable_parameters_change_and_seed_is_deterministic(data):
     spec = [{"method": "bitfit", "units": "mid_block"}]
     res = finetune(pipe_a, spec, data, _cfg(), quiet=True)
     finetune(pipe_b, spec, data, _cfg(), quiet=True)
-    assert res.status == "ok" and res.steps == 4 and res.trainable > 0
+    mid_biases = sum(v.numel() for k, v in before.items() if k.startswith("mid_block.") and
+                     k.endswith(".bias"))  # fmt: skip
+    assert res.status == "ok" and res.steps == 4 and res.trainable == mid_biases > 0
+    assert res.total == sum(v.numel() for v in before.values())
     after = pipe_a.unet.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("mid_block" in k and k.endswith("bias") for k in changed)
