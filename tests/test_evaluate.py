@@ -141,35 +141,29 @@ def test_a_metric_is_one_row_and_only_the_stages_its_rows_need_run(data, monkeyp
     assert "strength_ratio" not in m and "kid" not in m and "extracted" in m
 
 
-def test_eval_cli(data, tmp_path, capsys):
+def test_eval_cli(data, tmp_path, capsys, monkeypatch):
+    """Each flag lands in metrics.json's settings, and in the counts of what the evaluation did."""
+    import capsearch.models.load as load
     from capsearch.cli import main
 
-    rc = main(
-        [
-            "eval",
-            "--model",
-            "tiny:random",
-            "--data",
-            str(data),
-            "--out",
-            str(tmp_path),
-            "--n-prompts",
-            "2",
-            "--n-per-prompt",
-            "2",
-            "--steps",
-            "2",
-            "--extraction-prompts",
-            "1",
-            "--extraction-n",
-            "3",
-            "--strength-prompts",
-            "1",
-            "--strength-n",
-            "1",
-        ]
-    )
-    assert rc == 0 and (tmp_path / "metrics.json").exists()
+    loaded = []
+    monkeypatch.setattr(load, "load_pipeline", lambda spec: loaded.append(spec) or load_pipeline(spec))
+
+    flags = {"n_prompts": 2, "n_per_prompt": 2, "steps": 2, "extraction_prompts": 1,
+             "extraction_n": 3, "strength_prompts": 1, "strength_n": 1, "seed": 4, "guidance": 2.5}  # fmt: skip
+    argv = [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    out = tmp_path / "e"
+    rc = main(["eval", "--model", "tiny:random", "--data", str(data), "--out", str(out), *argv])
+    assert rc == 0 and loaded == ["tiny:random"] and (out / "samples.png").exists()
+    saved = json.loads((out / "metrics.json").read_text())
+    settings = saved["settings"]
+    assert {k: settings[k] for k in flags} == flags
+    assert settings["extraction_guidance"] == 2.5  # none given: the attack samples at --guidance
+    assert settings["prompts"] == 2 and settings["samples"] == 2 * 2 and settings["attack_prompts"] == 1
+    assert "strength_ratio" in saved and "extracted" in saved
+    text = capsys.readouterr().out  # progress lines, then the metrics as indented JSON
+    printed = json.loads(text[text.index("{\n") : text.index("\n}\n") + 2])
+    assert printed["fid"] == pytest.approx(saved["fid"], abs=1e-4)
     assert main(["eval", "--data", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     assert main(["eval", "--data", str(data), "--out", str(tmp_path), "--n-prompts", "0"]) == 2
 

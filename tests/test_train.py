@@ -266,34 +266,45 @@ def test_a_probe_is_logged_before_a_callback_can_end_the_run(data, tmp_path):
     assert [line["probe"]["step"] for line in log if "probe" in line] == [2]
 
 
-def test_cli_train_writes_delta_and_log(data, tmp_path, capsys):
+def test_cli_train_writes_delta_and_log(data, tmp_path, capsys, monkeypatch):
+    """Each flag lands where `capsearch train` puts it: the fine-tune's settings and method spec, and
+    the records it writes (result, log, delta spec, TensorBoard rates)."""
+    import capsearch.training.loop as train_mod
     from capsearch.cli import main
+    from capsearch.training.tblog import LOSS_TAG, read_scalars
 
-    rc = main(
-        [
-            "train",
-            "--model",
-            "tiny:random",
-            "--data",
-            str(data),
-            "--method",
-            "svdiff",
-            "--units",
-            "mid_block",
-            "--steps",
-            "2",
-            "--batch-size",
-            "2",
-            "--out",
-            str(tmp_path / "o"),
-            "--mitigation",
-            "rwa:k=1,p=1",
-        ]
-    )
+    seen, real = [], train_mod.finetune
+
+    def spy(pipe, spec, data, cfg, **kw):
+        seen.append((pipe.spec, spec, cfg, kw))
+        return real(pipe, spec, data, cfg, **kw)
+
+    monkeypatch.setattr(train_mod, "finetune", spy)
+    out = tmp_path / "o"
+    rc = main(["train", "--model", "tiny:random", "--data", str(data), "--method", "svdiff",
+               "--units", "mid_block", "--param", "lr_1d=0.02", "--steps", "2", "--batch-size", "2",
+               "--lr", "3e-3", "--seed", "5", "--out", str(out), "--mitigation", "rwa:k=1,p=1"])  # fmt: skip
     assert rc == 0
-    assert (tmp_path / "o" / "delta" / "spec.json").exists() and (
-        tmp_path / "o" / "train_log.jsonl"
-    ).exists()
+    (model, spec, cfg, kw), = seen  # fmt: skip
+    assert model == "tiny:random" and kw == {"out_dir": out, "resume": False}
+    assert spec == [{"method": "svdiff", "units": "mid_block", "lr_1d": 0.02}]
+    rwa = [{"name": "rwa", "k": 1, "p": 1}]
+    assert cfg == TrainSettings(steps=2, batch_size=2, lr=3e-3, seed=5, size=32, mitigations=rwa)
+    result = json.loads((out / "train_result.json").read_text())
+    assert result["status"] == "ok" and result["steps"] == 2 and [s for s, _ in result["losses"]] == [2]
+    assert result["mitigation_counts"]["rwa"] == 2 * 2  # p=1: every caption of 2 steps × 2
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in log] == [2] and log[0]["mitigations"]["rwa"] == 4
+    delta = json.loads((out / "delta" / "spec.json").read_text())
+    assert delta["base_model"] == "tiny:random"
+    assert [(e["method"], e["units"], e["lr_1d"]) for e in delta["methods"]] == [
+        ("svdiff", "mid_block", 0.02)
+    ]
+    assert delta["trainable_parameters"] == result["trainable"]
+    scalars = read_scalars(out)  # constant schedule: --lr for the spectral shifts, lr_1d for norms'
+    assert [s for s, _ in scalars[LOSS_TAG]] == [1, 2]
+    assert scalars["lr/vectors"] == [(1, pytest.approx(3e-3)), (2, pytest.approx(3e-3))]
+    assert scalars["lr/vectors_0.02"] == [(1, pytest.approx(0.02)), (2, pytest.approx(0.02))]
     assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
 
