@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from capsearch.cli import main
 from capsearch.config import load_spec
@@ -235,6 +236,7 @@ def test_cli_writes_a_transfer_world(tmp_path: Path, capsys: pytest.CaptureFixtu
     direct = tmp_path / "direct"  # --patients, --size and --seed reach the world too
     write_phantom_dataset(direct, patients=4, size=32, seed=3, avoid_reports_of=avoid)
     assert (out / METADATA).read_bytes() == (direct / METADATA).read_bytes()
+    assert all(Image.open(out / r["file_name"]).size == (32, 32) for r in _records(out))
 
 
 @pytest.mark.parametrize(
