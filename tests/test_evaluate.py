@@ -164,8 +164,46 @@ def test_eval_cli(data, tmp_path, capsys, monkeypatch):
     text = capsys.readouterr().out  # progress lines, then the metrics as indented JSON
     printed = json.loads(text[text.index("{\n") : text.index("\n}\n") + 2])
     assert printed["fid"] == pytest.approx(saved["fid"], abs=1e-4)
+    _eval_cli_applies_the_delta(data, tmp_path, monkeypatch, capsys)
     assert main(["eval", "--data", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     assert main(["eval", "--data", str(data), "--out", str(tmp_path), "--n-prompts", "0"]) == 2
+
+
+def _eval_cli_applies_the_delta(data, tmp_path, monkeypatch, capsys):
+    """`--delta`: the UNet evaluated carries the delta's tensors (the evaluation itself stubbed)."""
+    import torch
+    from safetensors.torch import load_file
+
+    import capsearch.metrics.evaluate as evaluate_module
+    from capsearch.cli import main
+    from capsearch.methods import apply_methods
+    from capsearch.models.delta import save_delta
+
+    unet = load_pipeline("tiny:random").unet
+    applied = apply_methods(unet, [{"method": "bitfit", "units": "mid_block"}])
+    with torch.no_grad():
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    save_delta(unet, tmp_path / "delta", applied=applied, base_model="tiny:random")
+    evaluated = []
+
+    def stub(pipe, root, config, out_dir=None, progress=False):
+        evaluated.append((dict(pipe.unet.named_parameters()), root, config.n_prompts, out_dir))
+        return {"fid": 1.0}
+
+    monkeypatch.setattr(evaluate_module, "evaluate", stub)
+    out = tmp_path / "with_delta"
+    argv = ["eval", "--model", "tiny:random", "--delta", str(tmp_path / "delta"), "--data",
+            str(data), "--out", str(out), "--n-prompts", "3"]  # fmt: skip
+    assert main(argv) == 0
+    ((params, root, n_prompts, out_dir),) = evaluated
+    assert (root, n_prompts, out_dir) == (data, 3, out)
+    tensors = load_file(tmp_path / "delta" / "delta.safetensors")
+    base = dict(load_pipeline("tiny:random").unet.named_parameters())
+    assert tensors and all(torch.equal(params[n], t) for n, t in tensors.items())
+    assert all(not torch.equal(params[n], base[n]) for n in tensors)  # not the base's
+    capsys.readouterr()
 
 
 def test_fid_reference_is_held_out_and_large_enough(data, tmp_path):

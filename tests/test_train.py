@@ -13,7 +13,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from capsearch.errors import UserError
 from capsearch.models.load import load_pipeline
 from capsearch.training import precision
-from capsearch.training.loop import TrainSettings, finetune
+from capsearch.training.loop import TrainResult, TrainSettings, finetune
 from capsearch.worlds.phantom import write_phantom_dataset
 
 
@@ -305,6 +305,16 @@ def test_cli_train_writes_delta_and_log(data, tmp_path, capsys, monkeypatch):
     assert [s for s, _ in scalars[LOSS_TAG]] == [1, 2]
     assert scalars["lr/vectors"] == [(1, pytest.approx(3e-3)), (2, pytest.approx(3e-3))]
     assert scalars["lr/vectors_0.02"] == [(1, pytest.approx(0.02)), (2, pytest.approx(0.02))]
+    # --spec (over --method), --resume and --device, the fine-tune itself stubbed this time
+    entries = [{"method": "lora", "units": "mid_block:*_attn", "rank": 2}, {"method": "bitfit"}]
+    (tmp_path / "spec.json").write_text(json.dumps(entries))
+    seen.clear()
+    monkeypatch.setattr(train_mod, "finetune", lambda pipe, spec, data, cfg, **kw: seen.append(
+        (str(pipe.device), spec, kw)) or TrainResult("ok", 2, 0.1, 1, 2, 0.0))  # fmt: skip
+    again = ["train", "--model", "tiny:random", "--data", str(data), "--method", "svdiff",
+             "--spec", str(tmp_path / "spec.json"), "--resume", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert main(again) == 0
+    assert seen == [("cpu", entries, {"out_dir": out, "resume": True})]
     assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
 
