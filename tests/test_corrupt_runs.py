@@ -87,7 +87,9 @@ def _assert_exported_t001(export: Path, run: Path) -> None:
     """The export holds --trial t001's delta (DiffFit), not another trial's."""
     from safetensors.torch import load_file
 
-    got, want = (load_file(f / "delta" / "delta.safetensors") for f in (export, run / "trials/t001"))
+    got, want = (
+        load_file(f / "delta" / "delta.safetensors") for f in (export, run / "trials/t001")
+    )
     assert got.keys() == want.keys() and got and all((got[k] == want[k]).all() for k in got)
     methods = json.loads((export / "delta" / "spec.json").read_text())["methods"]
     assert {e["method"] for e in methods} == {"difffit"}

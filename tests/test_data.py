@@ -161,7 +161,10 @@ def test_cli_writes_a_phantom_dataset(tmp_path: Path, capsys: pytest.CaptureFixt
     splits = {s: sum(r["split"] == s for r in records) for s in ("train", "validate", "test")}
     text = capsys.readouterr().out
     assert f"wrote {len(records)} images of 4 patients" in text
-    assert f"splits: train {splits['train']}, validate {splits['validate']}, test {splits['test']}" in text
+    assert (
+        f"splits: train {splits['train']}, validate {splits['validate']}, test {splits['test']}"
+        in text
+    )
     assert splits["validate"] >= 2 and splits["test"] >= 2  # --held-out-images
     groups = [r["dup_group"] for r in records if r["dup_group"] is not None]
     assert groups and all(groups.count(g) == 3 for g in groups)  # --dup-copies

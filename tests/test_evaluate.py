@@ -147,7 +147,9 @@ def test_eval_cli(data, tmp_path, capsys, monkeypatch):
     from capsearch.cli import main
 
     loaded = []
-    monkeypatch.setattr(load, "load_pipeline", lambda spec: loaded.append(spec) or load_pipeline(spec))
+    monkeypatch.setattr(
+        load, "load_pipeline", lambda spec: loaded.append(spec) or load_pipeline(spec)
+    )
 
     flags = {"n_prompts": 2, "n_per_prompt": 2, "steps": 2, "extraction_prompts": 1,
              "extraction_n": 3, "strength_prompts": 1, "strength_n": 1, "seed": 4, "guidance": 2.5}  # fmt: skip
@@ -159,7 +161,11 @@ def test_eval_cli(data, tmp_path, capsys, monkeypatch):
     settings = saved["settings"]
     assert {k: settings[k] for k in flags} == flags
     assert settings["extraction_guidance"] == 2.5  # none given: the attack samples at --guidance
-    assert settings["prompts"] == 2 and settings["samples"] == 2 * 2 and settings["attack_prompts"] == 1
+    assert (
+        settings["prompts"] == 2
+        and settings["samples"] == 2 * 2
+        and settings["attack_prompts"] == 1
+    )
     assert "strength_ratio" in saved and "extracted" in saved
     text = capsys.readouterr().out  # progress lines, then the metrics as indented JSON
     printed = json.loads(text[text.index("{\n") : text.index("\n}\n") + 2])

@@ -354,7 +354,9 @@ def test_compatible_sharing_is_allowed() -> None:
     deltas = sum(min(m.out_channels, m.weight[0].numel()) for m in resnet_convs)  # one per σ
     branches = ("attn1.to_out.0", "attn2.to_out.0", "ff.net.2")
     gammas = sum(m.out_features for n, m in modules.items() if n.endswith(branches))
-    gammas += sum(m.out_channels for n, m in modules.items() if ".resnets." in n and n.endswith("conv2"))
+    gammas += sum(
+        m.out_channels for n, m in modules.items() if ".resnets." in n and n.endswith("conv2")
+    )
     expected = sum(named[n].numel() for n in shared) + deltas + gammas
     assert count_trainable(unet) == expected
 

@@ -481,7 +481,9 @@ def test_threshold_scores(tiny_pipe):
     scores = threshold_scores(tiny_pipe.unet, noisy, t, cond, uncond)
     with torch.no_grad():
         pred = tiny_pipe.unet(noisy, t, encoder_hidden_states=cond).sample
-        pred_uncond = tiny_pipe.unet(noisy, t, encoder_hidden_states=uncond.expand(2, -1, -1)).sample
+        pred_uncond = tiny_pipe.unet(
+            noisy, t, encoder_hidden_states=uncond.expand(2, -1, -1)
+        ).sample
     expected = _l2_per_sample(pred, pred_uncond)
     assert scores.shape == (2,) and (expected > 0.1).all()
     np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-5, atol=1e-6)

@@ -107,7 +107,10 @@ def test_status_and_report_commands(run, capsys):
     assert main(["report", str(run)]) == 0
     assert capsys.readouterr().out == f"wrote {run / 'report.md'}\n"
     report = (run / "report.md").read_text()  # the run given, its trials in the table
-    assert report.startswith("# capsearch report: synthetic") and "| t002 | attn=difffit | 12.00 |" in report
+    assert (
+        report.startswith("# capsearch report: synthetic")
+        and "| t002 | attn=difffit | 12.00 |" in report
+    )
     assert main(["status", str(run / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

@@ -204,7 +204,9 @@ def test_an_sd2_model_trains_on_the_velocity(sd2_folder, data, monkeypatch):
     # DiffFit there: every bias, each norm's scale, one γ per output of attn1/attn2/ff's last layer
     block = "down_blocks.1.attentions."
     modules = {n: m for n, m in pipe.unet.named_modules() if n.startswith(block)}
-    expected = sum(v.numel() for n, v in before.items() if n.startswith(block) and n.endswith(".bias"))
+    expected = sum(
+        v.numel() for n, v in before.items() if n.startswith(block) and n.endswith(".bias")
+    )
     norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
     expected += sum(m.weight.numel() for m in modules.values() if isinstance(m, norms))
     ends = ("attn1.to_out.0", "attn2.to_out.0", "ff.net.2")

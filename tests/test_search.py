@@ -634,7 +634,9 @@ def test_a_real_search_runs_reports_resumes_and_exports(tmp_path, capsys, monkey
     assert (tmp_path / "e" / "unet" / "config.json").is_file()
     (difffit,) = [r for r in records if r.baseline == "difffit"]  # --trial's, not the best's
     exported = yaml.safe_load((tmp_path / "e" / "method_spec.yaml").read_text())
-    assert exported["methods"] == difffit.method_spec and exported["methods"][0]["method"] == "difffit"
+    assert (
+        exported["methods"] == difffit.method_spec and exported["methods"][0]["method"] == "difffit"
+    )
     assert exported["train"]["steps"] == 4
     print(f"micro search: {seconds:.1f} s")
     _resume_from_kept_records(run, spec_path, records, capsys)
@@ -759,7 +761,9 @@ def test_run_passes_each_flag_to_the_search(tmp_path, monkeypatch, capsys):
         return out
 
     monkeypatch.setattr(search_loop, "run_search", run_search)
-    monkeypatch.setattr(search_command, "_summarise", lambda run_dir, spec, console: run_dir / "report.md")
+    monkeypatch.setattr(
+        search_command, "_summarise", lambda run_dir, spec, console: run_dir / "report.md"
+    )
     spec_path, out = tmp_path / "micro.yaml", tmp_path / "run"
     spec_path.write_text(yaml.safe_dump(MICRO))
     argv = ["run", str(spec_path), "--out", str(out), "--resume", "--retry-errors", "--address",

@@ -291,7 +291,11 @@ def test_cli_train_writes_delta_and_log(data, tmp_path, capsys, monkeypatch):
     rwa = [{"name": "rwa", "k": 1, "p": 1}]
     assert cfg == TrainSettings(steps=2, batch_size=2, lr=3e-3, seed=5, size=32, mitigations=rwa)
     result = json.loads((out / "train_result.json").read_text())
-    assert result["status"] == "ok" and result["steps"] == 2 and [s for s, _ in result["losses"]] == [2]
+    assert (
+        result["status"] == "ok"
+        and result["steps"] == 2
+        and [s for s, _ in result["losses"]] == [2]
+    )
     assert result["mitigation_counts"]["rwa"] == 2 * 2  # p=1: every caption of 2 steps × 2
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [line["step"] for line in log] == [2] and log[0]["mitigations"]["rwa"] == 4

@@ -222,18 +222,24 @@ def test_cli_methods_and_units(
     named = dict(tiny.named_parameters())
     mid = {n: p.numel() for n, p in named.items() if n.startswith("mid_block.")}
     norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
-    mid_norms = [m for n, m in tiny.named_modules() if n.startswith("mid_block.") and isinstance(m, norms)]
+    mid_norms = [
+        m for n, m in tiny.named_modules() if n.startswith("mid_block.") and isinstance(m, norms)
+    ]
     assert trainable["freeze"] == 0 and trainable["full"] == sum(mid.values())
     assert trainable["bitfit"] == sum(v for n, v in mid.items() if n.endswith(".bias"))
     assert trainable["norm"] == sum(p.numel() for m in mid_norms for p in m.parameters())
-    assert trainable["attention"] == sum(v for n, v in mid.items() if n.startswith("mid_block.attentions."))
+    assert trainable["attention"] == sum(
+        v for n, v in mid.items() if n.startswith("mid_block.attentions.")
+    )
     total = sum(p.numel() for p in named.values())
     assert rows["full"][3] == f"{100 * sum(mid.values()) / total:.4f}"
     assert main(["units", "--model", "sd15-config", "--select", "mid_block:ff"]) == 0
     out = capsys.readouterr().out
     ff = "mid_block.attentions.0.transformer_blocks.0.ff."
     size = sum(p.numel() for n, p in sd15.named_parameters() if n.startswith(ff))
-    assert f"1 units of sd15-config ({sum(p.numel() for p in sd15.parameters()):,} parameters)" in out
+    assert (
+        f"1 units of sd15-config ({sum(p.numel() for p in sd15.parameters()):,} parameters)" in out
+    )
     assert _table_rows(out)["mid_block.attentions.0:ff"][1:3] == ["ff", f"{size:,}"]
     assert main(["units", "--select", "up_blocks.9"]) == 2
     assert "up_blocks.9" in capsys.readouterr().err
