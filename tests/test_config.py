@@ -66,7 +66,11 @@ def modified(**changes) -> dict:
 def test_shipped_specs_validate(path, capsys):
     assert main(["validate", str(ROOT / path)]) == 0
     out = capsys.readouterr().out
-    assert "valid spec" in out and "groups cover" in out
+    spec = load_spec(ROOT / path, check_model=False)  # the file given is the one described
+    assert out.startswith(f"{ROOT / path}: valid spec {spec.name!r} (model {spec.model})\n")
+    baselines = ", ".join(b.name for b in spec.baseline_points) or "none"
+    assert f"  baselines: {baselines}; searched trials: {spec.search.num_samples}\n" in out
+    assert "groups cover" in out
 
 
 def test_tiny_baselines_are_the_paper_methods_on_the_whole_unet():

@@ -229,3 +229,26 @@ def test_toy_broad_pretraining_resumes_in_chunks_and_loads(tmp_path: Path, one_t
         pretrain_shapes(out, steps=4, corpus="shapes", **settings)
     with pytest.raises(UserError, match="unknown corpus"):
         pretrain_shapes(tmp_path / "other", steps=1, corpus="laion", **settings)
+
+
+def test_cli_pretrain_shapes_passes_each_flag(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Each flag of `capsearch pretrain shapes` reaches pretrain_shapes, as the value it means
+    (--minutes as a budget in seconds); a real pretraining here would take tens of seconds."""
+    import capsearch.training.pretrain as pretrain
+
+    calls = []
+
+    def fake(out, **kwargs):
+        calls.append((out, kwargs))
+        return {"steps": kwargs["steps"], "final_loss_ema": 0.5, "train_seconds": 1.0}
+
+    monkeypatch.setattr(pretrain, "pretrain_shapes", fake)
+    out = tmp_path / "base"
+    argv = ["pretrain", "shapes", "--out", str(out), "--steps", "7", "--batch-size", "3",
+            "--lr", "2e-4", "--pool-size", "11", "--seed", "5", "--ema-decay", "0.9",
+            "--workers", "2", "--corpus", "broad", "--minutes", "1.5", "--time-limit", "30"]  # fmt: skip
+    assert main(argv) == 0
+    assert calls == [(out, {"steps": 7, "batch_size": 3, "lr": 2e-4, "pool_size": 11,
+                            "device": "cpu", "seed": 5, "ema_decay": 0.9, "workers": 2,
+                            "time_limit": 30.0, "time_budget": 90.0, "corpus": "broad"})]  # fmt: skip
+    assert capsys.readouterr().out == f"wrote {out} (7 steps, final loss 0.5, 1.0 s)\n"

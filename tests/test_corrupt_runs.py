@@ -83,6 +83,18 @@ def template(tmp_path_factory) -> tuple[Path, Path]:
     return spec_path, run
 
 
+def _assert_exported_t001(export: Path, run: Path) -> None:
+    """The export holds --trial t001's delta (DiffFit), not another trial's."""
+    from safetensors.torch import load_file
+
+    got, want = (
+        load_file(f / "delta" / "delta.safetensors") for f in (export, run / "trials/t001")
+    )
+    assert got.keys() == want.keys() and got and all((got[k] == want[k]).all() for k in got)
+    methods = json.loads((export / "delta" / "spec.json").read_text())["methods"]
+    assert {e["method"] for e in methods} == {"difffit"}
+
+
 def _cut(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -188,6 +200,7 @@ def test_a_corrupt_run_folder_gives_exit_0_or_one_line(
             assert fid in next(ln for ln in out.splitlines() if name in ln)
     elif command == "export":
         assert (tmp_path / "export" / "unet" / "config.json").is_file()
+        _assert_exported_t001(tmp_path / "export", run)
     else:  # report, resume: report.md lists the good trials
         report = (run / "report.md").read_text()
         assert "| t000 | **Freeze (baseline)** |" in report and "| t002 |" in report
@@ -268,7 +281,7 @@ def test_status_report_and_export_read_a_folder_a_search_holds(template, tmp_pat
         before = {k: v for k, v in _snapshot(run).items() if k != LOCK_FILE}
         assert main(["status", str(run)]) == 0
         assert main(["export", str(run), "--trial", "t001", "--out", str(tmp_path / "x")]) == 0
-        assert (tmp_path / "x" / "delta").is_dir()
+        _assert_exported_t001(tmp_path / "x", run)
         assert main(["report", str(run)]) == 0  # it writes report.md and its plots only
         written = (LOCK_FILE, "report.md", "pareto.png", "learning_curve.png")
         after = {k: v for k, v in _snapshot(run).items() if k not in written}

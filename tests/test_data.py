@@ -147,14 +147,35 @@ def test_check_finds_every_kind_of_problem(tmp_path: Path, capsys: pytest.Captur
 
 def test_check_clean_phantom_exits_0(phantom_dir: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["data", "check", str(phantom_dir)]) == 0
-    assert "no problems" in capsys.readouterr().out
+    records = len(read_metadata(phantom_dir))
+    assert f"{records} records, no problems found" in " ".join(capsys.readouterr().out.split())
 
 
 def test_cli_writes_a_phantom_dataset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Every flag reaches the world: the folder is the one the library writes with those settings."""
     out = tmp_path / "ph"
-    assert main(["data", "phantom", "--out", str(out), "--patients", "4", "--size", "32"]) == 0
-    assert "wrote" in capsys.readouterr().out
-    assert len(read_metadata(out)) == len(list((out / "images").glob("*.png")))
+    argv = ["--patients", "4", "--size", "32", "--seed", "2", "--dup-fraction", "0.5",
+            "--dup-copies", "3", "--held-out-images", "2"]  # fmt: skip
+    assert main(["data", "phantom", "--out", str(out), *argv]) == 0
+    records = read_metadata(out)
+    splits = {s: sum(r["split"] == s for r in records) for s in ("train", "validate", "test")}
+    text = capsys.readouterr().out
+    assert f"wrote {len(records)} images of 4 patients" in text
+    assert (
+        f"splits: train {splits['train']}, validate {splits['validate']}, test {splits['test']}"
+        in text
+    )
+    assert splits["validate"] >= 2 and splits["test"] >= 2  # --held-out-images
+    groups = [r["dup_group"] for r in records if r["dup_group"] is not None]
+    assert groups and all(groups.count(g) == 3 for g in groups)  # --dup-copies
+    assert f"{len(set(groups))} images x 3 copies" in text
+    train_patients = {r["patient_id"] for r in records if r["split"] == "train"}
+    assert len(train_patients) <= 4 < len({r["patient_id"] for r in records})  # held-out ones added
+    assert all(Image.open(out / r["file_name"]).size == (32, 32) for r in records)  # --size
+    direct = write_phantom_dataset(tmp_path / "direct", patients=4, size=32, seed=2,
+                                   dup_fraction=0.5, dup_copies=3, held_out_images=2)  # fmt: skip
+    assert read_metadata(direct.parent) == records  # --seed and --dup-fraction too
+    assert len(list((out / "images").glob("*.png"))) == len(records)
 
 
 @pytest.mark.parametrize(

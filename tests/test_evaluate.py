@@ -141,37 +141,75 @@ def test_a_metric_is_one_row_and_only_the_stages_its_rows_need_run(data, monkeyp
     assert "strength_ratio" not in m and "kid" not in m and "extracted" in m
 
 
-def test_eval_cli(data, tmp_path, capsys):
+def test_eval_cli(data, tmp_path, capsys, monkeypatch):
+    """Each flag lands in metrics.json's settings, and in the counts of what the evaluation did."""
+    import capsearch.models.load as load
     from capsearch.cli import main
 
-    rc = main(
-        [
-            "eval",
-            "--model",
-            "tiny:random",
-            "--data",
-            str(data),
-            "--out",
-            str(tmp_path),
-            "--n-prompts",
-            "2",
-            "--n-per-prompt",
-            "2",
-            "--steps",
-            "2",
-            "--extraction-prompts",
-            "1",
-            "--extraction-n",
-            "3",
-            "--strength-prompts",
-            "1",
-            "--strength-n",
-            "1",
-        ]
+    loaded = []
+    monkeypatch.setattr(
+        load, "load_pipeline", lambda spec: loaded.append(spec) or load_pipeline(spec)
     )
-    assert rc == 0 and (tmp_path / "metrics.json").exists()
+
+    flags = {"n_prompts": 2, "n_per_prompt": 2, "steps": 2, "extraction_prompts": 1,
+             "extraction_n": 3, "strength_prompts": 1, "strength_n": 1, "seed": 4, "guidance": 2.5}  # fmt: skip
+    argv = [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    out = tmp_path / "e"
+    rc = main(["eval", "--model", "tiny:random", "--data", str(data), "--out", str(out), *argv])
+    assert rc == 0 and loaded == ["tiny:random"] and (out / "samples.png").exists()
+    saved = json.loads((out / "metrics.json").read_text())
+    settings = saved["settings"]
+    assert {k: settings[k] for k in flags} == flags
+    assert settings["extraction_guidance"] == 2.5  # none given: the attack samples at --guidance
+    assert (
+        settings["prompts"] == 2
+        and settings["samples"] == 2 * 2
+        and settings["attack_prompts"] == 1
+    )
+    assert "strength_ratio" in saved and "extracted" in saved
+    text = capsys.readouterr().out  # progress lines, then the metrics as indented JSON
+    printed = json.loads(text[text.index("{\n") : text.index("\n}\n") + 2])
+    assert printed["fid"] == pytest.approx(saved["fid"], abs=1e-4)
+    _eval_cli_applies_the_delta(data, tmp_path, monkeypatch, capsys)
     assert main(["eval", "--data", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     assert main(["eval", "--data", str(data), "--out", str(tmp_path), "--n-prompts", "0"]) == 2
+
+
+def _eval_cli_applies_the_delta(data, tmp_path, monkeypatch, capsys):
+    """`--delta`: the UNet evaluated carries the delta's tensors (the evaluation itself stubbed)."""
+    import torch
+    from safetensors.torch import load_file
+
+    import capsearch.metrics.evaluate as evaluate_module
+    from capsearch.cli import main
+    from capsearch.methods import apply_methods
+    from capsearch.models.delta import save_delta
+
+    unet = load_pipeline("tiny:random").unet
+    applied = apply_methods(unet, [{"method": "bitfit", "units": "mid_block"}])
+    with torch.no_grad():
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    save_delta(unet, tmp_path / "delta", applied=applied, base_model="tiny:random")
+    evaluated = []
+
+    def stub(pipe, root, config, out_dir=None, progress=False):
+        evaluated.append((dict(pipe.unet.named_parameters()), root, config.n_prompts, out_dir))
+        return {"fid": 1.0}
+
+    monkeypatch.setattr(evaluate_module, "evaluate", stub)
+    out = tmp_path / "with_delta"
+    argv = ["eval", "--model", "tiny:random", "--delta", str(tmp_path / "delta"), "--data",
+            str(data), "--out", str(out), "--n-prompts", "3"]  # fmt: skip
+    assert main(argv) == 0
+    ((params, root, n_prompts, out_dir),) = evaluated
+    assert (root, n_prompts, out_dir) == (data, 3, out)
+    tensors = load_file(tmp_path / "delta" / "delta.safetensors")
+    base = dict(load_pipeline("tiny:random").unet.named_parameters())
+    assert tensors and all(torch.equal(params[n], t) for n, t in tensors.items())
+    assert all(not torch.equal(params[n], base[n]) for n in tensors)  # not the base's
+    capsys.readouterr()
 
 
 def test_fid_reference_is_held_out_and_large_enough(data, tmp_path):

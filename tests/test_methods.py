@@ -329,6 +329,8 @@ def test_incompatible_entries_are_refused(spec: list) -> None:
 
 
 def test_compatible_sharing_is_allowed() -> None:
+    """Entries that share tensors train each once: the count is the union of the base tensors they
+    train plus the tensors each adds (SVDiff's δ, DiffFit's γ), here from names and shapes alone."""
     unet = build_tiny_unet()
     apply_methods(
         unet,
@@ -339,7 +341,24 @@ def test_compatible_sharing_is_allowed() -> None:
             {"method": "attention", "units": "mid_block"},
         ],
     )
-    assert count_trainable(unet) > 0
+    base = build_tiny_unet()
+    named, modules = dict(base.named_parameters()), dict(base.named_modules())
+    norms = {f"{n}.{w}" for n, m in modules.items() if _is_norm(m) for w in ("weight", "bias")}
+    shared = {n for n in named if n.endswith(".bias")} | norms  # DiffFit on every unit
+    ff = "mid_block.attentions.0.transformer_blocks.0.ff."
+    shared |= {n for n in named if n.startswith(ff)}  # Full on the mid-block's feed-forward
+    shared |= {n for n in named if n.startswith("mid_block.attentions.")}  # Attn Tuning there
+    resnet_convs = [
+        m for n, m in modules.items() if ".resnets." in n and isinstance(m, torch.nn.Conv2d)
+    ]
+    deltas = sum(min(m.out_channels, m.weight[0].numel()) for m in resnet_convs)  # one per σ
+    branches = ("attn1.to_out.0", "attn2.to_out.0", "ff.net.2")
+    gammas = sum(m.out_features for n, m in modules.items() if n.endswith(branches))
+    gammas += sum(
+        m.out_channels for n, m in modules.items() if ".resnets." in n and n.endswith("conv2")
+    )
+    expected = sum(named[n].numel() for n in shared) + deltas + gammas
+    assert count_trainable(unet) == expected
 
 
 @pytest.mark.parametrize(

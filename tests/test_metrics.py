@@ -430,32 +430,70 @@ def test_extraction_attack_reports_prompts_whose_cliques_were_capped(monkeypatch
     assert attack().settings["prompts_with_capped_cliques"] == 2
 
 
-def test_denoising_strength_properties(tiny_pipe):
+def _l2_per_sample(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """‖a_i − b_i‖₂ over all of sample i's values, in float64 numpy (Wen et al. 2024, eq. 4)."""
+    diff = a.detach().double().numpy() - b.detach().double().numpy()
+    return np.sqrt((diff.reshape(len(diff), -1) ** 2).sum(axis=1))
+
+
+def test_denoising_strength_properties(tiny_pipe, monkeypatch):
+    """s(p) = 1/(nT) Σ_i Σ_t ‖ε(x_t⁽ⁱ⁾, e_p) − ε(x_t⁽ⁱ⁾, e_∅)‖₂ (docs/metrics.md), recomputed here in numpy
+    from the two noise predictions `generate` passes to its on_step hook at every step."""
+    import capsearch.models.sampling as sampling
+
+    seen = []  # (first sample, timestep, ε_uncond, ε_cond) of every step of every chunk
+    real_generate = sampling.generate
+
+    def generate(*args, on_step=None, **kwargs):
+        def record(first, t, eps_u, eps_c):
+            seen.append((first, int(t), eps_u.clone(), eps_c.clone()))
+            on_step(first, t, eps_u, eps_c)
+
+        return real_generate(*args, on_step=record, **kwargs)
+
+    monkeypatch.setattr(sampling, "generate", generate)
     prompts = ["no acute findings", "large left pleural effusion", ""]
     values = denoising_strength_per_prompt(tiny_pipe, prompts, steps=2, n=2, seed=1, batch_size=2)
     assert values.shape == (3,)
+    per_sample: dict[int, list[float]] = {}
+    for first, _, eps_u, eps_c in seen:
+        for offset, norm in enumerate(_l2_per_sample(eps_c, eps_u)):
+            per_sample.setdefault(first + offset, []).append(norm)
+    assert sorted(per_sample) == list(range(6)) and all(len(v) == 2 for v in per_sample.values())
+    expected = [np.mean([np.mean(per_sample[2 * p + i]) for i in range(2)]) for p in range(3)]
+    assert expected[0] > 0.1 and expected[1] > 0.1  # the prompts pull: a real value to match
+    np.testing.assert_allclose(values.numpy(), expected, rtol=1e-6, atol=1e-7)
     assert float(values[2]) == 0.0  # the empty prompt is the unconditional embedding
-    assert (values[:2] > 0).all()
+    seen.clear()
     mean = denoising_strength(tiny_pipe, prompts, steps=2, n=2, seed=1, batch_size=64)
     # Same value whether prompts were batched one by one or all together.
-    assert mean == pytest.approx(float(values.mean()), rel=1e-5)
+    assert mean == pytest.approx(float(np.mean(expected)), rel=1e-5)
     other_seed = denoising_strength_per_prompt(tiny_pipe, prompts[:1], steps=2, n=2, seed=2)
     assert not torch.allclose(values[:1], other_seed)
 
 
 def test_threshold_scores(tiny_pipe):
+    """The per-sample ‖ε(x_t, e_p) − ε(x_t, e_∅)‖₂, recomputed in numpy from the two predictions."""
     prompts = ["no acute findings", "cardiomegaly"]
     cond, uncond = tiny_pipe.encode_prompts(prompts), tiny_pipe.encode_prompts([""])
     noisy = _randn(2, 1, 32, 32, seed=14)
     t = torch.tensor([100, 700])
     scores = threshold_scores(tiny_pipe.unet, noisy, t, cond, uncond)
-    assert scores.shape == (2,) and (scores > 0).all()
-    same = threshold_scores(tiny_pipe.unet, noisy, t, uncond.expand(2, -1, -1), uncond)
-    assert torch.allclose(same, torch.zeros(2), atol=1e-6)
     with torch.no_grad():
         pred = tiny_pipe.unet(noisy, t, encoder_hidden_states=cond).sample
+        pred_uncond = tiny_pipe.unet(
+            noisy, t, encoder_hidden_states=uncond.expand(2, -1, -1)
+        ).sample
+    expected = _l2_per_sample(pred, pred_uncond)
+    assert scores.shape == (2,) and (expected > 0.1).all()
+    np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-5, atol=1e-6)
+    same = threshold_scores(tiny_pipe.unet, noisy, t, uncond.expand(2, -1, -1), uncond)
+    assert torch.allclose(same, torch.zeros(2), atol=1e-6)
     reused = threshold_scores(tiny_pipe.unet, noisy, t, cond, uncond, cond_pred=pred)
-    assert torch.allclose(reused, scores, atol=1e-5)
+    np.testing.assert_allclose(reused.numpy(), expected, rtol=1e-5, atol=1e-6)
+    shifted = threshold_scores(tiny_pipe.unet, noisy, t, cond, uncond, cond_pred=pred + 1.0)
+    expected_shift = _l2_per_sample(pred + 1.0, pred_uncond)  # the given prediction is the one used
+    np.testing.assert_allclose(shifted.numpy(), expected_shift, rtol=1e-5, atol=1e-6)
 
 
 # --- alignment -----------------------------------------------------------------------------------------

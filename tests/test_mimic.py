@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import json
 import shutil
 from pathlib import Path
 
@@ -121,10 +120,21 @@ def test_missing_images_and_tables(tmp_path: Path) -> None:
 
 
 def test_cli_mimic(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--root's images, --out's metadata.jsonl, --reports' captions: the records the library writes."""
     root = _make_tree(tmp_path / "mimic")
     assert main(["data", "mimic", "--root", str(root), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "wrote 3 frontal images" in out and "not a frontal view" in out
-    lines = (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()
-    assert all(json.loads(line)["dup_group"] is None for line in lines)
+    assert "splits: test 1, train 2" in out and "left out 1: report has no IMPRESSION" in out
+    records = read_metadata(tmp_path / "out")
+    assert all(r["dup_group"] is None for r in records)
+    assert sorted(Path(r["file_name"]).stem for r in records) == ["d1pa", "d3ap", "d4pa"]
+    assert all(Path(r["file_name"]).is_relative_to(root / "files") for r in records)
+    write_mimic_metadata(root, tmp_path / "direct")
+    assert read_metadata(tmp_path / "direct") == records
     assert main(["data", "check", str(tmp_path / "out")]) == 0
+    jpg = _make_tree(tmp_path / "jpg", reports_root=tmp_path / "reports")
+    argv = ["data", "mimic", "--root", str(jpg), "--out", str(tmp_path / "sep")]
+    assert main([*argv, "--reports", str(tmp_path / "reports")]) == 0
+    separate = read_metadata(tmp_path / "sep")
+    assert [r["text"] for r in separate] == [r["text"] for r in records]

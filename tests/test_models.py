@@ -120,3 +120,49 @@ def test_hub_id_from_local_cache(random_pipe, tmp_path, monkeypatch):
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
     pipe = load_pipeline("acme/tiny-sd")
     assert pipe.unet.config.in_channels == 1
+
+
+def test_cli_sample_draws_what_its_flags_say(tmp_path, monkeypatch, capsys):
+    """`capsearch sample`'s images are generate's for --prompt, --n, --steps, --guidance,
+    --scheduler and --seed on --model with --delta applied; the grid has --n per row."""
+    import capsearch.models.sampling as sampling
+    from capsearch.cli import main
+    from capsearch.methods import apply_methods
+    from capsearch.models.delta import load_delta, save_delta
+
+    trained = load_pipeline("tiny")  # the shipped base: its samples are not saturated
+    applied = apply_methods(trained.unet, [{"method": "bitfit", "units": "mid_block"}])
+    with torch.no_grad():  # a "trained" delta: every trainable tensor moved from its init
+        for p in trained.unet.parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    save_delta(trained.unet, tmp_path / "delta", applied=applied, base_model="tiny")
+    drawn, grids = [], []
+    real_generate, real_grid = sampling.generate, sampling.save_grid
+
+    def spy_generate(*args, **kwargs):
+        drawn.append((args[1:], kwargs, real_generate(*args, **kwargs)))
+        return drawn[-1][2]
+
+    def spy_grid(images, path, nrow=8, captions=None):
+        grids.append((nrow, captions))
+        real_grid(images, path, nrow=nrow, captions=captions)
+
+    monkeypatch.setattr(sampling, "generate", spy_generate)
+    monkeypatch.setattr(sampling, "save_grid", spy_grid)
+    out = tmp_path / "grid" / "s.png"
+    prompts = ["small left pleural effusion", "no acute process"]
+    argv = ["sample", "--model", "tiny", "--delta", str(tmp_path / "delta"),
+            "--prompt", prompts[0], "--prompt", prompts[1], "--n", "3", "--steps", "2",
+            "--guidance", "2.0", "--scheduler", "unipc", "--seed", "7", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert capsys.readouterr().out == f"wrote {out} (6 images)\n"
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert grids == [(3, [prompts[0]] * 3 + [prompts[1]] * 3)]
+    ((args, kwargs, images),) = drawn
+    assert args == (prompts, 3, 2, 2.0, 7) and kwargs == {"scheduler": "unipc"}
+    pipe = load_pipeline("tiny")
+    without = real_generate(pipe, prompts, 3, 2, 2.0, 7, scheduler="unipc")
+    pipe.unet = load_delta(pipe.unet, tmp_path / "delta")
+    assert torch.equal(images, real_generate(pipe, prompts, 3, 2, 2.0, 7, scheduler="unipc"))
+    assert (images - without).abs().max() > 1e-3  # the delta was applied

@@ -105,7 +105,12 @@ def test_status_and_report_commands(run, capsys):
     assert "t004" in out and "running" in out and "Freeze" in out
     assert "1 error, 3 ok, 1 running; 10 planned (2 baselines)" in out
     assert main(["report", str(run)]) == 0
-    assert "report.md" in capsys.readouterr().out
+    assert capsys.readouterr().out == f"wrote {run / 'report.md'}\n"
+    report = (run / "report.md").read_text()  # the run given, its trials in the table
+    assert (
+        report.startswith("# capsearch report: synthetic")
+        and "| t002 | attn=difffit | 12.00 |" in report
+    )
     assert main(["status", str(run / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

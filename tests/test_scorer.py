@@ -137,3 +137,20 @@ def test_shipped_scorer_reads_fresh_phantoms(phantoms: Path):
     assert agreement > 0.5
     shuffled = float(model.score(images, data.captions[1:] + data.captions[:1]).mean())
     assert shuffled < agreement
+
+
+def test_cli_pretrain_scorer_passes_each_flag(tmp_path: Path, monkeypatch, capsys):
+    """Each flag of `capsearch pretrain scorer` reaches train_scorer (tested above, for real)."""
+    import capsearch.metrics.scorer as scorer
+    from capsearch.cli import main
+
+    calls = []
+    monkeypatch.setattr(scorer, "train_scorer",
+                        lambda *args, **kwargs: calls.append((args, kwargs)) or {"auroc": 0.75})  # fmt: skip
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    argv = ["pretrain", "scorer", "--data", str(data), "--out", str(out), "--epochs", "3",
+            "--size", "16", "--seed", "4"]  # fmt: skip
+    assert main(argv) == 0
+    assert calls == [((data, out), {"epochs": 3, "size": 16, "seed": 4, "progress": True})]
+    assert capsys.readouterr().out == f"wrote {out}: held-out AUROC 0.75\n"

@@ -201,9 +201,20 @@ def test_an_sd2_model_trains_on_the_velocity(sd2_folder, data, monkeypatch):
     monkeypatch.setattr(train_mod, "_target", spy)
     pipe = load_pipeline(str(sd2_folder))
     before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    # DiffFit there: every bias, each norm's scale, one γ per output of attn1/attn2/ff's last layer
+    block = "down_blocks.1.attentions."
+    modules = {n: m for n, m in pipe.unet.named_modules() if n.startswith(block)}
+    expected = sum(
+        v.numel() for n, v in before.items() if n.startswith(block) and n.endswith(".bias")
+    )
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    expected += sum(m.weight.numel() for m in modules.values() if isinstance(m, norms))
+    ends = ("attn1.to_out.0", "attn2.to_out.0", "ff.net.2")
+    expected += sum(m.out_features for n, m in modules.items() if n.endswith(ends))
     spec = [{"method": "difffit", "units": "down_blocks.1.attentions"}]
     result = finetune(pipe, spec, data, _cfg(), quiet=True)
-    assert result.status == "ok" and result.steps == 2 and result.trainable > 0
+    assert result.status == "ok" and result.steps == 2
+    assert result.trainable == expected
     assert len(seen) == 2
     for target, velocity, noise, shape in seen:
         assert shape == (2, 4, 8, 8)  # 64 px through the VAE's factor 8

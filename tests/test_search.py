@@ -629,9 +629,15 @@ def test_a_real_search_runs_reports_resumes_and_exports(tmp_path, capsys, monkey
         t: (run / "trials" / t / "final" / "result.json").stat().st_mtime for t in finals
     }
     assert main(["status", str(run)]) == 0
-    assert "3 ok" in capsys.readouterr().out
+    assert "3 ok; 3 planned (2 baselines)" in " ".join(capsys.readouterr().out.split())
     assert main(["export", str(run), "--trial", "difffit", "--out", str(tmp_path / "e")]) == 0
     assert (tmp_path / "e" / "unet" / "config.json").is_file()
+    (difffit,) = [r for r in records if r.baseline == "difffit"]  # --trial's, not the best's
+    exported = yaml.safe_load((tmp_path / "e" / "method_spec.yaml").read_text())
+    assert (
+        exported["methods"] == difffit.method_spec and exported["methods"][0]["method"] == "difffit"
+    )
+    assert exported["train"]["steps"] == 4
     print(f"micro search: {seconds:.1f} s")
     _resume_from_kept_records(run, spec_path, records, capsys)
     # A second search on the same data reuses the finished DiffFit baseline: no step trained again.
@@ -732,6 +738,42 @@ def test_default_run_dir(tmp_path, monkeypatch):
     assert default_run_dir("tiny", resume=False) == Path("runs/tiny-2")
     Path("runs/tiny-2").mkdir()
     assert default_run_dir("tiny", resume=True) == Path("runs/tiny-2")
+
+
+def test_run_passes_each_flag_to_the_search(tmp_path, monkeypatch, capsys):
+    """`capsearch run`'s flags where they land (the search itself is stubbed: the tests above run
+    it for real): --set in the spec searched, --out, --resume and --retry-errors in run_search,
+    --address and --dashboard in the Ray connection, which is closed again."""
+    import capsearch.commands.search as search_command
+    import capsearch.search.loop as search_loop
+    from capsearch.cli import main
+    from capsearch.search import cluster
+
+    monkeypatch.setenv("COLUMNS", "300")  # rich wraps no path
+    seen = {}
+    monkeypatch.setattr(cluster, "reap_orphans", lambda: [])
+    monkeypatch.setattr(cluster, "connect",
+                        lambda address, dashboard, console: seen.update(connect=(address, dashboard)) or True)  # fmt: skip
+    monkeypatch.setattr(cluster, "stop_local_ray", lambda: seen.update(stopped=True))
+
+    def run_search(spec, out, resume, console, callbacks, retry_errors):
+        seen["search"] = (spec.search.num_samples, spec.train.steps, out, resume, retry_errors)
+        return out
+
+    monkeypatch.setattr(search_loop, "run_search", run_search)
+    monkeypatch.setattr(
+        search_command, "_summarise", lambda run_dir, spec, console: run_dir / "report.md"
+    )
+    spec_path, out = tmp_path / "micro.yaml", tmp_path / "run"
+    spec_path.write_text(yaml.safe_dump(MICRO))
+    argv = ["run", str(spec_path), "--out", str(out), "--resume", "--retry-errors", "--address",
+            "auto", "--dashboard", "--set", "search.num_samples=5", "--set", "train.steps=3"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert seen == {"connect": ("auto", True), "search": (5, 3, out, True, True), "stopped": True}
+    assert f"report: {out / 'report.md'}" in capsys.readouterr().out
+    seen.clear()  # the defaults: a new run, its own local Ray, no dashboard, the spec as written
+    assert main(["run", str(spec_path), "--out", str(out)]) == 0
+    assert seen == {"connect": (None, False), "search": (1, 4, out, False, False), "stopped": True}
 
 
 @pytest.mark.slow

@@ -211,7 +211,11 @@ def test_report_command_over_several_runs(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["report", str(a), str(b), "--out", str(out)]) == 0
     assert (out / "report.md").is_file() and (out / "quality_memorisation.png").is_file()
-    assert str(out / "report.md") in capsys.readouterr().out
+    assert capsys.readouterr().out == f"wrote {out / 'report.md'}\n"
+    text = (out / "report.md").read_text()  # both runs given, each as its seed
+    assert f"- `{a}`: spec `paper_table1`, seed 0, 2 finished" in text
+    assert f"- `{b}`: spec `paper_table1`, seed 1, 2 finished" in text
+    assert "| 5.5 ± 0.7 / 20 | 0, 1 |" in text  # Full FT's extracted over the two seeds: 5 and 6
     assert main(["report", str(a), str(b)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--out" in err

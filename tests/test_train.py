@@ -13,7 +13,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from capsearch.errors import UserError
 from capsearch.models.load import load_pipeline
 from capsearch.training import precision
-from capsearch.training.loop import TrainSettings, finetune
+from capsearch.training.loop import TrainResult, TrainSettings, finetune
 from capsearch.worlds.phantom import write_phantom_dataset
 
 
@@ -38,7 +38,10 @@ def test_only_trainable_parameters_change_and_seed_is_deterministic(data):
     spec = [{"method": "bitfit", "units": "mid_block"}]
     res = finetune(pipe_a, spec, data, _cfg(), quiet=True)
     finetune(pipe_b, spec, data, _cfg(), quiet=True)
-    assert res.status == "ok" and res.steps == 4 and res.trainable > 0
+    mid_biases = sum(v.numel() for k, v in before.items() if k.startswith("mid_block.") and
+                     k.endswith(".bias"))  # fmt: skip
+    assert res.status == "ok" and res.steps == 4 and res.trainable == mid_biases > 0
+    assert res.total == sum(v.numel() for v in before.values())
     after = pipe_a.unet.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("mid_block" in k and k.endswith("bias") for k in changed)
@@ -168,7 +171,23 @@ def test_corrupt_image_is_skipped_not_fatal(data, tmp_path):
     assert res.status == "ok" and res.skipped_images >= 1
 
 
-def test_probe_reports_heldout_loss_and_strength(data):
+def test_probe_reports_heldout_loss_and_strength(data, monkeypatch):
+    """The probe's numbers, recomputed from the trained UNet's predictions on the probe's own fixed
+    batches: held-out MSE, and Wen et al.'s ‖ε(z, e_p) − ε(z, e_∅)‖₂ at t = 800 averaged over the
+    memorised and over the other captions, their ratio, and the score that combines them."""
+    import numpy as np
+
+    import capsearch.training.loop as train_mod
+    from capsearch.training.probe import Probe
+
+    probes_made = []
+
+    class Recorded(Probe):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            probes_made.append(self)
+
+    monkeypatch.setattr(train_mod, "Probe", Recorded)
     pipe = load_pipeline("tiny:random")
     events = []
     finetune(
@@ -180,8 +199,29 @@ def test_probe_reports_heldout_loss_and_strength(data):
         quiet=True,
     )
     probes = [p for e, p in events if e == "probe"]
-    assert len(probes) == 1 and probes[0]["heldout_loss"] > 0 and probes[0]["strength_ratio"] > 0
-    assert events[-1][0] == "end"
+    assert len(probes) == 1 and len(probes_made) == 1 and events[-1][0] == "end"
+    got, probe, unet = probes[0], probes_made[0], pipe.unet.eval()  # the step-2 weights: no EMA
+    assert got["step"] == 2 and probe.mem and probe.other
+
+    def eps(x, t, prompts):
+        with torch.no_grad():
+            return unet(x, t, encoder_hidden_states=pipe.encode_prompts(prompts)).sample.double()
+
+    def strength(prompts):
+        z, t = probe.z[: len(prompts)], torch.tensor(800)  # 0.8 of the 1000 training timesteps
+        diff = (eps(z, t, prompts) - eps(z, t, [""] * len(prompts))).numpy()
+        return float(np.sqrt((diff.reshape(len(diff), -1) ** 2).sum(axis=1)).mean())
+
+    mem, other = strength(probe.mem), strength(probe.other)
+    assert got["strength_memorised"] == pytest.approx(mem, rel=1e-5)
+    assert got["strength_other"] == pytest.approx(other, rel=1e-5)
+    assert got["strength_ratio"] == pytest.approx(mem / other, rel=1e-5) and mem / other != 1
+    noisy = pipe.scheduler.add_noise(probe.held, probe.noise, probe.t)  # pixel space: x0 = pixels
+    held = float(((eps(noisy, probe.t, probe.held_caps) - probe.noise.double()) ** 2).mean())
+    assert got["heldout_loss"] == pytest.approx(held, rel=1e-5)
+    gap = got["loss_gap"]
+    expected_score = held * (1 + max(0.0, gap)) * max(1.0, mem / other)
+    assert got["probe_score"] == pytest.approx(expected_score, rel=1e-5)
 
 
 def test_a_resumed_fine_tune_reports_its_earlier_probes_first(data, tmp_path, monkeypatch):
@@ -226,45 +266,90 @@ def test_a_probe_is_logged_before_a_callback_can_end_the_run(data, tmp_path):
     assert [line["probe"]["step"] for line in log if "probe" in line] == [2]
 
 
-def test_cli_train_writes_delta_and_log(data, tmp_path, capsys):
+def test_cli_train_writes_delta_and_log(data, tmp_path, capsys, monkeypatch):
+    """Each flag lands where `capsearch train` puts it: the fine-tune's settings and method spec, and
+    the records it writes (result, log, delta spec, TensorBoard rates)."""
+    import capsearch.training.loop as train_mod
     from capsearch.cli import main
+    from capsearch.training.tblog import LOSS_TAG, read_scalars
 
-    rc = main(
-        [
-            "train",
-            "--model",
-            "tiny:random",
-            "--data",
-            str(data),
-            "--method",
-            "svdiff",
-            "--units",
-            "mid_block",
-            "--steps",
-            "2",
-            "--batch-size",
-            "2",
-            "--out",
-            str(tmp_path / "o"),
-            "--mitigation",
-            "rwa:k=1,p=1",
-        ]
-    )
+    seen, real = [], train_mod.finetune
+
+    def spy(pipe, spec, data, cfg, **kw):
+        seen.append((pipe.spec, spec, cfg, kw))
+        return real(pipe, spec, data, cfg, **kw)
+
+    monkeypatch.setattr(train_mod, "finetune", spy)
+    out = tmp_path / "o"
+    rc = main(["train", "--model", "tiny:random", "--data", str(data), "--method", "svdiff",
+               "--units", "mid_block", "--param", "lr_1d=0.02", "--steps", "2", "--batch-size", "2",
+               "--lr", "3e-3", "--seed", "5", "--out", str(out), "--mitigation", "rwa:k=1,p=1"])  # fmt: skip
     assert rc == 0
-    assert (tmp_path / "o" / "delta" / "spec.json").exists() and (
-        tmp_path / "o" / "train_log.jsonl"
-    ).exists()
+    (model, spec, cfg, kw), = seen  # fmt: skip
+    assert model == "tiny:random" and kw == {"out_dir": out, "resume": False}
+    assert spec == [{"method": "svdiff", "units": "mid_block", "lr_1d": 0.02}]
+    rwa = [{"name": "rwa", "k": 1, "p": 1}]
+    assert cfg == TrainSettings(steps=2, batch_size=2, lr=3e-3, seed=5, size=32, mitigations=rwa)
+    result = json.loads((out / "train_result.json").read_text())
+    assert (
+        result["status"] == "ok"
+        and result["steps"] == 2
+        and [s for s, _ in result["losses"]] == [2]
+    )
+    assert result["mitigation_counts"]["rwa"] == 2 * 2  # p=1: every caption of 2 steps × 2
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in log] == [2] and log[0]["mitigations"]["rwa"] == 4
+    delta = json.loads((out / "delta" / "spec.json").read_text())
+    assert delta["base_model"] == "tiny:random"
+    assert [(e["method"], e["units"], e["lr_1d"]) for e in delta["methods"]] == [
+        ("svdiff", "mid_block", 0.02)
+    ]
+    assert delta["trainable_parameters"] == result["trainable"]
+    scalars = read_scalars(out)  # constant schedule: --lr for the spectral shifts, lr_1d for norms'
+    assert [s for s, _ in scalars[LOSS_TAG]] == [1, 2]
+    assert scalars["lr/vectors"] == [(1, pytest.approx(3e-3)), (2, pytest.approx(3e-3))]
+    assert scalars["lr/vectors_0.02"] == [(1, pytest.approx(0.02)), (2, pytest.approx(0.02))]
+    # --spec (over --method), --resume and --device, the fine-tune itself stubbed this time
+    entries = [{"method": "lora", "units": "mid_block:*_attn", "rank": 2}, {"method": "bitfit"}]
+    (tmp_path / "spec.json").write_text(json.dumps(entries))
+    seen.clear()
+    monkeypatch.setattr(train_mod, "finetune", lambda pipe, spec, data, cfg, **kw: seen.append(
+        (str(pipe.device), spec, kw)) or TrainResult("ok", 2, 0.1, 1, 2, 0.0))  # fmt: skip
+    again = ["train", "--model", "tiny:random", "--data", str(data), "--method", "svdiff",
+             "--spec", str(tmp_path / "spec.json"), "--resume", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert main(again) == 0
+    assert seen == [("cpu", entries, {"out_dir": out, "resume": True})]
     assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_gradient_checkpointing_gives_the_same_result(data):
+def test_gradient_checkpointing_gives_the_same_result(data, monkeypatch):
+    """With gradient_checkpointing the UNet recomputes its blocks through torch.utils.checkpoint (it
+    is called, and never without the setting), and the trained weights, which moved by ~lr per step,
+    equal those of the same fine-tune without it to 1e-6."""
+    import torch.utils.checkpoint
+
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted)
     spec = [{"method": "bitfit", "units": "mid_block"}]
     plain, ckpt = load_pipeline("tiny:random"), load_pipeline("tiny:random")
+    start = {n: p.detach().clone() for n, p in ckpt.unet.named_parameters()}
     finetune(plain, spec, data, _cfg(steps=2), quiet=True)
+    plain_calls = len(calls)
     finetune(ckpt, spec, data, _cfg(steps=2, gradient_checkpointing=True), quiet=True)
+    assert plain_calls == 0 and not plain.unet.is_gradient_checkpointing
+    assert len(calls) > 0 and ckpt.unet.is_gradient_checkpointing
     a, b = _trained(plain.unet), _trained(ckpt.unet)
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert a.keys() == b.keys() and a
+    moved = max((b[k] - start[k]).abs().max().item() for k in b)
+    assert moved > 1e-4  # two AdamW steps at lr 1e-3: far above the tolerance below
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
 
 
 def test_ema_is_the_recursive_average_of_the_parameter_trajectory(data):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from capsearch.cli import main
 from capsearch.config import load_spec
@@ -231,6 +232,11 @@ def test_cli_writes_a_transfer_world(tmp_path: Path, capsys: pytest.CaptureFixtu
     marker = json.loads((out / COMPLETE).read_text())
     assert marker["avoid_reports_of"] == {"seed": 0, "patients": 6, "held_out_images": 2}
     assert len(_records(out)) == len(list((out / "images").glob("*.png")))
+    avoid = {"seed": 0, "patients": 6, "held_out_images": 2}
+    direct = tmp_path / "direct"  # --patients, --size and --seed reach the world too
+    write_phantom_dataset(direct, patients=4, size=32, seed=3, avoid_reports_of=avoid)
+    assert (out / METADATA).read_bytes() == (direct / METADATA).read_bytes()
+    assert all(Image.open(out / r["file_name"]).size == (32, 32) for r in _records(out))
 
 
 @pytest.mark.parametrize(

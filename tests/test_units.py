@@ -194,14 +194,53 @@ def test_unit_matches_is_prefix_on_whole_parts() -> None:
 # ---- CLI ----------------------------------------------------------------------------------------------
 
 
-def test_cli_methods_and_units(capsys: pytest.CaptureFixture[str]) -> None:
+def _table_rows(text: str) -> dict[str, list[str]]:
+    """A rich table's rows by their first cell (continuation lines, first cell empty, left out)."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        if line.startswith("│") and cells[0]:
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_cli_methods_and_units(
+    capsys: pytest.CaptureFixture[str], monkeypatch, tiny: torch.nn.Module, sd15: torch.nn.Module
+) -> None:
+    """`methods` sizes each method on --units of --model; `units` lists --select's units of --model."""
+    import capsearch.models.load as load
     from capsearch.cli import main
 
-    assert main(["methods", "--model", "tiny", "--units", "mid_block"]) == 0
+    loaded, real = [], load.load_pipeline
+    monkeypatch.setattr(load, "load_pipeline", lambda spec: loaded.append(spec) or real(spec))
+    assert main(["methods", "--model", "tiny:random", "--units", "mid_block"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in method_names())
+    assert loaded == ["tiny:random"] and "PEFT methods on tiny:random, units 'mid_block'" in out
+    rows = _table_rows(out)
+    assert set(method_names()) <= set(rows)
+    trainable = {name: int(rows[name][2].replace(",", "")) for name in method_names()}
+    named = dict(tiny.named_parameters())
+    mid = {n: p.numel() for n, p in named.items() if n.startswith("mid_block.")}
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    mid_norms = [
+        m for n, m in tiny.named_modules() if n.startswith("mid_block.") and isinstance(m, norms)
+    ]
+    assert trainable["freeze"] == 0 and trainable["full"] == sum(mid.values())
+    assert trainable["bitfit"] == sum(v for n, v in mid.items() if n.endswith(".bias"))
+    assert trainable["norm"] == sum(p.numel() for m in mid_norms for p in m.parameters())
+    assert trainable["attention"] == sum(
+        v for n, v in mid.items() if n.startswith("mid_block.attentions.")
+    )
+    total = sum(p.numel() for p in named.values())
+    assert rows["full"][3] == f"{100 * sum(mid.values()) / total:.4f}"
     assert main(["units", "--model", "sd15-config", "--select", "mid_block:ff"]) == 0
-    assert "mid_block.attentions.0:ff" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    ff = "mid_block.attentions.0.transformer_blocks.0.ff."
+    size = sum(p.numel() for n, p in sd15.named_parameters() if n.startswith(ff))
+    assert (
+        f"1 units of sd15-config ({sum(p.numel() for p in sd15.parameters()):,} parameters)" in out
+    )
+    assert _table_rows(out)["mid_block.attentions.0:ff"][1:3] == ["ff", f"{size:,}"]
     assert main(["units", "--select", "up_blocks.9"]) == 2
     assert "up_blocks.9" in capsys.readouterr().err
 
