@@ -221,6 +221,26 @@ def model_empty_unet(tmp: Path) -> Path:
     return folder
 
 
+def metadata_text(tmp: Path, name: str, text: str | bytes, folder: str = "data") -> Path:
+    """A dataset folder holding one metadata file with exactly this text (images: two PNGs)."""
+    root = tmp / folder
+    root.mkdir(exist_ok=True)
+    for i in range(2):
+        png(root / "images" / f"{i}.png")
+    path = root / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return root
+
+
+def csv_beside_jsonl(tmp: Path) -> Path:
+    """metadata.jsonl and a metadata.csv that names the second image's caption otherwise."""
+    root = data_folder(tmp)
+    (root / "metadata.csv").write_text(
+        "file_name,text\nimages/0.png,no acute process\nimages/1.png,small left effusion\n"
+    )
+    return root
+
+
 # --- the table ------------------------------------------------------------------------------
 
 
@@ -521,6 +541,45 @@ CASES = [
          r"--out \S*o\.txt exists and is not a folder"),
     Case("train-spec-missing", lambda t: train_argv(t, None, "--spec", str(t / "nospec.json")),
          r"method spec file \S*nospec\.json does not exist"),
+    # data folders: what every command that reads one refuses (data check, train, eval)
+    Case("check-empty-jsonl", lambda t: ["data", "check", str(metadata_text(t, "metadata.jsonl", ""))],
+         r"data/metadata\.jsonl holds no records \(it is empty\)"),
+    Case("check-blank-jsonl",
+         lambda t: ["data", "check", str(metadata_text(t, "metadata.jsonl", "\n  \n\n"))],
+         r"data/metadata\.jsonl holds no records \(it is empty\)"),
+    Case("check-empty-csv", lambda t: ["data", "check", str(metadata_text(t, "metadata.csv", ""))],
+         r"data/metadata\.csv holds no records \(it is empty\): write a header row file_name,text"),
+    Case("check-csv-header-only",
+         lambda t: ["data", "check", str(metadata_text(t, "metadata.csv", "file_name,text\n"))],
+         r"data/metadata\.csv holds no records \(only its header\)"),
+    Case("check-unknown-split-jsonl",
+         lambda t: ["data", "check", str(data_folder(t, [
+             {"file_name": "a.png", "text": "x", "split": "train"},
+             {"file_name": "b.png", "text": "y", "split": "val"}]))],
+         r"data/metadata\.jsonl:2: unknown split 'val' \(did you mean 'validate'\?\); use train, validate, test"),
+    Case("check-unknown-split-csv",
+         lambda t: ["data", "check", str(metadata_text(
+             t, "metadata.csv", "file_name,text,split\nimages/0.png,x,\nimages/1.png,y,Train\n"))],
+         r"data/metadata\.csv:3: unknown split 'Train' \(did you mean 'train'\?\)"),
+    Case("check-split-not-text",
+         lambda t: ["data", "check", str(data_folder(t, [{"file_name": "a.png", "text": "x", "split": 1}]))],
+         r"data/metadata\.jsonl:1: split 1 is not text; use train, validate, test"),
+    Case("check-csv-and-jsonl-differ", lambda t: ["data", "check", str(csv_beside_jsonl(t))],
+         r"dataset folder \S*data has both metadata\.jsonl and metadata\.csv and they differ "
+         r"\(record 2: text 'no acute process' vs 'small left effusion'\); capsearch reads metadata\.jsonl"),
+    Case("check-csv-with-semicolons",
+         lambda t: ["data", "check", str(metadata_text(t, "metadata.csv", "file_name;text\nimages/0.png;x\n"))],
+         r"lacks column\(s\) file_name, text \(its header: file_name;text\); save it with commas"),
+    Case("train-unknown-split",
+         lambda t: train_argv(t, data_folder(t, [{"file_name": "a.png", "text": "x", "split": "valid"}])),
+         r"data/metadata\.jsonl:1: unknown split 'valid' \(did you mean 'validate'\?\)"),
+    Case("train-empty-metadata", lambda t: train_argv(t, metadata_text(t, "metadata.csv", "")),
+         r"data/metadata\.csv holds no records \(it is empty\)"),
+    Case("eval-no-validate-split", lambda t: eval_argv(t, None),
+         r"\S*data has no 'validate' images: FID needs held-out patients"),
+    Case("eval-unknown-split",
+         lambda t: eval_argv(t, data_folder(t, [{"file_name": "a.png", "text": "x", "split": "VALIDATE"}])),
+         r"data/metadata\.jsonl:1: unknown split 'VALIDATE' \(did you mean 'validate'\?\)"),
     # run folders: run, status, report, export
     Case("run-existing-run",
          lambda t: ["run", str(t / "run.yaml"), "--out", str(make_run(t))],

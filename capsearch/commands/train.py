@@ -79,12 +79,14 @@ def _train(args: argparse.Namespace) -> int:
     # lazy: `capsearch --help` loads no library
     import torch
 
+    from capsearch.datasets.folder import read_metadata
     from capsearch.models.load import load_pipeline
     from capsearch.settings import TrainSettings, flag_values
     from capsearch.training.loop import finetune
 
     if not args.data.is_dir():
         raise UserError(f"data folder {args.data} does not exist")
+    read_metadata(args.data)  # its records as training reads them, before the model loads
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} exists and is not a folder")
     if args.spec:
