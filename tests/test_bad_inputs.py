@@ -241,6 +241,59 @@ def csv_beside_jsonl(tmp: Path) -> Path:
     return root
 
 
+def listed(
+    tmp: Path, train: int = 4, validate: int = 8, test: int = 8, split: str | None = None
+) -> Path:
+    """A data folder whose metadata.jsonl lists images per split with two captions each (the images
+    are not written: what `run` checks before its run folder reads no image); `split`: one more
+    record of that split."""
+    root = tmp / "data"
+    root.mkdir()
+    rows = [{"file_name": f"images/{s}{i}.png", "text": f"finding {i % 2}", "split": s}
+            for s, n in (("train", train), ("validate", validate), ("test", test)) for i in range(n)]  # fmt: skip
+    if split is not None:
+        rows.append({"file_name": "images/odd.png", "text": "finding 0", "split": split})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def data_spec(root: Path, **changes) -> dict:
+    """MINIMAL on a data folder, evaluating 2 prompts × 1 sample (its references need 8 images)."""
+    return spec_with(data={"path": str(root)}, evaluate={"n_prompts": 2, "n_per_prompt": 1},
+                     **changes)  # fmt: skip
+
+
+def run_on(tmp: Path, spec: dict, *extra: str) -> list[str]:
+    return ["run", str(write_spec(tmp, spec)), "--out", str(tmp / "r"), *extra]
+
+
+def trials_without_spec(tmp: Path) -> list[str]:
+    run = make_run(tmp)
+    (run / "spec.yaml").unlink()
+    return ["run", str(tmp / "run.yaml"), "--out", str(run)]
+
+
+def spec_beside_itself(tmp: Path) -> list[str]:
+    """`--out` the folder that holds the spec file run is given (and nothing else)."""
+    (tmp / "mine").mkdir()
+    return ["run", str(write_spec(tmp / "mine", MINIMAL)), "--out", str(tmp / "mine")]
+
+
+def leftover_with_notes(tmp: Path) -> list[str]:
+    """A folder a refused run left (its spec.yaml, no trial), into which a file of the user's went."""
+    run = make_run(tmp, trials=False)
+    (run / "notes.txt").write_text("mine")
+    return ["run", str(tmp / "run.yaml"), "--out", str(run)]
+
+
+# Settings a baseline trains with that its plan refuses (warm-up longer than its own steps).
+SHORT_BASELINE = {"train": {"warmup_steps": 10},
+                  "space": {"groups": [{"name": "all", "units": "*", "methods": {"frozen": {}, "full": {}}}]},
+                  "baselines": {"methods": ["full"], "train": {"full": {"steps": 5}}}}  # fmt: skip
+SHORT_SEARCH = {"train": {"warmup_steps": 10},
+                "space": {**MINIMAL["space"], "steps": [5, 20]}}  # fmt: skip
+
+
 # --- the table ------------------------------------------------------------------------------
 
 
@@ -541,7 +594,7 @@ CASES = [
          r"--out \S*o\.txt exists and is not a folder"),
     Case("train-spec-missing", lambda t: train_argv(t, None, "--spec", str(t / "nospec.json")),
          r"method spec file \S*nospec\.json does not exist"),
-    # data folders: what every command that reads one refuses (data check, train, eval)
+    # data folders: what every command that reads one refuses (data check, train, run, validate)
     Case("check-empty-jsonl", lambda t: ["data", "check", str(metadata_text(t, "metadata.jsonl", ""))],
          r"data/metadata\.jsonl holds no records \(it is empty\)"),
     Case("check-blank-jsonl",
@@ -580,6 +633,54 @@ CASES = [
     Case("eval-unknown-split",
          lambda t: eval_argv(t, data_folder(t, [{"file_name": "a.png", "text": "x", "split": "VALIDATE"}])),
          r"data/metadata\.jsonl:1: unknown split 'VALIDATE' \(did you mean 'validate'\?\)"),
+    Case("run-data-unknown-split", lambda t: run_on(t, data_spec(listed(t, split="holdout"))),
+         r"data/metadata\.jsonl:21: unknown split 'holdout'; use train, validate, test"),
+    Case("run-data-empty-metadata",
+         lambda t: run_on(t, data_spec(metadata_text(t, "metadata.jsonl", ""))),
+         r"data/metadata\.jsonl holds no records \(it is empty\)"),
+    Case("run-data-csv-and-jsonl-differ", lambda t: run_on(t, data_spec(csv_beside_jsonl(t))),
+         r"has both metadata\.jsonl and metadata\.csv and they differ"),
+    Case("run-data-no-train-split", lambda t: run_on(t, data_spec(listed(t, train=0))),
+         r"\S*data has no training images \(no record of split 'train'\)"),
+    Case("run-data-no-validate-split", lambda t: run_on(t, data_spec(listed(t, validate=0))),
+         r"\S*data has no 'validate' images: FID needs held-out patients"),
+    Case("run-data-small-reference", lambda t: run_on(t, data_spec(listed(t, validate=3))),
+         r"the validate reference of \S*data lists 3 images, fewer than evaluate\.reference_ratio × samples = 8"),
+    Case("run-data-no-test-split-for-the-final-stage", lambda t: run_on(t, data_spec(listed(t, test=0))),
+         r"\S*data has no 'test' images"),
+    Case("spec-data-unknown-split", lambda t: validate(t, data_spec(listed(t, split="dev"))),
+         r"data/metadata\.jsonl:21: unknown split 'dev'"),
+    Case("spec-data-small-reference", lambda t: validate(t, data_spec(listed(t, validate=3))),
+         r"the validate reference of \S*data lists 3 images"),
+    # what run refuses before its run folder is written, and validate the same way
+    Case("run-more-cpus-than-here", lambda t: run_on(t, spec_with(resources={"cpu": 4096})),
+         r"resources\.cpu: a trial asks for 4096 but this machine has \d+ \(without --address the "
+         r"search starts Ray here\); lower it or join a bigger cluster with --address"),
+    Case("run-more-gpus-than-here", lambda t: run_on(t, spec_with(resources={"gpu": 1000})),
+         r"resources\.gpu: a trial asks for 1000 but this machine has \d+"),
+    Case("spec-more-gpus-than-here", lambda t: validate(t, spec_with(resources={"gpu": 1000})),
+         r"resources\.gpu: a trial asks for 1000 but this machine has \d+"),
+    Case("spec-address-unreachable",
+         lambda t: validate(t, MINIMAL, "--address", "127.0.0.1:9"),
+         r"cannot reach a Ray cluster at 127\.0\.0\.1:9"),
+    Case("run-baseline-plan-fails", lambda t: run_on(t, spec_with(**SHORT_BASELINE)),
+         r"baselines: the trial of baseline 'full' fails: train\.warmup_steps: 10 warm-up steps are "
+         r"longer than the run \(5 steps\)"),
+    Case("spec-baseline-plan-fails", lambda t: validate(t, spec_with(**SHORT_BASELINE)),
+         r"baselines: the trial of baseline 'full' fails: train\.warmup_steps"),
+    Case("spec-space-steps-below-warmup", lambda t: validate(t, spec_with(**SHORT_SEARCH)),
+         r"space\.steps: a trial of 5 steps fails: train\.warmup_steps: 10 warm-up steps are longer"),
+    Case("run-out-holds-other-files",
+         lambda t: ["run", str(write_spec(t, MINIMAL)), "--out", str(plain_folder(t, "run"))],
+         r"--out \S*run holds other files \(notes\.txt\) and no search; choose a new or empty folder",
+         watch=("run",)),
+    Case("run-out-holds-a-spec-of-ones-own", spec_beside_itself,
+         r"--out \S*mine holds a spec\.yaml that no search wrote \(a spec file of your own\?\) and no "
+         r"search; choose a new or empty folder", watch=("mine",)),
+    Case("run-out-leftover-with-other-files", leftover_with_notes,
+         r"--out \S*run holds other files \(notes\.txt\) and no search", watch=("run",)),
+    Case("run-out-trials-without-spec", trials_without_spec,
+         r"\S*run holds trials but no spec\.yaml: restore the spec it was started with", watch=("run",)),
     # run folders: run, status, report, export
     Case("run-existing-run",
          lambda t: ["run", str(t / "run.yaml"), "--out", str(make_run(t))],
@@ -693,6 +794,7 @@ def test_bad_input_is_one_clean_line(case, tmp_path, monkeypatch, capsys, warnin
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)  # nothing a command writes by default lands in the checkout
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # validate checks this machine's resources
     argv = case.build(tmp_path)
     runs = {name: snapshot(tmp_path / name) for name in case.watch}
     everything = snapshot(tmp_path)
@@ -720,3 +822,51 @@ def test_validate_accepts_a_spec_whose_model_folder_is_not_here(tmp_path, capsys
     assert "valid spec" in out and err == ""
     note = [line for line in out.splitlines() if "note:" in line]
     assert len(note) == 1 and str(missing) in note[0] and "not available here" in note[0]
+
+
+# What `run` refuses before its first trial, `validate` refuses with the same line (one code path:
+# capsearch.search.inputs.check_inputs and capsearch.search.cluster.check_resources).
+SHARED = {
+    "more-gpus-than-here": lambda t: spec_with(resources={"gpu": 1000}),
+    "more-cpus-than-here": lambda t: spec_with(resources={"cpu": 4096}),
+    "baseline-plan-fails": lambda t: spec_with(**SHORT_BASELINE),
+    "space-steps-below-warmup": lambda t: spec_with(**SHORT_SEARCH),
+    "data-unknown-split": lambda t: data_spec(listed(t, split="dev")),
+    "data-no-validate-split": lambda t: data_spec(listed(t, validate=0)),
+    "data-small-reference": lambda t: data_spec(listed(t, validate=3)),
+    "units-match-nothing": lambda t: spec_with(space={"groups": [
+        {"name": "a", "units": "mid_blok", "methods": {"full": {}}}]}),
+    "search-reuse-not-a-run": lambda t: spec_with(search={"reuse": [str(plain_folder(t, "old"))]}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(SHARED))
+def test_validate_refuses_what_run_refuses_with_the_same_line(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    spec = write_spec(tmp_path, SHARED[name](tmp_path))
+    lines = {}
+    for command in (["validate", str(spec)], ["run", str(spec), "--out", str(tmp_path / "r")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1, err
+        lines[command[0]] = err[0]
+    assert lines["validate"] == lines["run"]
+    assert not (tmp_path / "r").exists()
+
+
+def test_validate_leaves_resources_to_the_cluster_ray_address_names(tmp_path, monkeypatch, capsys):
+    """With RAY_ADDRESS set (a cluster for `run --address auto`), validate does not judge this
+    machine's resources: a note, exit 0."""
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert main(["validate", str(write_spec(tmp_path, spec_with(resources={"gpu": 1000})))]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "note: resources not checked: RAY_ADDRESS names a cluster (10.0.0.1:6379)" in out
+
+
+def test_validate_notes_a_data_folder_that_is_not_here(tmp_path, capsys):
+    """As a model folder: a spec may name the data folder of the machine it is meant for."""
+    spec = write_spec(tmp_path, data_spec(tmp_path / "cluster" / "data"))
+    assert main(["validate", str(spec)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"note: data folder {tmp_path / 'cluster' / 'data'} is not here" in out

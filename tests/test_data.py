@@ -184,7 +184,10 @@ BOM = "\ufeff"
 @pytest.mark.parametrize("name", ["metadata.csv", "metadata.jsonl"])
 def test_a_byte_order_mark_is_read_past(tmp_path: Path, capsys, name: str) -> None:
     """Spreadsheet programs start a CSV with a UTF-8 byte-order mark (and some editors a JSONL): it
-    works everywhere, as if it were not there — data check and the loader."""
+    works everywhere, as if it were not there — data check, the loader, and run's checks."""
+    from capsearch.config import spec_from_dict
+    from capsearch.search.inputs import check_data_folder
+
     rows = [(f"images/{s}{i}.png", f"finding {i % 2}", s)
             for s, n in (("train", 2), ("validate", 8), ("test", 8)) for i in range(n)]  # fmt: skip
     for file_name, _, _ in rows:
@@ -201,6 +204,12 @@ def test_a_byte_order_mark_is_read_past(tmp_path: Path, capsys, name: str) -> No
     assert len(ImageCaptionDataset(tmp_path, split="train", size=8)) == 2
     assert main(["data", "check", str(tmp_path)]) == 0
     assert "18 records, no problems found" in " ".join(capsys.readouterr().out.split())
+    spec = spec_from_dict({
+        "model": "tiny:random", "data": {"path": str(tmp_path)},
+        "evaluate": {"n_prompts": 2, "n_per_prompt": 1},
+        "space": {"groups": [{"name": "a", "units": "mid_block", "methods": {"full": {}}}]},
+    })  # fmt: skip
+    check_data_folder(spec, tmp_path)  # what `run` reads before its first trial
 
 
 def test_metadata_csv_beside_the_same_jsonl_is_fine(tmp_path: Path) -> None:

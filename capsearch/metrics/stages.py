@@ -51,7 +51,8 @@ def _pick(records: list[dict], n: int, seed: int) -> list[str]:
 def heldout_prompts(records: list[dict], root: Path, config: EvalSettings) -> list[str]:
     """The prompts of an evaluation from its held-out split (config.split) of a data set's records;
     one line if that split cannot serve: no records, fewer than 2 captions, or fewer images listed
-    than the FID/KID reference needs (`eval` checks this before the model loads)."""
+    than the FID/KID reference needs (`eval` checks this before the model loads, `run` before it
+    writes its run folder)."""
     held = [r for r in records if in_split(r, config.split)]
     if not held:
         raise UserError(

@@ -24,6 +24,7 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -158,14 +159,42 @@ def prepare_ray_start() -> None:
     os.environ.setdefault("RAY_worker_niceness", "0")
 
 
-def check_resources(spec: Spec) -> None:
-    """Refuse a spec whose trials ask for more CPUs or GPUs than the Ray cluster has."""
-    have = ray.cluster_resources()
+def local_gpus() -> int:
+    """The GPUs a Ray instance started here gets: Ray's own count (NVML, at most CUDA_VISIBLE_DEVICES)."""
+    try:
+        # lazy: Ray's private accelerator API; a Ray without it falls back to torch's count
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+
+        manager = get_accelerator_manager_for_resource("GPU")
+        count = int(manager.get_current_node_num_accelerators())
+        visible = manager.get_current_process_visible_accelerator_ids()
+        return min(count, len(visible)) if visible is not None else count
+    except Exception:  # an older or newer Ray
+        import torch  # lazy: only when Ray cannot tell
+
+        return torch.cuda.device_count()
+
+
+def local_resources() -> dict[str, float]:
+    """What a local Ray instance (start_local_ray, as `capsearch run` starts it) offers a trial."""
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(local_gpus())}
+
+
+def check_resources(spec: Spec, have: Mapping[str, float] | None = None) -> None:
+    """Refuse a spec whose trials ask for more CPUs or GPUs than the Ray cluster has (`have`: what a
+    local instance started here would have, checked before it starts, as `validate` checks it)."""
+    local = have is not None
+    have = have if have is not None else ray.cluster_resources()
     for key, want in (("CPU", spec.resources.cpu), ("GPU", spec.resources.gpu)):
         if want > have.get(key, 0):
+            where = (
+                "this machine has" if local else "the Ray cluster has"
+            ) + f" {have.get(key, 0):g}"
+            if local:
+                where += " (without --address the search starts Ray here)"
             raise UserError(
-                f"resources.{key.lower()}: a trial asks for {want:g} but the Ray cluster has "
-                f"{have.get(key, 0):g}; lower it or join a bigger cluster with --address"
+                f"resources.{key.lower()}: a trial asks for {want:g} but {where}; lower it or "
+                "join a bigger cluster with --address"
             )
 
 
