@@ -12,6 +12,7 @@ its config without weights).
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import warnings
@@ -870,3 +871,75 @@ def test_validate_notes_a_data_folder_that_is_not_here(tmp_path, capsys):
     assert main(["validate", str(spec)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert f"note: data folder {tmp_path / 'cluster' / 'data'} is not here" in out
+
+
+# --- places Ray or the run cannot write to: one line before Ray starts, nothing written -------------
+
+
+def _locked_run(tmp_path: Path, monkeypatch, where: str) -> tuple[list[str], Path, str]:
+    """argv of a run that needs to write into tmp_path/locked (`where`: out, home, ray-temp)."""
+    import capsearch.search.cluster as cluster
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(cluster.ray, "init", no_ray)
+    monkeypatch.chdir(tmp_path)
+    for name in (
+        "RAY_AUTH_MODE",
+        "RAY_AUTH_TOKEN",
+        "RAY_AUTH_TOKEN_PATH",
+        "RAY_TMPDIR",
+        "RAY_ADDRESS",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "raytmp"))  # not a shared /tmp/ray
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    out = tmp_path / "run"
+    if where == "out":
+        out = locked / "run"
+        error = (
+            r"--out \S*locked/run cannot be written \(\S*locked is not writable\); choose a folder"
+        )
+    elif where == "home":
+        monkeypatch.setenv("HOME", str(locked))
+        error = (r"cannot start Ray here: it saves a new token in \S*locked/\.ray/auth_token, and "
+                 r"\S*locked/\.ray cannot be written \(\S*locked is not writable\) \(HOME=\S*locked\); "
+                 r"set HOME to a folder you can write to")  # fmt: skip
+    else:
+        monkeypatch.setenv("RAY_TMPDIR", str(locked))
+        error = (r"cannot start Ray here: its temp folder \S*locked/ray cannot be written "
+                 r"\(\S*locked is not writable\); set RAY_TMPDIR to a folder you can write to")  # fmt: skip
+    return ["run", str(write_spec(tmp_path, MINIMAL)), "--out", str(out)], locked, error
+
+
+def _refused_before_ray(argv: list[str], tmp_path: Path, error: str, capsys) -> None:
+    before = snapshot(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert re.search(error, err[0]), err[0]
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through a folder's permissions")
+@pytest.mark.parametrize("where", ["out", "home", "ray-temp"])
+def test_an_unwritable_place_is_one_line_before_ray_starts(where, tmp_path, monkeypatch, capsys):
+    argv, locked, error = _locked_run(tmp_path, monkeypatch, where)
+    locked.chmod(0o555)
+    try:
+        _refused_before_ray(argv, tmp_path, error, capsys)
+    finally:
+        locked.chmod(0o755)
+
+
+@pytest.mark.parametrize("where", ["out", "home", "ray-temp"])
+def test_an_unwritable_place_as_the_check_sees_it(where, tmp_path, monkeypatch, capsys):
+    """The same, for any user (root too): the folder reads as not writable to os.access."""
+    argv, locked, error = _locked_run(tmp_path, monkeypatch, where)
+    access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode, **kw: Path(p) != locked and access(p, mode, **kw)
+    )
+    _refused_before_ray(argv, tmp_path, error, capsys)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import ray
 
+from capsearch.atomic import unwritable
 from capsearch.errors import UserError
 from capsearch.search.runlock import process_alive
 
@@ -124,8 +125,10 @@ def reap_orphans(registry: Path = REGISTRY) -> list[int]:
 def start_local_ray(console=None, **kwargs):
     """Reap what killed searches left, start a new local Ray instance (address="local"), register it.
 
-    Returns ray.init's context; its registry entry is removed by `stop_local_ray`.
+    Returns ray.init's context; its registry entry is removed by `stop_local_ray`. A place Ray cannot
+    write to is one line first (check_ray_start).
     """
+    check_ray_start()
     reaped = reap_orphans()
     if reaped and console is not None:
         console.print(f"stopped {len(reaped)} Ray worker(s) that a killed search had left running")
@@ -196,6 +199,47 @@ def check_resources(spec: Spec, have: Mapping[str, float] | None = None) -> None
                 f"resources.{key.lower()}: a trial asks for {want:g} but {where}; lower it or "
                 "join a bigger cluster with --address"
             )
+
+
+def check_ray_start() -> None:
+    """Refuse, with one line, to start a local Ray instance where it cannot write: its temp folder
+    (RAY_TMPDIR, TMPDIR or /tmp, then ray/) and, where no token exists yet, ~/.ray/ (a local
+    ray.init turns token authentication on and saves a new token there). Ray itself would fail
+    inside its start-up with a traceback."""
+    temp = Path(ray_temp_dir())
+    why = unwritable(temp)
+    if why is not None:
+        raise UserError(
+            f"cannot start Ray here: its temp folder {temp} {why}; set RAY_TMPDIR to a folder you "
+            "can write to"
+        )
+    if os.environ.get("RAY_AUTH_MODE") is not None or _token_exists():
+        return
+    folder = Path.home() / ".ray"
+    why = unwritable(folder)
+    if why is not None:
+        raise UserError(
+            f"cannot start Ray here: it saves a new token in {folder / 'auth_token'}, and {folder} "
+            f"{why} (HOME={Path.home()}); set HOME to a folder you can write to"
+        )
+
+
+def ray_temp_dir() -> str:
+    """The folder a local Ray instance writes its sessions to (RAY_TMPDIR, TMPDIR or /tmp, then ray)."""
+    try:
+        from ray._common.utils import get_default_ray_temp_dir  # lazy: Ray's private API
+
+        return get_default_ray_temp_dir()
+    except ImportError:  # an older or newer Ray: its documented rule
+        base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+        return os.path.join(base, "ray")
+
+
+def _token_exists() -> bool:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return Path(path).is_file() if path else (Path.home() / ".ray" / "auth_token").is_file()
 
 
 def connect(address: str | None, dashboard: bool, console: Any) -> bool:

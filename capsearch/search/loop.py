@@ -24,6 +24,7 @@ from ray.tune.search.optuna import OptunaSearch
 from capsearch.config import Spec
 from capsearch.errors import UserError
 from capsearch.search.cluster import (
+    check_ray_start,
     check_resources,
     local_resources,
     prepare_ray_start,
@@ -265,6 +266,7 @@ def run_search(
                 check_resources(spec)
             elif spec.baseline_points or spec.search.num_samples:  # trials: a local Ray starts
                 check_resources(spec, local_resources())
+                check_ray_start()
         run_dir.mkdir(parents=True, exist_ok=True)
         # One search per run folder (capsearch.search.runlock). A killed search's lock is taken over:
         # check_run_dir let a plain run through only to a folder with no trial record.

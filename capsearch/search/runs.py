@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from capsearch.atomic import atomic_write
+from capsearch.atomic import atomic_write, unwritable
 from capsearch.config import Spec, read_yaml, spec_from_dict
 from capsearch.errors import UserError
 from capsearch.search.constraints import Constraints, violation
@@ -201,6 +201,9 @@ def check_run_dir(spec: Spec, out: Path, resume: bool) -> tuple[Path, bool]:
     blocked = next((p for p in run_dir.parents if p.exists()), None)
     if blocked is not None and not blocked.is_dir():
         raise UserError(f"--out {out}: {blocked} is a file, not a folder")
+    why = unwritable(run_dir)
+    if why is not None:
+        raise UserError(f"--out {out} {why}; choose a folder you can write to")
     trials = run_dir.is_dir() and bool(load_trials(run_dir, finished_only=False))
     if saved.is_file() and trials:
         if not resume:
