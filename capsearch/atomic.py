@@ -38,12 +38,14 @@ def atomic_write(path: Path | str, data: str | bytes) -> Path:
 def unwritable(path: Path | str) -> str | None:
     """Why nothing can be created at `path` (a folder, or a file to be), or None where it can.
 
-    Judged on `path` where it exists, else on its nearest existing parent (the one a new folder or file
-    would be made in): a read-only file system, or no write permission (root has it everywhere but on
-    a read-only file system).
+    Judged on `path` where it is a folder, else on its nearest existing folder (the one a new folder or
+    file would be made in, or an existing file replaced in): a read-only file system, or no write
+    permission (root has it everywhere but on a read-only file system).
     """
     path = Path(path).absolute()
     here = next((p for p in (path, *path.parents) if p.exists()), None)
+    if here is not None and here == path and path.is_file():
+        here = path.parent  # a file is written beside itself and renamed over (atomic_write)
     if here is None or not here.is_dir():
         return None  # a file in the way is its own error, named by the caller
     try:

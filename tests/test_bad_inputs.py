@@ -873,11 +873,58 @@ def test_validate_notes_a_data_folder_that_is_not_here(tmp_path, capsys):
     assert f"note: data folder {tmp_path / 'cluster' / 'data'} is not here" in out
 
 
-# --- places Ray or the run cannot write to: one line before Ray starts, nothing written -------------
+# --- places Ray, a run or any command cannot write to: one line before any work, nothing written ------
+
+NOT_WRITABLE = r"cannot be written \(\S*locked is not writable\); choose a folder you can write to"
 
 
-def _locked_run(tmp_path: Path, monkeypatch, where: str) -> tuple[list[str], Path, str]:
-    """argv of a run that needs to write into tmp_path/locked (`where`: out, home, ray-temp)."""
+def _run_locked(t: Path, where: str) -> tuple[list[str], str]:
+    argv = ["run", str(write_spec(t, MINIMAL)), "--out", str(t / "run")]
+    if where == "out":
+        return argv[:-1] + [str(t / "locked" / "run")], rf"--out \S*locked/run {NOT_WRITABLE}"
+    if where == "home":
+        os.environ["HOME"] = str(t / "locked")  # restored by the test's monkeypatch
+        return argv, (r"cannot start Ray here: it saves a new token in \S*locked/\.ray/auth_token, "
+                      r"and \S*locked/\.ray cannot be written \(\S*locked is not writable\) "
+                      r"\(HOME=\S*locked\); set HOME to a folder you can write to")  # fmt: skip
+    os.environ["RAY_TMPDIR"] = str(t / "locked")
+    return argv, (r"cannot start Ray here: its temp folder \S*locked/ray cannot be written "
+                  r"\(\S*locked is not writable\); set RAY_TMPDIR to a folder you can write to")  # fmt: skip
+
+
+def _report_in_place(t: Path) -> tuple[list[str], str]:
+    make_run(t, name="locked")
+    return ["report", str(t / "locked")], (
+        r"\S*locked is not writable: the report is written into the run folder; give --out DIR"
+    )
+
+
+# What needs to write into tmp/locked: argv and the error line's regex (built before it is locked).
+LOCKED = {
+    "run-out": lambda t: _run_locked(t, "out"),
+    "run-home": lambda t: _run_locked(t, "home"),
+    "run-ray-temp": lambda t: _run_locked(t, "ray-temp"),
+    "train": lambda t: (train_argv(t, None, out=t / "locked" / "o"), rf"--out \S*locked/o {NOT_WRITABLE}"),
+    "eval": lambda t: (["eval", "--model", "tiny:random", "--data", str(data_folder(t)),
+                        "--out", str(t / "locked" / "e")], rf"--out \S*locked/e {NOT_WRITABLE}"),
+    "sample": lambda t: (sample_argv(t)[:-1] + [str(t / "locked" / "g.png")],
+                         rf"--out \S*locked/g\.png {NOT_WRITABLE}"),
+    "pretrain-shapes": lambda t: (["pretrain", "shapes", "--out", str(t / "locked" / "s")],
+                                  rf"--out \S*locked/s {NOT_WRITABLE}"),
+    "pretrain-scorer": lambda t: (["pretrain", "scorer", "--data", str(data_folder(t)),
+                                   "--out", str(t / "locked" / "s")], rf"--out \S*locked/s {NOT_WRITABLE}"),
+    "export": lambda t: (["export", str(make_run(t, delta=True)), "--trial", "t000",
+                          "--out", str(t / "locked" / "x")], rf"--out \S*locked/x {NOT_WRITABLE}"),
+    "report": _report_in_place,
+    "report-out": lambda t: (["report", str(make_run(t)), "--out", str(t / "locked" / "r")],
+                             rf"--out \S*locked/r {NOT_WRITABLE}"),
+    "mimic": lambda t: (["data", "mimic", "--root", str(mimic_root(t, "dicom_id,subject_id,study_id")),
+                         "--out", str(t / "locked" / "m")], rf"--out \S*locked/m {NOT_WRITABLE}"),
+}  # fmt: skip
+
+
+def _locked(name: str, tmp_path: Path, monkeypatch) -> tuple[list[str], Path, str]:
+    """argv of the LOCKED case, its folder to lock and its error's regex; Ray may not start."""
     import capsearch.search.cluster as cluster
 
     def no_ray(*args, **kwargs):
@@ -885,37 +932,19 @@ def _locked_run(tmp_path: Path, monkeypatch, where: str) -> tuple[list[str], Pat
 
     monkeypatch.setattr(cluster.ray, "init", no_ray)
     monkeypatch.chdir(tmp_path)
-    for name in (
-        "RAY_AUTH_MODE",
-        "RAY_AUTH_TOKEN",
-        "RAY_AUTH_TOKEN_PATH",
-        "RAY_TMPDIR",
-        "RAY_ADDRESS",
-    ):
-        monkeypatch.delenv(name, raising=False)
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "raytmp"))  # not a shared /tmp/ray
+    monkeypatch.setenv("HOME", os.environ.get("HOME", str(tmp_path)))  # restored after the test
     locked = tmp_path / "locked"
-    locked.mkdir()
-    out = tmp_path / "run"
-    if where == "out":
-        out = locked / "run"
-        error = (
-            r"--out \S*locked/run cannot be written \(\S*locked is not writable\); choose a folder"
-        )
-    elif where == "home":
-        monkeypatch.setenv("HOME", str(locked))
-        error = (r"cannot start Ray here: it saves a new token in \S*locked/\.ray/auth_token, and "
-                 r"\S*locked/\.ray cannot be written \(\S*locked is not writable\) \(HOME=\S*locked\); "
-                 r"set HOME to a folder you can write to")  # fmt: skip
-    else:
-        monkeypatch.setenv("RAY_TMPDIR", str(locked))
-        error = (r"cannot start Ray here: its temp folder \S*locked/ray cannot be written "
-                 r"\(\S*locked is not writable\); set RAY_TMPDIR to a folder you can write to")  # fmt: skip
-    return ["run", str(write_spec(tmp_path, MINIMAL)), "--out", str(out)], locked, error
+    argv, error = LOCKED[name](tmp_path)
+    locked.mkdir(exist_ok=True)
+    return argv, locked, error
 
 
-def _refused_before_ray(argv: list[str], tmp_path: Path, error: str, capsys) -> None:
+def _refused_before_any_work(argv: list[str], tmp_path: Path, error: str, capsys) -> None:
     before = snapshot(tmp_path)
+    capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "Traceback" not in err[0], err
@@ -924,22 +953,22 @@ def _refused_before_ray(argv: list[str], tmp_path: Path, error: str, capsys) -> 
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through a folder's permissions")
-@pytest.mark.parametrize("where", ["out", "home", "ray-temp"])
-def test_an_unwritable_place_is_one_line_before_ray_starts(where, tmp_path, monkeypatch, capsys):
-    argv, locked, error = _locked_run(tmp_path, monkeypatch, where)
+@pytest.mark.parametrize("name", list(LOCKED))
+def test_an_unwritable_place_is_one_line_before_any_work(name, tmp_path, monkeypatch, capsys):
+    argv, locked, error = _locked(name, tmp_path, monkeypatch)
     locked.chmod(0o555)
     try:
-        _refused_before_ray(argv, tmp_path, error, capsys)
+        _refused_before_any_work(argv, tmp_path, error, capsys)
     finally:
         locked.chmod(0o755)
 
 
-@pytest.mark.parametrize("where", ["out", "home", "ray-temp"])
-def test_an_unwritable_place_as_the_check_sees_it(where, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("name", list(LOCKED))
+def test_an_unwritable_place_as_the_check_sees_it(name, tmp_path, monkeypatch, capsys):
     """The same, for any user (root too): the folder reads as not writable to os.access."""
-    argv, locked, error = _locked_run(tmp_path, monkeypatch, where)
+    argv, locked, error = _locked(name, tmp_path, monkeypatch)
     access = os.access
     monkeypatch.setattr(
         os, "access", lambda p, mode, **kw: Path(p) != locked and access(p, mode, **kw)
     )
-    _refused_before_ray(argv, tmp_path, error, capsys)
+    _refused_before_any_work(argv, tmp_path, error, capsys)

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from capsearch.commands import writable_out
 from capsearch.errors import UserError
 
 
@@ -46,6 +47,7 @@ def _eval(args: argparse.Namespace) -> int:
     metadata_path(args.data)
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} exists and is not a folder")
+    writable_out(args.out)
     if args.delta and not args.delta.is_dir():
         raise UserError(f"delta folder {args.delta} does not exist")
     config = EvalSettings.parse(flag_values(args, EvalSettings), "eval")

@@ -9,7 +9,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from capsearch.atomic import unwritable
 from capsearch.commands import export as export_command
+from capsearch.commands import writable_out
 from capsearch.errors import UserError
 
 
@@ -311,11 +313,21 @@ def _report(args: argparse.Namespace) -> int:
             )
         # lazy: `capsearch --help` loads no library
         from capsearch.reporting.report import write_report
+        from capsearch.search.runs import read_run_spec
 
-        print(f"wrote {write_report(args.run_dirs[0])}")
+        run = args.run_dirs[0]
+        read_run_spec(run)  # a run folder, before whether it can be written
+        why = unwritable(run)
+        if why is not None:
+            raise UserError(
+                f"{run} {why}: the report is written into the run folder; give --out DIR to write "
+                "it elsewhere"
+            )
+        print(f"wrote {write_report(run)}")
         return 0
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} exists and is not a folder")
+    writable_out(args.out)
     # lazy: `capsearch --help` loads no library
     from capsearch.reporting.seeds import write_seeds_report
 

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from capsearch.commands import writable_out
 from capsearch.errors import UserError
 
 
@@ -89,6 +90,7 @@ def _train(args: argparse.Namespace) -> int:
     read_metadata(args.data)  # its records as training reads them, before the model loads
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} exists and is not a folder")
+    writable_out(args.out)
     if args.spec:
         if not args.spec.is_file():
             raise UserError(f"method spec file {args.spec} does not exist")
