@@ -150,3 +150,21 @@ def test_a_live_search_in_a_folder_without_trials_is_not_replaced(search, tmp_pa
     assert main(["run", str(other), "--out", str(run)]) == 2
     assert "is in use by another search" in capsys.readouterr().err
     assert (run / "spec.yaml").read_bytes() == before and search.tuned == []
+
+
+def test_without_out_a_refused_runs_folder_is_used_again(search, tmp_path, capsys):
+    """`capsearch run SPEC` (runs/NAME by default) after a refusal: the same runs/s, not runs/s-2."""
+    search.refuse("refused where Ray starts")
+    assert main(["run", str(spec_file(tmp_path, "s.yaml"))]) == 2
+    capsys.readouterr()
+    assert (tmp_path / "runs" / "s" / "spec.yaml").is_file()
+    fixed = spec_file(tmp_path, "s.yaml", search={"num_samples": 1})
+    assert main(["run", str(fixed)]) == 0, capsys.readouterr().err
+    assert search.tuned == [(1, 2)] and sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        "s"
+    ]
+    folder = trial_dir(tmp_path / "runs" / "s", 0)  # once it holds a trial record, it is taken
+    folder.mkdir(parents=True)
+    write_json(folder / "params.json", {"trial": "t000", "number": 0, "status": "running"})
+    assert main(["run", str(fixed)]) == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["s", "s-2"]

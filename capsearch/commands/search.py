@@ -98,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.retry_errors and not args.resume:
         raise UserError("--retry-errors runs failed trials of an existing run again: add --resume")
     spec = load_spec(args.spec, args.overrides)
-    out = args.out or default_run_dir(spec.name or args.spec.stem, args.resume)
+    out = args.out or default_run_dir(spec.name or args.spec.stem, args.resume, spec)
     # lazy: `capsearch --help` loads no library
     from capsearch.search.loop import run_search
     from capsearch.search.runs import unfinished_trials
@@ -149,15 +149,31 @@ def _summarise(run_dir: Path, spec: Any, console: Any) -> Path:
     return write_report(run_dir)
 
 
-def default_run_dir(name: str, resume: bool) -> Path:
-    """runs/NAME, or runs/NAME-2, -3, ... when taken; with resume, the newest that exists."""
+def default_run_dir(name: str, resume: bool, spec: Any = None) -> Path:
+    """runs/NAME, or runs/NAME-2, -3, ... when taken; with resume, the newest that exists.
+
+    With `spec`, a run a refusal or a stop left before its first trial record is not taken: the
+    search starts there afresh, as it would with --out (capsearch.search.runs.check_run_dir).
+    """
     candidates = [Path("runs") / name] + [Path("runs") / f"{name}-{i}" for i in range(2, 1000)]
     taken = [c for c in candidates if c.exists()]
     if resume:
         if not taken:
             raise UserError(f"nothing to resume: no runs/{name} folder; pass --out")
         return taken[-1]
-    return next(c for c in candidates if not c.exists())
+    return next(c for c in candidates if not c.exists() or _left_before_a_trial(c, spec))
+
+
+def _left_before_a_trial(folder: Path, spec: Any) -> bool:
+    """Whether `folder` holds what a search left before its first trial record (a spec.yaml it wrote)."""
+    if spec is None or not (folder / "spec.yaml").is_file():
+        return False
+    from capsearch.search.runs import check_run_dir  # lazy: `capsearch --help` loads no library
+
+    try:
+        return check_run_dir(spec, folder, resume=False)[1]
+    except UserError:
+        return False
 
 
 def _progress(run_dir: Path) -> Any:
