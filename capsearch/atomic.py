@@ -33,3 +33,27 @@ def atomic_write(path: Path | str, data: str | bytes) -> Path:
     with atomic_target(path) as tmp:
         tmp.write_bytes(raw)
     return Path(path)
+
+
+def unwritable(path: Path | str) -> str | None:
+    """Why nothing can be created at `path` (a folder, or a file to be), or None where it can.
+
+    Judged on `path` where it is a folder, else on its nearest existing folder (the one a new folder or
+    file would be made in, or an existing file replaced in): a read-only file system, or no write
+    permission (root has it everywhere but on a read-only file system).
+    """
+    path = Path(path).absolute()
+    here = next((p for p in (path, *path.parents) if p.exists()), None)
+    if here is not None and here == path and path.is_file():
+        here = path.parent  # a file is written beside itself and renamed over (atomic_write)
+    if here is None or not here.is_dir():
+        return None  # a file in the way is its own error, named by the caller
+    try:
+        read_only = bool(os.statvfs(here).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
+        read_only = False
+    if read_only:
+        return "is on a read-only file system" + (f" ({here})" if here != path else "")
+    if not os.access(here, os.W_OK | os.X_OK):
+        return f"cannot be written ({here} is not writable)" if here != path else "is not writable"
+    return None

@@ -12,6 +12,7 @@ its config without weights).
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import warnings
@@ -219,6 +220,79 @@ def model_empty_unet(tmp: Path) -> Path:
     for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):
         (folder / sub).mkdir(parents=True)
     return folder
+
+
+def metadata_text(tmp: Path, name: str, text: str | bytes, folder: str = "data") -> Path:
+    """A dataset folder holding one metadata file with exactly this text (images: two PNGs)."""
+    root = tmp / folder
+    root.mkdir(exist_ok=True)
+    for i in range(2):
+        png(root / "images" / f"{i}.png")
+    path = root / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return root
+
+
+def csv_beside_jsonl(tmp: Path) -> Path:
+    """metadata.jsonl and a metadata.csv that names the second image's caption otherwise."""
+    root = data_folder(tmp)
+    (root / "metadata.csv").write_text(
+        "file_name,text\nimages/0.png,no acute process\nimages/1.png,small left effusion\n"
+    )
+    return root
+
+
+def listed(
+    tmp: Path, train: int = 4, validate: int = 8, test: int = 8, split: str | None = None
+) -> Path:
+    """A data folder whose metadata.jsonl lists images per split with two captions each (the images
+    are not written: what `run` checks before its run folder reads no image); `split`: one more
+    record of that split."""
+    root = tmp / "data"
+    root.mkdir()
+    rows = [{"file_name": f"images/{s}{i}.png", "text": f"finding {i % 2}", "split": s}
+            for s, n in (("train", train), ("validate", validate), ("test", test)) for i in range(n)]  # fmt: skip
+    if split is not None:
+        rows.append({"file_name": "images/odd.png", "text": "finding 0", "split": split})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def data_spec(root: Path, **changes) -> dict:
+    """MINIMAL on a data folder, evaluating 2 prompts × 1 sample (its references need 8 images)."""
+    return spec_with(data={"path": str(root)}, evaluate={"n_prompts": 2, "n_per_prompt": 1},
+                     **changes)  # fmt: skip
+
+
+def run_on(tmp: Path, spec: dict, *extra: str) -> list[str]:
+    return ["run", str(write_spec(tmp, spec)), "--out", str(tmp / "r"), *extra]
+
+
+def trials_without_spec(tmp: Path) -> list[str]:
+    run = make_run(tmp)
+    (run / "spec.yaml").unlink()
+    return ["run", str(tmp / "run.yaml"), "--out", str(run)]
+
+
+def spec_beside_itself(tmp: Path) -> list[str]:
+    """`--out` the folder that holds the spec file run is given (and nothing else)."""
+    (tmp / "mine").mkdir()
+    return ["run", str(write_spec(tmp / "mine", MINIMAL)), "--out", str(tmp / "mine")]
+
+
+def leftover_with_notes(tmp: Path) -> list[str]:
+    """A folder a refused run left (its spec.yaml, no trial), into which a file of the user's went."""
+    run = make_run(tmp, trials=False)
+    (run / "notes.txt").write_text("mine")
+    return ["run", str(tmp / "run.yaml"), "--out", str(run)]
+
+
+# Settings a baseline trains with that its plan refuses (warm-up longer than its own steps).
+SHORT_BASELINE = {"train": {"warmup_steps": 10},
+                  "space": {"groups": [{"name": "all", "units": "*", "methods": {"frozen": {}, "full": {}}}]},
+                  "baselines": {"methods": ["full"], "train": {"full": {"steps": 5}}}}  # fmt: skip
+SHORT_SEARCH = {"train": {"warmup_steps": 10},
+                "space": {**MINIMAL["space"], "steps": [5, 20]}}  # fmt: skip
 
 
 # --- the table ------------------------------------------------------------------------------
@@ -521,6 +595,93 @@ CASES = [
          r"--out \S*o\.txt exists and is not a folder"),
     Case("train-spec-missing", lambda t: train_argv(t, None, "--spec", str(t / "nospec.json")),
          r"method spec file \S*nospec\.json does not exist"),
+    # data folders: what every command that reads one refuses (data check, train, run, validate)
+    Case("check-empty-jsonl", lambda t: ["data", "check", str(metadata_text(t, "metadata.jsonl", ""))],
+         r"data/metadata\.jsonl holds no records \(it is empty\)"),
+    Case("check-blank-jsonl",
+         lambda t: ["data", "check", str(metadata_text(t, "metadata.jsonl", "\n  \n\n"))],
+         r"data/metadata\.jsonl holds no records \(it is empty\)"),
+    Case("check-empty-csv", lambda t: ["data", "check", str(metadata_text(t, "metadata.csv", ""))],
+         r"data/metadata\.csv holds no records \(it is empty\): write a header row file_name,text"),
+    Case("check-csv-header-only",
+         lambda t: ["data", "check", str(metadata_text(t, "metadata.csv", "file_name,text\n"))],
+         r"data/metadata\.csv holds no records \(only its header\)"),
+    Case("check-unknown-split-jsonl",
+         lambda t: ["data", "check", str(data_folder(t, [
+             {"file_name": "a.png", "text": "x", "split": "train"},
+             {"file_name": "b.png", "text": "y", "split": "val"}]))],
+         r"data/metadata\.jsonl:2: unknown split 'val' \(did you mean 'validate'\?\); use train, validate, test"),
+    Case("check-unknown-split-csv",
+         lambda t: ["data", "check", str(metadata_text(
+             t, "metadata.csv", "file_name,text,split\nimages/0.png,x,\nimages/1.png,y,Train\n"))],
+         r"data/metadata\.csv:3: unknown split 'Train' \(did you mean 'train'\?\)"),
+    Case("check-split-not-text",
+         lambda t: ["data", "check", str(data_folder(t, [{"file_name": "a.png", "text": "x", "split": 1}]))],
+         r"data/metadata\.jsonl:1: split 1 is not text; use train, validate, test"),
+    Case("check-csv-and-jsonl-differ", lambda t: ["data", "check", str(csv_beside_jsonl(t))],
+         r"dataset folder \S*data has both metadata\.jsonl and metadata\.csv and they differ "
+         r"\(record 2: text 'no acute process' vs 'small left effusion'\); capsearch reads metadata\.jsonl"),
+    Case("check-csv-with-semicolons",
+         lambda t: ["data", "check", str(metadata_text(t, "metadata.csv", "file_name;text\nimages/0.png;x\n"))],
+         r"lacks column\(s\) file_name, text \(its header: file_name;text\); save it with commas"),
+    Case("train-unknown-split",
+         lambda t: train_argv(t, data_folder(t, [{"file_name": "a.png", "text": "x", "split": "valid"}])),
+         r"data/metadata\.jsonl:1: unknown split 'valid' \(did you mean 'validate'\?\)"),
+    Case("train-empty-metadata", lambda t: train_argv(t, metadata_text(t, "metadata.csv", "")),
+         r"data/metadata\.csv holds no records \(it is empty\)"),
+    Case("eval-no-validate-split", lambda t: eval_argv(t, None),
+         r"\S*data has no 'validate' images: FID needs held-out patients"),
+    Case("eval-unknown-split",
+         lambda t: eval_argv(t, data_folder(t, [{"file_name": "a.png", "text": "x", "split": "VALIDATE"}])),
+         r"data/metadata\.jsonl:1: unknown split 'VALIDATE' \(did you mean 'validate'\?\)"),
+    Case("run-data-unknown-split", lambda t: run_on(t, data_spec(listed(t, split="holdout"))),
+         r"data/metadata\.jsonl:21: unknown split 'holdout'; use train, validate, test"),
+    Case("run-data-empty-metadata",
+         lambda t: run_on(t, data_spec(metadata_text(t, "metadata.jsonl", ""))),
+         r"data/metadata\.jsonl holds no records \(it is empty\)"),
+    Case("run-data-csv-and-jsonl-differ", lambda t: run_on(t, data_spec(csv_beside_jsonl(t))),
+         r"has both metadata\.jsonl and metadata\.csv and they differ"),
+    Case("run-data-no-train-split", lambda t: run_on(t, data_spec(listed(t, train=0))),
+         r"\S*data has no training images \(no record of split 'train'\)"),
+    Case("run-data-no-validate-split", lambda t: run_on(t, data_spec(listed(t, validate=0))),
+         r"\S*data has no 'validate' images: FID needs held-out patients"),
+    Case("run-data-small-reference", lambda t: run_on(t, data_spec(listed(t, validate=3))),
+         r"the validate reference of \S*data lists 3 images, fewer than evaluate\.reference_ratio × samples = 8"),
+    Case("run-data-no-test-split-for-the-final-stage", lambda t: run_on(t, data_spec(listed(t, test=0))),
+         r"\S*data has no 'test' images"),
+    Case("spec-data-unknown-split", lambda t: validate(t, data_spec(listed(t, split="dev"))),
+         r"data/metadata\.jsonl:21: unknown split 'dev'"),
+    Case("spec-data-small-reference", lambda t: validate(t, data_spec(listed(t, validate=3))),
+         r"the validate reference of \S*data lists 3 images"),
+    # what run refuses before its run folder is written, and validate the same way
+    Case("run-more-cpus-than-here", lambda t: run_on(t, spec_with(resources={"cpu": 4096})),
+         r"resources\.cpu: a trial asks for 4096 but this machine has \d+ \(without --address the "
+         r"search starts Ray here\); lower it or join a bigger cluster with --address"),
+    Case("run-more-gpus-than-here", lambda t: run_on(t, spec_with(resources={"gpu": 1000})),
+         r"resources\.gpu: a trial asks for 1000 but this machine has \d+"),
+    Case("spec-more-gpus-than-here", lambda t: validate(t, spec_with(resources={"gpu": 1000})),
+         r"resources\.gpu: a trial asks for 1000 but this machine has \d+"),
+    Case("spec-address-unreachable",
+         lambda t: validate(t, MINIMAL, "--address", "127.0.0.1:9"),
+         r"cannot reach a Ray cluster at 127\.0\.0\.1:9"),
+    Case("run-baseline-plan-fails", lambda t: run_on(t, spec_with(**SHORT_BASELINE)),
+         r"baselines: the trial of baseline 'full' fails: train\.warmup_steps: 10 warm-up steps are "
+         r"longer than the run \(5 steps\)"),
+    Case("spec-baseline-plan-fails", lambda t: validate(t, spec_with(**SHORT_BASELINE)),
+         r"baselines: the trial of baseline 'full' fails: train\.warmup_steps"),
+    Case("spec-space-steps-below-warmup", lambda t: validate(t, spec_with(**SHORT_SEARCH)),
+         r"space\.steps: a trial of 5 steps fails: train\.warmup_steps: 10 warm-up steps are longer"),
+    Case("run-out-holds-other-files",
+         lambda t: ["run", str(write_spec(t, MINIMAL)), "--out", str(plain_folder(t, "run"))],
+         r"--out \S*run holds other files \(notes\.txt\) and no search; choose a new or empty folder",
+         watch=("run",)),
+    Case("run-out-holds-a-spec-of-ones-own", spec_beside_itself,
+         r"--out \S*mine holds a spec\.yaml that no search wrote \(a spec file of your own\?\) and no "
+         r"search; choose a new or empty folder", watch=("mine",)),
+    Case("run-out-leftover-with-other-files", leftover_with_notes,
+         r"--out \S*run holds other files \(notes\.txt\) and no search", watch=("run",)),
+    Case("run-out-trials-without-spec", trials_without_spec,
+         r"\S*run holds trials but no spec\.yaml: restore the spec it was started with", watch=("run",)),
     # run folders: run, status, report, export
     Case("run-existing-run",
          lambda t: ["run", str(t / "run.yaml"), "--out", str(make_run(t))],
@@ -634,6 +795,7 @@ def test_bad_input_is_one_clean_line(case, tmp_path, monkeypatch, capsys, warnin
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)  # nothing a command writes by default lands in the checkout
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # validate checks this machine's resources
     argv = case.build(tmp_path)
     runs = {name: snapshot(tmp_path / name) for name in case.watch}
     everything = snapshot(tmp_path)
@@ -661,3 +823,152 @@ def test_validate_accepts_a_spec_whose_model_folder_is_not_here(tmp_path, capsys
     assert "valid spec" in out and err == ""
     note = [line for line in out.splitlines() if "note:" in line]
     assert len(note) == 1 and str(missing) in note[0] and "not available here" in note[0]
+
+
+# What `run` refuses before its first trial, `validate` refuses with the same line (one code path:
+# capsearch.search.inputs.check_inputs and capsearch.search.cluster.check_resources).
+SHARED = {
+    "more-gpus-than-here": lambda t: spec_with(resources={"gpu": 1000}),
+    "more-cpus-than-here": lambda t: spec_with(resources={"cpu": 4096}),
+    "baseline-plan-fails": lambda t: spec_with(**SHORT_BASELINE),
+    "space-steps-below-warmup": lambda t: spec_with(**SHORT_SEARCH),
+    "data-unknown-split": lambda t: data_spec(listed(t, split="dev")),
+    "data-no-validate-split": lambda t: data_spec(listed(t, validate=0)),
+    "data-small-reference": lambda t: data_spec(listed(t, validate=3)),
+    "units-match-nothing": lambda t: spec_with(space={"groups": [
+        {"name": "a", "units": "mid_blok", "methods": {"full": {}}}]}),
+    "search-reuse-not-a-run": lambda t: spec_with(search={"reuse": [str(plain_folder(t, "old"))]}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(SHARED))
+def test_validate_refuses_what_run_refuses_with_the_same_line(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    spec = write_spec(tmp_path, SHARED[name](tmp_path))
+    lines = {}
+    for command in (["validate", str(spec)], ["run", str(spec), "--out", str(tmp_path / "r")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1, err
+        lines[command[0]] = err[0]
+    assert lines["validate"] == lines["run"]
+    assert not (tmp_path / "r").exists()
+
+
+def test_validate_leaves_resources_to_the_cluster_ray_address_names(tmp_path, monkeypatch, capsys):
+    """With RAY_ADDRESS set (a cluster for `run --address auto`), validate does not judge this
+    machine's resources: a note, exit 0."""
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert main(["validate", str(write_spec(tmp_path, spec_with(resources={"gpu": 1000})))]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "note: resources not checked: RAY_ADDRESS names a cluster (10.0.0.1:6379)" in out
+
+
+def test_validate_notes_a_data_folder_that_is_not_here(tmp_path, capsys):
+    """As a model folder: a spec may name the data folder of the machine it is meant for."""
+    spec = write_spec(tmp_path, data_spec(tmp_path / "cluster" / "data"))
+    assert main(["validate", str(spec)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"note: data folder {tmp_path / 'cluster' / 'data'} is not here" in out
+
+
+# --- places Ray, a run or any command cannot write to: one line before any work, nothing written ------
+
+NOT_WRITABLE = r"cannot be written \(\S*locked is not writable\); choose a folder you can write to"
+
+
+def _run_locked(t: Path, where: str) -> tuple[list[str], str]:
+    argv = ["run", str(write_spec(t, MINIMAL)), "--out", str(t / "run")]
+    if where == "out":
+        return argv[:-1] + [str(t / "locked" / "run")], rf"--out \S*locked/run {NOT_WRITABLE}"
+    if where == "home":
+        os.environ["HOME"] = str(t / "locked")  # restored by the test's monkeypatch
+        return argv, (r"cannot start Ray here: it saves a new token in \S*locked/\.ray/auth_token, "
+                      r"and \S*locked/\.ray cannot be written \(\S*locked is not writable\) "
+                      r"\(HOME=\S*locked\); set HOME to a folder you can write to")  # fmt: skip
+    os.environ["RAY_TMPDIR"] = str(t / "locked")
+    return argv, (r"cannot start Ray here: its temp folder \S*locked/ray cannot be written "
+                  r"\(\S*locked is not writable\); set RAY_TMPDIR to a folder you can write to")  # fmt: skip
+
+
+def _report_in_place(t: Path) -> tuple[list[str], str]:
+    make_run(t, name="locked")
+    return ["report", str(t / "locked")], (
+        r"\S*locked is not writable: the report is written into the run folder; give --out DIR"
+    )
+
+
+# What needs to write into tmp/locked: argv and the error line's regex (built before it is locked).
+LOCKED = {
+    "run-out": lambda t: _run_locked(t, "out"),
+    "run-home": lambda t: _run_locked(t, "home"),
+    "run-ray-temp": lambda t: _run_locked(t, "ray-temp"),
+    "train": lambda t: (train_argv(t, None, out=t / "locked" / "o"), rf"--out \S*locked/o {NOT_WRITABLE}"),
+    "eval": lambda t: (["eval", "--model", "tiny:random", "--data", str(data_folder(t)),
+                        "--out", str(t / "locked" / "e")], rf"--out \S*locked/e {NOT_WRITABLE}"),
+    "sample": lambda t: (sample_argv(t)[:-1] + [str(t / "locked" / "g.png")],
+                         rf"--out \S*locked/g\.png {NOT_WRITABLE}"),
+    "pretrain-shapes": lambda t: (["pretrain", "shapes", "--out", str(t / "locked" / "s")],
+                                  rf"--out \S*locked/s {NOT_WRITABLE}"),
+    "pretrain-scorer": lambda t: (["pretrain", "scorer", "--data", str(data_folder(t)),
+                                   "--out", str(t / "locked" / "s")], rf"--out \S*locked/s {NOT_WRITABLE}"),
+    "export": lambda t: (["export", str(make_run(t, delta=True)), "--trial", "t000",
+                          "--out", str(t / "locked" / "x")], rf"--out \S*locked/x {NOT_WRITABLE}"),
+    "report": _report_in_place,
+    "report-out": lambda t: (["report", str(make_run(t)), "--out", str(t / "locked" / "r")],
+                             rf"--out \S*locked/r {NOT_WRITABLE}"),
+    "mimic": lambda t: (["data", "mimic", "--root", str(mimic_root(t, "dicom_id,subject_id,study_id")),
+                         "--out", str(t / "locked" / "m")], rf"--out \S*locked/m {NOT_WRITABLE}"),
+}  # fmt: skip
+
+
+def _locked(name: str, tmp_path: Path, monkeypatch) -> tuple[list[str], Path, str]:
+    """argv of the LOCKED case, its folder to lock and its error's regex; Ray may not start."""
+    import capsearch.search.cluster as cluster
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(cluster.ray, "init", no_ray)
+    monkeypatch.chdir(tmp_path)
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "raytmp"))  # not a shared /tmp/ray
+    monkeypatch.setenv("HOME", os.environ.get("HOME", str(tmp_path)))  # restored after the test
+    locked = tmp_path / "locked"
+    argv, error = LOCKED[name](tmp_path)
+    locked.mkdir(exist_ok=True)
+    return argv, locked, error
+
+
+def _refused_before_any_work(argv: list[str], tmp_path: Path, error: str, capsys) -> None:
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert re.search(error, err[0]), err[0]
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through a folder's permissions")
+@pytest.mark.parametrize("name", list(LOCKED))
+def test_an_unwritable_place_is_one_line_before_any_work(name, tmp_path, monkeypatch, capsys):
+    argv, locked, error = _locked(name, tmp_path, monkeypatch)
+    locked.chmod(0o555)
+    try:
+        _refused_before_any_work(argv, tmp_path, error, capsys)
+    finally:
+        locked.chmod(0o755)
+
+
+@pytest.mark.parametrize("name", list(LOCKED))
+def test_an_unwritable_place_as_the_check_sees_it(name, tmp_path, monkeypatch, capsys):
+    """The same, for any user (root too): the folder reads as not writable to os.access."""
+    argv, locked, error = _locked(name, tmp_path, monkeypatch)
+    access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode, **kw: Path(p) != locked and access(p, mode, **kw)
+    )
+    _refused_before_any_work(argv, tmp_path, error, capsys)

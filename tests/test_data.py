@@ -197,3 +197,67 @@ def test_cli_user_errors_are_one_line(
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("capsearch: error:") and message in err
     assert "Traceback" not in err
+
+
+BOM = "\ufeff"
+
+
+@pytest.mark.parametrize("name", ["metadata.csv", "metadata.jsonl"])
+def test_a_byte_order_mark_is_read_past(tmp_path: Path, capsys, name: str) -> None:
+    """Spreadsheet programs start a CSV with a UTF-8 byte-order mark (and some editors a JSONL): it
+    works everywhere, as if it were not there — data check, the loader, and run's checks."""
+    from capsearch.config import spec_from_dict
+    from capsearch.search.inputs import check_data_folder
+
+    rows = [(f"images/{s}{i}.png", f"finding {i % 2}", s)
+            for s, n in (("train", 2), ("validate", 8), ("test", 8)) for i in range(n)]  # fmt: skip
+    for file_name, _, _ in rows:
+        _png(tmp_path / file_name)
+    if name.endswith(".csv"):
+        text = "file_name,text,split\n" + "".join(f"{f},{t},{s}\n" for f, t, s in rows)
+    else:
+        text = "".join(
+            json.dumps({"file_name": f, "text": t, "split": s}) + "\n" for f, t, s in rows
+        )
+    (tmp_path / name).write_text(BOM + text, encoding="utf-8")
+    records = read_metadata(tmp_path)
+    assert records[0]["file_name"] == "images/train0.png" and len(records) == len(rows)
+    assert len(ImageCaptionDataset(tmp_path, split="train", size=8)) == 2
+    assert main(["data", "check", str(tmp_path)]) == 0
+    assert "18 records, no problems found" in " ".join(capsys.readouterr().out.split())
+    spec = spec_from_dict({
+        "model": "tiny:random", "data": {"path": str(tmp_path)},
+        "evaluate": {"n_prompts": 2, "n_per_prompt": 1},
+        "space": {"groups": [{"name": "a", "units": "mid_block", "methods": {"full": {}}}]},
+    })  # fmt: skip
+    check_data_folder(spec, tmp_path)  # what `run` reads before its first trial
+
+
+def test_metadata_csv_beside_the_same_jsonl_is_fine(tmp_path: Path) -> None:
+    """Both files listing the same records (an empty CSV split is train, as a missing one): read from
+    metadata.jsonl, nothing said."""
+    _write_jsonl(tmp_path, [{"file_name": "a.png", "text": "x", "patient_id": 7},
+                            {"file_name": "b.png", "text": "y", "split": "test"}])  # fmt: skip
+    (tmp_path / "metadata.csv").write_text("file_name,text,split\na.png,x,\nb.png,y,test\n")
+    assert read_metadata(tmp_path)[0]["patient_id"] == 7  # the JSONL's own record
+    (tmp_path / "metadata.csv").write_text("file_name,text,split\na.png,x,\nb.png,y,validate\n")
+    with pytest.raises(UserError, match=r"record 2: split 'test' vs 'validate'"):
+        read_metadata(tmp_path)
+    (tmp_path / "metadata.csv").write_text("file_name,text\na.png,x\n")
+    with pytest.raises(UserError, match=r"they differ \(2 vs 1 records\)"):
+        read_metadata(tmp_path)
+    (tmp_path / "metadata.csv").write_text("name,caption\na.png,x\n")
+    with pytest.raises(
+        UserError, match=r"has both metadata\.jsonl and metadata\.csv, and \S*metadata\.csv lacks"
+    ):
+        read_metadata(tmp_path)
+
+
+def test_empty_split_values_are_train_everywhere(tmp_path: Path) -> None:
+    """An empty CSV split cell is train, as a missing split is (in_split: the rule every reader uses)."""
+    from capsearch.datasets.folder import in_split
+
+    _png(tmp_path / "a.png")
+    (tmp_path / "metadata.csv").write_text("file_name,text,split\na.png,x,\n")
+    records = read_metadata(tmp_path)
+    assert in_split(records[0], "train") and len(ImageCaptionDataset(tmp_path, split="train")) == 1

@@ -8,6 +8,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from capsearch.commands import writable_out
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `data phantom`, `data mimic` and `data check`."""
@@ -150,6 +152,7 @@ def _mimic(args: argparse.Namespace) -> int:
     # lazy: `capsearch --help` loads no library
     from capsearch.datasets.mimic import write_mimic_metadata
 
+    writable_out(args.out)
     result = write_mimic_metadata(args.root, args.out, reports=args.reports, progress=True)
     print(f"wrote {result.written} frontal images to {result.metadata}")
     print("splits: " + ", ".join(f"{s} {n}" for s, n in sorted(result.splits.items())))

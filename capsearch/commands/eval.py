@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from capsearch.commands import writable_out
 from capsearch.errors import UserError
 
 
@@ -35,24 +36,28 @@ def _eval(args: argparse.Namespace) -> int:
     # lazy: `capsearch --help` loads no library
     import torch
 
-    from capsearch.datasets.folder import metadata_path
+    from capsearch.datasets.folder import metadata_path, read_metadata
     from capsearch.metrics.evaluate import evaluate
+    from capsearch.metrics.stages import heldout_prompts
     from capsearch.models.load import load_pipeline
     from capsearch.settings import EvalSettings, flag_values
 
     if not args.data.is_dir():
         raise UserError(f"data folder {args.data} does not exist")
-    metadata_path(args.data)  # before the model and the scorer load
+    metadata_path(args.data)
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} exists and is not a folder")
+    writable_out(args.out)
+    if args.delta and not args.delta.is_dir():
+        raise UserError(f"delta folder {args.delta} does not exist")
     config = EvalSettings.parse(flag_values(args, EvalSettings), "eval")
+    # the records and the held-out split as the evaluation reads them, before the model and scorer load
+    heldout_prompts(read_metadata(args.data), args.data, config)
     pipe = load_pipeline(args.model)
     if args.delta:
         # lazy: `capsearch --help` loads no library
         from capsearch.models.delta import load_delta
 
-        if not args.delta.is_dir():
-            raise UserError(f"delta folder {args.delta} does not exist")
         pipe.unet = load_delta(pipe.unet, args.delta)
     device = (
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

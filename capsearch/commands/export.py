@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from capsearch.commands import writable_out
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `export` subcommand."""
@@ -30,6 +32,7 @@ def _export(args: argparse.Namespace) -> int:
     # lazy: `capsearch --help` loads no library
     from capsearch.export.trial import export_trial
 
+    writable_out(args.out)
     result = export_trial(
         args.run_dir, args.out, args.trial, lora=args.lora, single_file=args.single_file
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from capsearch.commands import writable_out
 from capsearch.errors import UserError
 
 
@@ -59,6 +60,7 @@ def _out_folder(out: Path) -> None:
     """UserError if --out names something that is not a folder (found before any work, not after)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
+    writable_out(out)
 
 
 def _shapes(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
+from capsearch.commands import writable_out
 from capsearch.errors import UserError
 
 
@@ -38,6 +39,7 @@ def _sample(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out} is a folder; give the PNG file to write")
     if args.out.parent.is_file():
         raise UserError(f"--out {args.out}: {args.out.parent} is a file, not a folder")
+    writable_out(args.out)
     pipe = load_pipeline(args.model)
     trained = pipe.scheduler.config.num_train_timesteps
     if args.steps > trained:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from capsearch.atomic import unwritable
 from capsearch.commands import export as export_command
+from capsearch.commands import writable_out
 from capsearch.errors import UserError
 
 
@@ -37,9 +40,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.set_defaults(func=_run)
 
     validate = sub.add_parser(
-        "validate", help="check a spec file (keys, types, units) without running"
+        "validate",
+        help="check a spec file without running: what `run` would refuse before its first trial",
     )
     validate.add_argument("spec", type=Path)
+    validate.add_argument(
+        "--address",
+        help="check the resources against this Ray cluster (auto or HOST:PORT), as `run --address` "
+        "would join it (default: a Ray instance started here)",
+    )
     _add_set(validate)
     validate.set_defaults(func=_validate)
 
@@ -89,16 +98,18 @@ def _run(args: argparse.Namespace) -> int:
     if args.retry_errors and not args.resume:
         raise UserError("--retry-errors runs failed trials of an existing run again: add --resume")
     spec = load_spec(args.spec, args.overrides)
-    out = args.out or default_run_dir(spec.name or args.spec.stem, args.resume)
-    connected = cluster.connect(args.address, args.dashboard, console)
+    out = args.out or default_run_dir(spec.name or args.spec.stem, args.resume, spec)
     # lazy: `capsearch --help` loads no library
     from capsearch.search.loop import run_search
     from capsearch.search.runs import unfinished_trials
     from capsearch.search.study import StudyNotSaved
 
+    def join() -> bool:  # once the spec, its inputs and the run folder are checked
+        return cluster.connect(args.address, args.dashboard, console)
+
     try:
         console.print(f"search {spec.name!r} → {out}  (Optuna study: {out}/optuna.db)")
-        run_dir = run_search(spec, out, resume=args.resume, console=console,
+        run_dir = run_search(spec, out, resume=args.resume, console=console, join=join,
                              callbacks=(_progress(out),), retry_errors=args.retry_errors)  # fmt: skip
     except KeyboardInterrupt:
         console.print(
@@ -109,9 +120,6 @@ def _run(args: argparse.Namespace) -> int:
         if not exc.resumable:
             raise
         raise UserError(f"{exc}: `capsearch run {args.spec} --out {out} --resume`") from None
-    finally:
-        if connected:
-            cluster.stop_local_ray()  # also for a joined cluster: leaves it running, removes no entry
     console.print(f"report: {_summarise(run_dir, spec, console)}")
     cut = unfinished_trials(out)
     if cut:  # Ray ended the session on Ctrl-C with these trials still running
@@ -141,15 +149,31 @@ def _summarise(run_dir: Path, spec: Any, console: Any) -> Path:
     return write_report(run_dir)
 
 
-def default_run_dir(name: str, resume: bool) -> Path:
-    """runs/NAME, or runs/NAME-2, -3, ... when taken; with resume, the newest that exists."""
+def default_run_dir(name: str, resume: bool, spec: Any = None) -> Path:
+    """runs/NAME, or runs/NAME-2, -3, ... when taken; with resume, the newest that exists.
+
+    With `spec`, a run a refusal or a stop left before its first trial record is not taken: the
+    search starts there afresh, as it would with --out (capsearch.search.runs.check_run_dir).
+    """
     candidates = [Path("runs") / name] + [Path("runs") / f"{name}-{i}" for i in range(2, 1000)]
     taken = [c for c in candidates if c.exists()]
     if resume:
         if not taken:
             raise UserError(f"nothing to resume: no runs/{name} folder; pass --out")
         return taken[-1]
-    return next(c for c in candidates if not c.exists())
+    return next(c for c in candidates if not c.exists() or _left_before_a_trial(c, spec))
+
+
+def _left_before_a_trial(folder: Path, spec: Any) -> bool:
+    """Whether `folder` holds what a search left before its first trial record (a spec.yaml it wrote)."""
+    if spec is None or not (folder / "spec.yaml").is_file():
+        return False
+    from capsearch.search.runs import check_run_dir  # lazy: `capsearch --help` loads no library
+
+    try:
+        return check_run_dir(spec, folder, resume=False)[1]
+    except UserError:
+        return False
 
 
 def _progress(run_dir: Path) -> Any:
@@ -224,10 +248,16 @@ def _validate(args: argparse.Namespace) -> int:
     from capsearch.config import load_spec
     from capsearch.search.coverage import check_units
     from capsearch.search.final import final_text
+    from capsearch.search.inputs import check_inputs
     from capsearch.search.reward import objective_text
 
     spec = load_spec(args.spec, args.overrides, check_model=False)
     coverage = check_units(spec, source=str(args.spec))
+    # What `run` checks before it writes its run folder, shared with it (capsearch.search.inputs); a
+    # model, data or reuse folder that is not here is a note: the spec may be meant for another machine.
+    notes = [coverage["note"]] if coverage["note"] else []
+    notes += check_inputs(spec, here=False)
+    notes += _check_cluster(spec, args.address)
     space = spec.search_space
     print(f"{args.spec}: valid spec {spec.name!r} (model {spec.model})")
     for group in space.groups:
@@ -245,9 +275,32 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"  final stage: {final_text(spec)}")
     if pct < 100 and spec.baseline_points:
         print("  note: baselines train only the grouped units, not the whole UNet")
-    if coverage["note"]:
-        print(f"  note: {coverage['note']}")
+    for note in notes:
+        print(f"  note: {note}")
     return 0
+
+
+def _check_cluster(spec: Any, address: str | None) -> list[str]:
+    """The spec's resources against the cluster `run --address` would join, or else against the Ray
+    instance `run` would start here; a note instead where RAY_ADDRESS names a cluster (for `--address
+    auto`) and no --address says which is meant."""
+    # lazy: Ray loads only where a spec is checked against a cluster
+    from capsearch.search import cluster
+
+    if address is None:
+        if os.environ.get("RAY_ADDRESS"):
+            return [
+                f"resources not checked: RAY_ADDRESS names a cluster ({os.environ['RAY_ADDRESS']}); "
+                "give --address to check them there (without it, `run` starts Ray here)"
+            ]
+        cluster.check_resources(spec, cluster.local_resources())
+        return []
+    cluster.connect(address, False, None)
+    try:
+        cluster.check_resources(spec)
+    finally:
+        cluster.stop_local_ray()  # leaves a joined cluster running
+    return []
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -276,11 +329,21 @@ def _report(args: argparse.Namespace) -> int:
             )
         # lazy: `capsearch --help` loads no library
         from capsearch.reporting.report import write_report
+        from capsearch.search.runs import read_run_spec
 
-        print(f"wrote {write_report(args.run_dirs[0])}")
+        run = args.run_dirs[0]
+        read_run_spec(run)  # a run folder, before whether it can be written
+        why = unwritable(run)
+        if why is not None:
+            raise UserError(
+                f"{run} {why}: the report is written into the run folder; give --out DIR to write "
+                "it elsewhere"
+            )
+        print(f"wrote {write_report(run)}")
         return 0
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} exists and is not a folder")
+    writable_out(args.out)
     # lazy: `capsearch --help` loads no library
     from capsearch.reporting.seeds import write_seeds_report
 

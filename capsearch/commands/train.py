@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from capsearch.commands import writable_out
 from capsearch.errors import UserError
 
 
@@ -79,14 +80,17 @@ def _train(args: argparse.Namespace) -> int:
     # lazy: `capsearch --help` loads no library
     import torch
 
+    from capsearch.datasets.folder import read_metadata
     from capsearch.models.load import load_pipeline
     from capsearch.settings import TrainSettings, flag_values
     from capsearch.training.loop import finetune
 
     if not args.data.is_dir():
         raise UserError(f"data folder {args.data} does not exist")
+    read_metadata(args.data)  # its records as training reads them, before the model loads
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} exists and is not a folder")
+    writable_out(args.out)
     if args.spec:
         if not args.spec.is_file():
             raise UserError(f"method spec file {args.spec} does not exist")

@@ -18,6 +18,9 @@ from capsearch.progress import rich_bar
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 REQUIRED_KEYS = ("file_name", "text")
+# The splits capsearch reads: train (fine-tuning), validate (the search's evaluation and probes), test
+# (the final stage); a record without one, or with an empty one, is train.
+SPLITS = ("train", "validate", "test")
 
 
 def metadata_path(root: Path | str) -> Path:
@@ -46,39 +49,115 @@ def _csv_record(row: dict[str, str]) -> dict:
     return record
 
 
-def read_metadata(root: Path | str) -> list[dict]:
-    """All records of a dataset folder's metadata.jsonl or metadata.csv, in file order."""
-    path = metadata_path(root)
+def _split_error(value: object) -> str | None:
+    """Why a record's split value is not one capsearch knows (None: it is; empty means train)."""
+    if value is None or value == "" or value in SPLITS:
+        return None
+    if not isinstance(value, str):
+        return f"split {value!r} is not text; use {', '.join(SPLITS)}"
+    near = [s for s in SPLITS if len(value) >= 3 and s[:3] == value.strip().lower()[:3]]
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return f"unknown split {value!r}{hint}; use {', '.join(SPLITS)} (an empty split is train)"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
     records: list[dict] = []
+    # utf-8-sig: a byte-order mark at the start (as editors on Windows save it) is not part of line 1
+    with path.open(encoding="utf-8-sig") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{number}: not a JSON object") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{number}: not a JSON object")
+            if (why := _split_error(record.get("split"))) is not None:
+                raise UserError(f"{path}:{number}: {why}")
+            records.append(record)
+    if not records:
+        raise UserError(
+            f"{path} holds no records (it is empty): write one JSON object per image, with "
+            "file_name and text"
+        )
+    return records
+
+
+def _read_csv(path: Path) -> list[dict]:
+    records: list[dict] = []
+    # utf-8-sig: spreadsheet programs start a CSV with a byte-order mark, which would hide file_name
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames:
+            raise UserError(
+                f"{path} holds no records (it is empty): write a header row file_name,text "
+                "(and split, ...) and one row per image"
+            )
+        missing = [k for k in REQUIRED_KEYS if k not in reader.fieldnames]
+        if missing:
+            semicolons = len(reader.fieldnames) == 1 and ";" in reader.fieldnames[0]
+            raise UserError(
+                f"{path} lacks column(s) {', '.join(missing)} (its header: "
+                f"{', '.join(reader.fieldnames)})"
+                + ("; save it with commas, not semicolons, between columns" if semicolons else "")
+            )
+        for row in reader:
+            if (why := _split_error(row.get("split"))) is not None:
+                raise UserError(f"{path}:{reader.line_num}: {why}")
+            records.append(_csv_record(row))
+    if not records:
+        raise UserError(f"{path} holds no records (only its header): add one row per image")
+    return records
+
+
+def _read_file(path: Path) -> list[dict]:
     try:
-        if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as handle:
-                for number, line in enumerate(handle, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise UserError(f"{path}:{number}: not a JSON object") from None
-                    if not isinstance(record, dict):
-                        raise UserError(f"{path}:{number}: not a JSON object")
-                    records.append(record)
-        else:
-            with path.open(encoding="utf-8", newline="") as handle:
-                reader = csv.DictReader(handle)
-                missing = [k for k in REQUIRED_KEYS if k not in (reader.fieldnames or [])]
-                if missing:
-                    raise UserError(
-                        f"{path} lacks column(s) {', '.join(missing)} (its header: "
-                        f"{', '.join(reader.fieldnames or []) or 'none'})"
-                    )
-                records = [_csv_record(row) for row in reader]
+        records = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
     for number, record in enumerate(records, 1):
         for key in REQUIRED_KEYS:
             if not isinstance(record.get(key), str):
                 raise UserError(f"{path}: record {number} has no '{key}' text")
+    return records
+
+
+def _same_records(path: Path, records: list[dict], other: Path) -> None:
+    """Refuse a folder whose metadata.jsonl and metadata.csv list different records (one is read)."""
+    both = f"dataset folder {path.parent} has both {path.name} and {other.name}"
+    remedy = f"capsearch reads {path.name}: delete {other.name} or make it the same"
+    try:
+        theirs = _read_file(other)
+    except UserError as exc:
+        raise UserError(f"{both}, and {exc}; {remedy}") from None
+    if len(theirs) != len(records):
+        raise UserError(
+            f"{both} and they differ ({len(records)} vs {len(theirs)} records); {remedy}"
+        )
+    for number, (mine, their) in enumerate(zip(records, theirs, strict=True), 1):
+        for key in ("file_name", "text", "split"):
+            a, b = mine.get(key) or "", their.get(key) or ""
+            if key == "split":
+                a, b = a or "train", b or "train"
+            if a != b:
+                raise UserError(
+                    f"{both} and they differ (record {number}: {key} {a!r} vs {b!r}); {remedy}"
+                )
+
+
+def read_metadata(root: Path | str) -> list[dict]:
+    """All records of a dataset folder's metadata.jsonl or metadata.csv, in file order.
+
+    Every record has a file_name and a text and a split capsearch knows (SPLITS; none or empty: train),
+    and a file holds at least one record. A folder with both files is read from metadata.jsonl and
+    refused if metadata.csv lists other records. A UTF-8 byte-order mark at the start is skipped.
+    """
+    path = metadata_path(root)
+    records = _read_file(path)
+    other = path.with_name(METADATA_FILES[1])
+    if path.name == METADATA_FILES[0] and other.is_file():
+        _same_records(path, records, other)
     return records
 
 

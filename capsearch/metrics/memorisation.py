@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from capsearch.datasets.folder import load_images, read_metadata
+from capsearch.datasets.folder import in_split, load_images, read_metadata
 from capsearch.errors import UserError
 from capsearch.metrics.context import image_size
 from capsearch.metrics.denoising import denoising_strength_per_prompt
@@ -56,7 +56,7 @@ def memorisation_probe(
     """
     from capsearch.models.sampling import generate  # lazy: diffusers takes seconds to import
 
-    records = [r for r in read_metadata(root) if r["split"] == "train"]
+    records = [r for r in read_metadata(root) if in_split(r, "train")]
     memorised, own_rows, others = memorised_captions(records)
     if not memorised or not others:
         raise UserError(

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from capsearch.datasets.folder import load_images, read_metadata
+from capsearch.datasets.folder import in_split, load_images, read_metadata
 from capsearch.errors import UserError
 from capsearch.metrics.context import ATTACK, SAMPLES, STRENGTH, EvalContext, image_size
 from capsearch.metrics.denoising import denoising_strength_per_prompt
@@ -48,6 +48,35 @@ def _pick(records: list[dict], n: int, seed: int) -> list[str]:
     return texts[:n]
 
 
+def heldout_prompts(records: list[dict], root: Path, config: EvalSettings) -> list[str]:
+    """The prompts of an evaluation from its held-out split (config.split) of a data set's records;
+    one line if that split cannot serve: no records, fewer than 2 captions, or fewer images listed
+    than the FID/KID reference needs (`eval` checks this before the model loads, `run` before it
+    writes its run folder)."""
+    held = [r for r in records if in_split(r, config.split)]
+    if not held:
+        raise UserError(
+            f"{root} has no {config.split!r} images: FID needs held-out patients "
+            f"(the {config.split} split of metadata), never the training images"
+        )
+    prompts = _pick(held, config.n_prompts, config.seed)
+    if len(prompts) < 2:
+        raise UserError(f"the {config.split} split of {root} has fewer than 2 distinct captions")
+    check_reference(root, config, len(held), len(prompts), "lists")
+    return prompts
+
+
+def check_reference(root: Path, config: EvalSettings, have: int, prompts: int, verb: str) -> None:
+    """One line if `have` reference images are fewer than reference_ratio × the samples compared."""
+    need = math.ceil(config.reference_ratio * prompts * config.n_per_prompt)
+    if have < need:
+        raise UserError(
+            f"the {config.split} reference of {root} {verb} {have} images, fewer than "
+            f"evaluate.reference_ratio × samples = {need}: add held-out images (phantom data: "
+            "data.phantom.held_out_images) or generate fewer samples"
+        )
+
+
 def prepare(pipe, data_root: Path | str, config: EvalSettings) -> EvalContext:
     """The context before any pass: prompts, held-out reference features, the attack's prompts."""
     if config.split == "train":  # settings built without validation (model_construct) land here
@@ -57,25 +86,11 @@ def prepare(pipe, data_root: Path | str, config: EvalSettings) -> EvalContext:
     root = Path(data_root)
     extractor, text_scorer, world = _scorers(pipe, config.extractor)
     records = read_metadata(root)
-    train = [r for r in records if r.get("split", "train") == "train"]
-    held = [r for r in records if r.get("split") == config.split]
-    if not held:
-        raise UserError(
-            f"{root} has no {config.split!r} images: FID needs held-out patients "
-            f"(the {config.split} split of metadata), never the training images"
-        )
-    prompts = _pick(held, config.n_prompts, config.seed)
-    if len(prompts) < 2:
-        raise UserError(f"the {config.split} split of {root} has fewer than 2 distinct captions")
+    train = [r for r in records if in_split(r, "train")]
+    prompts = heldout_prompts(records, root, config)
     cache = Path(config.cache_dir) if config.cache_dir else root / ".capsearch_cache"
     ref_feats = cached_features(extractor, root, cache, split=config.split)
-    need = math.ceil(config.reference_ratio * len(prompts) * config.n_per_prompt)
-    if len(ref_feats) < need:
-        raise UserError(
-            f"the {config.split} reference of {root} holds {len(ref_feats)} images, fewer than "
-            f"evaluate.reference_ratio × samples = {need}: add held-out images (phantom data: "
-            "data.phantom.held_out_images) or generate fewer samples"
-        )
+    check_reference(root, config, len(ref_feats), len(prompts), "holds")  # the readable ones
     memorised = sorted({r["text"] for r in train if r.get("dup_group") is not None})
     memorised_set = set(memorised)
     others = [t for t in _pick(train, 10**9, config.seed + 1) if t not in memorised_set]

@@ -24,12 +24,14 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
 import ray
 
+from capsearch.atomic import unwritable
 from capsearch.errors import UserError
 from capsearch.search.runlock import process_alive
 
@@ -123,8 +125,10 @@ def reap_orphans(registry: Path = REGISTRY) -> list[int]:
 def start_local_ray(console=None, **kwargs):
     """Reap what killed searches left, start a new local Ray instance (address="local"), register it.
 
-    Returns ray.init's context; its registry entry is removed by `stop_local_ray`.
+    Returns ray.init's context; its registry entry is removed by `stop_local_ray`. A place Ray cannot
+    write to is one line first (check_ray_start).
     """
+    check_ray_start()
     reaped = reap_orphans()
     if reaped and console is not None:
         console.print(f"stopped {len(reaped)} Ray worker(s) that a killed search had left running")
@@ -158,15 +162,84 @@ def prepare_ray_start() -> None:
     os.environ.setdefault("RAY_worker_niceness", "0")
 
 
-def check_resources(spec: Spec) -> None:
-    """Refuse a spec whose trials ask for more CPUs or GPUs than the Ray cluster has."""
-    have = ray.cluster_resources()
+def local_gpus() -> int:
+    """The GPUs a Ray instance started here gets: Ray's own count (NVML, at most CUDA_VISIBLE_DEVICES)."""
+    try:
+        # lazy: Ray's private accelerator API; a Ray without it falls back to torch's count
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+
+        manager = get_accelerator_manager_for_resource("GPU")
+        count = int(manager.get_current_node_num_accelerators())
+        visible = manager.get_current_process_visible_accelerator_ids()
+        return min(count, len(visible)) if visible is not None else count
+    except Exception:  # an older or newer Ray
+        import torch  # lazy: only when Ray cannot tell
+
+        return torch.cuda.device_count()
+
+
+def local_resources() -> dict[str, float]:
+    """What a local Ray instance (start_local_ray, as `capsearch run` starts it) offers a trial."""
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(local_gpus())}
+
+
+def check_resources(spec: Spec, have: Mapping[str, float] | None = None) -> None:
+    """Refuse a spec whose trials ask for more CPUs or GPUs than the Ray cluster has (`have`: what a
+    local instance started here would have, checked before it starts, as `validate` checks it)."""
+    local = have is not None
+    have = have if have is not None else ray.cluster_resources()
     for key, want in (("CPU", spec.resources.cpu), ("GPU", spec.resources.gpu)):
         if want > have.get(key, 0):
+            where = (
+                "this machine has" if local else "the Ray cluster has"
+            ) + f" {have.get(key, 0):g}"
+            if local:
+                where += " (without --address the search starts Ray here)"
             raise UserError(
-                f"resources.{key.lower()}: a trial asks for {want:g} but the Ray cluster has "
-                f"{have.get(key, 0):g}; lower it or join a bigger cluster with --address"
+                f"resources.{key.lower()}: a trial asks for {want:g} but {where}; lower it or "
+                "join a bigger cluster with --address"
             )
+
+
+def check_ray_start() -> None:
+    """Refuse, with one line, to start a local Ray instance where it cannot write: its temp folder
+    (RAY_TMPDIR, TMPDIR or /tmp, then ray/) and, where no token exists yet, ~/.ray/ (a local
+    ray.init turns token authentication on and saves a new token there). Ray itself would fail
+    inside its start-up with a traceback."""
+    temp = Path(ray_temp_dir())
+    why = unwritable(temp)
+    if why is not None:
+        raise UserError(
+            f"cannot start Ray here: its temp folder {temp} {why}; set RAY_TMPDIR to a folder you "
+            "can write to"
+        )
+    if os.environ.get("RAY_AUTH_MODE") is not None or _token_exists():
+        return
+    folder = Path.home() / ".ray"
+    why = unwritable(folder)
+    if why is not None:
+        raise UserError(
+            f"cannot start Ray here: it saves a new token in {folder / 'auth_token'}, and {folder} "
+            f"{why} (HOME={Path.home()}); set HOME to a folder you can write to"
+        )
+
+
+def ray_temp_dir() -> str:
+    """The folder a local Ray instance writes its sessions to (RAY_TMPDIR, TMPDIR or /tmp, then ray)."""
+    try:
+        from ray._common.utils import get_default_ray_temp_dir  # lazy: Ray's private API
+
+        return get_default_ray_temp_dir()
+    except ImportError:  # an older or newer Ray: its documented rule
+        base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+        return os.path.join(base, "ray")
+
+
+def _token_exists() -> bool:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return Path(path).is_file() if path else (Path.home() / ".ray" / "auth_token").is_file()
 
 
 def connect(address: str | None, dashboard: bool, console: Any) -> bool:

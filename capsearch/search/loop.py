@@ -13,6 +13,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,9 @@ from ray.tune.search.optuna import OptunaSearch
 from capsearch.config import Spec
 from capsearch.errors import UserError
 from capsearch.search.cluster import (
+    check_ray_start,
     check_resources,
+    local_resources,
     prepare_ray_start,
     start_local_ray,
     stop_local_ray,
@@ -36,8 +39,9 @@ from capsearch.search.runs import (
     PARAMS_FILE,
     RESULT_FILE,
     check_records,
-    prepare_run_dir,
+    check_run_dir,
     read_record,
+    start_run_dir,
     trial_dir,
     unfinished_trials,
     write_record,
@@ -241,19 +245,40 @@ def run_search(
     console: Any = None,
     callbacks: tuple = (),
     retry_errors: bool = False,
+    join: Callable[[], bool] | None = None,
 ) -> Path:
     """Run (or finish) a search into the folder `out`; return the run folder (report: capsearch.reporting).
 
     `retry_errors` (with `resume`): run the trials that ended in `error` again (plan_trials).
+    `join`: called once the inputs and the folder are checked, to join a Ray cluster or start one with a
+    dashboard (capsearch.search.cluster.connect); True if it did, and the search then leaves it.
 
-    Uses the Ray cluster the caller connected to, or starts a local one sized to this machine.
+    Uses the Ray cluster the caller connected to, or starts a local one sized to this machine. Every
+    check that can be made before the run folder is written is made first: a refusal leaves the folder
+    as it was (and a folder a refused run wrote holds no trial record: check_run_dir starts it afresh).
     """
     check_inputs(spec)
-    run_dir = prepare_run_dir(spec, out, resume)
-    with RunLock(run_dir, resume) as lock:  # one search per run folder (capsearch.search.runlock)
-        if lock.took_over is not None and console is not None:
-            console.print(f"took over the lock of a killed search ({describe(lock.took_over)})")
-        return _search_held(spec, run_dir, console, callbacks, retry_errors)
+    run_dir, afresh = check_run_dir(spec, out, resume)
+    connected = join() if join is not None else False
+    try:
+        if afresh:  # what a new search needs of Ray, before anything is written
+            if ray.is_initialized():
+                check_resources(spec)
+            elif spec.baseline_points or spec.search.num_samples:  # trials: a local Ray starts
+                check_resources(spec, local_resources())
+                check_ray_start()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # One search per run folder (capsearch.search.runlock). A killed search's lock is taken over:
+        # check_run_dir let a plain run through only to a folder with no trial record.
+        with RunLock(run_dir, resume=True) as lock:
+            if lock.took_over is not None and console is not None:
+                console.print(f"took over the lock of a killed search ({describe(lock.took_over)})")
+            if afresh and start_run_dir(spec, run_dir) and console is not None:
+                console.print(f"{run_dir} held no trial yet: started again with this spec")
+            return _search_held(spec, run_dir, console, callbacks, retry_errors)
+    finally:
+        if connected:
+            stop_local_ray()  # also for a joined cluster: leaves it running, removes no entry
 
 
 def _search_held(spec: Spec, run_dir: Path, console: Any, callbacks: tuple,
@@ -269,6 +294,7 @@ def _search_held(spec: Spec, run_dir: Path, console: Any, callbacks: tuple,
     # a finished run resumed: nothing to train or re-evaluate, no Ray to start
     started_here = not ray.is_initialized() and bool(pending or final_todo(spec, run_dir))
     if started_here:
+        check_resources(spec, local_resources())  # a resumed search: before Ray starts
         prepare_ray_start()
         start_local_ray(console, num_cpus=os.cpu_count(), include_dashboard=False,
                         log_to_driver=False, logging_level="WARNING")  # fmt: skip

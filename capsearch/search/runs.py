@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
-from capsearch.atomic import atomic_write
+from capsearch.atomic import atomic_write, unwritable
 from capsearch.config import Spec, read_yaml, spec_from_dict
 from capsearch.errors import UserError
 from capsearch.search.constraints import Constraints, violation
@@ -177,32 +178,121 @@ def check_records(run_dir: Path) -> None:
             raise UserError(record.error or f"trial {record.trial} is corrupt")
 
 
-def prepare_run_dir(spec: Spec, out: Path, resume: bool) -> Path:
-    """Create the run folder with spec.yaml, or check that a resumed run was started with this spec."""
+# What a search writes into its run folder before its first trial record, and after (besides hidden
+# files); a folder without spec.yaml may hold only the first two for a search to start in it.
+RUN_ENTRIES = ("lock.json", "trials", SPEC_FILE, STUDY_FILE, f"{STUDY_FILE}-journal", "data", "cache",
+               "ray", REPORT_FILE, PARETO_FILE)  # fmt: skip
+# The sections of a spec its generated phantom data depends on (held-out images: evaluate and final).
+DATA_SECTIONS = ("data", "evaluate", "final")
+
+
+def check_run_dir(spec: Spec, out: Path, resume: bool) -> tuple[Path, bool]:
+    """The run folder a search of `spec` may use, checked without writing anything: (folder, afresh).
+
+    `afresh`: the search starts there: a new or empty folder, or one holding no trial record (a run
+    refused or stopped before its first trial, with this spec or another; start_run_dir replaces its
+    spec and study), with or without `resume`. Otherwise the folder holds a search and `resume` goes
+    on with it, if it was started with this very spec. Anything else is one line (UserError).
+    """
     run_dir = Path(out).resolve()
     saved = run_dir / SPEC_FILE
-    data = spec.to_dict()
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {out} is a file, not a run folder; choose a folder")
     blocked = next((p for p in run_dir.parents if p.exists()), None)
     if blocked is not None and not blocked.is_dir():
         raise UserError(f"--out {out}: {blocked} is a file, not a folder")
-    if saved.is_file():
+    why = unwritable(run_dir)
+    if why is not None:
+        raise UserError(f"--out {out} {why}; choose a folder you can write to")
+    trials = run_dir.is_dir() and bool(load_trials(run_dir, finished_only=False))
+    if saved.is_file() and trials:
         if not resume:
             raise UserError(
                 f"{run_dir} already holds a search; finish it with --resume or choose another --out"
             )
         old = spec_from_dict(read_yaml(saved), source=str(saved)).to_dict()
-        where = first_difference(old, data)
+        where = first_difference(old, spec.to_dict())
         if where is not None:
             raise UserError(
                 f"the spec differs from the one {run_dir} was started with (at {where})"
             )
-        return run_dir
-    if resume:
+        return run_dir, False
+    if trials:
+        raise UserError(
+            f"{run_dir} holds trials but no {SPEC_FILE}: restore the spec it was started with to "
+            "finish it with --resume, or choose another --out"
+        )
+    if resume and not saved.is_file():
         raise UserError(f"nothing to resume: {run_dir} holds no search ({SPEC_FILE} is missing)")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.is_dir():  # a search's leftovers only: nothing of the user's is replaced
+        known = RUN_ENTRIES if saved.is_file() else RUN_ENTRIES[:2]
+        foreign = sorted(
+            p.name for p in run_dir.iterdir() if p.name not in known and p.name[0] != "."
+        )
+        if foreign:
+            raise UserError(
+                f"--out {out} holds other files ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}) and no search; choose a new or empty folder"
+            )
+        if saved.is_file() and not _written_by_a_search(saved):
+            raise UserError(
+                f"--out {out} holds a {SPEC_FILE} that no search wrote (a spec file of your own?) "
+                "and no search; choose a new or empty folder"
+            )
+    return run_dir, True
+
+
+def _written_by_a_search(saved: Path) -> bool:
+    """Whether a run folder's spec.yaml is a resolved spec, as a search writes it: every section."""
+    try:
+        data = read_yaml(saved)
+    except UserError:
+        return False
+    return set(Spec.model_fields) - {"extends"} <= set(data)
+
+
+def start_run_dir(spec: Spec, run_dir: Path) -> bool:
+    """Write the spec a search starts with into its folder (check_run_dir said `afresh`; call it
+    with the folder's lock held); return whether an earlier start's spec was replaced.
+
+    What a run refused or stopped before its first trial left is replaced: its study (which may hold
+    the old spec's baselines, enqueued), and the phantom data it generated unless the data's sections of
+    the spec are the same. A folder that holds a trial record by now (another search got there first)
+    is refused.
+    """
+    run_dir = Path(run_dir)
+    if load_trials(run_dir, finished_only=False):
+        raise UserError(
+            f"{run_dir} already holds a search; finish it with --resume or choose another --out"
+        )
+    saved = run_dir / SPEC_FILE
+    data = spec.to_dict()
+    if not saved.is_file():  # a new (or empty) folder
+        atomic_write(saved, yaml.safe_dump(data, sort_keys=False))
+        return False
+    try:
+        old = read_yaml(saved)
+    except UserError:  # cut short or edited by hand: replaced like any other
+        old = {}
+    if old == data:
+        return False  # the same spec: its study and data go on as --resume would
+    for name in (STUDY_FILE, f"{STUDY_FILE}-journal"):
+        (run_dir / name).unlink(missing_ok=True)
+    generated, source = run_dir / "data", old.get("data")
+    phantom = isinstance(source, dict) and source.get("phantom") is not None
+    ours = phantom or (generated / "complete.json").is_file()  # generated by a search
+    if ours and any(old.get(k) != data.get(k) for k in DATA_SECTIONS):
+        shutil.rmtree(generated, ignore_errors=True)  # prepare_data makes this spec's world
     atomic_write(saved, yaml.safe_dump(data, sort_keys=False))
+    return True
+
+
+def prepare_run_dir(spec: Spec, out: Path, resume: bool) -> Path:
+    """Create the run folder with spec.yaml, or check that a resumed run was started with this spec."""
+    run_dir, afresh = check_run_dir(spec, out, resume)
+    if afresh:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        start_run_dir(spec, run_dir)
     return run_dir
 
 
