@@ -21,9 +21,7 @@ def _autocast_seen(pipe) -> list[tuple[bool, torch.dtype]]:
     """Record, at every UNet call, whether CPU autocast is on and at which dtype."""
     seen: list[tuple[bool, torch.dtype]] = []
     pipe.unet.register_forward_pre_hook(
-        lambda *_: seen.append(
-            (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
-        )
+        lambda *_: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
     )
     return seen
 
@@ -84,3 +82,26 @@ def test_an_evaluation_records_the_precision_it_sampled_at(data, tmp_path, monke
     evaluate(pipe, data, small.model_copy(update={"precision": "no"}), out_dir=tmp_path / "no")
     saved = json.loads((tmp_path / "no" / "metrics.json").read_text())["settings"]
     assert saved["precision"] == "no" and len(seen) == sampled and not any(on for on, _ in seen)
+
+
+def test_the_bench_rule_compares_each_seeds_pair_with_fp32s_spread_over_seeds():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"))
+    from bench_eval_precision import verdict
+
+    def runs(fid_fp32, fid_bf16, extracted_bf16=(3, 3, 3)):
+        out = []
+        for seed, (f, b, e) in enumerate(zip(fid_fp32, fid_bf16, extracted_bf16, strict=True)):
+            out.append({"precision": "no", "seed": seed, "metrics": {"fid": f, "extracted": 3}})
+            out.append({"precision": "bf16", "seed": seed, "metrics": {"fid": b, "extracted": e}})
+        return out
+
+    # fp32's FID spans 10 over the seeds: pairs 2 apart pass, one 11 apart fails
+    lines, passed = verdict(runs((50, 60, 55), (52, 58, 57)), [0, 1, 2])
+    assert passed and any(line.startswith("fid") and "within" in line for line in lines)
+    assert any(line.startswith("amd") and "not measured" in line for line in lines)
+    assert not verdict(runs((50, 60, 55), (52, 58, 66)), [0, 1, 2])[1]
+    # the same count on every fp32 seed: any bf16 difference is outside its (zero) spread
+    assert not verdict(runs((50, 60, 55), (50, 60, 55), (3, 4, 3)), [0, 1, 2])[1]
