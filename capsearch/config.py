@@ -23,6 +23,7 @@ from pydantic import (
 from capsearch.errors import UserError
 from capsearch.methods import get_method
 from capsearch.metrics.table import reward_metrics
+from capsearch.models.precision import resolve_sampling_precision
 from capsearch.search.baselines import FixedTrial, baseline_points, fixed_points
 from capsearch.search.constraints import check_constraints
 from capsearch.search.coverage import check_units
@@ -365,13 +366,8 @@ def _baselines(spec: Spec) -> list[Baseline]:
         if method not in spec.baselines.methods:
             raise UserError(f"baselines.train.{method}: {method!r} is not in baselines.methods")
     overrides = {k: v.model_dump(exclude_none=True) for k, v in spec.baselines.train.items()}
-    points = baseline_points(
-        spec.search_space,
-        spec.baselines.methods,
-        spec.baselines.mitigations,
-        overrides,
-        spec.train.model_dump(),
-    )
+    points = baseline_points(spec.search_space, spec.baselines.methods, spec.baselines.mitigations,
+                             overrides, spec.train.model_dump())  # fmt: skip
     return points + fixed_points(spec.search_space, spec.baselines.fixed, {b.name for b in points})
 
 
@@ -396,4 +392,5 @@ def _check_consistency(spec: Spec) -> None:
         )
     if spec.resources.gpu == 0:  # fp16 needs a GPU, bf16 a GPU or a CPU with native bf16
         resolve_precision(spec.train.mixed_precision, cuda=False)
+        resolve_sampling_precision(spec.evaluate.precision, cuda=False)
     check_base_mitigations(spec.train.all_mitigations(), spec.search_space)

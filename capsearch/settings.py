@@ -172,6 +172,9 @@ class EvalSettings(Strict):
     bootstrap: int = Field(1000, ge=100)  # prompt resamplings per bootstrap interval
     noise_floor_repeats: int = Field(20, ge=2)
     batch_size: int = Field(64, ge=1)
+    # The UNet's calls while sampling: bf16 autocast or the model's own dtype (no); auto: the model's
+    # own on a GPU, on a CPU capsearch.models.precision.CPU_SAMPLING_AUTO where it has native bf16.
+    precision: Literal["auto", "no", "bf16"] = "auto"
     cache_dir: str | None = None
 
     @model_validator(mode="before")

@@ -386,3 +386,14 @@ def test_a_precision_this_cpu_cannot_train_is_refused_when_the_spec_loads(tmp_pa
     assert load_spec(bf16, check_model=False).train.mixed_precision == "bf16"
     on_gpu = {**MINIMAL, "train": {"mixed_precision": "fp16"}, "resources": {"cpu": 1, "gpu": 1}}
     assert load_spec(write(tmp_path, on_gpu, "gpu.yaml"), check_model=False).resources.gpu == 1
+
+
+def test_bf16_sampling_on_a_cpu_without_it_is_refused_when_the_spec_loads(tmp_path, monkeypatch):
+    from capsearch.models import precision
+
+    spec = write(tmp_path, {**MINIMAL, "evaluate": {"precision": "bf16"}}, "eval_bf16.yaml")
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    with pytest.raises(UserError, match=r"evaluate\.precision=bf16 on a CPU needs native bf16"):
+        load_spec(spec, check_model=False)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert load_spec(spec, check_model=False).evaluate.precision == "bf16"

@@ -26,7 +26,8 @@ from capsearch.metrics.context import MODEL, SAMPLES, STAGES
 from capsearch.metrics.memorised_grid import MEMORISED_GRID, save_memorised_grid
 from capsearch.metrics.stages import PASSES, prepare
 from capsearch.metrics.table import METRICS, needed_stages
-from capsearch.models.sampling import save_grid
+from capsearch.models.precision import resolve_sampling_precision
+from capsearch.models.sampling import sampling_precision, save_grid
 from capsearch.settings import EvalSettings
 
 __all__ = ["EvalSettings", "evaluate", "scalar_metrics"]
@@ -58,14 +59,16 @@ def evaluate(
         if progress:
             print(f"  eval: {msg} ({time.time() - t0:.0f} s)", flush=True)
 
+    precision = resolve_sampling_precision(config.precision, cuda=pipe.device.type == "cuda")
     ctx = prepare(pipe, data_root, config)
     needed = needed_stages(METRICS) | {
         SAMPLES
     }  # samples.png and the noise floor come from the samples
-    for stage in STAGES:
-        if stage in needed:
-            log(PASSES[stage](pipe, ctx))
-            ctx.ran.add(stage)
+    with sampling_precision(precision):
+        for stage in STAGES:
+            if stage in needed:
+                log(PASSES[stage](pipe, ctx))
+                ctx.ran.add(stage)
     metrics: dict[str, Any] = {}
     intervals: dict[str, list[float]] = {}
     for metric in METRICS:
@@ -84,6 +87,7 @@ def evaluate(
     attacked = {"attack_prompts": len(ctx.attack_prompts)} if ctx.extraction is not None else {}
     metrics["settings"] = {
         **config.model_dump(),
+        "precision": precision,  # what auto resolved to on this machine
         "world": ctx.world,
         "extractor": ctx.extractor.name,
         "extraction_threshold": ctx.threshold,

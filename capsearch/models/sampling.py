@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import diffusers
 import torch
 
 from capsearch.errors import UserError
+
+# The dtype `generate` runs the UNet's calls under (autocast), None: the UNet's own. Set for the
+# length of one evaluation by `sampling_precision`, so every pass that samples shares it.
+_AUTOCAST: ContextVar[torch.dtype | None] = ContextVar("capsearch_sampling_autocast", default=None)
+
+PRECISION_DTYPES = {"no": None, "bf16": torch.bfloat16}
+
+
+@contextmanager
+def sampling_precision(precision: str) -> Iterator[None]:
+    """Inside, `generate` calls the UNet under bf16 autocast ("bf16") or as it is ("no"); the
+    scheduler's arithmetic, the latents and the decoded images stay in the pipeline's dtype."""
+    token = _AUTOCAST.set(PRECISION_DTYPES[precision])
+    try:
+        yield
+    finally:
+        _AUTOCAST.reset(token)
+
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -56,6 +78,8 @@ def generate(
 
     `on_step(first, t, eps_uncond, eps_cond)`, if given, sees both noise predictions of samples
     first..first+B at every step (the unconditional one is then computed even at guidance 1).
+    Inside `sampling_precision("bf16")` the UNet's calls run under bf16 autocast; its predictions are
+    cast back to the latents' dtype before guidance and the scheduler's step.
     """
     all_prompts = [p for p in prompts for _ in range(n_per_prompt)]
     if not all_prompts:
@@ -63,6 +87,7 @@ def generate(
         return torch.empty(0, c if pipe.vae is None else 3, h, w)
     device, dtype = pipe.device, pipe.dtype
     shape = pipe.latent_shape
+    autocast = _AUTOCAST.get()
     noise = sample_noise(shape, seed, range(len(all_prompts)))
     uncond = pipe.encode_prompts([""])
     out = []
@@ -79,7 +104,9 @@ def generate(
         for t in sched.timesteps:
             inp = torch.cat([latents, latents]) if use_cfg else latents
             inp = sched.scale_model_input(inp, t)
-            eps = pipe.unet(inp, t, encoder_hidden_states=ehs).sample
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                eps = pipe.unet(inp, t, encoder_hidden_states=ehs).sample
+            eps = eps.to(latents.dtype)
             if use_cfg:
                 eps_u, eps_c = eps.chunk(2)
                 if on_step is not None:

@@ -7,6 +7,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from capsearch.errors import UserError
+from capsearch.models.precision import cpu_has_bf16
 
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 
@@ -14,14 +15,6 @@ PRECISIONS = ("auto", "no", "fp16", "bf16")
 # What `auto` picks on a CPU with native bf16 (cpu_has_bf16). "no" until the parity check of
 # docs/benchmarks.md ("Precision on the CPU") shows bf16 training within fp32's seed-to-seed spread.
 CPU_AUTO = "no"
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast can pay."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # a torch without these probes: take the CPU as one without bf16
-        return False
 
 
 def resolve_precision(requested: str, cuda: bool) -> str:
