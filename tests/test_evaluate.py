@@ -201,7 +201,7 @@ def _eval_cli_applies_the_delta(data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(evaluate_module, "evaluate", stub)
     out = tmp_path / "with_delta"
     argv = ["eval", "--model", "tiny:random", "--delta", str(tmp_path / "delta"), "--data",
-            str(data), "--out", str(out), "--n-prompts", "3"]  # fmt: skip
+            str(data), "--out", str(out), "--n-prompts", "3", "--n-per-prompt", "2"]  # fmt: skip
     assert main(argv) == 0
     ((params, root, n_prompts, out_dir),) = evaluated
     assert (root, n_prompts, out_dir) == (data, 3, out)
