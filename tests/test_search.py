@@ -743,7 +743,8 @@ def test_default_run_dir(tmp_path, monkeypatch):
 def test_run_passes_each_flag_to_the_search(tmp_path, monkeypatch, capsys):
     """`capsearch run`'s flags where they land (the search itself is stubbed: the tests above run
     it for real): --set in the spec searched, --out, --resume and --retry-errors in run_search,
-    --address and --dashboard in the Ray connection, which is closed again."""
+    --address and --dashboard in the Ray connection (made by the search through `join`, after its
+    checks; the search also closes it, so the stub here does neither)."""
     import capsearch.commands.search as search_command
     import capsearch.search.loop as search_loop
     from capsearch.cli import main
@@ -754,10 +755,10 @@ def test_run_passes_each_flag_to_the_search(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cluster, "reap_orphans", lambda: [])
     monkeypatch.setattr(cluster, "connect",
                         lambda address, dashboard, console: seen.update(connect=(address, dashboard)) or True)  # fmt: skip
-    monkeypatch.setattr(cluster, "stop_local_ray", lambda: seen.update(stopped=True))
 
-    def run_search(spec, out, resume, console, callbacks, retry_errors):
+    def run_search(spec, out, resume, console, callbacks, retry_errors, join):
         seen["search"] = (spec.search.num_samples, spec.train.steps, out, resume, retry_errors)
+        join()  # as the search does once its checks pass: Ray is joined only then
         return out
 
     monkeypatch.setattr(search_loop, "run_search", run_search)
@@ -769,11 +770,11 @@ def test_run_passes_each_flag_to_the_search(tmp_path, monkeypatch, capsys):
     argv = ["run", str(spec_path), "--out", str(out), "--resume", "--retry-errors", "--address",
             "auto", "--dashboard", "--set", "search.num_samples=5", "--set", "train.steps=3"]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
-    assert seen == {"connect": ("auto", True), "search": (5, 3, out, True, True), "stopped": True}
+    assert seen == {"connect": ("auto", True), "search": (5, 3, out, True, True)}
     assert f"report: {out / 'report.md'}" in capsys.readouterr().out
     seen.clear()  # the defaults: a new run, its own local Ray, no dashboard, the spec as written
     assert main(["run", str(spec_path), "--out", str(out)]) == 0
-    assert seen == {"connect": (None, False), "search": (1, 4, out, False, False), "stopped": True}
+    assert seen == {"connect": (None, False), "search": (1, 4, out, False, False)}
 
 
 @pytest.mark.slow
