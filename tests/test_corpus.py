@@ -246,9 +246,10 @@ def test_cli_pretrain_shapes_passes_each_flag(tmp_path: Path, monkeypatch, capsy
     out = tmp_path / "base"
     argv = ["pretrain", "shapes", "--out", str(out), "--steps", "7", "--batch-size", "3",
             "--lr", "2e-4", "--pool-size", "11", "--seed", "5", "--ema-decay", "0.9",
-            "--workers", "2", "--corpus", "broad", "--minutes", "1.5", "--time-limit", "30"]  # fmt: skip
+            "--workers", "2", "--corpus", "broad", "--minutes", "1.5", "--time-limit", "30",
+            "--checkpoint-every", "4"]  # fmt: skip
     assert main(argv) == 0
     assert calls == [(out, {"steps": 7, "batch_size": 3, "lr": 2e-4, "pool_size": 11,
                             "device": "cpu", "seed": 5, "ema_decay": 0.9, "workers": 2,
-                            "time_limit": 30.0, "time_budget": 90.0, "corpus": "broad"})]  # fmt: skip
+                            "checkpoint_every": 4, "time_limit": 30.0, "time_budget": 90.0, "corpus": "broad"})]  # fmt: skip
     assert capsys.readouterr().out == f"wrote {out} (7 steps, final loss 0.5, 1.0 s)\n"

@@ -37,6 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--minutes", type=float, default=None, help="fit the schedule to this training-time budget"
     )
     s.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1000,
+        help="steps between resumable checkpoints (a CPU run cut short loses at most these)",
+    )
+    s.add_argument(
         "--time-limit",
         type=float,
         default=None,
@@ -64,7 +70,7 @@ def _out_folder(out: Path) -> None:
 
 
 def _shapes(args: argparse.Namespace) -> int:
-    for name in ("steps", "batch_size", "pool_size", "workers"):
+    for name in ("steps", "batch_size", "pool_size", "workers", "checkpoint_every"):
         value = getattr(args, name)
         if value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -96,6 +102,7 @@ def _shapes(args: argparse.Namespace) -> int:
         seed=args.seed,
         ema_decay=args.ema_decay,
         workers=args.workers,
+        checkpoint_every=args.checkpoint_every,
         time_limit=args.time_limit,
         time_budget=args.minutes * 60 if args.minutes else None,
         corpus=args.corpus,
