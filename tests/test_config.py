@@ -373,7 +373,7 @@ def test_phantom_held_out_images_follow_the_largest_evaluation():
 
 
 def test_a_precision_this_cpu_cannot_train_is_refused_when_the_spec_loads(tmp_path, monkeypatch):
-    from capsearch.training import precision
+    from capsearch.models import precision
 
     fp16 = write(tmp_path, {**MINIMAL, "train": {"mixed_precision": "fp16"}}, "fp16.yaml")
     with pytest.raises(UserError, match=r"fp16 needs a GPU \(resources\.gpu\)"):

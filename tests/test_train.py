@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from capsearch.errors import UserError
+from capsearch.models import precision as models_precision
 from capsearch.models.load import load_pipeline
 from capsearch.training import precision
 from capsearch.training.loop import TrainResult, TrainSettings, finetune
@@ -424,7 +425,7 @@ def test_threshold_drops_the_strongest_samples_and_they_get_no_gradient(data, mo
 )
 def test_a_precision_this_cpu_lacks_is_a_clear_error(data, monkeypatch, mode, message):
     """fp16 on any CPU; bf16 on a CPU without native bf16 (faked here: this one may have it)."""
-    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(models_precision, "cpu_has_bf16", lambda: False)
     with pytest.raises(UserError, match=message):
         finetune(
             load_pipeline("tiny:random"),
@@ -439,7 +440,7 @@ def test_bf16_trains_on_a_cpu_with_native_bf16_and_follows_fp32_closely(data, mo
     """bf16 autocast on a CPU (the path `train.mixed_precision: bf16` takes, faked as native where
     the CPU lacks it: autocast computes bf16 either way) trains the same parameters as fp32, and
     its first step's loss agrees with fp32's to bf16's precision (8 mantissa bits)."""
-    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(models_precision, "cpu_has_bf16", lambda: True)
     spec = [{"method": "bitfit", "units": "mid_block"}]
     losses, moved = {}, {}
     for mode in ("no", "bf16"):
@@ -578,10 +579,10 @@ def test_auto_precision_is_bf16_where_the_gpu_has_it(monkeypatch):
 
 def test_auto_on_a_cpu_takes_bf16_only_where_chosen_and_native(monkeypatch):
     monkeypatch.setattr(precision, "CPU_AUTO", "bf16")
-    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(models_precision, "cpu_has_bf16", lambda: True)
     assert precision.resolve_precision("auto", cuda=False) == "bf16"
     assert precision.resolve_precision("no", cuda=False) == "no"
-    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(models_precision, "cpu_has_bf16", lambda: False)
     assert precision.resolve_precision("auto", cuda=False) == "no"
 
 

@@ -25,19 +25,25 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+def resolve_on_cpu(requested: str, key: str, cpu_auto: str) -> str:
+    """A precision on a CPU: auto is cpu_auto where the CPU has native bf16, else no; bf16 needs native
+    bf16 (a clear error naming the spec key otherwise); anything else as requested."""
+    if requested == "auto":
+        return cpu_auto if cpu_auto == "no" or cpu_has_bf16() else "no"
+    if requested == "bf16" and not cpu_has_bf16():
+        raise UserError(
+            f"{key}=bf16 on a CPU needs native bf16 (AVX512-BF16 or AMX; "
+            "`lscpu` lists avx512_bf16 or amx_bf16), which this CPU lacks; use auto or no"
+        )
+    return requested
+
+
 def resolve_sampling_precision(requested: str, cuda: bool) -> str:
     """`no` (the UNet's own dtype) or `bf16` (its calls under bf16 autocast) for an evaluation's samples.
 
     auto: on a GPU the pipeline's own dtype (SD pipelines load in half precision there); on a CPU,
     CPU_SAMPLING_AUTO where the CPU has native bf16, else no. bf16 needs native bf16 on a CPU.
     """
-    if requested == "auto":
-        if cuda:
-            return "no"
-        return CPU_SAMPLING_AUTO if CPU_SAMPLING_AUTO == "no" or cpu_has_bf16() else "no"
-    if requested == "bf16" and not cuda and not cpu_has_bf16():
-        raise UserError(
-            "evaluate.precision=bf16 on a CPU needs native bf16 (AVX512-BF16 or AMX; "
-            "`lscpu` lists avx512_bf16 or amx_bf16), which this CPU lacks; use auto or no"
-        )
-    return requested
+    if cuda:
+        return "no" if requested == "auto" else requested
+    return resolve_on_cpu(requested, "evaluate.precision", CPU_SAMPLING_AUTO)

@@ -7,7 +7,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from capsearch.errors import UserError
-from capsearch.models.precision import cpu_has_bf16
+from capsearch.models.precision import resolve_on_cpu
 
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 
@@ -21,20 +21,15 @@ CPU_AUTO = "no"
 def resolve_precision(requested: str, cuda: bool) -> str:
     """A fine-tune's autocast precision: auto is bf16 on a GPU that has it, else fp16; on a CPU,
     CPU_AUTO where the CPU has native bf16, else no. bf16 on a CPU needs native bf16; fp16 a GPU."""
+    if not cuda:
+        if requested == "fp16":
+            raise UserError(
+                "train.mixed_precision=fp16 needs a GPU (resources.gpu); use bf16, auto or no on a CPU"
+            )
+        return resolve_on_cpu(requested, "train.mixed_precision", CPU_AUTO)
     if requested == "auto":
-        if not cuda:
-            return CPU_AUTO if CPU_AUTO == "no" or cpu_has_bf16() else "no"
         # bf16 has fp32's exponent range: no loss scaling, no skipped steps (Ampere and later)
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if requested == "fp16" and not cuda:
-        raise UserError(
-            "train.mixed_precision=fp16 needs a GPU (resources.gpu); use bf16, auto or no on a CPU"
-        )
-    if requested == "bf16" and not cuda and not cpu_has_bf16():
-        raise UserError(
-            "train.mixed_precision=bf16 on a CPU needs native bf16 (AVX512-BF16 or AMX; "
-            "`lscpu` lists avx512_bf16 or amx_bf16), which this CPU lacks; use auto or no"
-        )
     return requested
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from capsearch.models.load import load_pipeline
+from capsearch.models.precision import cpu_has_bf16
 from capsearch.settings import TrainSettings
-from capsearch.training import precision
 from capsearch.training.loop import finetune
 from capsearch.worlds.phantom import write_phantom_dataset
 
@@ -52,7 +52,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.steps <= 10 or args.steps % 10:
         ap.error("--steps must be a multiple of 10 above 10 (steps are recorded every 10)")
-    native = precision.cpu_has_bf16()
+    native = cpu_has_bf16()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"native bf16: {native}")  # fmt: skip
