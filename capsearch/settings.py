@@ -76,6 +76,10 @@ class TrainSettings(Strict):
     max_grad_norm: float = Field(1.0, ge=0)
     checkpoint_every: int = Field(0, ge=0)
     probe_every: int = Field(0, ge=0)
+    # Keep the delta (the EMA weights where ema_decay is set) every N steps before the last, in
+    # out_dir/deltas/stepNNNNNN/, so that memorisation can be attacked at points of one run after it
+    # trained (memorisation at matched quality, docs/results.md). 0: only the final delta.
+    keep_deltas_every: int = Field(0, ge=0)
     # Sample-preview grids every N steps (0: off) in out_dir/previews and TensorBoard; prompts: these,
     # or the first training captions (capsearch.training.previews). Previews never touch the training RNG.
     preview_every: int = Field(0, ge=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import capsearch.training.books as books_mod
 import capsearch.training.loop as train_mod
 from capsearch.models.load import TOKENIZER_DIR, Pipeline, load_pipeline
 from capsearch.training.encode_cache import TextStates, TrainingInputs, host_draw, to_device
@@ -181,16 +182,16 @@ def test_a_vae_base_resumes_bit_identically(data, tmp_path, monkeypatch):
     straight = sd_shaped()
     torch.manual_seed(123)
     finetune(straight, spec, data, cfg, quiet=True)
-    original = train_mod._save_checkpoint
+    original = books_mod._save_checkpoint
 
     def save_then_stop(*args, **kwargs):
         original(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_stop)
+    monkeypatch.setattr(books_mod, "_save_checkpoint", save_then_stop)
     torch.manual_seed(123)
     assert finetune(sd_shaped(), spec, data, cfg, out_dir=tmp_path, quiet=True).status == "stopped"
-    monkeypatch.setattr(train_mod, "_save_checkpoint", original)
+    monkeypatch.setattr(books_mod, "_save_checkpoint", original)
     torch.manual_seed(999)  # whatever the process drew since: the checkpoint's stream is restored
     resumed = sd_shaped()
     assert finetune(resumed, spec, data, cfg, out_dir=tmp_path, resume=True, quiet=True).steps == 6

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import capsearch.search.retrain as retrain_mod
-import capsearch.training.loop as train_mod
+import capsearch.training.books as books_mod
 from capsearch.errors import UserError
 from capsearch.search.records import TrialRecord
 from capsearch.search.retrain import PLAN_FILE, RETRAIN_DIR, retrain_delta
@@ -35,16 +35,16 @@ def record_in(folder) -> TrialRecord:
 
 def cut_short(record: TrialRecord, data, dest, monkeypatch) -> None:
     """Retrain until its first checkpoint is on disk, then stop as a killed stage would."""
-    original = train_mod._save_checkpoint
+    original = books_mod._save_checkpoint
 
     def save_then_stop(*args, **kwargs):
         original(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_stop)
+    monkeypatch.setattr(books_mod, "_save_checkpoint", save_then_stop)
     with pytest.raises(UserError, match="ended stopped"):
         retrain_delta(record, data, dest)
-    monkeypatch.setattr(train_mod, "_save_checkpoint", original)
+    monkeypatch.setattr(books_mod, "_save_checkpoint", original)
     state = json.loads((dest / RETRAIN_DIR / "checkpoint" / "state.json").read_text())
     assert state["step"] == 3 and not (dest / "delta").exists()
 

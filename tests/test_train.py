@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+import capsearch.training.books as books_mod
 from capsearch.errors import UserError
 from capsearch.models import precision as models_precision
 from capsearch.models.load import load_pipeline
@@ -64,19 +65,18 @@ def test_resume_is_bit_identical(data, tmp_path, mitigations):
     finetune(straight, spec, data, _cfg(steps=6, mitigations=mitigations), quiet=True)
     first = load_pipeline("tiny:random")
     cfg = _cfg(steps=6, checkpoint_every=3, mitigations=mitigations)
-    import capsearch.training.loop as train_mod
 
-    original = train_mod._save_checkpoint
+    original = books_mod._save_checkpoint
 
     def save_then_stop(*args, **kwargs):
         original(*args, **kwargs)
         raise KeyboardInterrupt
 
-    train_mod._save_checkpoint = save_then_stop
+    books_mod._save_checkpoint = save_then_stop
     try:
         res = finetune(first, spec, data, cfg, out_dir=tmp_path, quiet=True)
     finally:
-        train_mod._save_checkpoint = original
+        books_mod._save_checkpoint = original
     assert res.status == "stopped" and (tmp_path / "checkpoint" / "state.json").exists()
     resumed = load_pipeline("tiny:random")
     res2 = finetune(resumed, spec, data, cfg, out_dir=tmp_path, resume=True, quiet=True)
@@ -227,21 +227,20 @@ def test_probe_reports_heldout_loss_and_strength(data, monkeypatch):
 
 def test_a_resumed_fine_tune_reports_its_earlier_probes_first(data, tmp_path, monkeypatch):
     """A scheduler (ASHA) sees a resumed trial's whole probe history, as if it had not stopped."""
-    import capsearch.training.loop as train_mod
 
     spec = [{"method": "bitfit", "units": "mid_block"}]
     cfg = _cfg(steps=6, probe_every=2, checkpoint_every=4)
-    original = train_mod._save_checkpoint
+    original = books_mod._save_checkpoint
 
     def save_then_stop(*args, **kwargs):
         original(*args, **kwargs)
         raise KeyboardInterrupt
 
     first: list = []
-    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_stop)
+    monkeypatch.setattr(books_mod, "_save_checkpoint", save_then_stop)
     finetune(load_pipeline("tiny:random"), spec, data, cfg, out_dir=tmp_path, quiet=True,
              callbacks=[lambda e, p: first.append(p) if e == "probe" else None])  # fmt: skip
-    monkeypatch.setattr(train_mod, "_save_checkpoint", original)
+    monkeypatch.setattr(books_mod, "_save_checkpoint", original)
     again: list = []
     res = finetune(load_pipeline("tiny:random"), spec, data, cfg, out_dir=tmp_path, resume=True,
                    quiet=True, callbacks=[lambda e, p: again.append(p) if e == "probe" else None])  # fmt: skip
@@ -378,6 +377,46 @@ def test_ema_is_the_recursive_average_of_the_parameter_trajectory(data):
     assert any(not torch.allclose(final[n], trajectory[-1][n]) for n in ema)  # not the last step
 
 
+@pytest.mark.parametrize("ema_decay", [None, 0.6], ids=["weights", "ema"])
+def test_kept_deltas_are_the_weights_at_their_steps_and_leave_training_unchanged(
+    data, tmp_path, ema_decay
+):
+    """train.keep_deltas_every=2 over 5 steps keeps deltas at steps 2 and 4 (the last step's is the
+    run's own delta/): each holds the trainable tensors right after that optimizer step (their EMA
+    where ema_decay is set), and the run ends bit-identical to one that kept nothing."""
+    from safetensors.torch import load_file
+
+    from capsearch.training.books import kept_delta_dir
+
+    spec = [{"method": "bitfit", "units": "mid_block"}]
+    pipe = load_pipeline("tiny:random")
+    start = _trained(pipe.unet)
+    trajectory = []
+    handle = register_optimizer_step_post_hook(
+        lambda o, a, k: trajectory.append(_trained(pipe.unet))
+    )
+    try:
+        cfg = _cfg(steps=5, keep_deltas_every=2, ema_decay=ema_decay)
+        res = finetune(pipe, spec, data, cfg, out_dir=tmp_path / "kept", quiet=True)
+    finally:
+        handle.remove()
+    plain = load_pipeline("tiny:random")
+    finetune(plain, spec, data, _cfg(steps=5, ema_decay=ema_decay), quiet=True)
+    assert res.status == "ok" and len(trajectory) == 5
+    kept = sorted(p.name for p in (tmp_path / "kept" / "deltas").iterdir())
+    assert kept == ["step000002", "step000004"]
+    expected = {n: start[n] for n in start}
+    for step, theta in enumerate(trajectory, start=1):
+        expected = (theta if ema_decay is None else
+                    {n: torch.lerp(expected[n], theta[n], 1 - ema_decay) for n in theta})  # fmt: skip
+        if step in (2, 4):
+            got = load_file(str(kept_delta_dir(tmp_path / "kept", step) / "delta.safetensors"))
+            assert got.keys() == expected.keys()
+            assert all(torch.allclose(got[n], expected[n], rtol=1e-6, atol=1e-8) for n in got)
+    for name, value in _trained(pipe.unet).items():  # keeping deltas changed nothing of the run
+        assert torch.equal(value, _trained(plain.unet)[name])
+
+
 def test_threshold_drops_the_strongest_samples_and_they_get_no_gradient(data, monkeypatch):
     """Wen et al.'s mitigation: samples whose ‖ε(x_t,e_p) − ε(x_t,e_∅)‖ exceeds the batch's limit leave
     the loss; the step's gradient is that of the kept samples' loss alone."""
@@ -512,17 +551,16 @@ def test_fp16_loss_scaling_clips_unscaled_gradients(data, monkeypatch):
 
 
 def test_fp16_overflow_step_is_skipped_and_the_schedule_waits(data, tmp_path, monkeypatch):
-    import capsearch.training.loop as train_mod
 
     acc = _cpu_accelerator(2.0**12, overflow_at=(1,))
     monkeypatch.setattr(precision, "make_accelerator", lambda precision, cuda: acc)
-    saved, original = [], train_mod._save_checkpoint
+    saved, original = [], books_mod._save_checkpoint
 
     def save(path, step, unet, opt, lr_sched, *rest):
         saved.append((step, lr_sched.state_dict()["last_epoch"], _trained(unet)))
         original(path, step, unet, opt, lr_sched, *rest)
 
-    monkeypatch.setattr(train_mod, "_save_checkpoint", save)
+    monkeypatch.setattr(books_mod, "_save_checkpoint", save)
     pipe = load_pipeline("tiny:random")
     start = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
     cfg = _cfg(steps=2, checkpoint_every=1, lr_schedule="linear")  # lr × 1, then × 0.5

@@ -28,15 +28,14 @@ from capsearch.models.delta import save_delta
 from capsearch.progress import loss_bar
 from capsearch.settings import TrainSettings
 from capsearch.training import precision
+from capsearch.training.books import Bookkeeper
 from capsearch.training.encode_cache import TrainingInputs, encode_latents, host_draw
 from capsearch.training.mitigations import Mitigations
 from capsearch.training.probe import Probe, diffusion_target
 from capsearch.training.state import TrainState
 
-# bound here under private names: the tests wrap this module's _save_checkpoint
+# bound here under a private name (the checkpoint saver is capsearch.training.books._save_checkpoint)
 from capsearch.training.state import load_checkpoint as _load_checkpoint
-from capsearch.training.state import save_checkpoint as _save_checkpoint
-from capsearch.training.watch import TrainingWatch
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -118,7 +117,7 @@ def finetune(
         start = _load_checkpoint(ckpt, run.unet, run.optimizer, run.scheduler, state)
     bar = loss_bar(not quiet, "fine-tune", config.steps, start)
     out = _Outcome(steps=start, loss=state.losses[-1][1] if state.losses else float("nan"))
-    books = _Bookkeeper(run, callbacks, out_dir, ckpt, start, method_spec)
+    books = Bookkeeper(run, callbacks, out_dir, ckpt, start, method_spec)
     for probe in state.probes if start else ():  # a resumed run's earlier probes, again for the
         books.report("probe", probe)  # callbacks (a scheduler decides as if it had not stopped)
     trial = Path(out_dir).name if out_dir else None  # a search trial's tNNN (capsearch.faults)
@@ -300,60 +299,7 @@ def _optimizer_step(run: _Run, state: TrainState) -> None:
             torch._foreach_lerp_(state.ema, weights, 1 - config.ema_decay)
 
 
-class _Bookkeeper:
-    """A fine-tune's records: callbacks, train_log.jsonl, TensorBoard events and previews
-    (capsearch.training.watch), probes and checkpoints on their schedule."""
-
-    def __init__(self, run: _Run, callbacks: Sequence[Callback], out_dir: Path | None,
-                 ckpt: Path | None, start: int = 0, method_spec=None) -> None:  # fmt: skip
-
-        self.run, self.callbacks, self.checkpoint = run, callbacks, ckpt
-        self.out_dir = Path(out_dir) if out_dir else None
-        self.log = None
-        if self.out_dir:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.log = open(self.out_dir / "train_log.jsonl", "a")
-        self.watch = TrainingWatch(self.out_dir, start, run.config, run.dataset.captions,
-                                   run.optimizer, method_spec)  # fmt: skip
-
-    def after_step(self, state: TrainState, done: int, loss: float) -> None:
-        """Log every 10 steps and the last; probe and checkpoint every probe_every/checkpoint_every."""
-        run, config = self.run, self.run.config
-        self.watch.after_step(done, loss, run.optimizer, run.pipe, run.unet)  # a preview when due
-        if done % 10 == 0 or done == config.steps:
-            state.losses.append([done, round(loss, 6)])
-            entry = {"step": done, "loss": loss, "mitigations": dict(state.counts),
-                     "time": round(time.time(), 2)}  # fmt: skip
-            self.report("step", entry, entry)
-        if run.probe is not None and done % config.probe_every == 0:
-            probe = {"step": done, **run.probe(run.pipe, run.latents_of)}
-            state.probes.append(probe)
-            self.report("probe", probe, {"probe": probe})
-            self.watch.probe(done, probe)
-        if self.checkpoint and config.checkpoint_every and done % config.checkpoint_every == 0:
-            self.watch.flush()  # events up to here on disk: a resume logs only the later steps
-            _save_checkpoint(self.checkpoint, done, run.unet, run.optimizer, run.scheduler, state)
-
-    def report(self, event: str, payload: dict, line: dict | None = None) -> None:
-        """With an out_dir, append `line` to train_log.jsonl; then send the event to every callback.
-
-        The line is written first: a callback may not return (a scheduler that stops the trial at this
-        probe ends its worker), and the probe that stopped a trial belongs in its log.
-        """
-        if self.log and line is not None:
-            self.log.write(json.dumps(line) + "\n")
-            self.log.flush()  # a killed trial keeps its log up to the kill, not up to a full buffer
-        for cb in self.callbacks:
-            cb(event, payload)
-
-    def close(self) -> None:
-        """Close train_log.jsonl and the event file."""
-        if self.log:
-            self.log.close()
-        self.watch.close()
-
-
-def _wrap_up(run: _Run, state: TrainState, out: _Outcome, books: _Bookkeeper) -> TrainResult:
+def _wrap_up(run: _Run, state: TrainState, out: _Outcome, books: Bookkeeper) -> TrainResult:
     """Keep the EMA weights, save the delta and train_result.json, report the end; the result."""
     if state.ema is not None and out.status == "ok":
         with torch.no_grad():
