@@ -10,7 +10,7 @@ every memorised caption) and paired with the training probe's held-out diffusion
 well it has learnt the domain (docs/results.md, "The second world"). Nothing is trained.
 
 Writes DIR/tNNN/stepNNNNNN/metrics.json (the evaluation), DIR/matched.json (one row per trial and step)
-and DIR/matched.md (the table, with the command). An evaluation already in DIR is not run again, so a
+DIR/matched.md (the table, with the command) and DIR/matched.png (both against held-out loss). An evaluation already in DIR is not run again, so a
 stopped run loses at most the one in progress.
 """
 
@@ -118,6 +118,38 @@ def table(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """matched.png: extracted images and own-image share against held-out loss, one line per trial
+    through its kept steps (the method's name at its last point)."""
+    # lazy: matplotlib loads only when a plot is drawn
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from capsearch.figures import save_figure
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for key, ax, label in ((("extracted", axes[0], "extracted images ↓")),
+                           ("nearest_own", axes[1], "own-image NN share ↓")):  # fmt: skip
+        for trial in dict.fromkeys(r["trial"] for r in rows):
+            points = [(r["heldout_loss"], r[key], r["step"]) for r in rows
+                      if r["trial"] == trial and r["heldout_loss"] is not None
+                      and r[key] is not None]  # fmt: skip
+            if not points:
+                continue
+            xs, ys, _ = zip(*points)
+            line = ax.plot(xs, ys, marker="o", markersize=3)[0]
+            name = next(r["method"] for r in rows if r["trial"] == trial) or trial
+            ax.annotate(name, (xs[-1], ys[-1]), fontsize=7, color=line.get_color())
+        ax.set_xlabel("held-out diffusion loss (probe) ↓")
+        ax.set_ylabel(label)
+    fig.suptitle("memorisation at matched quality: kept deltas of each run", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
@@ -141,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out / "matched.json", json.dumps({"command": command, "rows": rows}, indent=2)
     )
     atomic_write(args.out / "matched.md", table(rows, command))
+    plot(rows, args.out / "matched.png")
     print(f"{len(rows)} points in {args.out / 'matched.md'}")
     return 0
 

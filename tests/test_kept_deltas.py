@@ -71,6 +71,7 @@ def test_each_kept_point_is_evaluated_with_its_steps_probe(run, tmp_path):
         assert row["extracted"] == direct["extracted"]
         assert row["nearest_own"] == pytest.approx(direct["nearest_own"], rel=1e-6)
     assert rows[0]["fid"] != rows[1]["fid"]  # two different models, not one evaluated twice
+    assert 0 < (out / "matched.png").stat().st_size < 150_000
     table = (out / "matched.md").read_text()
     assert "python experiments/kept_deltas.py" in table and table.count("| t000 | difffit |") == 2
     # again: every point is read back, nothing evaluated twice
