@@ -166,3 +166,23 @@ def test_cli_sample_draws_what_its_flags_say(tmp_path, monkeypatch, capsys):
     pipe.unet = load_delta(pipe.unet, tmp_path / "delta")
     assert torch.equal(images, real_generate(pipe, prompts, 3, 2, 2.0, 7, scheduler="unipc"))
     assert (images - without).abs().max() > 1e-3  # the delta was applied
+
+
+def test_the_broad_base_is_loaded_by_name_and_missing_is_one_line(tmp_path, monkeypatch):
+    """`tiny-broad` names the base pretrained on the broad corpus: loaded from its folder like `tiny`,
+    and while that folder is not built, a UserError that says how to build it."""
+    from capsearch.export.pipeline import base_folder
+    from capsearch.models import load
+
+    monkeypatch.setitem(load.SHIPPED, "tiny-broad", tmp_path / "absent")
+    with pytest.raises(UserError, match=r"tiny-broad base model is missing .* build it with "
+                       r"`capsearch pretrain shapes --corpus broad"):  # fmt: skip
+        load_pipeline("tiny-broad")
+    folder = tmp_path / "tiny_broad"
+    saved = load_pipeline("tiny:random")
+    saved.save(folder)
+    monkeypatch.setitem(load.SHIPPED, "tiny-broad", folder)
+    pipe = load_pipeline("tiny-broad")
+    assert pipe.spec == "tiny-broad" and base_folder("tiny-broad") == folder
+    for name, p in saved.unet.state_dict().items():
+        assert torch.equal(pipe.unet.state_dict()[name], p)

@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="evaluate one model: FID, image-text score, AMD, extraction, denoising strength",
     )
     p.add_argument(
-        "--model", default="tiny", help="tiny | tiny:random | diffusers folder | cached hub id"
+        "--model",
+        default="tiny",
+        help="tiny | tiny-broad | tiny:random | diffusers folder | cached hub id",
     )
     p.add_argument(
         "--delta", type=Path, help="a delta checkpoint folder (capsearch train --out X → X/delta)"

@@ -12,9 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-MODELS_HELP = (
-    "tiny (the phantom-world UNet), sd15-config (SD v1.5 shapes, no weights) or a model spec"
-)
+MODELS_HELP = "tiny or tiny-broad (the phantom-world UNet), sd15-config (SD v1.5 shapes, no weights) or a model spec"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def unet_factory(model: str) -> Callable[[], torch.nn.Module]:
     """A function returning a fresh UNet for a model spec (`tiny`, `sd15-config`, or a pipeline spec)."""
-    if model == "tiny":
+    if model in ("tiny", "tiny-broad"):  # one architecture (capsearch.models.tiny)
         # lazy: `capsearch --help` loads no library
         from capsearch.models.tiny import build_tiny_unet
 

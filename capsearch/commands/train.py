@@ -19,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train", help="fine-tune one model with one method (the inner loop, by hand)"
     )
     p.add_argument(
-        "--model", default="tiny", help="tiny | tiny:random | diffusers folder | cached hub id"
+        "--model",
+        default="tiny",
+        help="tiny | tiny-broad | tiny:random | diffusers folder | cached hub id",
     )
     p.add_argument("--data", type=Path, required=True, help="image folder with metadata.jsonl")
     p.add_argument("--method", default="full", help="a registered method (see `capsearch methods`)")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from capsearch.errors import UserError
-from capsearch.models.load import TINY_BASE, TINY_MODELS, resolve_folder
+from capsearch.models.load import SHIPPED, TINY_MODELS, resolve_folder
 
 if TYPE_CHECKING:
     import torch
@@ -50,8 +50,8 @@ class PipelineFolder:
 
 def base_folder(spec: str) -> Path | None:
     """The base model's folder on disk (None for `tiny:random`, which exists only in memory)."""
-    if spec == "tiny":
-        return TINY_BASE
+    if spec in SHIPPED:
+        return SHIPPED[spec]
     if spec in TINY_MODELS:
         return None
     return resolve_folder(spec)

@@ -19,9 +19,18 @@ from capsearch.worlds.shapes import make_shapes
 
 ASSETS = Path(__file__).parents[1] / "assets"
 TINY_BASE = ASSETS / "tiny_base"
+TINY_BROAD = ASSETS / "tiny_broad"
 TOKENIZER_DIR = ASSETS / "tokenizer"
+# The shipped tiny bases by name, and the command each was built with (its capsearch.json has the rest):
+# `tiny` pretrained on the shapes world; `tiny-broad` on the broad corpus (docs/models.md).
+SHIPPED = {"tiny": TINY_BASE, "tiny-broad": TINY_BROAD}
+REBUILD = {
+    "tiny": "capsearch pretrain shapes --out capsearch/assets/tiny_base",
+    "tiny-broad": "capsearch pretrain shapes --corpus broad --out capsearch/assets/tiny_broad "
+    "(docs/results.md, 'The second world')",
+}
 # The tiny models `load_pipeline` knows by name: pixel space, without a VAE.
-TINY_MODELS = ("tiny", "tiny:random")
+TINY_MODELS = ("tiny", "tiny-broad", "tiny:random")
 # SD v1.5 on the Hub: runwayml's repository was removed; this maintained copy holds the same files.
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # Hub ids of the same weights: whichever of them is cached serves a request for the other.
@@ -256,14 +265,14 @@ def load_folder(path: Path, spec: str = "") -> Pipeline:
 
 
 def load_pipeline(spec: str = "tiny") -> Pipeline:
-    """Load `tiny`, `tiny:random`, a local diffusers folder or a cached hub id; missing → one-line UserError."""
+    """Load `tiny`, `tiny-broad`, `tiny:random`, a local diffusers folder or a cached hub id; missing → one-line UserError."""
     if spec == "tiny:random":
         return tiny_random()
-    if spec == "tiny":
-        if not (TINY_BASE / "unet").is_dir():
+    if spec in SHIPPED:
+        folder = SHIPPED[spec]
+        if not (folder / "unet").is_dir():
             raise UserError(
-                f"the tiny base model is missing from {TINY_BASE}; rebuild it with "
-                "`capsearch pretrain shapes --out capsearch/assets/tiny_base`"
+                f"the {spec} base model is missing from {folder}; build it with `{REBUILD[spec]}`"
             )
-        return load_folder(TINY_BASE, spec="tiny")
+        return load_folder(folder, spec=spec)
     return load_folder(resolve_folder(spec), spec=spec)

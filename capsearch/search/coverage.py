@@ -16,7 +16,7 @@ import torch
 
 from capsearch.errors import UserError
 from capsearch.methods import trained_units
-from capsearch.models.load import TINY_BASE
+from capsearch.models.load import SHIPPED
 from capsearch.models.tiny import SD15_UNET_CONFIG, TINY_UNET_CONFIG
 from capsearch.search.space import FROZEN
 from capsearch.units import list_units, select_units
@@ -31,9 +31,9 @@ def unet_for_validation(model: str) -> tuple[Any, str]:
     from diffusers import UNet2DConditionModel
 
     config, note = None, ""
-    if model in ("tiny", "tiny:random"):
-        shipped = TINY_BASE / "unet" / "config.json"
-        config = json.loads(shipped.read_text()) if model == "tiny" and shipped.is_file() else None
+    if model in SHIPPED or model == "tiny:random":
+        shipped = SHIPPED[model] / "unet" / "config.json" if model in SHIPPED else None
+        config = json.loads(shipped.read_text()) if shipped and shipped.is_file() else None
         config = config or dict(TINY_UNET_CONFIG)
     else:
         local = Path(model).expanduser() / "unet" / "config.json"
