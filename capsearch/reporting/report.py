@@ -18,6 +18,7 @@ from capsearch.reporting.describe import best_config_yaml, compact_name, display
 from capsearch.reporting.notes import capped_lines, noise_floor_lines
 from capsearch.reporting.plots import pareto_plot
 from capsearch.reporting.searchstats import report_lines
+from capsearch.search.choice import bound_text, choice_key, seed_check, seed_standing
 from capsearch.search.constraints import standing
 from capsearch.search.records import Evaluation, SeedMean, TrialRecord
 from capsearch.search.reward import objective_text, pareto_front
@@ -27,7 +28,6 @@ from capsearch.search.runs import (
     best_trial,
     final_choice,
     load_trials,
-    rank_key,
     read_run_spec,
 )
 from capsearch.search.schedule import max_steps
@@ -277,8 +277,8 @@ def _final_lines(spec: Spec, finals: list[TrialRecord]) -> list[str]:
     scored = [r for r in finals if r.value("reward") is not None]
     if not scored:
         return lines
-    best = min(scored, key=lambda r: rank_key(final_choice(r.final), spec.objective.constraints))
-    lines += _seed_lines(finals, best)
+    best = min(scored, key=lambda r: choice_key(r.final, spec.objective.constraints))
+    lines += _seed_lines(finals, best, spec.objective.constraints)
     others = [r for r in finals if r.baseline and r.dir != best.dir]
     if not others:
         return lines
@@ -296,19 +296,24 @@ def _final_lines(spec: Spec, finals: list[TrialRecord]) -> list[str]:
     return lines
 
 
-def _seed_lines(finals: list[TrialRecord], best: TrialRecord) -> list[str]:
+def _seed_lines(finals: list[TrialRecord], best: TrialRecord, constraints: dict) -> list[str]:
     """The finalists trained again on other seeds (final.train_seeds): final reward per training seed,
-    and the means the best is chosen on ([] when none was)."""
+    and the means the best is chosen on ([] when none was); with constraints, the pooled extraction
+    bound and the worst-seed violation (capsearch.search.choice)."""
     if not any(r.final.seeds for r in finals):
         return []
     seeds = sorted({s.train_seed for r in finals for s in r.final.seeds})
     own = (finals[0].train or {}).get("seed", "own")
     header = ["trial", "method", f"seed {own}", *(f"seed {s}" for s in seeds),
               "mean reward ↑", "mean FID ↓", "mean extracted ↓"]  # fmt: skip
+    header += ["pooled extraction bound ↓", "worst-seed violation ↓"] if constraints else []
+    how = ("the best is the finalist within the constraints on every seed's evaluation (the "
+           "extraction bound pooled over the seeds' attacks) with the highest mean reward"
+           if constraints else "the best is chosen on the mean reward")  # fmt: skip
     lines = ["", "### Over training seeds", "", "Every finalist that trains anything trained again "
              f"on seed(s) {', '.join(map(str, seeds))} (same plan and data) and evaluated like the "
-             "table above; final reward per training seed, and the means over them, on which the "
-             "best is chosen (Freeze trains nothing: one evaluation).", "",
+             f"table above; final reward per training seed and the means over them; {how} (Freeze "
+             "trains nothing: one evaluation).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # fmt: skip
 
     def cell(value: float | None, fmt: str) -> str:
@@ -323,12 +328,21 @@ def _seed_lines(finals: list[TrialRecord], best: TrialRecord) -> list[str]:
                *(cell(by_seed.get(s), ".3f") for s in seeds),
                cell(pooled.value("reward"), ".3f"), cell(pooled.value("fid"), ".1f"),
                cell(pooled.value("extracted"), ".1f")]  # fmt: skip
+        if constraints:
+            check = seed_check(r.final, constraints)
+            row += [bound_text(check).removeprefix("pooled extraction bound ") or "–",
+                    f"{check.worst:g}"]  # fmt: skip
         lines.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
     return lines
 
 
 def _standing(best: TrialRecord, done: list[TrialRecord], spec: Spec) -> str:
     """The best trial against the constraints, on the evaluation it was chosen on ("" without any)."""
+    limits = spec.objective.constraints
+    if best.final is not None and any(r.final.seeds for r in done if r.final is not None):
+        pool = [seed_check(r.final, limits) for r in done if r.final is not None]
+        text = seed_standing(seed_check(best.final, limits), pool, limits)
+        return text + " " if text else ""
     if best.final is not None:
         stage = [final_choice(r.final) for r in done if r.final is not None]
         chosen = final_choice(best.final)
