@@ -1,4 +1,4 @@
-"""Results of a search run as people read them: results tables, the Pareto plot, report.md.
+"""Results of a search run as people read them: results tables, the quality–memorisation plot, report.md.
 
 The run folder itself (layout, records, best trial) is capsearch.search.runs; trial names are
 capsearch.reporting.describe.
@@ -16,8 +16,9 @@ from capsearch.config import Spec
 from capsearch.metrics.table import column_metrics
 from capsearch.reporting.describe import best_config_yaml, compact_name, display_name
 from capsearch.reporting.notes import capped_lines, noise_floor_lines
-from capsearch.reporting.plots import pareto_plot
+from capsearch.reporting.plots import tradeoff_plot
 from capsearch.reporting.searchstats import report_lines
+from capsearch.reporting.tradeoff import front_lines, tradeoff_points
 from capsearch.search.choice import bound_text, choice_key, seed_check, seed_standing
 from capsearch.search.constraints import standing
 from capsearch.search.records import Evaluation, SeedMean, TrialRecord
@@ -116,7 +117,7 @@ def results_table(records: list[TrialRecord], title: str = "", intervals: bool =
 
 
 def write_report(run_dir: Path) -> Path:
-    """Write report.md (table, Pareto plot, samples, best configuration) into the run folder."""
+    """Write report.md (table, quality–memorisation front, samples, best configuration) into the run folder."""
     run_dir = Path(run_dir)
     spec = read_run_spec(run_dir)
     records = ordered(load_trials(run_dir), spec)
@@ -153,17 +154,8 @@ def write_report(run_dir: Path) -> Path:
     finals = [final_view(r) for r in done if r.final is not None]
     if finals:
         lines += _final_lines(spec, finals)
-    plot = pareto_plot(done, run_dir / PARETO_FILE)
-    if plot is not None:
-        lines += [
-            "",
-            "## Quality against memorisation",
-            "",
-            f"![Pareto plot]({PARETO_FILE})",
-            "",
-            "Squares: baselines; circles: searched trials; colour: extracted images.",
-        ]
     best = best_trial(done, spec.objective.constraints)
+    lines += _front_lines(done, best, spec, run_dir)
     if best is not None:
         lines += _best_lines(best, done, spec, run_dir)
     lines += report_lines(run_dir, records, max_steps(spec))
@@ -182,6 +174,24 @@ def write_report(run_dir: Path) -> Path:
     path = run_dir / REPORT_FILE
     atomic_write(path, "\n".join(lines) + "\n")
     return path
+
+
+def _front_lines(
+    done: list[TrialRecord], best: TrialRecord | None, spec: Spec, run_dir: Path
+) -> list[str]:
+    """The quality–memorisation plot and its front as a table to pick from ([] with no point)."""
+    measure, points = tradeoff_points(done, best)
+    if tradeoff_plot(points, measure.label, run_dir / PARETO_FILE) is None:
+        return []
+    name = measure.label.split(" (")[0].rstrip(" ↓")
+    return ["", "## Quality against memorisation", "", f"![held-out FID against {name}]"
+            f"({PARETO_FILE})", "", f"Every successful trial on the search's evaluation "
+            f"({spec.evaluate.split} split, sampling seed {spec.evaluate.seed}, the same for all): "
+            f"held-out FID against the {name}, each with its interval. In colour and joined: the "
+            "front, the trials no other beats on both, from which to pick by how much memorisation "
+            "one accepts (below, lowest first); squares: baselines, by name; star: the best trial "
+            "(chosen on the final stage where it ran).", "",
+            *front_lines(measure, points, str(run_dir))]  # fmt: skip
 
 
 def _best_lines(best: TrialRecord, done: list[TrialRecord], spec: Spec, run_dir: Path) -> list[str]:
