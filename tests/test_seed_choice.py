@@ -42,7 +42,8 @@ def finalist(run: Path, number: int, search: dict, finals: dict[int, tuple[float
     folder.mkdir(parents=True)
     write_json(folder / "result.json", {"trial": folder.name, "number": number, "status": "ok",
                                         "reward": search.pop("reward", -3.0), "metrics": search,
-                                        "train": {"seed": 0}})  # fmt: skip
+                                        "train": {"seed": 0},
+                                        "evaluate": {"split": "validate", "seed": 0}})  # fmt: skip
     for seed, (reward, m) in finals.items():
         m = dict(m)
         if "hits" in m:
@@ -180,3 +181,31 @@ def test_validate_says_the_choice_is_within_the_constraints_on_every_seed():
     assert final_text(spec_from_dict(data)).endswith(
         "the best chosen on the mean among those within the constraints on every seed"
     )
+
+
+def test_the_model_card_lists_the_seeds_and_each_seeds_intervals(tmp_path):
+    from capsearch.export.card import model_card
+
+    finalist(tmp_path, 0, {"fid": 70.0}, {0: (-3.5, {"hits": 1, "attacked": 20}),
+                                          2: (-3.7, {"hits": 0, "attacked": 20})})  # fmt: skip
+    (record,) = load_trials(tmp_path)
+    card = model_card(record, "tiny:random", "t000")
+    seeds = card.split("## Seeds")[1].split("\n## ")[0]
+    assert "- Training seed of these weights: 0 (`train.seed`)." in seeds
+    assert ("- Evaluated by the final stage on the test split with sampling seed 1000 (the search "
+            "evaluated it on the validate split, sampling seed 0).") in seeds  # fmt: skip
+    assert "- Also trained on training seed(s) 2 (`final.train_seeds`)" in seeds
+    assert "| training seed | FID ↓ | extraction rate, 95% upper bound ↓ | reward ↑ |" in seeds
+    assert f"| 0 (exported) | 50.00 [45.00, 56.00] | {upper(1, 20):.3f} | -3.500 |" in seeds
+    assert f"| 2 | 50.00 [45.00, 56.00] | {upper(0, 20):.3f} | -3.700 |" in seeds
+    assert ("Pooled over the 2 trainings: 1 of 40 attacked captions yielded an extraction; one-sided "
+            f"95% Wilson upper bound on the extraction rate {upper(1, 40):.3f}.") in seeds  # fmt: skip
+    assert (
+        "| FID ↓ | 50.00 | [45.00, 56.00] |" in card
+    )  # the exported training's, with its interval
+    alone = record.model_copy(update={"final": None})
+    seeds = model_card(alone, "tiny:random", "t000").split("## Seeds")[1].split("\n## ")[0]
+    assert seeds.strip().splitlines() == [
+        "- Training seed of these weights: 0 (`train.seed`).",
+        "- Evaluated once, by the search: validate split, sampling seed 0.",
+    ]
