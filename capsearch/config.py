@@ -167,7 +167,7 @@ class SchedulerSpec(Strict):
 class SearchSettings(Strict):
     """The outer loop: sampler, budget, parallelism and scheduler."""
 
-    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
     num_samples: int = Field(8, ge=0)
     concurrency: int = Field(1, ge=1)
     seed: int = Field(0, ge=0, le=2**32 - 1)  # Optuna's samplers take numpy seeds

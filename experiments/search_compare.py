@@ -321,10 +321,16 @@ def compute_section(runs: list[Run]) -> list[str]:
 def confirm_records(main: Run, w: TrialRecord, confirm: list[Run]) -> tuple[list, dict, list]:
     """W and the baselines per seed: the main run's seed, then each confirmation seed (sorted)."""
     by_seed: dict[int, list[Run]] = {}
+    # the finalists' other trainings in the final stage: the winner was chosen on them
+    chosen_on = set(main.spec.final.train_seeds)
     for run in confirm:
         if run.seed == main.seed:
             raise UserError(f"{run.folder} has seed {run.seed}, the main run's: confirmation runs "
                             "are other seeds")  # fmt: skip
+        if run.spec.train.seed in chosen_on:
+            raise UserError(f"{run.folder} trains on seed {run.spec.train.seed}, one the winner was "
+                            "chosen on (final.train_seeds): confirmation runs are seeds it was never "
+                            "evaluated on")  # fmt: skip
         by_seed.setdefault(run.seed, []).append(run)
     seeds, wins, pools = [main.seed], [w], [baselines([main])]
     for seed in sorted(by_seed):

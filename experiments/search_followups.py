@@ -3,15 +3,17 @@ specs from a finished search's records, so that nothing in them is picked by han
 
 Usage:
     python experiments/search_followups.py runs/search_vs_baselines \
-        [--base experiments/search_vs_baselines.yaml] [--out experiments]
+        [--base experiments/search_vs_baselines.yaml] [--out experiments] [--seeds 1 3]
 
 Writes into --out, each spec the search's own spec (--base, resolved and written whole, so that a later
 edit of it changes no follow-up) with no searched trial (`search.num_samples: 0`, FIFO, no reuse):
 - `search_confirm_seed1.yaml`, `search_confirm_seed3.yaml`: W, the winner (the searched trial with the
   best final reward, as search_compare.py), unchanged — its parameters inline as `baselines.fixed`
-  `found` — on Table 1's seeds 1 and 3 (data, training, evaluation and search seeds N, final seed
-  1000 + N, as experiments/paper_table1_seedN.yaml) and nothing else: those seeds' baselines are Table 1's
-  runs, which `search_compare.py --confirm RUN_T1_SEED1 RUN_CONFIRM_SEED1 ...` pairs with these.
+  `found` — on Table 1's seeds 1 and 3 (`--seeds`; data, training, evaluation and search seeds N, final
+  seed 1000 + N, as experiments/paper_table1_seedN.yaml) and nothing else: those seeds' baselines are
+  Table 1's runs, which `search_compare.py --confirm RUN_T1_SEED1 RUN_CONFIRM_SEED1 ...` pairs with
+  these. A confirmation is on seeds the choice never evaluated W on: a seed the search trained on
+  (`train.seed`) or the final stage chose on (`final.train_seeds`) is refused.
 - `search_stops.yaml`: the (up to) three searched trials that ASHA stopped at its first rung (the spec's
   grace period) with the best (lowest) probe scores there, each run to the end as `baselines.fixed`
   `stopped_tNNN` on the search's own seed.
@@ -81,6 +83,22 @@ def _spec(base: dict[str, Any], name: str, description: str, fixed: list[dict], 
     return spec
 
 
+def chosen_on(spec: Any) -> set[int]:
+    """The training seeds the winner was chosen on: the search's own and the final stage's others."""
+    return {spec.train.seed, *spec.final.train_seeds}
+
+
+def check_confirm_seeds(spec: Any, seeds: tuple[int, ...]) -> None:
+    """UserError naming the confirmation seeds that the choice of the winner already used."""
+    used = sorted(set(seeds) & chosen_on(spec))
+    if used:
+        raise UserError(
+            f"confirmation seed(s) {', '.join(map(str, used))}: the winner was chosen on training "
+            f"seed(s) {', '.join(map(str, sorted(chosen_on(spec))))} (train.seed, "
+            "final.train_seeds); confirm it on seeds it was never evaluated on"
+        )
+
+
 def first_rung_stops(run: Any, grace: int, count: int = STOPS) -> list[tuple[float, TrialRecord]]:
     """Searched trials stopped at the first rung, best probe score there first (at most `count`).
 
@@ -121,20 +139,23 @@ def control_params(run: Any, w: TrialRecord) -> dict[str, Any]:
     return {**full.params, "lr": w.params["lr"]}
 
 
-def followups(run_dir: Path, base: Path) -> dict[str, dict[str, Any]]:
-    """The follow-up specs by file name (nothing written)."""
+def followups(
+    run_dir: Path, base: Path, seeds: tuple[int, ...] = CONFIRM_SEEDS
+) -> dict[str, dict[str, Any]]:
+    """The follow-up specs by file name (nothing written); `seeds`: the confirmation seeds."""
     run = load_run(run_dir)
+    check_confirm_seeds(run.spec, seeds)
     w = winner(run)
     extends = resolve_extends(Path(base))
     source = f"{run_dir}/trials/{w.folder.name}"
     found = [{"name": "found", "params": dict(w.params)}]
     specs = {}
-    for seed in CONFIRM_SEEDS:
+    for seed in seeds:
         specs[f"search_confirm_seed{seed}.yaml"] = _spec(
             extends, f"search_confirm_seed{seed}",
             f"The search's winner ({source}) unchanged on Table 1's seed {seed}.", found, seed)  # fmt: skip
     control = [{"name": CONTROL, "params": control_params(run, w)}]
-    for seed in (run.seed, *CONFIRM_SEEDS):
+    for seed in (run.seed, *seeds):
         specs[f"search_control_seed{seed}.yaml"] = _spec(
             extends, f"search_control_seed{seed}",
             f"Full FT at the search's winner's learning rate ({source}, lr "
@@ -171,9 +192,11 @@ def main() -> None:
     ap.add_argument("run", type=Path, help="the finished search (its records are enough)")
     ap.add_argument("--base", type=Path, default=Path("experiments/search_vs_baselines.yaml"))
     ap.add_argument("--out", type=Path, default=Path("experiments"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(CONFIRM_SEEDS),
+                    help="the confirmation seeds (default: Table 1's 1 and 3)")  # fmt: skip
     args = ap.parse_args()
     try:
-        specs = followups(args.run, args.base)
+        specs = followups(args.run, args.base, tuple(args.seeds))
     except UserError as exc:
         raise SystemExit(f"error: {exc}") from None
     args.out.mkdir(parents=True, exist_ok=True)

@@ -136,7 +136,10 @@ def test_unknown_keys_name_their_path(tmp_path, capsys, data, expected):
     [
         ({"train.steps": "many"}, "train.steps: Input should be a valid integer"),
         ({"train.lr": True}, "train.lr:"),
-        ({"search.sampler": "grid"}, "search.sampler: Input should be 'tpe', 'nsga2' or 'random'"),
+        (
+            {"search.sampler": "grid"},
+            "search.sampler: Input should be 'tpe', 'nsga2', 'gp' or 'random'",
+        ),
         ({"space.groups[0].methods.lora.rank": [2.5, 8]}, "space.groups[0].methods.lora.rank"),
         ({"space.groups[0].methods.lora.rank": [8, 2]}, "low (8) must be below high (2)"),
         ({"space.lr": [0.0, 1.0e-3]}, "space.lr: a log range needs low > 0"),

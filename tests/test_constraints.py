@@ -157,3 +157,72 @@ def test_validate_states_the_objective_with_its_constraints(tmp_path, capsys):
         "  objective: reward = −1·ln FID + 1·image-text − 1·max(0, 1 − AMD/AMD_heldout) "
         "− 1·extracted fraction, subject to extracted ≤ 0"
     ]
+
+
+def _gp_spec(seed: int = 3):
+    data = json.loads(json.dumps(SEARCH_SPEC))
+    data["search"] = {"sampler": "gp", "startup_trials": 4, "seed": seed}
+    data["objective"] = {"constraints": {"extracted": 0}}
+    return spec_from_dict(data)
+
+
+def _toy(trial) -> float:
+    """A reward that rises with the learning rate, and an attack that extracts above 1e-4: the best
+    reward within `extracted ≤ 0` lies just below it."""
+    from capsearch.search.space import define_space
+
+    define_space(trial, _gp_spec().search_space)
+    lr = trial.params["lr"]
+    extracted = 0 if lr < 1e-4 else 2
+    trial.set_user_attr("extracted", extracted)
+    for name, margin in margins({"extracted": extracted}.get, {"extracted": 0}).items():
+        trial.set_constraint(name, margin)
+    return math.log(lr) + (0.1 if trial.params["mitigation"] == "none" else 0.0)
+
+
+def test_the_gp_sampler_reads_the_constraints_and_is_seeded():
+    from capsearch.search.records import Scored
+    from capsearch.search.runs import rank_key
+    from capsearch.search.study import make_sampler
+
+    spec = _gp_spec()
+    runs = []
+    for _ in range(2):
+        sampler = make_sampler(spec)
+        assert isinstance(sampler, optuna.samplers.GPSampler)
+        study = optuna.create_study(direction="maximize", sampler=sampler)
+        study.optimize(_toy, n_trials=9)
+        runs.append(study.trials)
+    first, again = runs
+    assert [t.params for t in first] == [t.params for t in again]  # seeded: the same proposals
+    # after the 4 random start-up trials the GP proposes (its own draws, not the random sampler's)
+    random = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(3))
+    random.optimize(_toy, n_trials=9)
+    assert [t.params["lr"] for t in first[4:]] != [t.params["lr"] for t in random.trials[4:]]
+    scored = [
+        Scored(metrics={"extracted": t.user_attrs["extracted"]}, reward=t.value) for t in first
+    ]
+    chosen = min(range(len(first)), key=lambda i: rank_key(scored[i], {"extracted": 0}))
+    assert first[chosen].constraints == {"extracted": 0.0} and first[chosen].params["lr"] < 1e-4
+    # the unconstrained best extracts: the constraint decided
+    assert first[max(range(len(first)), key=lambda i: first[i].value)].params["lr"] >= 1e-4
+
+
+def test_a_trial_settled_from_its_record_on_resume_carries_its_constraints(tmp_path):
+    """plan_trials tells Optuna a trial the interrupted search left running; the GP sampler refuses a
+    study whose complete trials do not all carry the same constraints."""
+    from capsearch.search.study import open_study, plan_trials
+
+    spec = _gp_spec()
+    study = open_study(spec, tmp_path)
+    plan_trials(spec, study, tmp_path)
+    trial = study.ask()  # the first baseline, running when the search stopped
+    folder = tmp_path / "trials" / f"t{trial.number:03d}"
+    folder.mkdir(parents=True)
+    write_json(folder / "result.json", {"trial": folder.name, "number": trial.number,
+                                        "status": "ok", "reward": -3.0,
+                                        "metrics": {"extracted": 3}})  # fmt: skip
+    plan_trials(spec, study, tmp_path)
+    (settled,) = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert settled.number == trial.number and settled.value == -3.0
+    assert settled.constraints == {"extracted": 3.0}

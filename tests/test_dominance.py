@@ -391,6 +391,22 @@ def test_search_compare_without_finals_is_one_line_and_exit_2(tmp_path, capsys):
     assert "has the winner's parameters" in capsys.readouterr().err
 
 
+def test_search_compare_refuses_a_confirmation_on_a_training_seed_the_choice_used(tmp_path, capsys):
+    main_run = make_run(tmp_path, "main", "tpe", 0, TPE)
+    confirm = make_run(tmp_path, "confirm_seed1", "tpe", 1, [], {"found": W_PARAMS})
+    for run, key, value in (
+        (main_run, "final", {"train_seeds": [1]}),
+        (confirm, "train", {"seed": 1}),
+    ):
+        spec = yaml.safe_load((run / "spec.yaml").read_text())
+        spec[key].update(value)
+        (run / "spec.yaml").write_text(yaml.safe_dump(spec))
+    argv = [str(main_run), "--out", str(tmp_path / "out"), "--confirm", str(confirm)]
+    assert load_script().main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{confirm} trains on seed 1, one the winner was chosen on (final.train_seeds)" in err
+
+
 def test_search_compare_checks_the_stops_and_the_transfer_and_plots_the_front(tmp_path):
     main_run = make_run(tmp_path, "search_vs_baselines", "tpe", 0, TPE)
     spec = yaml.safe_load((main_run / "spec.yaml").read_text())

@@ -163,6 +163,11 @@ def test_export_loads_with_stock_diffusers_and_reproduces_the_samples(tmp_path, 
     assert card.startswith("---\nlibrary_name: diffusers\nbase_model: tiny:random")
     assert "| FID ↓ | 20.00 | – |" in card
     assert "no final re-evaluation" in card
+    seeds = card.split("## Seeds")[1].split("\n## ")[0]  # a record without its seeds says so
+    assert seeds.strip().splitlines() == [
+        "- Training seed of these weights: not recorded (`train.seed`).",
+        "- Evaluated once, by the search: a split and sampling seed the record does not hold.",
+    ]
     assert yaml.safe_load((out / "method_spec.yaml").read_text())["methods"] == entries
 
     fresh = load_pipeline("tiny:random")

@@ -335,10 +335,11 @@ def test_with_budget_for_one_the_newest_interrupted_trial_is_retried(spec, tmp_p
     assert retry.user_attrs == {"retry_of": 5}
 
 
-@pytest.mark.parametrize("sampler", ["random", "tpe", "nsga2"])
+@pytest.mark.parametrize("sampler", ["random", "tpe", "nsga2", "gp"])
 def test_a_resumed_search_does_not_draw_its_first_sittings_trials_again(spec, sampler):
     """A sampler rebuilt with the spec's seed would propose the first sitting's trials again (random
-    draws: the random sampler, TPE's start-up, NSGA-II's first generation); resumed, it draws anew."""
+    draws: the random sampler, TPE's and the GP's start-up, NSGA-II's first generation); resumed, it
+    draws anew."""
     from capsearch.search.study import make_sampler
 
     spec = spec.model_copy(update={"search": spec.search.model_copy(update={"sampler": sampler})})

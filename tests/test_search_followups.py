@@ -146,3 +146,21 @@ def test_no_final_stage_yet_is_one_line(followups, tmp_path):
     with pytest.raises(Exception) as exc:
         followups.followups(run, BASE)
     assert "no searched trial has a final re-evaluation" in str(exc.value)
+
+
+def test_a_confirmation_seed_the_choice_used_is_refused(followups, tmp_path):
+    from capsearch.errors import UserError
+
+    run, _ = _run(tmp_path)
+    spec = yaml.safe_load((run / "spec.yaml").read_text())
+    spec["final"]["train_seeds"] = [1]  # every finalist also trained on seed 1 before the choice
+    (run / "spec.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(UserError, match=r"^confirmation seed\(s\) 1: the winner was chosen on "
+                       r"training seed\(s\) 0, 1 \(train\.seed, final\.train_seeds\)"):  # fmt: skip
+        followups.followups(run, BASE)
+    with pytest.raises(UserError, match=r"^confirmation seed\(s\) 0: "):
+        followups.followups(run, BASE, seeds=(0, 2))
+    specs = followups.followups(run, BASE, seeds=(2, 3))
+    confirm = sorted(name for name in specs if name.startswith("search_confirm"))
+    assert confirm == ["search_confirm_seed2.yaml", "search_confirm_seed3.yaml"]
+    assert specs["search_confirm_seed2.yaml"]["train"]["seed"] == 2

@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     report = sub.add_parser(
         "report",
-        help="write RUN/report.md (table, Pareto plot, best config); several runs (seeds): --out DIR",
+        help="write RUN/report.md (table, quality-memorisation front, best config); several runs (seeds): --out DIR",
     )
     report.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN")
     report.add_argument(

@@ -9,11 +9,11 @@ from typing import Any
 import yaml
 
 from capsearch.config import Spec
-from capsearch.metrics.table import METRICS
+from capsearch.metrics.table import BY_NAME, METRICS, Metric, column_metrics
 from capsearch.reporting.describe import display_name
 from capsearch.reporting.report import final_view
-from capsearch.search.records import SeedMean, TrialRecord
-from capsearch.search.runs import final_choice
+from capsearch.search.choice import POOLED, final_choice, pooled_bound, pooled_counts
+from capsearch.search.records import Evaluation, SeedMean, TrialRecord
 
 # PhysioNet's credentialed licence covers MIMIC-CXR: data, and models that can reproduce it, stay
 # among people who signed the same agreement.
@@ -110,6 +110,61 @@ def memorisation_lines(view: TrialRecord, settings: dict[str, Any]) -> list[str]
             f"space, higher is safer): **{metrics['amd']:.3f}**"
             f"{_interval(intervals, 'amd', '.3f')}{against}."
         )
+    return lines
+
+
+def _seed(settings: dict[str, Any] | None, key: str) -> str:
+    value = (settings or {}).get(key)
+    return "not recorded" if value is None else str(value)
+
+
+def _split_and_seed(settings: dict[str, Any] | None) -> str:
+    """`validate split, sampling seed 0` of an evaluation's settings (an older record: not recorded)."""
+    split, seed = (settings or {}).get("split"), (settings or {}).get("seed")
+    if split is None or seed is None:
+        return "a split and sampling seed the record does not hold"
+    return f"{split} split, sampling seed {seed}"
+
+
+def _with_interval(run: Evaluation, metric: Metric) -> str:
+    value = run.value(metric.name)
+    if value is None:
+        return "–"
+    ci = run.intervals.get(metric.name)
+    text = format(value, metric.fmt)
+    return text + (f" [{format(ci[0], metric.fmt)}, {format(ci[1], metric.fmt)}]" if ci else "")
+
+
+def seed_lines(record: TrialRecord) -> list[str]:
+    """The card's "Seeds": the exported training's seed, the evaluation's split and sampling seed, and
+    the other training seeds the final stage evaluated before the choice, each seed's metrics with
+    their 95% intervals and the extraction bound pooled over them."""
+    final, own = record.final, _seed(record.train, "seed")
+    searched = _split_and_seed(record.evaluate)
+    lines = [f"- Training seed of these weights: {own} (`train.seed`)."]
+    if final is None:
+        return lines + [f"- Evaluated once, by the search: {searched}."]
+    lines.append(f"- Evaluated by the final stage on the {final.split} split with sampling seed "
+                 f"{final.seed} (the search evaluated it on the {searched}).")  # fmt: skip
+    if not final.seeds:
+        return lines
+    others = ", ".join(str(s.train_seed) for s in final.seeds)
+    lines.append(f"- Also trained on training seed(s) {others} (`final.train_seeds`) and evaluated the "
+                 "same way before it was chosen; those weights are not in this export.")  # fmt: skip
+    runs: list[Evaluation] = [final, *final.seeds]
+    shown = [m for m in (*column_metrics(), BY_NAME[POOLED])
+             if any(r.value(m.name) is not None for r in runs)]  # fmt: skip
+    header = ["training seed", *(m.label for m in shown), "reward ↑"]
+    rows = [[f"{own} (exported)" if r is final else str(r.train_seed),
+             *(_with_interval(r, m) for m in shown), _fmt(r.reward)] for r in runs]  # fmt: skip
+    lines += ["", "Each seed's final evaluation, values with their 95% intervals:", "",
+              "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+              *("| " + " | ".join(row) + " |" for row in rows)]  # fmt: skip
+    counts = pooled_counts(runs)
+    if counts is not None:
+        lines += ["", f"Pooled over the {len(runs)} trainings: {counts[0]} of {counts[1]} attacked "
+                  "captions yielded an extraction; one-sided 95% Wilson upper bound on the extraction "
+                  f"rate {pooled_bound(runs):.3f}."]  # fmt: skip
     return lines
 
 
@@ -210,6 +265,10 @@ not comparable across feature extractors or data sets.
 ## Memorisation
 
 {chr(10).join(memorisation_lines(view, settings or {}))}
+
+## Seeds
+
+{chr(10).join(seed_lines(record))}
 
 ## Training settings
 

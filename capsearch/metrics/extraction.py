@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from capsearch.errors import UserError
 from capsearch.metrics.context import Computed, EvalContext, Measured
-from capsearch.metrics.intervals import wilson_interval
+from capsearch.metrics.intervals import wilson_interval, wilson_upper
 from capsearch.progress import rich_bar
 
 # Defaults, scaled down for CPU (docs/metrics.md compares them with the paper and the authors' code):
@@ -25,6 +25,8 @@ DEFAULT_MIN_CLIQUE = 3
 DEFAULT_THRESHOLD = 0.15
 DEFAULT_TILES = 4
 PHANTOM_THRESHOLD = 0.04
+# The one-sided level of the extraction rate's upper bound (the `extraction_bound` metric).
+BOUND_LEVEL = 0.95
 # Bron–Kerbosch is exponential in the worst case; stop enumerating one prompt's cliques after this many.
 MAX_CLIQUES_PER_PROMPT = 10_000
 
@@ -288,3 +290,16 @@ def extracted_fraction(ctx: EvalContext) -> Computed:
     if ctx.extraction is None:
         return None
     return Measured(ctx.extraction.count / len(ctx.attack_prompts))
+
+
+def extraction_bound_of(ctx: EvalContext) -> Computed:
+    """The one-sided 95% Wilson upper bound on the extraction rate: attacked captions with an extraction
+    out of the attacked captions, both recorded beside it (`extracted_captions`, `attacked`) so that
+    evaluations of one trial on several training seeds can be pooled (capsearch.search.choice)."""
+    ext = ctx.extraction
+    if ext is None:
+        return None
+    hits = len({prompt for prompt, _, _ in ext.extracted})
+    attacked = int(ext.settings["n_prompts"])
+    extra = {"attacked": attacked, "extracted_captions": hits}
+    return Measured(wilson_upper(hits, attacked, BOUND_LEVEL), None, extra)

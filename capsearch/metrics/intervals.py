@@ -178,6 +178,14 @@ def wilson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def wilson_upper(successes: int, trials: int, level: float = 0.95) -> float:
+    """One-sided upper confidence bound on a binomial proportion at `level`: the upper end of the
+    two-sided Wilson interval at level 2·level − 1 (its z is the one-sided quantile Φ⁻¹(level))."""
+    if not 0.5 < level < 1.0:
+        raise UserError(f"a one-sided bound's level must be between 0.5 and 1, got {level}")
+    return wilson_interval(successes, trials, 2 * level - 1)[1]
+
+
 def seed_interval(
     values: Sequence[float] | np.ndarray | torch.Tensor, level: float = 0.95
 ) -> tuple[float, float, float]:

@@ -20,7 +20,11 @@ from capsearch.metrics.alignment import alignment_of
 from capsearch.metrics.amd import amd_heldout_of, amd_of
 from capsearch.metrics.context import ATTACK, MODEL, SAMPLES, STRENGTH, Computed, EvalContext
 from capsearch.metrics.denoising import strength_ratio_of
-from capsearch.metrics.extraction import extracted_fraction, extracted_images
+from capsearch.metrics.extraction import (
+    extracted_fraction,
+    extracted_images,
+    extraction_bound_of,
+)
 from capsearch.metrics.fid import fid_of
 from capsearch.metrics.kid import kid_of
 from capsearch.metrics.membership import membership_auc
@@ -100,6 +104,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("extracted_fraction", "extracted per attacked prompt ↓", "ext%↓", ".3f", "min",
            card=False, reward="extracted", term=lambda v, m: -v, compute=extracted_fraction,
            needs=(ATTACK,), formula="− {w}·extracted fraction"),
+    Metric("extraction_bound", "extraction rate, 95% upper bound ↓", "extUB↓", ".3f", "min",
+           compute=extraction_bound_of, needs=(ATTACK,)),
     Metric("strength_ratio", "denoising-strength ratio (memorised/other) ↓", "str↓", ".2f", "min",
            compute=strength_ratio_of, needs=(STRENGTH,)),
     Metric("membership_auc", "membership-inference AUC ↓", "MIA↓", ".3f", "min",

@@ -1,4 +1,4 @@
-"""Plots of search runs: quality against memorisation (the Pareto plot of report.md, over seeds, and
+"""Plots of search runs: quality against memorisation (the front plot of report.md, over seeds, and
 the front of a search's stages)."""
 
 from __future__ import annotations
@@ -8,14 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from capsearch.figures import save_figure
-from capsearch.reporting.describe import display_name
-from capsearch.search.records import TrialRecord
-from capsearch.search.reward import pareto_front
 
 
-def pareto_plot(records: list[TrialRecord], path: Path) -> Path | None:
-    """FID against AMD, extracted images as colour, baselines labelled; None if nothing to plot."""
-    points = [r for r in records if r.value("fid") is not None and r.value("amd") is not None]
+def tradeoff_plot(points: list[dict[str, Any]], xlabel: str, path: Path) -> Path | None:
+    """Held-out FID against a memorisation measure, both with their intervals as error bars: every
+    point (capsearch.reporting.tradeoff.tradeoff_points), the front joined and drawn in colour, the
+    others grey; baselines are squares labelled by name, the best trial a star. None if no point."""
     if not points:
         return None
     # lazy: matplotlib loads only where a plot is drawn
@@ -25,52 +23,38 @@ def pareto_plot(records: list[TrialRecord], path: Path) -> Path | None:
     # lazy: matplotlib loads only where a plot is drawn
     import matplotlib.pyplot as plt
 
-    fid = [r.value("fid") for r in points]
-    amd = [r.value("amd") for r in points]
-    ext = [r.value("extracted") or 0.0 for r in points]
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    front = sorted(
-        pareto_front([{"fid": f, "amd": a} for f, a in zip(fid, amd)], ["fid", "amd"]),
-        key=lambda i: fid[i],
-    )
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    front = sorted((p for p in points if p["front"]), key=lambda p: (p["x"], p["fid"]))
     if len(front) > 1:
-        ax.step(
-            [fid[i] for i in front],
-            [amd[i] for i in front],
-            where="post",
-            color="0.6",
-            lw=1,
-            zorder=1,
-            label="Pareto front",
-        )
-    for is_base, marker in ((True, "s"), (False, "o")):
-        idx = [i for i, r in enumerate(points) if bool(r.baseline) == is_base]
-        if idx:
-            sc = ax.scatter(
-                [fid[i] for i in idx],
-                [amd[i] for i in idx],
-                c=[ext[i] for i in idx],
-                cmap="viridis",
-                vmin=min(ext),
-                vmax=max(max(ext), min(ext) + 1),
-                marker=marker,
-                s=60,
-                edgecolors="k",
-                zorder=2,
-                label="baselines" if is_base else "searched",
-            )
-    for i, r in enumerate(points):
-        label = display_name(r) if r.baseline else r.folder.name
-        ax.annotate(label, (fid[i], amd[i]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    if max(fid) / max(min(fid), 1e-9) > 20:
-        ax.set_xscale("log")
-    else:
-        ax.ticklabel_format(axis="x", useOffset=False)
-    ax.ticklabel_format(axis="y", useOffset=False)
-    fig.colorbar(sc, ax=ax, label="extracted images ↓")
-    ax.set_xlabel("FID ↓")
-    ax.set_ylabel("AMD ↑ (mean min. cosine distance to training set)")
-    return _finish(fig, ax, "Quality against memorisation", path)
+        ax.step([p["x"] for p in front], [p["fid"] for p in front], where="post", color="C3",
+                lw=1.2, zorder=1, label="front (no trial better on both)")  # fmt: skip
+    marker = {"baseline": ("s", 7), "searched": ("o", 6), "best": ("*", 13)}
+    seen = set()
+    for p in points:
+        err = {}
+        for axis, key in (("xerr", "x"), ("yerr", "fid")):
+            ci = p[f"{key}_ci"]
+            if ci:
+                err[axis] = [[max(0.0, p[key] - ci[0])], [max(0.0, ci[1] - p[key])]]
+        shape, size = marker[p["kind"]]
+        colour = "C3" if p["front"] else "0.55"
+        name = f"{p['kind']}{' on the front' if p['front'] else ''}"
+        ax.errorbar(p["x"], p["fid"], fmt=shape, ms=size, color=colour, mec="k", mew=0.6,
+                    elinewidth=0.7, capsize=2, zorder=3 if p["front"] else 2,
+                    label=None if name in seen else name, **err)  # fmt: skip
+        seen.add(name)
+        if p["kind"] != "searched" or p["front"]:
+            ax.annotate(p["label"], (p["x"], p["fid"]), fontsize=7, xytext=(5, 3),
+                        textcoords="offset points")  # fmt: skip
+    _log_fid_axis(ax, [p["fid"] for p in points], 10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("held-out FID ↓ (bars: 95% interval)")
+    ax.set_title("Quality against memorisation", fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 # Marker per mitigation in the seeds plot (the method sets the colour): none, RWA, Threshold, others.

@@ -1,4 +1,4 @@
-"""Results of a search run as people read them: results tables, the Pareto plot, report.md.
+"""Results of a search run as people read them: results tables, the quality–memorisation plot, report.md.
 
 The run folder itself (layout, records, best trial) is capsearch.search.runs; trial names are
 capsearch.reporting.describe.
@@ -16,8 +16,10 @@ from capsearch.config import Spec
 from capsearch.metrics.table import column_metrics
 from capsearch.reporting.describe import best_config_yaml, compact_name, display_name
 from capsearch.reporting.notes import capped_lines, noise_floor_lines
-from capsearch.reporting.plots import pareto_plot
+from capsearch.reporting.plots import tradeoff_plot
 from capsearch.reporting.searchstats import report_lines
+from capsearch.reporting.tradeoff import front_lines, tradeoff_points
+from capsearch.search.choice import bound_text, choice_key, seed_check, seed_standing
 from capsearch.search.constraints import standing
 from capsearch.search.records import Evaluation, SeedMean, TrialRecord
 from capsearch.search.reward import objective_text, pareto_front
@@ -27,7 +29,6 @@ from capsearch.search.runs import (
     best_trial,
     final_choice,
     load_trials,
-    rank_key,
     read_run_spec,
 )
 from capsearch.search.schedule import max_steps
@@ -116,7 +117,7 @@ def results_table(records: list[TrialRecord], title: str = "", intervals: bool =
 
 
 def write_report(run_dir: Path) -> Path:
-    """Write report.md (table, Pareto plot, samples, best configuration) into the run folder."""
+    """Write report.md (table, quality–memorisation front, samples, best configuration) into the run folder."""
     run_dir = Path(run_dir)
     spec = read_run_spec(run_dir)
     records = ordered(load_trials(run_dir), spec)
@@ -153,17 +154,8 @@ def write_report(run_dir: Path) -> Path:
     finals = [final_view(r) for r in done if r.final is not None]
     if finals:
         lines += _final_lines(spec, finals)
-    plot = pareto_plot(done, run_dir / PARETO_FILE)
-    if plot is not None:
-        lines += [
-            "",
-            "## Quality against memorisation",
-            "",
-            f"![Pareto plot]({PARETO_FILE})",
-            "",
-            "Squares: baselines; circles: searched trials; colour: extracted images.",
-        ]
     best = best_trial(done, spec.objective.constraints)
+    lines += _front_lines(done, best, spec, run_dir)
     if best is not None:
         lines += _best_lines(best, done, spec, run_dir)
     lines += report_lines(run_dir, records, max_steps(spec))
@@ -182,6 +174,24 @@ def write_report(run_dir: Path) -> Path:
     path = run_dir / REPORT_FILE
     atomic_write(path, "\n".join(lines) + "\n")
     return path
+
+
+def _front_lines(
+    done: list[TrialRecord], best: TrialRecord | None, spec: Spec, run_dir: Path
+) -> list[str]:
+    """The quality–memorisation plot and its front as a table to pick from ([] with no point)."""
+    measure, points = tradeoff_points(done, best)
+    if tradeoff_plot(points, measure.label, run_dir / PARETO_FILE) is None:
+        return []
+    name = measure.label.split(" (")[0].rstrip(" ↓")
+    return ["", "## Quality against memorisation", "", f"![held-out FID against {name}]"
+            f"({PARETO_FILE})", "", f"Every successful trial on the search's evaluation "
+            f"({spec.evaluate.split} split, sampling seed {spec.evaluate.seed}, the same for all): "
+            f"held-out FID against the {name}, each with its interval. In colour and joined: the "
+            "front, the trials no other beats on both, from which to pick by how much memorisation "
+            "one accepts (below, lowest first); squares: baselines, by name; star: the best trial "
+            "(chosen on the final stage where it ran).", "",
+            *front_lines(measure, points, str(run_dir))]  # fmt: skip
 
 
 def _best_lines(best: TrialRecord, done: list[TrialRecord], spec: Spec, run_dir: Path) -> list[str]:
@@ -277,8 +287,8 @@ def _final_lines(spec: Spec, finals: list[TrialRecord]) -> list[str]:
     scored = [r for r in finals if r.value("reward") is not None]
     if not scored:
         return lines
-    best = min(scored, key=lambda r: rank_key(final_choice(r.final), spec.objective.constraints))
-    lines += _seed_lines(finals, best)
+    best = min(scored, key=lambda r: choice_key(r.final, spec.objective.constraints))
+    lines += _seed_lines(finals, best, spec.objective.constraints)
     others = [r for r in finals if r.baseline and r.dir != best.dir]
     if not others:
         return lines
@@ -296,19 +306,24 @@ def _final_lines(spec: Spec, finals: list[TrialRecord]) -> list[str]:
     return lines
 
 
-def _seed_lines(finals: list[TrialRecord], best: TrialRecord) -> list[str]:
+def _seed_lines(finals: list[TrialRecord], best: TrialRecord, constraints: dict) -> list[str]:
     """The finalists trained again on other seeds (final.train_seeds): final reward per training seed,
-    and the means the best is chosen on ([] when none was)."""
+    and the means the best is chosen on ([] when none was); with constraints, the pooled extraction
+    bound and the worst-seed violation (capsearch.search.choice)."""
     if not any(r.final.seeds for r in finals):
         return []
     seeds = sorted({s.train_seed for r in finals for s in r.final.seeds})
     own = (finals[0].train or {}).get("seed", "own")
     header = ["trial", "method", f"seed {own}", *(f"seed {s}" for s in seeds),
               "mean reward ↑", "mean FID ↓", "mean extracted ↓"]  # fmt: skip
+    header += ["pooled extraction bound ↓", "worst-seed violation ↓"] if constraints else []
+    how = ("the best is the finalist within the constraints on every seed's evaluation (the "
+           "extraction bound pooled over the seeds' attacks) with the highest mean reward"
+           if constraints else "the best is chosen on the mean reward")  # fmt: skip
     lines = ["", "### Over training seeds", "", "Every finalist that trains anything trained again "
              f"on seed(s) {', '.join(map(str, seeds))} (same plan and data) and evaluated like the "
-             "table above; final reward per training seed, and the means over them, on which the "
-             "best is chosen (Freeze trains nothing: one evaluation).", "",
+             f"table above; final reward per training seed and the means over them; {how} (Freeze "
+             "trains nothing: one evaluation).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # fmt: skip
 
     def cell(value: float | None, fmt: str) -> str:
@@ -323,12 +338,21 @@ def _seed_lines(finals: list[TrialRecord], best: TrialRecord) -> list[str]:
                *(cell(by_seed.get(s), ".3f") for s in seeds),
                cell(pooled.value("reward"), ".3f"), cell(pooled.value("fid"), ".1f"),
                cell(pooled.value("extracted"), ".1f")]  # fmt: skip
+        if constraints:
+            check = seed_check(r.final, constraints)
+            row += [bound_text(check).removeprefix("pooled extraction bound ") or "–",
+                    f"{check.worst:g}"]  # fmt: skip
         lines.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
     return lines
 
 
 def _standing(best: TrialRecord, done: list[TrialRecord], spec: Spec) -> str:
     """The best trial against the constraints, on the evaluation it was chosen on ("" without any)."""
+    limits = spec.objective.constraints
+    if best.final is not None and any(r.final.seeds for r in done if r.final is not None):
+        pool = [seed_check(r.final, limits) for r in done if r.final is not None]
+        text = seed_standing(seed_check(best.final, limits), pool, limits)
+        return text + " " if text else ""
     if best.final is not None:
         stage = [final_choice(r.final) for r in done if r.final is not None]
         chosen = final_choice(best.final)

@@ -12,9 +12,10 @@ the report's best trial and `capsearch export --trial best` come from it.
 With `final.train_seeds`, every finalist that trains anything is also trained again on each of those
 seeds (same plan and data, another initialisation, batch order and noise: capsearch.search.retrain) into
 `trials/tNNN/final_seedS/` and evaluated there like its `final/`; the best trial is then chosen on the
-final reward averaged over its seeds (capsearch.search.runs.final_choice), so that the choice does not rest
-on the one training it was searched with. Freeze trains nothing, so its seed changes nothing: it keeps
-its one evaluation.
+final reward averaged over its seeds (capsearch.search.choice.final_choice), so that the choice does not
+rest on the one training it was searched with; with constraints, among the finalists within them on
+every seed's evaluation (the extraction bound pooled over the seeds: capsearch.search.choice). Freeze
+trains nothing, so its seed changes nothing: it keeps its one evaluation.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def final_text(spec: Spec) -> str:
     if f.train_seeds:
         seeds = ", ".join(map(str, f.train_seeds))
         text += f", each also trained on seed(s) {seeds}; the best chosen on the mean"
+        if spec.objective.constraints:
+            text += " among those within the constraints on every seed"
     return text
 
 

@@ -16,7 +16,6 @@ before versions existed read as version 1. Writers check a record against its mo
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,14 +25,18 @@ import yaml
 from capsearch.atomic import atomic_write, unwritable
 from capsearch.config import Spec, read_yaml, spec_from_dict
 from capsearch.errors import UserError
-from capsearch.search.constraints import Constraints, violation
+from capsearch.search.choice import (  # noqa: F401  (final_choice, rank_key: read here by callers)
+    choice_key,
+    final_choice,
+    rank_key,
+)
+from capsearch.search.constraints import Constraints
 from capsearch.search.records import (
     CORRUPT,
     FINISHED,
     CorruptRecord,
     FinalResult,
     Scored,
-    SeedMean,
     SeedResult,
     TrialRecord,
     parse,
@@ -329,35 +332,9 @@ def read_final(record_dir: Path) -> FinalResult | None:
     return final.model_copy(update={"seeds": seeds}) if seeds else final
 
 
-def final_choice(final: FinalResult) -> FinalResult | SeedMean:
-    """What a finalist is ranked on: its final re-evaluation, or with re-evaluations trained on other
-    seeds (`seeds`), the mean reward and metrics over all of them and how many there were (`n_seeds`).
-    A value missing from any of them (an evaluation that failed) has no mean: such a finalist has no
-    reward and ranks last."""
-    runs: list[Scored] = [final, *final.seeds]
-    if len(runs) == 1:
-        return final
-    keys = {k for r in runs for k in r.metrics}
-    means = {}
-    for key in sorted(keys) + ["reward"]:
-        values = [v for r in runs if (v := r.value(key)) is not None]
-        if len(values) == len(runs):
-            means[key] = sum(values) / len(values)
-    reward = means.pop("reward", None)
-    return SeedMean(metrics=means, reward=reward, n_seeds=len(runs))
-
-
 def record_value(record: Scored, key: str) -> float | None:
     """A record's finite value of a metric (or top-level key such as reward), else None."""
     return record.value(key)
-
-
-def rank_key(record: Scored, constraints: Constraints | None = None) -> tuple[float, float]:
-    """Sort key of an evaluated record (its own metrics, or a trial's `final`), best first: within the
-    constraints before over them (smaller total violation first), then the higher reward."""
-    reward = record.value("reward")
-    total = violation(record.value, constraints or {})
-    return total, -(reward if reward is not None else -math.inf)
 
 
 def best_trial(
@@ -369,10 +346,11 @@ def best_trial(
     over `final.train_seeds` where finalists were trained again on other seeds: final_choice); the
     search's own reward only decides runs without a final stage (None if no trial succeeded). With
     constraints (the spec's `objective.constraints`), a trial within them on that evaluation ranks
-    before every trial over them (capsearch.search.constraints).
+    before every trial over them (capsearch.search.constraints); over training seeds, within them on
+    every seed's evaluation, the extraction bound pooled over the seeds (capsearch.search.choice).
     """
     final = [r for r in records if r.final is not None and r.final.value("reward") is not None]
     if final:
-        return min(final, key=lambda r: rank_key(final_choice(r.final), constraints))
+        return min(final, key=lambda r: choice_key(r.final, constraints))
     ok = [r for r in records if r.status == "ok" and r.value("reward") is not None]
     return min(ok, key=lambda r: rank_key(r, constraints)) if ok else None

@@ -24,6 +24,7 @@ import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from capsearch.errors import UserError
+from capsearch.search.constraints import margins
 from capsearch.search.reward import OBJECTIVES
 from capsearch.search.runs import RESULT_FILE, STUDY_FILE, load_trials, write_record
 
@@ -76,6 +77,14 @@ def make_sampler(spec: Spec, proposed: int = 0) -> Any:
         return optuna.samplers.RandomSampler(seed=seed)
     if s.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=s.population_size)
+    if s.sampler == "gp":
+        # Gaussian-process Bayesian optimisation (log EI; with constraints log constrained EI, Gardner
+        # et al. 2014): it reads each trial's constraint values as TPE does. Its random start-up is
+        # startup_trials long; a method's own hyper-parameters (present only where that method was
+        # chosen) are drawn by its independent random sampler, without a warning per draw.
+        return optuna.samplers.GPSampler(
+            seed=seed, n_startup_trials=s.startup_trials, warn_independent_sampling=False
+        )
     with warnings.catch_warnings():  # constant_liar is flagged experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(
@@ -185,6 +194,7 @@ def plan_trials(spec: Spec, study: Any, run_dir: Path, retry_errors: bool = Fals
             ok = record is not None and record.status == "ok"
             values = [record.value(m) for m in metrics] if ok else []
             if values and all(v is not None for v in values):
+                _tell_constraints(study, t, record, spec.objective.constraints)
                 study.tell(t.number, values if len(values) > 1 else values[0])
             else:
                 study.tell(t.number, state=TrialState.FAIL)
@@ -204,6 +214,17 @@ def plan_trials(spec: Spec, study: Any, run_dir: Path, retry_errors: bool = Fals
         budget = max(0, spec.search.num_samples - searched)
         _enqueue_retries(study, run_dir, budget, retry_errors)
     return left + budget
+
+
+def _tell_constraints(study: Any, frozen: Any, record: Any, constraints: dict[str, float]) -> None:
+    """Give a trial settled from its record the constraint margins a finishing trial is told (loop.py):
+    the GP sampler refuses a study whose complete trials do not all carry the same constraints."""
+    if not constraints:
+        return
+    # a FrozenTrial names its storage row only by its private id; Trial is how a value is set on it
+    trial = optuna.trial.Trial(study, frozen._trial_id)
+    for name, margin in margins(record.value, constraints).items():
+        trial.set_constraint(name, margin)
 
 
 def _enqueue_retries(study: Any, run_dir: Path, budget: int, retry_errors: bool = False) -> None:
