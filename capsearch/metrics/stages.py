@@ -77,6 +77,12 @@ def check_reference(root: Path, config: EvalSettings, have: int, prompts: int, v
         )
 
 
+def attack_captions(memorised: list[str], others: list[str], total: int) -> list[str]:
+    """The attack's prompts: every memorised caption, then other training captions until there are
+    `total` (`evaluate.extraction_prompts`); none of the others when the memorised ones reach it."""
+    return memorised + others[: max(0, total - len(memorised))]
+
+
 def prepare(pipe, data_root: Path | str, config: EvalSettings) -> EvalContext:
     """The context before any pass: prompts, held-out reference features, the attack's prompts."""
     if config.split == "train":  # settings built without validation (model_construct) land here
@@ -105,7 +111,7 @@ def prepare(pipe, data_root: Path | str, config: EvalSettings) -> EvalContext:
         train_records=train,
         threshold=config.extraction_threshold
         or (PHANTOM_THRESHOLD if world == "phantom" else DEFAULT_THRESHOLD),
-        attack_prompts=(memorised + others)[: config.extraction_prompts],
+        attack_prompts=attack_captions(memorised, others, config.extraction_prompts),
         attack_n=config.extraction_n,
         pipe=pipe,
         settings=config,
@@ -163,7 +169,7 @@ def _recording(pipe, ctx: EvalContext) -> tuple[Callable, list[torch.Tensor]]:
 
 
 def attack(pipe, ctx: EvalContext) -> str:
-    """The extraction attack (Carlini et al. 2023) on memorised captions first, then other ones."""
+    """The extraction attack (Carlini et al. 2023) on every memorised caption, then other ones."""
     if not ctx.attack_prompts:
         return "no prompts to attack"
     c = ctx.settings
