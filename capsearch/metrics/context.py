@@ -22,6 +22,7 @@ from capsearch.settings import EvalSettings
 
 if TYPE_CHECKING:
     from capsearch.metrics.extraction import ExtractionResult
+    from capsearch.metrics.neighbours import Neighbours
 
 SAMPLES = "samples"  # generated held-out-prompt samples and features (FID, KID, AMD, image-text)
 ATTACK = "attack"  # the extraction attack's generations (extracted images, own-image share)
@@ -83,6 +84,9 @@ class EvalContext:
     # The attack's images of the memorised captions among its prompts, prompt-major, and their captions.
     memorised_images: torch.Tensor | None = None
     memorised_prompts: list[str] = field(default_factory=list)
+    # Their nearest and second-nearest distinct training images, with the images they were found for
+    # (capsearch.metrics.neighbours.memorised_neighbours fills it once).
+    memorised_neighbours: tuple[torch.Tensor, Neighbours] | None = None
     # --- strength: per-prompt denoising strengths ---
     strength_memorised: np.ndarray | None = None
     strength_other: np.ndarray | None = None
