@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -63,6 +64,14 @@ def test_evaluate_writes_every_metric_with_settings(data, tmp_path):
     )  # unset: the sampling guidance
     assert (tmp_path / "samples.png").stat().st_size > 1000
     assert (tmp_path / "memorised.png").stat().st_size > 1000  # training image | attack samples
+    # Gu et al.'s ratio on the same samples, and the attack's captions one by one beside the grid
+    assert 0 <= m["nn_ratio"] <= 1 and m["intervals"]["nn_ratio"][0] <= m["nn_ratio"]
+    with open(tmp_path / "memorisation.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == saved["settings"]["attack_prompts"] == 7  # every memorised caption
+    assert all(r["memorised"] == "true" for r in rows)
+    extracted = {r["caption"] for r in rows if r["extracted"] == "true"}
+    assert extracted == {pair[0] for pair in m["extracted_pairs"]}
 
 
 def test_memorised_grid_puts_each_captions_training_image_before_its_samples(tmp_path, monkeypatch):

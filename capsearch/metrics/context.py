@@ -87,6 +87,8 @@ class EvalContext:
     # Their nearest and second-nearest distinct training images, with the images they were found for
     # (capsearch.metrics.neighbours.memorised_neighbours fills it once).
     memorised_neighbours: tuple[torch.Tensor, Neighbours] | None = None
+    # The neighbours of the attack's samples of its other captions, by caption (their images are not kept).
+    other_neighbours: dict[str, Neighbours] = field(default_factory=dict)
     # --- strength: per-prompt denoising strengths ---
     strength_memorised: np.ndarray | None = None
     strength_other: np.ndarray | None = None

@@ -37,6 +37,12 @@ class Neighbours:
     index: torch.Tensor  # [N] long, the nearest training row (the first of equally near ones)
     second: torch.Tensor  # [N] float
 
+    def part(self, start: int, stop: int) -> Neighbours:
+        """The neighbours of samples start to stop − 1 (one caption's, of prompt-major samples)."""
+        return Neighbours(
+            self.distance[start:stop], self.index[start:stop], self.second[start:stop]
+        )
+
     def ratio(self) -> np.ndarray:
         """Nearest over second-nearest distinct distance, float64: 0 for an exact copy, 1 for a sample
         equidistant from two distinct images (0 where no second image exists, 1 for 0/0)."""

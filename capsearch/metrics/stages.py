@@ -28,6 +28,7 @@ from capsearch.metrics.extraction import (
 )
 from capsearch.metrics.features import cached_features, get_extractor, resolve_extractor
 from capsearch.metrics.intervals import prompt_clusters
+from capsearch.metrics.neighbours import nearest_two
 from capsearch.metrics.reference import noise_floor
 from capsearch.models.sampling import generate
 from capsearch.settings import EvalSettings
@@ -148,7 +149,9 @@ def _recording(pipe, ctx: EvalContext) -> tuple[Callable, list[torch.Tensor]]:
     """The attack's sampler and the list it keeps the memorised captions' images in, for the metrics.
 
     It samples exactly as the attack does with a pipeline (capsearch.metrics.extraction), so the attack's
-    result is the same; only the memorised captions' images are kept (the others can be many).
+    result is the same; only the memorised captions' images are kept (the others can be many): of the
+    other captions' images it keeps their nearest training images (`ctx.other_neighbours`, for the
+    per-caption table of capsearch.metrics.caption_table).
     """
     c = ctx.settings
     sample = _pipeline_generator(pipe, c.steps, ctx.attack_guidance, c.batch_size)
@@ -157,12 +160,18 @@ def _recording(pipe, ctx: EvalContext) -> tuple[Callable, list[torch.Tensor]]:
 
     def run(prompts: list[str], n_per_prompt: int, seed: int) -> torch.Tensor:
         images = sample(prompts, n_per_prompt, seed)
+        others = []
         for j, prompt in enumerate(prompts):
+            own = images[j * n_per_prompt : (j + 1) * n_per_prompt].detach().float().cpu()
             if prompt in memorised:
-                kept.append(
-                    images[j * n_per_prompt : (j + 1) * n_per_prompt].detach().float().cpu()
-                )
+                kept.append(own)
                 ctx.memorised_prompts.append(prompt)
+            else:
+                others.append((prompt, own))
+        if others:  # one pass over the training set for the batch's other captions
+            found = nearest_two(torch.cat([own for _, own in others]), ctx.train_images)
+            for k, (prompt, _) in enumerate(others):
+                ctx.other_neighbours[prompt] = found.part(k * n_per_prompt, (k + 1) * n_per_prompt)
         return images
 
     return run, kept
