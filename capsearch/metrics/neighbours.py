@@ -22,7 +22,7 @@ import torch
 from capsearch.metrics.context import EvalContext
 from capsearch.metrics.extraction import DEFAULT_TILES, _match_channels, _resize, tiled_distance
 
-# Gu et al. 2023 ("On Memorization in Diffusion Models", Sec. 3): a sample is memorised when its nearest
+# Gu et al. 2023 ("On Memorization in Diffusion Models"): a sample is memorised when its nearest
 # training image is closer than a third of the distance to the second-nearest one (Yoon et al. 2023 use
 # the same rule).
 NN_RATIO = 1.0 / 3.0

@@ -1,6 +1,6 @@
 """Gu et al.'s nearest-neighbour ratio: how often a memorised caption's sample is a copy by their rule.
 
-Gu et al. 2023 ("On Memorization in Diffusion Models", Sec. 3; also Yoon et al. 2023) call a generated
+Gu et al. 2023 ("On Memorization in Diffusion Models"; also Yoon et al. 2023) call a generated
 sample memorised when its nearest training image is closer than a third of the distance to the
 second-nearest one: d(x, n₁) < d(x, n₂) / 3. This metric applies the rule to the extraction attack's
 samples of the memorised captions (the samples the own-image share reads) with the attack's tiled ℓ2
