@@ -25,9 +25,7 @@ if TYPE_CHECKING:
     from capsearch.metrics.neighbours import Neighbours
 
 SAMPLES = "samples"  # generated held-out-prompt samples and features (FID, KID, AMD, image-text)
-ATTACK = (
-    "attack"  # the extraction attack's generations (extracted images, own-image share, NN ratio)
-)
+ATTACK = "attack"  # the extraction attack's generations (extracted, own-image share, NN ratio)
 STRENGTH = "strength"  # Wen et al.'s denoising strength of memorised and other captions
 MODEL = "model"  # the metric's own pass over the model, made in its hook
 STAGES = (SAMPLES, ATTACK, STRENGTH)  # the shared passes, in the order they run
