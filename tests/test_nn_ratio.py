@@ -89,6 +89,12 @@ def test_the_share_matches_a_brute_force_computation_that_skips_copies():
     # the training set read in blocks of 3 gives the same neighbours, and the attack's nearest image
     whole, blocks = nearest_two(samples, train), nearest_two(samples, train, block=3)
     assert torch.equal(whole.index, blocks.index) and torch.equal(whole.second, blocks.second)
+    cache: dict = {}  # copy groups kept from a first call serve the next one
+    for start, stop in ((0, 5), (5, len(samples))):
+        again = nearest_two(samples[start:stop], train, block=3, groups_of=cache)
+        assert sorted(cache) == [0, 3, 6, 9]  # the blocks' first rows
+        mine = whole.part(start, stop)
+        assert torch.equal(again.second, mine.second) and torch.equal(again.index, mine.index)
     dist, idx = _nearest_training(samples, train, 4)
     assert torch.equal(whole.index, idx) and torch.equal(whole.distance, dist)
     d_second = [

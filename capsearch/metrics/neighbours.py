@@ -67,13 +67,19 @@ def _copy_groups(chunk: torch.Tensor, groups: dict[bytes, int]) -> torch.Tensor:
 
 
 def nearest_two(
-    images: torch.Tensor, train_images, tiles: int = DEFAULT_TILES, block: int = 2048
+    images: torch.Tensor,
+    train_images,
+    tiles: int = DEFAULT_TILES,
+    block: int = 2048,
+    groups_of: dict[int, torch.Tensor] | None = None,
 ) -> Neighbours:
     """The nearest training image of each sample and the nearest one that is not a copy of it.
 
     The training set is read in blocks, as the attack reads it (capsearch.metrics.extraction
     `_nearest_training`, whose nearest distance and row this gives unchanged); per block the nearest
     image, its copy group and the nearest image of another group are merged into the running ones.
+    `groups_of` keeps the blocks' copy groups (by the block's first row) for the next call on the same
+    training set and sample size, so that repeated calls hash the training set once.
     """
     images = images.detach().float().cpu()
     n = len(images)
@@ -89,7 +95,11 @@ def nearest_two(
             (chunk if torch.is_tensor(chunk) else torch.stack(list(chunk))).detach().float().cpu()
         )
         chunk = _resize(_match_channels(chunk, images.shape[1]), size)
-        gid = _copy_groups(chunk, groups)
+        gid = groups_of.get(start) if groups_of is not None else None
+        if gid is None:
+            gid = _copy_groups(chunk, groups)
+            if groups_of is not None:
+                groups_of[start] = gid
         d = tiled_distance(images, chunk, tiles)
         value, idx = d.min(dim=1)
         group = gid[idx]

@@ -157,6 +157,7 @@ def _recording(pipe, ctx: EvalContext) -> tuple[Callable, list[torch.Tensor]]:
     sample = _pipeline_generator(pipe, c.steps, ctx.attack_guidance, c.batch_size)
     memorised = set(ctx.memorised)
     kept: list[torch.Tensor] = []
+    groups_of: dict[int, torch.Tensor] = {}  # the training set's copy groups, hashed once
 
     def run(prompts: list[str], n_per_prompt: int, seed: int) -> torch.Tensor:
         images = sample(prompts, n_per_prompt, seed)
@@ -169,7 +170,9 @@ def _recording(pipe, ctx: EvalContext) -> tuple[Callable, list[torch.Tensor]]:
             else:
                 others.append((prompt, own))
         if others:  # one pass over the training set for the batch's other captions
-            found = nearest_two(torch.cat([own for _, own in others]), ctx.train_images)
+            found = nearest_two(
+                torch.cat([own for _, own in others]), ctx.train_images, groups_of=groups_of
+            )
             for k, (prompt, _) in enumerate(others):
                 ctx.other_neighbours[prompt] = found.part(k * n_per_prompt, (k + 1) * n_per_prompt)
         return images
