@@ -155,9 +155,9 @@ class EvalSettings(Strict):
     steps: int = Field(20, ge=1)
     guidance: float = 3.0
     seed: int = 0
-    extraction_prompts: int = Field(
-        8, ge=0
-    )  # memorised captions first, then other training captions
+    # The attack's prompts: every memorised caption always, then other training captions until there
+    # are this many in all (none of the others when the memorised captions alone reach it).
+    extraction_prompts: int = Field(8, ge=0)
     extraction_n: int = Field(16, ge=1)
     extraction_threshold: float | None = None  # None: the world's default (docs/metrics.md)
     # Guidance of the attack's samples (None: `guidance`). A model fine-tuned without caption dropout

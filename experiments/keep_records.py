@@ -4,10 +4,11 @@ Usage: python experiments/keep_records.py runs/paper_table1_seed0 experiments/re
 
 Keeps the spec, the report and its plot, the Optuna study (optuna.db: the sampler's history, which
 `--resume` needs; copied through SQLite's backup, so a running search's file is read consistently), and
-for every trial its plan, result, metrics, training log and pictures, with the final re-evaluations';
-leaves out deltas, checkpoints, the feature cache, the generated data and Ray's folders. A run resumed
-from these records trains its finalists again from their records (capsearch.search.retrain). Files already
-kept are overwritten, so it can run after every finished trial.
+for every trial its plan, result, metrics, training log, pictures and per-caption memorisation table
+(memorisation.csv), with the final re-evaluations'; leaves out deltas, checkpoints, the feature cache,
+the generated data and Ray's folders. A run resumed from these records trains its finalists again from
+their records (capsearch.search.retrain). Files already kept are overwritten, so it can run after every
+finished trial.
 `capsearch report` works on the copy as on the run folder.
 """
 
@@ -28,6 +29,7 @@ TRIAL = (
     "train_log.jsonl",
     "samples.png",
     "memorised.png",
+    "memorisation.csv",
 )
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
 from conftest import phantom_data
 
+from capsearch.datasets.folder import read_metadata
 from capsearch.metrics.evaluate import EvalSettings, evaluate
+from capsearch.metrics.stages import attack_captions
 from capsearch.models.load import load_pipeline
 from capsearch.worlds.phantom import write_phantom_dataset
 
@@ -66,6 +69,14 @@ def test_evaluate_writes_every_metric_with_settings(data, tmp_path):
     )  # unset: the sampling guidance
     assert (tmp_path / "samples.png").stat().st_size > 1000
     assert (tmp_path / "memorised.png").stat().st_size > 1000  # training image | attack samples
+    # Gu et al.'s ratio on the same samples, and the attack's captions one by one beside the grid
+    assert 0 <= m["nn_ratio"] <= 1 and m["intervals"]["nn_ratio"][0] <= m["nn_ratio"]
+    with open(tmp_path / "memorisation.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == saved["settings"]["attack_prompts"] == 7  # every memorised caption
+    assert all(r["memorised"] == "true" for r in rows)
+    extracted = {r["caption"] for r in rows if r["extracted"] == "true"}
+    assert extracted == {pair[0] for pair in m["extracted_pairs"]}
 
 
 def test_memorised_grid_puts_each_captions_training_image_before_its_samples(tmp_path, monkeypatch):
@@ -99,6 +110,20 @@ def test_memorised_grid_puts_each_captions_training_image_before_its_samples(tmp
     )
     ctx.memorised_images = None
     assert save_memorised_grid(ctx, set(), tmp_path / "n.png") is None
+
+
+def test_the_attack_covers_every_memorised_caption_and_others_fill_up_to_the_total():
+    memorised, others = ["m1", "m2", "m3"], ["o1", "o2", "o3", "o4"]
+    assert attack_captions(memorised, others, 5) == ["m1", "m2", "m3", "o1", "o2"]
+    assert attack_captions(memorised, others, 3) == ["m1", "m2", "m3"]
+    # fewer than the memorised captions: all of them still, and no other
+    assert attack_captions(memorised, others, 2) == ["m1", "m2", "m3"]
+    assert attack_captions(memorised, others, 0) == ["m1", "m2", "m3"]
+    assert attack_captions(memorised, others, 99) == memorised + others
+    assert attack_captions([], others, 2) == ["o1", "o2"]
+    # up to the total, the rule is the old truncation of memorised + others
+    for total in range(len(memorised), 9):
+        assert attack_captions(memorised, others, total) == (memorised + others)[:total]
 
 
 def test_the_attack_samples_at_its_own_guidance(data, monkeypatch):
@@ -166,10 +191,14 @@ def test_eval_cli(data, tmp_path, capsys, monkeypatch):
     settings = saved["settings"]
     assert {k: settings[k] for k in flags} == flags
     assert settings["extraction_guidance"] == 2.5  # none given: the attack samples at --guidance
+    # --extraction-prompts 1 with 7 memorised captions: every memorised caption, no other one
+    train = [r for r in read_metadata(data) if (r.get("split") or "train") == "train"]
+    memorised = {r["text"] for r in train if r.get("dup_group") is not None}
+    assert len(memorised) == 7
     assert (
         settings["prompts"] == 2
         and settings["samples"] == 2 * 2
-        and settings["attack_prompts"] == 1
+        and settings["attack_prompts"] == len(memorised)
     )
     assert "strength_ratio" in saved and "extracted" in saved
     text = capsys.readouterr().out  # progress lines, then the metrics as indented JSON

@@ -22,9 +22,10 @@ from capsearch.settings import EvalSettings
 
 if TYPE_CHECKING:
     from capsearch.metrics.extraction import ExtractionResult
+    from capsearch.metrics.neighbours import Neighbours
 
 SAMPLES = "samples"  # generated held-out-prompt samples and features (FID, KID, AMD, image-text)
-ATTACK = "attack"  # the extraction attack's generations (extracted images, own-image share)
+ATTACK = "attack"  # the extraction attack's generations (extracted, own-image share, NN ratio)
 STRENGTH = "strength"  # Wen et al.'s denoising strength of memorised and other captions
 MODEL = "model"  # the metric's own pass over the model, made in its hook
 STAGES = (SAMPLES, ATTACK, STRENGTH)  # the shared passes, in the order they run
@@ -83,6 +84,11 @@ class EvalContext:
     # The attack's images of the memorised captions among its prompts, prompt-major, and their captions.
     memorised_images: torch.Tensor | None = None
     memorised_prompts: list[str] = field(default_factory=list)
+    # Their nearest and second-nearest distinct training images, with the images they were found for
+    # (capsearch.metrics.neighbours.memorised_neighbours fills it once).
+    memorised_neighbours: tuple[torch.Tensor, Neighbours] | None = None
+    # The neighbours of the attack's samples of its other captions, by caption (their images are not kept).
+    other_neighbours: dict[str, Neighbours] = field(default_factory=dict)
     # --- strength: per-prompt denoising strengths ---
     strength_memorised: np.ndarray | None = None
     strength_other: np.ndarray | None = None

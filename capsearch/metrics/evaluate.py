@@ -22,6 +22,7 @@ from typing import Any
 
 from capsearch.atomic import atomic_target
 from capsearch.faults import maybe_fail
+from capsearch.metrics.caption_table import CAPTION_TABLE, save_caption_table
 from capsearch.metrics.context import MODEL, SAMPLES, STAGES
 from capsearch.metrics.memorised_grid import MEMORISED_GRID, save_memorised_grid
 from capsearch.metrics.stages import PASSES, prepare
@@ -51,7 +52,8 @@ def evaluate(
     out_dir: Path | None = None,
     progress: bool = False,
 ) -> dict:
-    """Evaluate a pipeline against a dataset folder; write metrics.json and samples.png to out_dir."""
+    """Evaluate a pipeline against a dataset folder; write metrics.json, samples.png and (after an
+    attack) memorised.png and memorisation.csv to out_dir."""
     config = config or EvalSettings()
     t0 = time.time()
 
@@ -109,4 +111,5 @@ def evaluate(
         save_grid(ctx.gen[:32], out / "samples.png", nrow=8, captions=ctx.gen_prompts[:32])
         extracted = {pair[0] for pair in metrics.get("extracted_pairs", [])}
         save_memorised_grid(ctx, extracted, out / MEMORISED_GRID)
+        save_caption_table(ctx, out / CAPTION_TABLE)  # per attacked caption, beside the grid
     return metrics

@@ -14,8 +14,20 @@ from __future__ import annotations
 import numpy as np
 
 from capsearch.metrics.context import Computed, EvalContext, Measured
-from capsearch.metrics.extraction import DEFAULT_TILES, _nearest_training
 from capsearch.metrics.intervals import cluster_bootstrap, prompt_clusters
+from capsearch.metrics.neighbours import memorised_neighbours
+
+
+def own_nearest(ctx: EvalContext) -> np.ndarray:
+    """Per memorised-caption attack sample (prompt-major): 1 where its nearest training image is one
+    of its caption's own training rows, else 0."""
+    rows = {
+        p: {i for i, r in enumerate(ctx.train_records) if r["text"] == p}
+        for p in ctx.memorised_prompts
+    }
+    nearest = memorised_neighbours(ctx).index.tolist()
+    owner = [p for p in ctx.memorised_prompts for _ in range(ctx.attack_n)]
+    return np.array([t in rows[p] for p, t in zip(owner, nearest, strict=True)], float)
 
 
 def nearest_own_share(ctx: EvalContext) -> Computed:
@@ -25,10 +37,7 @@ def nearest_own_share(ctx: EvalContext) -> Computed:
         return None  # nothing memorised to attack here: the metric is left out, not set to 0
     if len(ctx.train_images) != len(ctx.train_records):
         return None  # unreadable training images: rows and images no longer line up
-    rows = {p: {i for i, r in enumerate(ctx.train_records) if r["text"] == p} for p in prompts}
-    _, nearest = _nearest_training(images, ctx.train_images, DEFAULT_TILES)
-    owner = [p for p in prompts for _ in range(ctx.attack_n)]
-    own = np.array([int(t) in rows[p] for p, t in zip(owner, nearest.tolist(), strict=True)], float)
+    own = own_nearest(ctx)
     value = float(own.mean())
     if len(prompts) < 2:
         return Measured(value)

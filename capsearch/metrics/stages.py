@@ -28,6 +28,7 @@ from capsearch.metrics.extraction import (
 )
 from capsearch.metrics.features import cached_features, get_extractor, resolve_extractor
 from capsearch.metrics.intervals import prompt_clusters
+from capsearch.metrics.neighbours import nearest_two
 from capsearch.metrics.reference import noise_floor
 from capsearch.models.sampling import generate
 from capsearch.settings import EvalSettings
@@ -77,6 +78,12 @@ def check_reference(root: Path, config: EvalSettings, have: int, prompts: int, v
         )
 
 
+def attack_captions(memorised: list[str], others: list[str], total: int) -> list[str]:
+    """The attack's prompts: every memorised caption, then other training captions until there are
+    `total` (`evaluate.extraction_prompts`); none of the others when the memorised ones reach it."""
+    return memorised + others[: max(0, total - len(memorised))]
+
+
 def prepare(pipe, data_root: Path | str, config: EvalSettings) -> EvalContext:
     """The context before any pass: prompts, held-out reference features, the attack's prompts."""
     if config.split == "train":  # settings built without validation (model_construct) land here
@@ -105,7 +112,7 @@ def prepare(pipe, data_root: Path | str, config: EvalSettings) -> EvalContext:
         train_records=train,
         threshold=config.extraction_threshold
         or (PHANTOM_THRESHOLD if world == "phantom" else DEFAULT_THRESHOLD),
-        attack_prompts=(memorised + others)[: config.extraction_prompts],
+        attack_prompts=attack_captions(memorised, others, config.extraction_prompts),
         attack_n=config.extraction_n,
         pipe=pipe,
         settings=config,
@@ -142,28 +149,39 @@ def _recording(pipe, ctx: EvalContext) -> tuple[Callable, list[torch.Tensor]]:
     """The attack's sampler and the list it keeps the memorised captions' images in, for the metrics.
 
     It samples exactly as the attack does with a pipeline (capsearch.metrics.extraction), so the attack's
-    result is the same; only the memorised captions' images are kept (the others can be many).
+    result is the same; only the memorised captions' images are kept (the others can be many): of the
+    other captions' images it keeps their nearest training images (`ctx.other_neighbours`, for the
+    per-caption table of capsearch.metrics.caption_table).
     """
     c = ctx.settings
     sample = _pipeline_generator(pipe, c.steps, ctx.attack_guidance, c.batch_size)
     memorised = set(ctx.memorised)
     kept: list[torch.Tensor] = []
+    groups_of: dict[int, torch.Tensor] = {}  # the training set's copy groups, hashed once
 
     def run(prompts: list[str], n_per_prompt: int, seed: int) -> torch.Tensor:
         images = sample(prompts, n_per_prompt, seed)
+        others = []
         for j, prompt in enumerate(prompts):
+            own = images[j * n_per_prompt : (j + 1) * n_per_prompt].detach().float().cpu()
             if prompt in memorised:
-                kept.append(
-                    images[j * n_per_prompt : (j + 1) * n_per_prompt].detach().float().cpu()
-                )
+                kept.append(own)
                 ctx.memorised_prompts.append(prompt)
+            else:
+                others.append((prompt, own))
+        if others:  # one pass over the training set for the batch's other captions
+            found = nearest_two(
+                torch.cat([own for _, own in others]), ctx.train_images, groups_of=groups_of
+            )
+            for k, (prompt, _) in enumerate(others):
+                ctx.other_neighbours[prompt] = found.part(k * n_per_prompt, (k + 1) * n_per_prompt)
         return images
 
     return run, kept
 
 
 def attack(pipe, ctx: EvalContext) -> str:
-    """The extraction attack (Carlini et al. 2023) on memorised captions first, then other ones."""
+    """The extraction attack (Carlini et al. 2023) on every memorised caption, then other ones."""
     if not ctx.attack_prompts:
         return "no prompts to attack"
     c = ctx.settings

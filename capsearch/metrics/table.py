@@ -29,6 +29,7 @@ from capsearch.metrics.fid import fid_of
 from capsearch.metrics.kid import kid_of
 from capsearch.metrics.membership import membership_auc
 from capsearch.metrics.nearest_own import nearest_own_share
+from capsearch.metrics.nn_ratio import nn_ratio_share
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("nearest_own", "own-image NN ↓", "ownNN↓", ".2f", "min", column=True,
            reward="nearest_own", reward_default=0.0, term=lambda v, m: -v,
            compute=nearest_own_share, needs=(ATTACK,), formula="− {w}·own-image NN share"),
+    Metric("nn_ratio", "NN-ratio memorised ↓", "NNr↓", ".2f", "min", reward="nn_ratio",
+           reward_default=0.0, term=lambda v, m: -v, compute=nn_ratio_share, needs=(ATTACK,),
+           formula="− {w}·NN-ratio share"),
     Metric("extracted_fraction", "extracted per attacked prompt ↓", "ext%↓", ".3f", "min",
            card=False, reward="extracted", term=lambda v, m: -v, compute=extracted_fraction,
            needs=(ATTACK,), formula="− {w}·extracted fraction"),

@@ -4,17 +4,18 @@ The scalar reward (docs/search.md) is a weighted sum of one term per metric of t
 (capsearch.metrics.table, `reward`); with the table as it stands
 
     reward = −w_fid·ln(FID) + w_align·alignment − w_amd·max(0, 1 − AMD / AMD_heldout)
-             − w_ext·extracted_fraction − w_own·own_image_share − w_mia·max(0, 2·MIA_AUC − 1)
+             − w_ext·extracted_fraction − w_own·own_image_share − w_nn·nn_ratio_share
+             − w_mia·max(0, 2·MIA_AUC − 1)
 
 Each term is of order one and scale-free where it matters: ln makes FID ratios count, not absolute
 distances (halving FID is worth ln 2 ≈ 0.69 whatever the feature extractor's scale); the image-text
 score lies in [0, 1] (phantom finding agreement) or [−1, 1] (BioViL-T cosine); the extracted fraction
 (images extracted per attacked prompt, Carlini et al. 2023) in [0, 1]; the own-image share
 (capsearch.metrics.nearest_own: how often an attack sample's nearest training image is its caption's
-own) in [0, 1] too, and so does the membership attacker's advantage over chance
-(capsearch.metrics.membership). The share is a continuous memorisation signal: it rises before the
-attack's thresholded count does. The weights of the last two default to 0 (off), so the reward of a
-spec that does not set them is the four-term one.
+own) in [0, 1] too, and so do Gu et al.'s nearest-neighbour-ratio share (capsearch.metrics.nn_ratio)
+and the membership attacker's advantage over chance (capsearch.metrics.membership). The share is a
+continuous memorisation signal: it rises before the attack's thresholded count does. The weights of
+the last three default to 0 (off), so the reward of a spec that does not set them is the four-term one.
 
 The AMD term is a shortfall, not AMD itself. AMD (Dutt et al. 2024) grows with distance from the
 training images, and a model that never learnt the domain (Freeze) sits farthest from them: a reward

@@ -3,8 +3,9 @@
     RUN/spec.yaml           the resolved spec (extends and --set applied)
     RUN/optuna.db           the Optuna study
     RUN/trials/tNNN/        one trial (NNN: the Optuna trial number): params.json when it starts (its
-                            plan), result.json when it ends, delta/, metrics.json, samples.png, and
-                            final/ (result.json, metrics.json, samples.png) for a finalist, and
+                            plan), result.json when it ends, delta/, metrics.json, samples.png (and
+                            after an extraction attack memorised.png and memorisation.csv), and
+                            final/ (result.json and the evaluation's files) for a finalist, and
                             final_seedS/ (delta/ and the same files) per `final.train_seeds` S
     RUN/report.md, RUN/pareto.png
 
