@@ -76,6 +76,11 @@ class TrainSettings(Strict):
     max_grad_norm: float = Field(1.0, ge=0)
     checkpoint_every: int = Field(0, ge=0)
     probe_every: int = Field(0, ge=0)
+    # With N > 0 each probe also samples N of the data's memorised captions (fixed for the run) and
+    # records `own_share`, the share of samples nearest their own training image; the probe score
+    # then grows with its excess over chance (capsearch.training.probe). 0: not sampled, the score as
+    # without it.
+    probe_own_captions: int = Field(0, ge=0)
     # Keep the delta (the EMA weights where ema_decay is set) every N steps before the last, in
     # out_dir/deltas/stepNNNNNN/, so that memorisation can be attacked at points of one run after it
     # trained (memorisation at matched quality, docs/results.md). 0: only the final delta.

@@ -470,7 +470,8 @@ def test_run_trial_records_success_failure_and_nan(spec, tmp_path, monkeypatch):
 
         applied = apply_methods(pipe.unet, entries)
         for cb in callbacks:
-            cb("probe", {"step": 2, "heldout_loss": 0.3, "probe_score": 0.4})
+            cb("probe", {"step": 2, "heldout_loss": 0.3, "probe_score": 0.4, "own_share": 0.25,
+                         "own_chance": 0.1})  # fmt: skip
         save_delta(pipe.unet, Path(out_dir) / "delta", applied=applied)
         return TrainResult("ok", config.steps, 0.1, 123, 1000, 0.5)
 
@@ -487,7 +488,10 @@ def test_run_trial_records_success_failure_and_nan(spec, tmp_path, monkeypatch):
         {"name": "caption_dropout", "p": 0.1},
         {"name": "rwa", "k": 2, "p": 0.5},
     ]
-    assert reported == [{"training_step": 2, "probe_score": 0.4, "heldout_loss": 0.3}]
+    # the probe's signals for the dashboard (own_chance, constant over a run, stays in the log)
+    assert reported == [
+        {"training_step": 2, "probe_score": 0.4, "heldout_loss": 0.3, "own_share": 0.25}
+    ]
     assert record.intervals == {"fid": [10.0, 14.0]} and record.noise_floor == {"n": 8}
     saved = json.loads((trial_dir(tmp_path, 7) / "result.json").read_text())
     assert saved["status"] == "ok" and saved["groups"]["attn"].startswith("lora(rank=4")

@@ -46,7 +46,14 @@ if TYPE_CHECKING:
 # What a finished trial reports to Ray (and Optuna's user attributes): every table metric, the reward.
 REPORTED = (*(m.name for m in METRICS), "reward")
 TRAIN_FILE = "train_result.json"  # capsearch.training.loop.finetune's record of one fine-tune
-PROBE_KEYS = ("probe_score", "heldout_loss", "train_loss", "loss_gap", "strength_ratio")
+PROBE_KEYS = (
+    "probe_score",
+    "heldout_loss",
+    "train_loss",
+    "loss_gap",
+    "strength_ratio",
+    "own_share",
+)
 
 
 class TrialPlan(Strict):

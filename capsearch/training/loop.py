@@ -238,7 +238,8 @@ def _set_up(
     if mit.filters_batch:
         run.uncond = pipe.encode_prompts([""])  # frozen text encoder: once
     if config.probe_every:  # its base measurement comes before any training (or resumed state)
-        run.probe = Probe(pipe, ds.root, images, captions, groups, config.size, config.seed + 7)
+        run.probe = Probe(pipe, ds.root, images, captions, groups, config.size, config.seed + 7,
+                          own_captions=config.probe_own_captions)  # fmt: skip
         run.probe.measure_base(pipe, run.latents_of)
     return run
 
