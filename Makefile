@@ -81,7 +81,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m "slow and not gpu" --durations=0
 
 lint: $(STAMP)
 	$(BIN)/ruff check capsearch tests experiments

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,7 @@ def modified(**changes) -> dict:
     "path",
     [
         "search_spaces/tiny.yaml",
+        "search_spaces/tiny_safe.yaml",
         "search_spaces/unet.yaml",
         "experiments/paper_table1.yaml",
         "experiments/paper_table2.yaml",
@@ -400,3 +402,17 @@ def test_bf16_sampling_on_a_cpu_without_it_is_refused_when_the_spec_loads(tmp_pa
         load_spec(spec, check_model=False)
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
     assert load_spec(spec, check_model=False).evaluate.precision == "bf16"
+
+
+def test_the_safe_spec_makes_memorisation_a_limit_not_a_price():
+    """tiny_safe.yaml: the reward is quality only, memorisation two limits, checked on three seeds."""
+    from capsearch.search.reward import compute_reward
+
+    spec = load_spec(ROOT / "search_spaces/tiny_safe.yaml")
+    assert dict(spec.objective.constraints) == {"extraction_bound": 0.2, "nearest_own": 0.25}
+    assert spec.final.train_seeds == [1, 2] and spec.train.seed == 0
+    weights = spec.objective.weights.model_dump()
+    metrics = {"fid": 50.0, "alignment": 0.4, "amd": 0.1, "amd_heldout": 0.2,
+               "extracted_fraction": 0.5, "nearest_own": 0.9}  # fmt: skip
+    # copying changes nothing in the reward: only the limits see it
+    assert compute_reward(metrics, weights) == pytest.approx(-math.log(50.0) + 0.4)
