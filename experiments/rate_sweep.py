@@ -8,8 +8,9 @@ Usage:
 For each method and rate: the baseline of `--spec` (the method on the whole UNet), with the spec's
 schedule (cosine to 0, warm-up) shortened to `--steps`, trained on the spec's data drawn with `--seed`;
 then the probe's held-out diffusion loss (capsearch.training.probe: fixed held-out images, noise and timesteps,
-the same for every run) together with the memorisation signals the probe also measures. The rate with
-the lowest held-out loss is the method's; while that is the highest (lowest) rate tried, the grid is
+the same for every run) together with the memorisation signals the probe also measures, at every quarter
+of the schedule (the curve is kept: a rate that diverges shows it, and at the tables' own length it ends
+high, so it is not chosen). The rate with the lowest held-out loss at the end is the method's; while that is the highest (lowest) rate tried, the grid is
 extended by one more step of √10 (`--rates METHOD=RATE,...` runs extra rates). A short proxy: the
 cost is stated in docs/results.md.
 Each run writes RUN/<method>_<rate>.json as soon as it finishes; runs already there are skipped.
@@ -45,8 +46,9 @@ PEFT_RATE_IN_ENTRIES = (
 
 def sweep_one(spec, method: str, rate: float, steps: int, out: Path, data: Path) -> dict:
     plan = build_plan(spec, spec.baseline(method).params, method, 0, out)
+    quarter = steps // 4 if steps % 4 == 0 else steps  # probes at every quarter of the schedule
     train = plan.train.model_copy(
-        update={"steps": steps, "probe_every": steps, "checkpoint_every": 0}
+        update={"steps": steps, "probe_every": quarter, "checkpoint_every": 0}
     )
     if method in PEFT_RATE_IN_ENTRIES:
         entries = [dict(e, lr=rate) if "lr" in e else e for e in plan.method_spec]
@@ -70,6 +72,7 @@ def sweep_one(spec, method: str, rate: float, steps: int, out: Path, data: Path)
             k: probe.get(k)
             for k in ("heldout_loss", "train_loss", "loss_gap", "strength_ratio", "probe_score")
         },
+        "probes": [[p["step"], p.get("heldout_loss")] for p in result.probes],
         "minutes": round((time.time() - started) / 60, 2),
     }
 

@@ -416,3 +416,19 @@ def test_the_safe_spec_makes_memorisation_a_limit_not_a_price():
                "extracted_fraction": 0.5, "nearest_own": 0.9}  # fmt: skip
     # copying changes nothing in the reward: only the limits see it
     assert compute_reward(metrics, weights) == pytest.approx(-math.log(50.0) + 0.4)
+
+
+def test_the_second_worlds_specs_say_what_docs_results_plans():
+    """broad_regime.yaml: the broad base, 440 patients disjoint from the corpus, 2.1% duplicated 20x,
+    deltas kept every quarter; broad_onset.yaml: Full FT alone at 1e-3 on the rate-selection seed 11,
+    judged on the validate split (the test split stays the tables')."""
+    regime = load_spec(ROOT / "experiments/broad_regime.yaml", check_model=False)
+    assert regime.model == "tiny-broad" and regime.train.steps == 2000
+    assert regime.data.phantom.model_dump() == {
+        "patients": 440, "size": 32, "seed": 0, "dup_fraction": 0.021, "dup_copies": 20,
+        "held_out_images": None, "avoid_reports_of": None, "disjoint_from_corpus": True}  # fmt: skip
+    assert regime.train.keep_deltas_every == regime.train.steps // 4
+    onset = load_spec(ROOT / "experiments/broad_onset.yaml", check_model=False)
+    assert [b.name for b in onset.baseline_points] == ["full"]
+    assert onset.baselines.train["full"].lr == 1e-3
+    assert onset.data.phantom.seed == onset.train.seed == 11 and onset.final.split == "validate"
