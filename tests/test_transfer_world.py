@@ -257,3 +257,33 @@ def test_cli_bad_flag_is_one_line(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("capsearch: error:") and message in err, err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_disjoint_transfer_world_avoids_the_disjoint_worlds_own_texts(tmp_path: Path) -> None:
+    """The second world is made `disjoint_from_corpus`: its reports come from the fine-tuning part of
+    the bank, other texts than a default world of the same seed. A transfer world of it (disjoint too)
+    avoids the texts that world really drew; read as a default world, some would come back."""
+    avoided, transfer = {**AVOIDED, "patients": 40}, {**TRANSFER, "patients": 24}
+    a = tmp_path / "a"
+    write_phantom_dataset(a, **avoided, disjoint_from_corpus=True)
+    templates = template_sentences()
+
+    def sentences(root: Path) -> set[str]:
+        return {s for r in _records(root) for s in report_sentences(_report(r))} - templates
+
+    a_sentences = sentences(a)
+    avoid = {"seed": avoided["seed"], "patients": avoided["patients"]}
+    b = tmp_path / "b"
+    write_phantom_dataset(b, **transfer, avoid_reports_of=avoid, disjoint_from_corpus=True)
+    assert not sentences(b) & a_sentences
+    marker = json.loads((b / COMPLETE).read_text())
+    assert marker["avoid_reports_of"] == {
+        **avoid,
+        "held_out_images": 0,
+        "disjoint_from_corpus": True,
+    }
+    # the avoided world read as a default one (what the avoidance did before): texts come back
+    wrong = tmp_path / "wrong"
+    write_phantom_dataset(wrong, **transfer, disjoint_from_corpus=True,
+                          avoid_reports_of={**avoid, "disjoint_from_corpus": False})  # fmt: skip
+    assert sentences(wrong) & a_sentences

@@ -24,6 +24,7 @@ from capsearch.worlds.reports import (
     FINDINGS,
     ReportBank,
     findings_from_text,
+    report_bank,
 )
 from capsearch.worlds.transfer import (
     AvoidReports,
@@ -187,7 +188,7 @@ def write_phantom_dataset(
     _validate(out, patients, size, dup_fraction, dup_copies)
     if held_out_images < 0:
         raise UserError(f"--held-out-images must be at least 0, got {held_out_images}")
-    avoid = avoided_world(avoid_reports_of, held_out_images)
+    avoid = avoided_world(avoid_reports_of, held_out_images, disjoint_from_corpus)
     bank, masks = _sources(avoid, disjoint_from_corpus)
     expanded = _plan_rows(patients, seed, dup_fraction, dup_copies, held_out_images, bank, masks)
     marker: dict[str, Any] = {"avoid_reports_of": avoid} if avoid else {}
@@ -201,15 +202,31 @@ def write_phantom_dataset(
 
 
 def _sources(
-    avoid: dict[str, int] | None, disjoint_from_corpus: bool
+    avoid: dict[str, Any] | None, disjoint_from_corpus: bool
 ) -> tuple[ReportBank | None, tuple[int, ...] | None]:
     """The report bank and lung masks a world draws from (None: the full bank, every mask)."""
     if not disjoint_from_corpus:
-        return (bank_avoiding(**avoid) if avoid else None), None
+        if avoid is None:
+            return None, None
+        if avoid.get("disjoint_from_corpus"):
+            return bank_without(report_bank(), _avoided_texts(avoid)), None
+        return bank_avoiding(**avoid), None
     bank = bank_part("finetune")
     if avoid:
-        bank = bank_without(bank, world_texts(**avoid))
+        bank = bank_without(bank, _avoided_texts(avoid))
     return bank, masks_of("finetune")
+
+
+def _avoided_texts(avoid: dict[str, Any]) -> set[str]:
+    """Every report text the avoided world draws, drawn as it drew them: from the fine-tuning part of
+    the bank and masks where it was made `disjoint_from_corpus`, else as a default world."""
+    seed, patients, held = avoid["seed"], avoid["patients"], avoid["held_out_images"]
+    if not avoid.get("disjoint_from_corpus"):
+        return world_texts(seed, patients, held)
+    bank, masks = bank_part("finetune"), masks_of("finetune")
+    splits = assign_splits(patients, seed)
+    count = patients + len(held_out_patients(patients, seed, splits, held, bank, masks))
+    return {study.text for i in range(count) for study in plan_patient(i, seed, bank, masks)[1]}
 
 
 def _plan_rows(
@@ -325,8 +342,10 @@ def phantom_complete(root: Path, settings: Mapping[str, Any] | None = None) -> b
         return False
     if settings is None:
         return True
-    wanted = avoided_world(settings.get("avoid_reports_of"), settings.get("held_out_images") or 0)
     disjoint = bool(settings.get("disjoint_from_corpus", False))
+    wanted = avoided_world(
+        settings.get("avoid_reports_of"), settings.get("held_out_images") or 0, disjoint
+    )
     return (
         marker.get("avoid_reports_of") == wanted
         and marker.get("disjoint_from_corpus", False) == disjoint

@@ -40,18 +40,31 @@ class AvoidReports(Strict):
     # Images per held-out split the avoided world was made with (its held-out patients' reports are
     # avoided too); None: this world's own held_out_images, as for a spec that only changes the seed.
     held_out_images: int | None = Field(None, ge=0)
+    # Whether the avoided world was made with `disjoint_from_corpus` (its reports drawn from the
+    # fine-tuning part of the bank: other texts than a default world of the same seed); None: as this
+    # world is made.
+    disjoint_from_corpus: bool | None = None
 
 
 def avoided_world(
-    avoid: AvoidReports | Mapping[str, Any] | None, held_out_images: int
-) -> dict[str, int] | None:
-    """The avoided world's seed, patients and held-out images (None there: `held_out_images`)."""
+    avoid: AvoidReports | Mapping[str, Any] | None,
+    held_out_images: int,
+    disjoint_from_corpus: bool = False,
+) -> dict[str, Any] | None:
+    """The avoided world's seed, patients and held-out images (None there: `held_out_images`), and
+    `disjoint_from_corpus: True` where it was made so (None there: as this world, `disjoint_from_corpus`)."""
     if avoid is None:
         return None
     if not isinstance(avoid, AvoidReports):
         avoid = AvoidReports.parse(avoid, "avoid_reports_of")
     held = held_out_images if avoid.held_out_images is None else avoid.held_out_images
-    return {"seed": avoid.seed, "patients": avoid.patients, "held_out_images": held}
+    out: dict[str, Any] = {"seed": avoid.seed, "patients": avoid.patients, "held_out_images": held}
+    disjoint = (
+        disjoint_from_corpus if avoid.disjoint_from_corpus is None else avoid.disjoint_from_corpus
+    )
+    if disjoint:  # recorded only when set: markers of worlds made before it stay equal
+        out["disjoint_from_corpus"] = True
+    return out
 
 
 def world_texts(seed: int, patients: int, held_out_images: int) -> set[str]:
