@@ -223,10 +223,7 @@ def _avoided_texts(avoid: dict[str, Any]) -> set[str]:
     seed, patients, held = avoid["seed"], avoid["patients"], avoid["held_out_images"]
     if not avoid.get("disjoint_from_corpus"):
         return world_texts(seed, patients, held)
-    bank, masks = bank_part("finetune"), masks_of("finetune")
-    splits = assign_splits(patients, seed)
-    count = patients + len(held_out_patients(patients, seed, splits, held, bank, masks))
-    return {study.text for i in range(count) for study in plan_patient(i, seed, bank, masks)[1]}
+    return world_texts(seed, patients, held, bank_part("finetune"), masks_of("finetune"))
 
 
 def _plan_rows(

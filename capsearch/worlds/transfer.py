@@ -67,15 +67,22 @@ def avoided_world(
     return out
 
 
-def world_texts(seed: int, patients: int, held_out_images: int) -> set[str]:
-    """Every report text a default world draws: its patients in all splits and its held-out patients.
+def world_texts(
+    seed: int,
+    patients: int,
+    held_out_images: int,
+    bank: ReportBank | None = None,
+    masks: tuple[int, ...] | None = None,
+) -> set[str]:
+    """Every report text a world draws: its patients in all splits and its held-out patients, from
+    `bank` and `masks` (None: the full bank and every mask, a default world).
 
     Its memorisation subset only prefixes a date-and-accession clause to some of these texts, so the
     duplication settings do not change the set.
     """
     splits = assign_splits(patients, seed)
-    count = patients + len(held_out_patients(patients, seed, splits, held_out_images))
-    return {study.text for i in range(count) for study in plan_patient(i, seed)[1]}
+    count = patients + len(held_out_patients(patients, seed, splits, held_out_images, bank, masks))
+    return {study.text for i in range(count) for study in plan_patient(i, seed, bank, masks)[1]}
 
 
 @functools.lru_cache(maxsize=4)
